@@ -1,0 +1,12 @@
+#!/usr/bin/env sh
+# Creates .venv (if missing) and installs memory-fidelity into it with the CPU build of torch.
+#   sh scripts/setup.sh        -> runtime install
+#   sh scripts/setup.sh dev    -> runtime + test tools (pytest, ruff, triton, transformers, ...)
+set -eu
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "dev" ] && extras="[dev]"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    -c constraints-cpu.txt -e ".${extras}"
