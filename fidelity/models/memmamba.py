@@ -1,0 +1,528 @@
+"""MemMamba (arXiv 2510.03279): Mamba with a note-taking state pool and sparse attention.
+
+Each block, for input ``x`` `(batch, length, d_model)`:
+
+1. ``h = x + mixer(norm(x))``: the Mamba-1 mixer (:mod:`fidelity.models.mamba`).
+2. :class:`NoteBlock`: a learned scorer gives every position an importance
+   ``I_token(h_t) = sigmoid(w . norm(h_t) + b)``; where it exceeds ``tau1`` the position writes a
+   note to the layer's :class:`~fidelity.models.state_pool.StatePool`: a ``summary_dim``-wide
+   summary, the max (or mean) over the last ``note_window`` positions of a linear projection
+   of ``norm(h)``.
+3. :class:`CrossTokenAttention`: where the state importance of the previous position,
+   ``I_state(h_{t-1}) = sigmoid(v . norm(h_{t-1}) + c)``, exceeds ``tau2``, position ``t``
+   attends over the notes in its layer's pool (notes of positions before ``t`` only).
+4. :class:`CrossLayerAttention`, every ``cross_layer_every`` layers: position ``t`` attends
+   over the pools of the preceding layers (the last ``cross_layer_every`` of them, or all
+   earlier layers with ``cross_layer_scope="all"``) as they stand once position ``t`` has
+   written its notes there: earlier layers' notes of ``t`` itself are visible (they depend on
+   tokens up to ``t`` only), so the vertical path can carry the current token upwards.
+5. Fusion into the residual stream, ``x' = h + F_tok(token context) + F_lay(layer context)``:
+   ``weighted`` (learned per-channel weights; the paper's best), ``residual`` or ``gated``.
+
+Thresholds and gradients: the decisions (write a note, fire cross-token attention) are hard
+in the forward pass, and a straight-through estimator carries gradients to the scorers: the
+written note is ``summary * g`` and the attention output is ``context * g`` with
+``g = hard + p - p.detach()`` (``p`` the sigmoid score), so ``g == hard`` in value and
+``dg/dp == 1`` for the backward pass.
+
+Choices the paper leaves open are configuration (:class:`MemMambaConfig`, each default with its
+reason). The parallel forward is O(length * d): pools are computed block by block
+(:func:`~fidelity.models.state_pool.pool_blocks`), never with a length x length mask. The
+recurrent :meth:`MemMambaLM.step` keeps explicit pools; both agree (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fidelity.models.base import CausalLM, RMSNorm
+from fidelity.models.mamba import (
+    MambaCache,
+    MambaConfig,
+    MambaLayerCache,
+    MambaMixer,
+    init_lm_weights,
+)
+from fidelity.models.state_pool import POOL_POLICIES, PoolBlock, StatePool, pool_blocks
+
+POOLINGS = ("max", "mean")
+FUSIONS = ("weighted", "residual", "gated")
+CROSS_LAYER_SCOPES = ("window", "all")
+
+
+@dataclass
+class MemMambaConfig(MambaConfig):
+    """MemMamba = Mamba + notes, pool and sparse cross-token / cross-layer attention."""
+
+    model_type = "memmamba"
+
+    summary_dim: int = 64  # width of a note (paper: 64)
+    pool_size: int = 50  # notes per layer's pool (paper: 50; 10-100 barely matter)
+    note_window: int = 16  # positions a note pools over (paper's "window", 16-128; unexplained)
+    pooling: str = "max"  # how a note pools its window (paper's best: max)
+    pool_policy: str = "priority"  # eviction: least important first (keeps notes far back)
+    tau1: float = 0.5  # write a note where token importance > tau1
+    tau2: float = 0.5  # fire cross-token attention where state importance > tau2
+    write_init_bias: float = -2.0  # scorer bias at init: about 2% of positions write notes
+    n_heads: int = 4  # heads of the pool attentions (head width summary_dim / n_heads)
+    cross_layer_every: int = 4  # p: cross-layer attention in layers p-1, 2p-1, ...
+    cross_layer_scope: str = "window"  # read the pools of the p preceding layers ("all": all)
+    fusion: str = "weighted"  # how contexts join the residual stream (paper's best: weighted)
+    use_note_block: bool = True  # False: every position writes an unpooled note (ablation)
+    use_cross_token: bool = True  # False: no cross-token attention (ablation)
+    use_cross_layer: bool = True  # False: no cross-layer attention (ablation)
+    block_size: int = 256  # queries per block in the parallel pool computation (speed only)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("summary_dim", "pool_size", "note_window", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.cross_layer_every, int) or self.cross_layer_every < 1:
+            raise ValueError(f"cross_layer_every must be >= 1, got {self.cross_layer_every!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.summary_dim % self.n_heads:
+            raise ValueError(
+                f"summary_dim ({self.summary_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        choices = {
+            "pooling": POOLINGS,
+            "pool_policy": POOL_POLICIES,
+            "fusion": FUSIONS,
+            "cross_layer_scope": CROSS_LAYER_SCOPES,
+        }
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
+        for name in ("tau1", "tau2"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+
+    def has_cross_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) runs cross-layer attention."""
+        p = self.cross_layer_every
+        return self.use_cross_layer and layer > 0 and (layer + 1) % p == 0
+
+    def cross_layer_sources(self, layer: int) -> list[int]:
+        """The earlier blocks whose pools block ``layer`` reads (empty without cross-layer)."""
+        if not self.has_cross_layer(layer):
+            return []
+        first = 0 if self.cross_layer_scope == "all" else max(0, layer - self.cross_layer_every)
+        return list(range(first, layer))
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """``hard`` in value, with the gradient of ``soft`` (same shape)."""
+    return hard.to(soft.dtype) + soft - soft.detach()
+
+
+def window_pool(
+    features: torch.Tensor, prefix: torch.Tensor, n_prefix_valid: int, mode: str
+) -> torch.Tensor:
+    """Causal pooling over the last ``window`` positions, window = ``prefix.shape[1] + 1``.
+
+    ``features`` `(batch, length, dim)`; ``prefix`` `(batch, window - 1, dim)` holds the
+    features of the positions before the chunk, of which the last ``n_prefix_valid`` exist (a
+    sequence start has none). Returns `(batch, length, dim)`: position ``t`` pools the existing
+    positions among ``t - window + 1 .. t``.
+    """
+    n_prefix = prefix.shape[1]
+    if n_prefix == 0:
+        return features
+    length = features.shape[1]
+    missing = n_prefix - n_prefix_valid
+    fill = float("-inf") if mode == "max" else 0.0
+    prefix = prefix.to(features.dtype).clone()
+    prefix[:, :missing] = fill
+    padded = torch.cat([prefix, features], dim=1).transpose(1, 2)  # (batch, dim, prefix + length)
+    window = n_prefix + 1
+    if mode == "max":
+        return F.max_pool1d(padded, window, stride=1).transpose(1, 2)
+    sums = F.avg_pool1d(padded, window, stride=1).transpose(1, 2) * window
+    counts = torch.arange(1, length + 1, device=features.device) + n_prefix_valid
+    counts = counts.clamp(max=window).to(features.dtype)
+    return sums / counts[None, :, None]
+
+
+@dataclass
+class Notes:
+    """What a :class:`NoteBlock` decides for a chunk: ``importance`` `(batch, length)`,
+    ``written`` `(batch, length)` bool, ``summaries`` `(batch, length, summary_dim)` (straight-
+    through gated), ``features`` `(batch, length, summary_dim)` (unpooled, for the window carry).
+    """
+
+    importance: torch.Tensor
+    written: torch.Tensor
+    summaries: torch.Tensor
+    features: torch.Tensor
+
+
+class NoteBlock(nn.Module):
+    """Token importance and note summaries: ``normed`` `(batch, length, d_model)` -> Notes."""
+
+    def __init__(self, config: MemMambaConfig) -> None:
+        super().__init__()
+        self.tau1 = config.tau1
+        self.pooling = config.pooling
+        self.selective = config.use_note_block
+        self.scorer = nn.Linear(config.d_model, 1)
+        self.summarizer = nn.Linear(config.d_model, config.summary_dim, bias=False)
+        with torch.no_grad():
+            self.scorer.weight.normal_(std=config.d_model**-0.5)
+            self.scorer.bias.fill_(config.write_init_bias)
+
+    def forward(self, normed: torch.Tensor, prefix: torch.Tensor, n_prefix_valid: int) -> Notes:
+        features = self.summarizer(normed)
+        if not self.selective:  # ablation: every position writes its own unpooled note
+            ones = torch.ones(normed.shape[:2], device=normed.device, dtype=normed.dtype)
+            return Notes(ones, ones.bool(), features, features)
+        importance = torch.sigmoid(self.scorer(normed)[..., 0])
+        written = importance > self.tau1
+        pooled = window_pool(features, prefix, n_prefix_valid, self.pooling)
+        summaries = pooled * straight_through(written, importance)[..., None]
+        return Notes(importance, written, summaries, features)
+
+
+class StateTrigger(nn.Module):
+    """State importance ``I_state``: ``normed`` `(batch, length, d_model)` -> `(batch, length)`
+    in (0, 1); position ``t`` fires cross-token attention when position ``t - 1`` scores
+    above ``tau2``."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.scorer = nn.Linear(d_model, 1)
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.scorer(normed)[..., 0])
+
+
+@dataclass
+class PoolView:
+    """Candidates some queries attend over: ``values`` `(batch, n_candidates, summary_dim)`,
+    ``member`` `(batch, n_queries, n_candidates)` (which candidates each query sees),
+    ``positions`` and ``layers`` `(batch, n_candidates)` (where each note came from: token
+    position and block index), ``query_positions`` `(n_queries,)`. Positions and layers are
+    not used by the arithmetic; they let observers (forward hooks) name what was attended."""
+
+    values: torch.Tensor
+    member: torch.Tensor
+    positions: torch.Tensor
+    layers: torch.Tensor
+    query_positions: torch.Tensor
+
+
+@dataclass
+class PoolAttentionOutput:
+    """``output`` `(batch, n_queries, d_model)`; ``weights`` `(batch, n_heads, n_queries,
+    n_candidates)` (zero outside each query's pool; all zero for an empty pool)."""
+
+    output: torch.Tensor
+    weights: torch.Tensor
+
+
+class PoolAttention(nn.Module):
+    """Multi-head attention of positions over pool notes (no positional encoding: a pool is a
+    set). Queries ``normed`` `(batch, n_queries, d_model)`, candidates from a ``PoolView``."""
+
+    def __init__(self, config: MemMambaConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.q_proj = nn.Linear(config.d_model, config.summary_dim, bias=False)
+        self.k_proj = nn.Linear(config.summary_dim, config.summary_dim, bias=False)
+        self.v_proj = nn.Linear(config.summary_dim, config.summary_dim, bias=False)
+        self.o_proj = nn.Linear(config.summary_dim, config.d_model, bias=False)
+        with torch.no_grad():
+            self.o_proj.weight.normal_(std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def forward(self, normed: torch.Tensor, view: PoolView) -> PoolAttentionOutput:
+        batch, n_queries, _ = normed.shape
+        n_candidates = view.values.shape[1]
+        heads = self.n_heads
+        q = self.q_proj(normed).view(batch, n_queries, heads, -1).transpose(1, 2)
+        k = self.k_proj(view.values).view(batch, n_candidates, heads, -1).transpose(1, 2)
+        v = self.v_proj(view.values).view(batch, n_candidates, heads, -1).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (batch, heads, queries, cands)
+        member = view.member[:, None]  # (batch, 1, queries, candidates)
+        nonempty = member.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~member, float("-inf")).masked_fill(~nonempty, 0.0)
+        weights = torch.softmax(scores, dim=-1) * nonempty
+        context = (weights @ v).transpose(1, 2).reshape(batch, n_queries, -1)
+        return PoolAttentionOutput(self.o_proj(context), weights)
+
+
+class CrossTokenAttention(PoolAttention):
+    """Attention of a position over its own layer's pool (notes of earlier positions)."""
+
+
+class CrossLayerAttention(PoolAttention):
+    """Attention of a position over the pools of preceding layers."""
+
+
+class Fusion(nn.Module):
+    """Adds memory contexts to the residual stream: ``h`` `(batch, length, d_model)` and a list
+    of contexts of the same shape -> `(batch, length, d_model)`.
+
+    ``weighted``: ``h + sum_i w_i * c_i`` with learned per-channel ``w_i``; ``residual``:
+    ``h + sum_i c_i``; ``gated``: ``h + sum_i sigmoid(G_i [h; c_i]) * c_i``.
+    """
+
+    def __init__(self, d_model: int, mode: str, n_contexts: int) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "weighted":
+            self.weights = nn.Parameter(torch.ones(n_contexts, d_model))
+        elif mode == "gated":
+            self.gates = nn.ModuleList(nn.Linear(2 * d_model, d_model) for _ in range(n_contexts))
+
+    def forward(self, h: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tensor:
+        out = h
+        for index, context in enumerate(contexts):
+            if self.mode == "weighted":
+                out = out + self.weights[index] * context
+            elif self.mode == "gated":
+                gate = torch.sigmoid(self.gates[index](torch.cat([h, context], dim=-1)))
+                out = out + gate * context
+            else:
+                out = out + context
+        return out
+
+
+@dataclass
+class MemMambaLayerCache(MambaLayerCache):
+    """A block's recurrent state: the mixer's (``conv``, ``ssm``), its ``pool``, the unpooled
+    features of the last ``note_window - 1`` positions ``note_prefix`` `(batch, note_window -
+    1, summary_dim)`, and the previous position's state importance `(batch,)`."""
+
+    pool: StatePool
+    note_prefix: torch.Tensor
+    previous_state_importance: torch.Tensor
+
+
+class MemMambaBlock(nn.Module):
+    """One MemMamba block: `(batch, length, d_model)` -> `(batch, length, d_model)` (see the
+    module docstring for the five steps)."""
+
+    def __init__(self, config: MemMambaConfig, layer: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer = layer
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.mixer = MambaMixer(config)
+        self.memory_norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.note_block = NoteBlock(config)
+        self.trigger = StateTrigger(config.d_model) if config.use_cross_token else None
+        self.cross_token = CrossTokenAttention(config) if config.use_cross_token else None
+        has_cross_layer = config.has_cross_layer(layer)
+        self.pool_is_read_by_later_layers = any(
+            layer in config.cross_layer_sources(reader) for reader in range(config.n_layer)
+        )
+        self.cross_layer = CrossLayerAttention(config) if has_cross_layer else None
+        n_contexts = int(config.use_cross_token) + int(has_cross_layer)
+        self.fusion = Fusion(config.d_model, config.fusion, n_contexts)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: MemMambaLayerCache | None,
+        sources: list[tuple[int, list[PoolBlock]]],
+        start_position: int,
+    ) -> tuple[torch.Tensor, list[PoolBlock]]:
+        """``x`` `(batch, length, d_model)` starting at absolute ``start_position`` -> (block
+        output `(batch, length, d_model)`, this layer's pool blocks). ``sources`` are the pool
+        blocks of the layers cross-layer attention reads, as (layer index, blocks)."""
+        config = self.config
+        state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
+        h = x + self.mixer(self.norm(x), cache)
+        normed = self.memory_norm(h)
+        n_prefix_valid = min(config.note_window - 1, start_position)
+        notes = self.note_block(normed, state.note_prefix, n_prefix_valid)
+        blocks, final_pool = pool_blocks(
+            state.pool,
+            notes.summaries,
+            notes.importance,
+            notes.written,
+            start_position,
+            config.block_size,
+            inclusive=self.pool_is_read_by_later_layers,
+        )
+        contexts = []
+        if self.cross_token is not None:
+            state_importance = self.trigger(normed)  # (batch, length)
+            previous = torch.cat(
+                [
+                    state.previous_state_importance[:, None].to(h.dtype),
+                    state_importance[:, :-1],
+                ],
+                dim=1,
+            )
+            gate = straight_through(previous > config.tau2, previous)
+            attended = self._attend(
+                self.cross_token, normed, [(self.layer, blocks)], start_position, inclusive=False
+            )
+            contexts.append(gate[..., None] * attended)
+        if self.cross_layer is not None and sources:
+            contexts.append(
+                self._attend(self.cross_layer, normed, sources, start_position, inclusive=True)
+            )
+        out = self.fusion(h, contexts)
+        if cache is not None:
+            cache.pool = final_pool
+            carried = torch.cat([cache.note_prefix, notes.features.to(cache.note_prefix.dtype)], 1)
+            cache.note_prefix = carried[:, carried.shape[1] - cache.note_prefix.shape[1] :]
+            if self.trigger is not None:
+                cache.previous_state_importance = state_importance[:, -1].detach()
+        return out, blocks
+
+    def _attend(
+        self,
+        attention: PoolAttention,
+        normed: torch.Tensor,
+        sources: list[tuple[int, list[PoolBlock]]],
+        start_position: int,
+        inclusive: bool,
+    ) -> torch.Tensor:
+        """Run ``attention`` block by block over the union of the ``sources``' pools;
+        ``normed`` `(batch, length, d_model)` starts at absolute ``start_position``."""
+        outputs = []
+        for block_index, first in enumerate(sources[0][1]):
+            parts = [blocks[block_index] for _, blocks in sources]
+            view = PoolView(
+                values=torch.cat([part.values for part in parts], dim=1),
+                member=torch.cat(
+                    [part.member_inclusive if inclusive else part.member for part in parts], -1
+                ),
+                positions=torch.cat([part.positions for part in parts], dim=1),
+                layers=torch.cat(
+                    [
+                        torch.full_like(part.positions, layer)
+                        for (layer, _), part in zip(sources, parts, strict=True)
+                    ],
+                    dim=1,
+                ),
+                query_positions=torch.arange(first.start, first.end, device=normed.device),
+            )
+            offset = first.start - start_position
+            queries = normed[:, offset : offset + first.end - first.start]
+            outputs.append(attention(queries, view).output)
+        return torch.cat(outputs, dim=1)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cache: MemMambaLayerCache,
+        source_pools: list[tuple[int, StatePool]],
+        position: int,
+    ) -> torch.Tensor:
+        """One position ``x`` `(batch, d_model)` at absolute ``position``, with explicit pools;
+        ``source_pools`` are the (already updated) pools of the layers cross-layer reads."""
+        config = self.config
+        h = x + self.mixer.step(self.norm(x), cache)
+        normed = self.memory_norm(h)[:, None]  # (batch, 1, d_model)
+        n_prefix_valid = min(config.note_window - 1, position)
+        notes = self.note_block(normed, cache.note_prefix, n_prefix_valid)
+        contexts = []
+        if self.cross_token is not None:
+            previous = cache.previous_state_importance.to(h.dtype)
+            gate = (previous > config.tau2).to(h.dtype)
+            attended = self.cross_token(
+                normed, _explicit_view([(self.layer, cache.pool)], position, inclusive=False)
+            )
+            contexts.append(gate[:, None] * attended.output[:, 0])
+            cache.previous_state_importance = self.trigger(normed)[:, 0]
+        cache.pool.write(
+            notes.summaries[:, 0], notes.importance[:, 0], position, notes.written[:, 0]
+        )
+        carried = torch.cat([cache.note_prefix, notes.features.to(cache.note_prefix.dtype)], 1)
+        cache.note_prefix = carried[:, 1:]
+        if self.cross_layer is not None and source_pools:
+            attended = self.cross_layer(
+                normed, _explicit_view(source_pools, position, inclusive=True)
+            )
+            contexts.append(attended.output[:, 0])
+        return self.fusion(h, contexts)
+
+    def init_cache(self, batch_size: int, device, dtype) -> MemMambaLayerCache:
+        config = self.config
+        mixer_cache = self.mixer.init_cache(batch_size, device, dtype)
+        return MemMambaLayerCache(
+            conv=mixer_cache.conv,
+            ssm=mixer_cache.ssm,
+            pool=StatePool.empty(
+                batch_size, config.pool_size, config.summary_dim, config.pool_policy, device, dtype
+            ),
+            note_prefix=torch.zeros(
+                batch_size, config.note_window - 1, config.summary_dim, device=device, dtype=dtype
+            ),
+            previous_state_importance=torch.zeros(batch_size, device=device, dtype=dtype),
+        )
+
+
+def _explicit_view(pools: list[tuple[int, StatePool]], position: int, inclusive: bool) -> PoolView:
+    """A one-query view over explicit pools: the notes written before ``position`` (or up to
+    it, with ``inclusive``)."""
+    return PoolView(
+        values=torch.cat([pool.values for _, pool in pools], dim=1),
+        member=torch.cat([pool.visible(position, inclusive) for _, pool in pools], dim=1)[:, None],
+        positions=torch.cat([pool.positions for _, pool in pools], dim=1),
+        layers=torch.cat([torch.full_like(pool.positions, layer) for layer, pool in pools], 1),
+        query_positions=torch.tensor([position], device=pools[0][1].values.device),
+    )
+
+
+class MemMambaLM(CausalLM):
+    """MemMamba language model: ``input_ids`` `(batch, length)` -> ``LMOutput`` with logits
+    `(batch, length, vocab)`."""
+
+    config: MemMambaConfig
+
+    def __init__(self, config: MemMambaConfig) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleList(MemMambaBlock(config, i) for i in range(config.n_layer))
+        init_lm_weights(self)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+        device = device or self.device
+        dtype = dtype or self.embedding.weight.dtype
+        return MambaCache([layer.init_cache(batch_size, device, dtype) for layer in self.layers])
+
+    def _forward_blocks(self, x, cache, hidden):
+        start = cache.position if cache is not None else 0
+        pool_blocks_by_layer: dict[int, list[PoolBlock]] = {}
+        last_reader = {}  # source layer -> last layer that reads its pool
+        for reader in range(self.config.n_layer):
+            for source in self.config.cross_layer_sources(reader):
+                last_reader[source] = reader
+        for index, layer in enumerate(self.layers):
+            sources = [
+                (source, pool_blocks_by_layer[source])
+                for source in self.config.cross_layer_sources(index)
+            ]
+            x, blocks = layer(x, cache.layers[index] if cache is not None else None, sources, start)
+            if index in last_reader:
+                pool_blocks_by_layer[index] = blocks
+            for source, _ in sources:
+                if last_reader[source] == index:
+                    del pool_blocks_by_layer[source]
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.position += x.shape[1]
+        return x
+
+    def _step_blocks(self, x, cache):
+        position = cache.position
+        for index, layer in enumerate(self.layers):
+            sources = [
+                (source, cache.layers[source].pool)
+                for source in self.config.cross_layer_sources(index)
+            ]
+            x = layer.step(x, cache.layers[index], sources, position)
+        cache.position += 1
+        return x

@@ -1,0 +1,206 @@
+"""Model names, size presets and :func:`load_model`.
+
+``load_model("memmamba")`` loads the default checkpoint shipped in ``fidelity/data/``;
+``load_model("memmamba", preset="tiny")`` builds an untrained model of that size;
+``load_model("runs/ckpt-5000")`` loads a checkpoint directory (ours, a mamba_ssm
+``MambaLMHeadModel`` directory or a Hugging Face ``MambaForCausalLM`` / ``GPTNeoXForCausalLM``
+directory).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fidelity.models.base import CausalLM
+from fidelity.models.config import ModelConfig
+from fidelity.models.mamba import MambaConfig, MambaLM
+from fidelity.models.memmamba import MemMambaConfig, MemMambaLM
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its config and model classes and a one-line description."""
+
+    name: str
+    config_class: type[ModelConfig]
+    model_class: type[CausalLM]
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> None:
+    """Add ``spec`` to the registry (``fidelity models`` lists it)."""
+    MODELS[spec.name] = spec
+
+
+register_model(ModelSpec("mamba", MambaConfig, MambaLM, "Mamba-1 selective SSM (Gu & Dao 2023)"))
+register_model(
+    ModelSpec(
+        "memmamba",
+        MemMambaConfig,
+        MemMambaLM,
+        "Mamba + note pool + sparse cross-token/cross-layer attention (arXiv 2510.03279)",
+    )
+)
+
+# Size presets: fields shared by every model, then per-model extras.
+PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: seconds on a CPU
+    "tiny": {"d_model": 32, "n_layer": 2, "d_state": 8},
+    # the shipped default checkpoints: trains in well under an hour on 2 CPU cores, a few MB
+    "mini": {"d_model": 128, "n_layer": 6, "d_state": 16},
+    # around 10M parameters: CPU experiments
+    "small": {"d_model": 384, "n_layer": 8, "d_state": 16},
+    # mamba-130m's shape (24 x 768); with a byte vocabulary the embedding is tiny
+    "130m": {"d_model": 768, "n_layer": 24, "d_state": 16},
+    # the paper's ~200M-parameter, 24-layer scale
+    "200m": {"d_model": 1024, "n_layer": 24, "d_state": 16},
+}
+PRESET_EXTRAS: dict[str, dict[str, dict[str, Any]]] = {
+    "memmamba": {
+        "tiny": {
+            "summary_dim": 16,
+            "pool_size": 8,
+            "n_heads": 2,
+            "cross_layer_every": 2,
+            "note_window": 4,
+            "block_size": 32,
+        },
+        "mini": {"summary_dim": 64, "pool_size": 50, "cross_layer_every": 2},
+        "small": {"cross_layer_every": 4},
+        "130m": {"cross_layer_every": 4},
+        "200m": {"cross_layer_every": 4},
+    },
+}
+DEFAULT_PRESET = "small"
+
+
+def model_names() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def build_config(name: str, preset: str = DEFAULT_PRESET, **overrides: Any) -> ModelConfig:
+    """The config of model ``name`` at size ``preset`` with ``overrides`` applied."""
+    spec = _spec(name)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available presets: {preset_names()}")
+    values = {**PRESETS[preset], **PRESET_EXTRAS.get(name, {}).get(preset, {}), **overrides}
+    return spec.config_class().replace(**values)
+
+
+def build_model(
+    name: str, preset: str = DEFAULT_PRESET, seed: int | None = 0, **overrides: Any
+) -> CausalLM:
+    """An untrained (randomly initialized, from ``seed``) model ``name`` at size ``preset``."""
+    config = build_config(name, preset, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = _spec(name).model_class(config)
+    model.provenance = {"name": name, "preset": preset, "checkpoint": None, "trained": False}
+    return model
+
+
+def config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """Rebuild a config from :meth:`ModelConfig.to_dict` output."""
+    name = values.get("model_type")
+    return _spec(name).config_class.from_dict(values)
+
+
+def model_from_config(config: ModelConfig) -> CausalLM:
+    """An untrained model for ``config``."""
+    return _spec(config.model_type).model_class(config)
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """The default checkpoint directory shipped for ``name``, or None."""
+    directory = DATA_DIR / name
+    return directory if (directory / "config.json").is_file() else None
+
+
+def load_model(
+    name_or_path: str | Path,
+    preset: str | None = None,
+    *,
+    random_init: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> CausalLM:
+    """Load a model by registered name or checkpoint directory.
+
+    - a directory: the checkpoint in it (ours, mamba_ssm or Hugging Face; see
+      :func:`fidelity.models.checkpoint.load_checkpoint`);
+    - a name with ``preset`` or ``random_init=True``: an untrained model of that size
+      (``preset`` defaults to the shipped default's size when there is one, else ``small``);
+    - a bare name: its shipped default checkpoint (trained; see fidelity/data/TRAINING.md).
+
+    ``overrides`` change config fields of untrained models (e.g. ``pool_size=10``). The model
+    is returned in eval mode, with ``model.provenance`` saying what it is.
+    """
+    from fidelity.models.checkpoint import load_checkpoint
+
+    path = Path(name_or_path)
+    text = str(name_or_path)
+    if path.is_dir():
+        if preset is not None or random_init or overrides:
+            raise ValueError(
+                "preset, random_init and config overrides apply to model names, not to a "
+                f"checkpoint directory ({text})"
+            )
+        model = load_checkpoint(path)
+    elif text in MODELS:
+        shipped = shipped_checkpoint(text)
+        if preset is None and not random_init and not overrides and shipped is not None:
+            model = load_checkpoint(shipped)
+            model.provenance = {**model.provenance, "name": text, "shipped_default": True}
+        else:
+            if preset is None:
+                preset = _shipped_preset(shipped) if shipped is not None else DEFAULT_PRESET
+                if shipped is None and not random_init:
+                    warnings.warn(
+                        f"no trained checkpoint is shipped for {text!r} yet; using an untrained "
+                        f"{preset!r} model",
+                        stacklevel=2,
+                    )
+            model = build_model(text, preset, **overrides)
+    elif path.exists():
+        raise ValueError(f"{text} is a file, not a checkpoint directory")
+    elif "/" in text or "\\" in text or text.startswith("."):
+        raise FileNotFoundError(f"checkpoint directory {text} does not exist")
+    else:
+        raise ValueError(
+            f"unknown model {text!r}: give a registered name ({', '.join(model_names())}) "
+            "or a checkpoint directory"
+        )
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _shipped_preset(directory: Path) -> str:
+    import json
+
+    meta = json.loads((directory / "config.json").read_text())
+    return meta.get("preset", DEFAULT_PRESET)
+
+
+def _spec(name: str | None) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model type {name!r}; registered models: {model_names()}")
+    return MODELS[name]
