@@ -1,0 +1,192 @@
+"""Observe MemMamba's memory from outside: note writes, pool contents, attention firing.
+
+Forward hooks on each block's ``note_block``, ``trigger``, ``cross_token`` and
+``cross_layer`` record, per layer:
+
+- which positions wrote a note, with their importance (all of them: writes are sparse);
+- where cross-token attention fired (the previous position's state importance > ``tau2``);
+- the attention weights over the notes of the pool, at the query positions you ask for.
+
+:meth:`MemMambaTrace.pool_at` rebuilds the pool any position saw from the recorded writes with
+the model's own eviction rule, so pool contents over time need no extra memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fidelity.models.memmamba import MemMambaLM, Notes, PoolAttentionOutput, PoolView
+from fidelity.models.state_pool import rank_order
+
+
+@dataclass
+class AttentionRecord:
+    """One query's attention over its pool notes: ``kind`` is ``"token"`` (own layer's pool) or
+    ``"layer"`` (pools of earlier layers); ``note_positions`` / ``note_layers`` `(n_notes,)`
+    name the attended notes; ``weights`` `(n_heads, n_notes)`; ``fired`` says whether the
+    output was used (cross-token attention only counts where it fired)."""
+
+    layer: int
+    kind: str
+    row: int
+    query_position: int
+    note_positions: torch.Tensor
+    note_layers: torch.Tensor
+    weights: torch.Tensor
+    fired: bool
+
+
+@dataclass
+class _LayerLog:
+    write_rows: list[torch.Tensor] = field(default_factory=list)
+    write_positions: list[torch.Tensor] = field(default_factory=list)
+    write_importance: list[torch.Tensor] = field(default_factory=list)
+    fired_rows: list[torch.Tensor] = field(default_factory=list)
+    fired_positions: list[torch.Tensor] = field(default_factory=list)
+    note_offset: int = 0
+    trigger_offset: int = 0
+    previous_score: torch.Tensor | None = None
+
+
+@dataclass
+class MemMambaTrace:
+    """What the hooks saw. Per layer (block index): ``writes(layer)`` and ``fired(layer)``;
+    ``attention``: records at the requested query positions."""
+
+    pool_size: int
+    policy: str
+    tau2: float
+    logs: dict[int, _LayerLog]
+    attention: list[AttentionRecord] = field(default_factory=list)
+
+    def writes(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, positions, importance)``, each `(n_writes,)`, of the notes ``layer`` wrote."""
+        log = self.logs[layer]
+        return (
+            _concat(log.write_rows, torch.long),
+            _concat(log.write_positions, torch.long),
+            _concat(log.write_importance, torch.float32),
+        )
+
+    def fired(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, positions)`` `(n,)` where ``layer``'s cross-token attention fired."""
+        log = self.logs[layer]
+        return _concat(log.fired_rows, torch.long), _concat(log.fired_positions, torch.long)
+
+    def write_rate(self, layer: int, length: int, batch: int = 1) -> float:
+        """Fraction of positions that wrote a note in ``layer``."""
+        return len(self.writes(layer)[1]) / (length * batch)
+
+    def pool_at(self, layer: int, position: int, row: int = 0) -> torch.Tensor:
+        """Sorted positions of the notes in ``layer``'s pool as seen by a query at
+        ``position`` (notes written before it), rebuilt with the model's eviction rule."""
+        rows, positions, importance = self.writes(layer)
+        chosen = (rows == row) & (positions < position)
+        positions, importance = positions[chosen], importance[chosen]
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        order = rank_order(importance[None], positions[None], valid[None], self.policy)[0]
+        return positions[order[: self.pool_size]].sort().values
+
+
+def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+@contextlib.contextmanager
+def tracing_memmamba(
+    model: MemMambaLM, attention_positions: Sequence[int] | torch.Tensor = ()
+) -> Iterator[MemMambaTrace]:
+    """Record MemMamba's memory while ``model`` runs forward over one sequence (in one pass or
+    consecutive chunks; ``step()`` is not observed). Attention weights are kept for
+    ``attention_positions`` only."""
+    if not isinstance(model, MemMambaLM):
+        raise TypeError(f"tracing_memmamba needs a MemMambaLM, got {type(model).__name__}")
+    config = model.config
+    wanted = set(torch.as_tensor(attention_positions, dtype=torch.long).flatten().tolist())
+    trace = MemMambaTrace(config.pool_size, config.pool_policy, config.tau2, {})
+    handles = []
+    try:
+        for index, block in enumerate(model.layers):
+            log = trace.logs.setdefault(index, _LayerLog())
+            handles.append(block.note_block.register_forward_hook(_note_hook(log)))
+            if block.trigger is not None:
+                handles.append(block.trigger.register_forward_hook(_trigger_hook(log, config.tau2)))
+                handles.append(
+                    block.cross_token.register_forward_hook(
+                        _attention_hook(trace, index, "token", wanted)
+                    )
+                )
+            if block.cross_layer is not None:
+                handles.append(
+                    block.cross_layer.register_forward_hook(
+                        _attention_hook(trace, index, "layer", wanted)
+                    )
+                )
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _note_hook(log: _LayerLog):
+    def hook(_module, _args, notes: Notes) -> None:
+        length = notes.written.shape[1]
+        rows, index = notes.written.nonzero(as_tuple=True)
+        log.write_rows.append(rows.cpu())
+        log.write_positions.append(index.cpu() + log.note_offset)
+        log.write_importance.append(notes.importance[rows, index].detach().float().cpu())
+        log.note_offset += length
+
+    return hook
+
+
+def _trigger_hook(log: _LayerLog, tau2: float):
+    def hook(_module, _args, scores: torch.Tensor) -> None:
+        scores = scores.detach().float().cpu()  # (batch, length): I_state of each position
+        previous = (
+            log.previous_score if log.previous_score is not None else torch.zeros(scores.shape[0])
+        )
+        shifted = torch.cat([previous[:, None], scores[:, :-1]], dim=1)
+        rows, index = (shifted > tau2).nonzero(as_tuple=True)
+        log.fired_rows.append(rows)
+        log.fired_positions.append(index + log.trigger_offset)
+        log.trigger_offset += scores.shape[1]
+        log.previous_score = scores[:, -1]
+
+    return hook
+
+
+def _attention_hook(trace: MemMambaTrace, layer: int, kind: str, wanted: set[int]):
+    def hook(_module, args, output: PoolAttentionOutput) -> None:
+        view: PoolView = args[1]
+        queries = view.query_positions.tolist()
+        chosen = [(i, q) for i, q in enumerate(queries) if q in wanted]
+        if not chosen:
+            return
+        fired = _fired_lookup(trace, layer) if kind == "token" else None
+        for query_index, position in chosen:
+            for row in range(view.values.shape[0]):
+                members = view.member[row, query_index]
+                trace.attention.append(
+                    AttentionRecord(
+                        layer=layer,
+                        kind=kind,
+                        row=row,
+                        query_position=position,
+                        note_positions=view.positions[row, members].cpu(),
+                        note_layers=view.layers[row, members].cpu(),
+                        weights=output.weights[row, :, query_index, members].detach().cpu(),
+                        fired=True if fired is None else (row, position) in fired,
+                    )
+                )
+
+    return hook
+
+
+def _fired_lookup(trace: MemMambaTrace, layer: int) -> set[tuple[int, int]]:
+    rows, positions = trace.fired(layer)
+    return set(zip(rows.tolist(), positions.tolist(), strict=True))
