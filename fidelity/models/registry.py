@@ -9,6 +9,9 @@ directory).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +21,32 @@ import torch
 
 from fidelity.models.base import CausalLM
 from fidelity.models.config import ModelConfig
-from fidelity.models.mamba import MambaConfig, MambaLM
-from fidelity.models.memmamba import MemMambaConfig, MemMambaLM
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its config and model classes and a one-line description."""
+    """A registered model: where its classes live (``module:ClassName``, imported on first
+    use) and a one-line description."""
 
     name: str
-    config_class: type[ModelConfig]
-    model_class: type[CausalLM]
+    config_class_path: str
+    model_class_path: str
     description: str
+
+    @property
+    def config_class(self) -> type[ModelConfig]:
+        return _import(self.config_class_path)
+
+    @property
+    def model_class(self) -> type[CausalLM]:
+        return _import(self.model_class_path)
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -42,17 +57,50 @@ def register_model(spec: ModelSpec) -> None:
     MODELS[spec.name] = spec
 
 
-register_model(ModelSpec("mamba", MambaConfig, MambaLM, "Mamba-1 selective SSM (Gu & Dao 2023)"))
-register_model(
-    ModelSpec(
+for _spec_args in (
+    ("mamba", "mamba", "MambaConfig", "MambaLM", "Mamba-1 selective SSM (Gu & Dao 2023)"),
+    (
         "memmamba",
-        MemMambaConfig,
-        MemMambaLM,
+        "memmamba",
+        "MemMambaConfig",
+        "MemMambaLM",
         "Mamba + note pool + sparse cross-token/cross-layer attention (arXiv 2510.03279)",
+    ),
+    (
+        "decimamba",
+        "decimamba",
+        "DeciMambaConfig",
+        "DeciMambaLM",
+        "Mamba with Delta-ranked token decimation in chosen layers (Ben-Kish et al. 2024)",
+    ),
+    (
+        "transformer",
+        "transformer",
+        "TransformerConfig",
+        "TransformerLM",
+        "causal Pythia/GPT-NeoX-style Transformer (RoPE, parallel attention+MLP)",
+    ),
+    ("mamba2", "mamba2", "Mamba2Config", "Mamba2LM", "Mamba-2 SSD mixer (Dao & Gu 2024)"),
+    (
+        "compressive",
+        "compressive",
+        "CompressiveConfig",
+        "CompressiveTransformerLM",
+        "Compressive Transformer: memory + compressed memory (Rae et al. 2019)",
+    ),
+):
+    _name, _module, _config_class, _model_class, _description = _spec_args
+    register_model(
+        ModelSpec(
+            _name,
+            f"fidelity.models.{_module}:{_config_class}",
+            f"fidelity.models.{_module}:{_model_class}",
+            _description,
+        )
     )
-)
 
-# Size presets: fields shared by every model, then per-model extras.
+# Size presets: shared fields (each applied where a model's config has it), then per-model
+# extras.
 PRESETS: dict[str, dict[str, Any]] = {
     # for tests: seconds on a CPU
     "tiny": {"d_model": 32, "n_layer": 2, "d_state": 8},
@@ -80,6 +128,40 @@ PRESET_EXTRAS: dict[str, dict[str, dict[str, Any]]] = {
         "130m": {"cross_layer_every": 4},
         "200m": {"cross_layer_every": 4},
     },
+    "transformer": {
+        "tiny": {"n_heads": 2},
+        "mini": {"n_heads": 4},
+        "small": {"n_heads": 6},
+        "130m": {"n_heads": 12},
+        "200m": {"n_heads": 16},
+    },
+    "mamba2": {
+        "tiny": {"headdim": 16},
+        "mini": {"headdim": 32, "d_state": 64},
+        "small": {"headdim": 64, "d_state": 64},
+        "130m": {"headdim": 64, "d_state": 128},
+        "200m": {"headdim": 64, "d_state": 128},
+    },
+    "compressive": {
+        "tiny": {
+            "n_heads": 2,
+            "segment_length": 16,
+            "memory_length": 16,
+            "compressed_memory_length": 8,
+        },
+        "mini": {
+            "n_heads": 4,
+            "segment_length": 256,
+            "memory_length": 256,
+            "compressed_memory_length": 256,
+        },
+        "small": {"n_heads": 6},
+        "130m": {"n_heads": 12},
+        "200m": {"n_heads": 16},
+    },
+    "decimamba": {
+        "tiny": {"decimation_base_length": 16, "decimation_min_length": 4},
+    },
 }
 DEFAULT_PRESET = "small"
 
@@ -98,8 +180,11 @@ def build_config(name: str, preset: str = DEFAULT_PRESET, **overrides: Any) -> M
     spec = _spec(name)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available presets: {preset_names()}")
-    values = {**PRESETS[preset], **PRESET_EXTRAS.get(name, {}).get(preset, {}), **overrides}
-    return spec.config_class().replace(**values)
+    config_class = spec.config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    shared = {key: value for key, value in PRESETS[preset].items() if key in fields}
+    values = {**shared, **PRESET_EXTRAS.get(name, {}).get(preset, {}), **overrides}
+    return config_class().replace(**values)
 
 
 def build_model(
@@ -194,8 +279,6 @@ def load_model(
 
 
 def _shipped_preset(directory: Path) -> str:
-    import json
-
     meta = json.loads((directory / "config.json").read_text())
     return meta.get("preset", DEFAULT_PRESET)
 
