@@ -1,0 +1,699 @@
+"""Results of a fidelity analysis: tidy tables, figures, atomic save and exact load.
+
+A :class:`FidelityResult` holds three things that ``fidelity.analyze`` produces:
+
+``frame``
+    one row per measurement, columns :data:`FRAME_COLUMNS` in that order. Horizontal metrics
+    (``etmf``, ``etmf_chance``, ``etmf_norm``, ``etmf_acc``, ``etmf_raw``, ``ssm_decay``,
+    ``influence``): ``layer == source_layer`` (0 = embeddings), ``distance`` in tokens.
+    Vertical metrics (``eclmf``, ``eclmf_chance``, ``eclmf_norm``, ``cka``, ``eclmf_raw``):
+    ``layer`` = target, ``distance = layer - source_layer``. Retrieval (``passkey_acc``,
+    ``kv_acc``) and ``perplexity``: ``layer == source_layer == -1``, ``length`` the context,
+    ``depth`` the needle depth in [0, 1] (NaN otherwise).
+``summary``
+    one row per (model, checkpoint, layer): :data:`SUMMARY_COLUMNS`, then any number of
+    numeric columns such as ``etmf_norm@64`` (normalized ETMF at distance 64).
+``meta``
+    a JSON-serializable dict describing the run (model, checkpoint, trained, probe, length,
+    seed, versions, ...). It is normalized on construction to what JSON gives back (tuples
+    become lists, numpy scalars plain numbers, non-finite floats ``None``), so a saved and
+    reloaded result compares equal to the one in memory.
+
+A :class:`Comparison` lines several results up (``frame`` with a ``run`` column, per-layer
+differences against the first run) and has the same ``plot`` / ``save`` surface.
+
+Saving is atomic: files are written to a hidden sibling directory that is renamed into place
+only once complete, so an interrupted save never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fidelity.reports import html, plots
+
+logger = logging.getLogger(__name__)
+
+FRAME_COLUMNS: dict[str, str] = {
+    "model": "str",
+    "checkpoint": "str",
+    "metric": "str",
+    "layer": "int",
+    "source_layer": "int",
+    "distance": "int",
+    "value": "float",
+    "ci_low": "float",
+    "ci_high": "float",
+    "n": "int",
+    "length": "int",
+    "depth": "float",
+}
+"""The tidy frame's columns, in order, with their kind (stored as str, int64, float64)."""
+
+SUMMARY_COLUMNS: dict[str, str] = {
+    "model": "str",
+    "checkpoint": "str",
+    "layer": "int",
+    "half_life": "float",
+    "half_life_low": "float",
+    "half_life_high": "float",
+    "memory_length": "float",
+    "memory_length_low": "float",
+    "memory_length_high": "float",
+}
+"""The summary's leading columns; further columns (``etmf_norm@{d}``, ...) must be numeric."""
+
+PLOT_KINDS: dict[str, tuple[str, ...]] = {
+    "forgetting": ("etmf_norm",),
+    "depth": ("eclmf_norm", "cka"),
+    "heatmap": ("etmf_norm",),
+    "retrieval": ("passkey_acc", "kv_acc"),
+    "decay": ("ssm_decay",),
+    "influence": ("influence",),
+}
+"""Plot kinds of a single result and the metrics each needs (any one of them)."""
+
+COMPARISON_PLOT_KINDS = ("forgetting", "depth", "summary")
+
+RESULT_FILES = ("results.csv", "summary.csv", "meta.json")
+"""Files :meth:`FidelityResult.load` needs."""
+
+_SAVED_MARKERS = ("meta.json", "results.csv", "comparison.csv", "report.html")
+"""A directory holding one of these was written by ``save`` and may be replaced with force."""
+
+_PLOTTERS: dict[str, Callable[..., Figure]] = {
+    "forgetting": plots.forgetting_curve,
+    "depth": plots.depth_curve,
+    "heatmap": plots.forgetting_heatmap,
+    "retrieval": plots.retrieval_grid,
+    "decay": plots.decay_curves,
+    "influence": plots.influence_curves,
+}
+
+_PNG_DPI = 150
+
+
+# ----------------------------------------------------------------------------- table schema
+
+
+def _column_error(table: str, column: str, problem: str, kind: str) -> ValueError:
+    expected = {"str": "strings", "int": "whole numbers", "float": "numbers (NaN allowed)"}[kind]
+    return ValueError(f"{table}: column {column!r} {problem}; it must hold {expected}")
+
+
+def _as_strings(values: pd.Series, table: str, column: str) -> pd.Series:
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise _column_error(table, column, f"holds non-string values such as {bad[0]!r}", "str")
+    return values.astype(str)
+
+
+def _as_numbers(values: pd.Series, table: str, column: str, kind: str) -> pd.Series:
+    """``values`` as a numeric series (object columns of numbers are converted)."""
+    if values.dtype == object or pd.api.types.is_string_dtype(values):
+        bad = next((v for v in values if not _is_number(v)), None)
+        if bad is not None:
+            raise _column_error(table, column, f"holds {bad!r}", kind)
+        values = pd.to_numeric(values)
+    if values.dtype == bool or not pd.api.types.is_numeric_dtype(values):
+        raise _column_error(table, column, f"has dtype {values.dtype}", kind)
+    return values
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+def _as_ints(values: pd.Series, table: str, column: str) -> pd.Series:
+    values = _as_numbers(values, table, column, "int")
+    if values.dtype.kind == "f":
+        numbers = values.to_numpy()
+        if not np.isfinite(numbers).all():
+            raise _column_error(table, column, "has missing or infinite values", "int")
+        if (numbers != np.round(numbers)).any():
+            raise _column_error(table, column, "has fractional values", "int")
+    return values.astype(np.int64)
+
+
+def _as_floats(values: pd.Series, table: str, column: str) -> pd.Series:
+    return _as_numbers(values, table, column, "float").astype(np.float64)
+
+
+_CONVERTERS = {"str": _as_strings, "int": _as_ints, "float": _as_floats}
+
+
+def _check_table(
+    table: object, name: str, schema: Mapping[str, str], extra_numeric: bool
+) -> pd.DataFrame:
+    """Copy of ``table`` with the schema's columns first, typed; ValueError naming problems.
+
+    ``extra_numeric``: further columns are allowed (kept in order, as float64); otherwise they
+    are an error.
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"{name} must be a pandas DataFrame, got {type(table).__name__}")
+    missing = [c for c in schema if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{name} is missing columns {missing}; expected columns {list(schema)}"
+            + (" followed by numeric columns such as 'etmf_norm@64'" if extra_numeric else "")
+        )
+    if not table.columns.is_unique:
+        raise ValueError(f"{name} has duplicate column names: {list(table.columns)}")
+    extra = [c for c in table.columns if c not in schema]
+    if extra and not extra_numeric:
+        raise ValueError(f"{name} has unexpected columns {extra}; expected {list(schema)}")
+    bad_names = [c for c in extra if not isinstance(c, str)]
+    if bad_names:
+        raise ValueError(f"{name}: column names must be strings, got {bad_names}")
+    columns = {c: _CONVERTERS[kind](table[c], name, c) for c, kind in schema.items()}
+    columns |= {c: _as_floats(table[c], name, c) for c in extra}
+    return pd.DataFrame({c: s.reset_index(drop=True) for c, s in columns.items()})
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(
+        f"meta holds a {type(value).__name__} ({value!r}), which JSON cannot store; "
+        "use strings, numbers, booleans, None, lists and dicts"
+    )
+
+
+def _finite_or_none(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def _check_meta(meta: object) -> dict[str, object]:
+    """``meta`` as JSON gives it back (standard JSON: non-finite floats become None)."""
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    bad_keys = [k for k in meta if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"meta keys must be strings, got {bad_keys!r}")
+    plain = json.loads(json.dumps(dict(meta), default=_json_default))
+    return _finite_or_none(plain)
+
+
+# ----------------------------------------------------------------------------- CSV / JSON io
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    """CSV with NaN as an empty field; floats in shortest round-trip form (exact reload)."""
+    table.to_csv(path, index=False, na_rep="")
+
+
+def _parse_column(
+    texts: list[str], lines: list[int], kind: str, path: Path, column: str
+) -> pd.Series:
+    """CSV fields -> typed column; ValueError naming file, column, line and value."""
+    if kind == "str":
+        return pd.Series(texts, dtype=object)
+    parse = (lambda text: float(text) if text else math.nan) if kind == "float" else int
+    values = []
+    for line, text in zip(lines, texts, strict=True):
+        try:
+            values.append(parse(text))
+        except ValueError:
+            expected = "an integer" if kind == "int" else "a number or an empty field"
+            raise ValueError(
+                f"{path} is corrupt: column {column!r}, line {line} holds {text!r}, "
+                f"expected {expected}"
+            ) from None
+    return pd.Series(values, dtype=np.int64 if kind == "int" else np.float64)
+
+
+def _read_records(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, records and each record's (last) line number; every record must be complete."""
+    _require_file(path)
+    records, lines = [], []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, strict=True)
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{path} is empty; expected a CSV header line")
+            for record in reader:
+                if not record:
+                    continue  # blank line
+                if len(record) != len(header):
+                    raise ValueError(
+                        f"{path} is corrupt: line {reader.line_num} has {len(record)} fields, "
+                        f"expected {len(header)} ({', '.join(header)})"
+                    )
+                records.append(record)
+                lines.append(reader.line_num)
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a readable CSV table: {error}") from None
+    return header, records, lines
+
+
+def _read_table(path: Path, schema: Mapping[str, str], extra_numeric: bool) -> pd.DataFrame:
+    header, records, lines = _read_records(path)
+    missing = [c for c in schema if c not in header]
+    if missing:
+        raise ValueError(f"{path} is missing columns {missing}; expected {list(schema)}")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path} has duplicate column names: {header}")
+    columns = {
+        name: _parse_column([r[i] for r in records], lines, schema.get(name, "float"), path, name)
+        for i, name in enumerate(header)
+    }
+    try:
+        return _check_table(pd.DataFrame(columns), str(path), schema, extra_numeric)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a valid table: {error}") from None
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent} has no {path.name}; a saved result directory holds "
+            f"{', '.join(RESULT_FILES)} (written by FidelityResult.save)"
+        )
+
+
+def _read_meta(path: Path) -> dict[str, object]:
+    _require_file(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- atomic save
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def _check_target(target: Path, force: bool) -> None:
+    """Refuse to overwrite without ``force``, and never replace what ``save`` did not write."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise FileExistsError(f"{target} exists and is not a result directory; choose another")
+    if not force:
+        raise FileExistsError(
+            f"{target} already exists; pass force=True (CLI: --force) to replace it"
+        )
+    looks_saved = any((target / marker).exists() for marker in _SAVED_MARKERS)
+    if not looks_saved and any(target.iterdir()):
+        raise FileExistsError(
+            f"{target} is not empty and holds no saved result ({', '.join(_SAVED_MARKERS)}); "
+            "refusing to replace it even with force=True"
+        )
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing target is moved aside, then deleted."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    backup = _sibling(target, "old")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    if backup.exists():
+        logger.warning("could not delete the replaced result at %s", backup)
+
+
+@contextmanager
+def _atomic_directory(directory: str | os.PathLike[str], force: bool) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it becomes ``directory`` in one rename.
+
+    On any exception (KeyboardInterrupt included) the staging directory is deleted and
+    ``directory`` is left as it was.
+    """
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
+    target = Path(directory)
+    _check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "partial")
+    staging.mkdir()
+    try:
+        yield staging
+        _check_target(target, force)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_figures(figures: Mapping[str, Figure], directory: Path) -> dict[str, bytes]:
+    """``<name>.png`` and ``<name>.svg`` per figure; returns the PNG bytes (for the report)."""
+    images = {}
+    for name, figure in figures.items():
+        images[name] = html.figure_png(figure, dpi=_PNG_DPI)
+        (directory / f"{name}.png").write_bytes(images[name])
+        figure.savefig(directory / f"{name}.svg", format="svg", metadata={"Date": None})
+    return images
+
+
+_KIND_TITLES = {
+    "forgetting": "Forgetting curve",
+    "depth": "Depth curve",
+    "heatmap": "Normalized ETMF",
+    "retrieval": "Retrieval",
+    "decay": "SSM decay",
+    "influence": "Influence",
+}
+
+
+# ----------------------------------------------------------------------------- single run
+
+
+@dataclass(eq=False)
+class FidelityResult:
+    """One analysis run: tidy ``frame``, per-layer ``summary`` and ``meta`` (see module doc).
+
+    Construction validates and copies the tables (canonical column order and dtypes, fresh
+    index) and normalizes ``meta``; ValueError/TypeError say what is wrong.
+    """
+
+    frame: pd.DataFrame
+    summary: pd.DataFrame
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.frame = _check_table(self.frame, "frame", FRAME_COLUMNS, extra_numeric=False)
+        self.summary = _check_table(self.summary, "summary", SUMMARY_COLUMNS, extra_numeric=True)
+        repeated = self.summary.duplicated(["model", "checkpoint", "layer"])
+        if repeated.any():
+            first = self.summary.loc[repeated, ["model", "checkpoint", "layer"]].iloc[0].to_dict()
+            raise ValueError(f"summary has several rows for {first}; expected one per layer")
+        self.meta = _check_meta(self.meta)
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. ``"memmamba @ ckpt-5000, 60k"`` (``random init`` when untrained)."""
+        models = list(dict.fromkeys(self.frame["model"]))
+        model = str(self.meta.get("model") or (models[0] if len(models) == 1 else "result"))
+        checkpoint = str(self.meta.get("checkpoint") or "")
+        name = model
+        if checkpoint:
+            name += f" @ {checkpoint.rstrip('/').rsplit('/', 1)[-1]}"
+        if self.untrained:
+            name += " (random init)"
+        length = self.meta.get("length")
+        if isinstance(length, int | float) and not isinstance(length, bool):
+            name += f", {plots.format_token_count(length)}"
+        return name
+
+    @property
+    def untrained(self) -> bool:
+        """True when ``meta`` says the weights are a random initialization."""
+        return self.meta.get("random_init") is True or self.meta.get("trained") is False
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metrics present in ``frame``, sorted."""
+        return sorted(set(self.frame["metric"]))
+
+    def plot_kinds(self) -> list[str]:
+        """The kinds :meth:`plot` can draw for this result (those with rows)."""
+        held = set(self.metrics)
+        return [kind for kind, needs in PLOT_KINDS.items() if held & set(needs)]
+
+    def plot(self, kind: str = "forgetting", **options: object) -> Figure:
+        """Draw one figure; ``kind`` is one of :data:`PLOT_KINDS`.
+
+        ``options`` go to the plotting function in :mod:`fidelity.reports.plots` (e.g.
+        ``layers=[0, 4, 8]`` or ``title=...``). ValueError when the result has no rows for
+        ``kind``, naming the metrics it does hold.
+        """
+        if kind not in PLOT_KINDS:
+            raise ValueError(f"unknown plot kind {kind!r}; choose one of {list(PLOT_KINDS)}")
+        if kind not in self.plot_kinds():
+            raise ValueError(
+                f"this result has no rows for the {kind!r} plot (needs metric "
+                f"{' or '.join(map(repr, PLOT_KINDS[kind]))}); it holds metrics: "
+                f"{', '.join(self.metrics) or 'none'}"
+            )
+        options.setdefault("title", None)
+        if options["title"] is None:
+            options["title"] = f"{_KIND_TITLES[kind]} — {self.label}"
+        return _PLOTTERS[kind](self.frame, **options)
+
+    def figures(self) -> dict[str, Figure]:
+        """Every figure this result has data for, by kind."""
+        return {kind: self.plot(kind) for kind in self.plot_kinds()}
+
+    def save(self, directory: str | os.PathLike[str], force: bool = False) -> Path:
+        """Write the result to ``directory`` atomically; returns its path.
+
+        Files: ``results.csv``, ``summary.csv``, ``meta.json``, ``<kind>.png`` and
+        ``<kind>.svg`` per available figure, and a self-contained ``report.html``. An
+        existing directory raises FileExistsError unless ``force=True``; with force it is
+        replaced only once the new one is complete (and only if it holds a saved result).
+        """
+        with _atomic_directory(directory, force) as staging:
+            _write_table(self.frame, staging / "results.csv")
+            _write_table(self.summary, staging / "summary.csv")
+            text = json.dumps(self.meta, indent=2, allow_nan=False)
+            (staging / "meta.json").write_text(text + "\n", encoding="utf-8")
+            images = _write_figures(self.figures(), staging)
+            report = html.render_report(self, images)
+            (staging / "report.html").write_text(report, encoding="utf-8")
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> FidelityResult:
+        """Read a directory written by :meth:`save` (exact round trip, dtypes included).
+
+        FileNotFoundError for a missing directory or file, ValueError for a corrupt one
+        (naming the file and what was expected).
+        """
+        path = Path(directory)
+        if not path.exists():
+            raise FileNotFoundError(f"no result directory at {path}")
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; expected a result directory")
+        frame = _read_table(path / "results.csv", FRAME_COLUMNS, extra_numeric=False)
+        summary = _read_table(path / "summary.csv", SUMMARY_COLUMNS, extra_numeric=True)
+        return cls(frame=frame, summary=summary, meta=_read_meta(path / "meta.json"))
+
+    def _repr_html_(self) -> str:
+        return html.render_fragment(self)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def _unique_labels(labels: Sequence[str]) -> list[str]:
+    """Labels made unique: every repeated label gets " (1)", " (2)", ... in order."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    taken = {label for label, count in counts.items() if count == 1}
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        if counts[label] == 1:
+            unique.append(label)
+            continue
+        index = seen.get(label, 0)
+        while True:
+            index += 1
+            candidate = f"{label} ({index})"
+            if candidate not in taken:
+                break
+        seen[label] = index
+        taken.add(candidate)
+        unique.append(candidate)
+    return unique
+
+
+def _difference(
+    value: pd.Series, low: pd.Series, high: pd.Series, ref: pd.DataFrame, column: str
+) -> dict[str, pd.Series]:
+    """``value - reference`` with the conservative interval [low - ref_high, high - ref_low]."""
+    return {
+        f"{column}_diff": value - ref[column],
+        f"{column}_diff_low": low - ref[f"{column}_high"],
+        f"{column}_diff_high": high - ref[f"{column}_low"],
+    }
+
+
+class Comparison:
+    """Several results side by side; the first run is the reference for differences.
+
+    ``results``: the runs; ``labels``: one per run (default: each result's ``label``);
+    repeated labels are made unique with " (1)", " (2)", ... Attributes: ``frame`` (all rows
+    with a leading ``run`` column), ``summary`` (see :meth:`build_summary`), ``warnings``
+    (why runs may not be directly comparable, e.g. different probe or length).
+    """
+
+    def __init__(self, results: Sequence[FidelityResult], labels: Sequence[str] | None = None):
+        results = list(results)
+        if not results:
+            raise ValueError("a comparison needs at least one result")
+        for index, result in enumerate(results):
+            if not isinstance(result, FidelityResult):
+                raise TypeError(
+                    f"results[{index}] is a {type(result).__name__}; expected FidelityResult "
+                    "(use Comparison.from_runs for run directories)"
+                )
+        if labels is None:
+            labels = [result.label for result in results]
+        labels = list(labels)
+        if len(labels) != len(results) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(
+                f"labels must be {len(results)} strings (one per result), got {labels!r}"
+            )
+        self.results = results
+        self.labels = _unique_labels(labels)
+        self.frame = pd.concat(
+            [r.frame.assign(run=label) for r, label in zip(results, self.labels, strict=True)],
+            ignore_index=True,
+        )[["run", *FRAME_COLUMNS]]
+        self.summary = self.build_summary()
+        self.warnings = self._mismatches()
+
+    @classmethod
+    def from_runs(
+        cls,
+        runs: Iterable[FidelityResult | str | os.PathLike[str]],
+        labels: Sequence[str] | None = None,
+    ) -> Comparison:
+        """Comparison of results and/or saved run directories (loaded with ``load``)."""
+        results = []
+        for run in runs:
+            if isinstance(run, FidelityResult):
+                results.append(run)
+            elif isinstance(run, str | os.PathLike):
+                results.append(FidelityResult.load(run))
+            else:
+                raise TypeError(
+                    f"a run must be a FidelityResult or a run directory, got {type(run).__name__}"
+                )
+        return cls(results, labels)
+
+    def build_summary(self) -> pd.DataFrame:
+        """Per run and layer: half-life and memory length with intervals, and differences.
+
+        Columns ``run, model, checkpoint, layer, half_life, half_life_low, half_life_high,
+        memory_length, memory_length_low, memory_length_high``, then for each of
+        ``half_life`` and ``memory_length``: ``<x>_diff`` (this run minus the first run, same
+        layer) and ``<x>_diff_low`` / ``<x>_diff_high`` = ``[low - ref_high, high - ref_low]``.
+        That interval is conservative: it holds every difference of two values lying in the
+        runs' own intervals, so it is wider than a joint interval would be, and it is not a
+        calibrated confidence interval for the difference. Differences are NaN for the first
+        run itself and for layers the first run lacks.
+        """
+        numeric = [c for c, kind in SUMMARY_COLUMNS.items() if kind == "float"]
+        reference = self.results[0].summary.set_index("layer")[numeric]
+        parts = []
+        for position, (result, label) in enumerate(zip(self.results, self.labels, strict=True)):
+            summary = result.summary[list(SUMMARY_COLUMNS)]
+            ref = reference.reindex(summary["layer"]).reset_index(drop=True)
+            if position == 0:
+                ref = ref * math.nan
+            for column in ("half_life", "memory_length"):
+                summary = summary.assign(
+                    **_difference(
+                        summary[column],
+                        summary[f"{column}_low"],
+                        summary[f"{column}_high"],
+                        ref,
+                        column,
+                    )
+                )
+            parts.append(summary.assign(run=label))
+        table = pd.concat(parts, ignore_index=True)
+        return table[["run", *[c for c in table.columns if c != "run"]]]
+
+    def _mismatches(self) -> list[str]:
+        found = []
+        for key in ("probe", "length"):
+            values = [result.meta.get(key) for result in self.results]
+            if len({json.dumps(v) for v in values}) > 1:
+                listing = ", ".join(
+                    f"{label}: {value}" for label, value in zip(self.labels, values, strict=True)
+                )
+                found.append(f"runs differ in {key} ({listing}); curves may not be comparable")
+        return found
+
+    def plot_kinds(self) -> list[str]:
+        """The kinds :meth:`plot` can draw (those with data)."""
+        held = set(self.frame["metric"])
+        has = {
+            "forgetting": "etmf_norm" in held,
+            "depth": bool(held & {"eclmf_norm", "cka"}),
+            "summary": not self.summary.empty,
+        }
+        return [kind for kind in COMPARISON_PLOT_KINDS if has[kind]]
+
+    def plot(self, kind: str = "forgetting", **options: object) -> Figure:
+        """Draw ``"forgetting"`` (overlay per layer), ``"depth"`` or ``"summary"`` (by layer).
+
+        ``options`` go to :func:`~fidelity.reports.plots.comparison_overlay`,
+        :func:`~fidelity.reports.plots.comparison_depth` or
+        :func:`~fidelity.reports.plots.comparison_summary`.
+        """
+        if kind not in COMPARISON_PLOT_KINDS:
+            raise ValueError(
+                f"unknown comparison plot kind {kind!r}; "
+                f"choose one of {list(COMPARISON_PLOT_KINDS)}"
+            )
+        if kind not in self.plot_kinds():
+            held = ", ".join(sorted(set(self.frame["metric"]))) or "none"
+            raise ValueError(f"no rows for the {kind!r} comparison plot; runs hold metrics: {held}")
+        if kind == "forgetting":
+            return plots.comparison_overlay(self.frame, **options)
+        if kind == "depth":
+            return plots.comparison_depth(self.frame, **options)
+        return plots.comparison_summary(self.summary, **options)
+
+    def figures(self) -> dict[str, Figure]:
+        """Every comparison figure with data, by kind."""
+        return {kind: self.plot(kind) for kind in self.plot_kinds()}
+
+    def save(self, directory: str | os.PathLike[str], force: bool = False) -> Path:
+        """Write ``comparison.csv``, ``summary.csv``, figures and ``report.html`` atomically.
+
+        Same overwrite rules as :meth:`FidelityResult.save`.
+        """
+        with _atomic_directory(directory, force) as staging:
+            _write_table(self.frame, staging / "comparison.csv")
+            _write_table(self.summary, staging / "summary.csv")
+            images = _write_figures(self.figures(), staging)
+            report = html.render_comparison(self, images)
+            (staging / "report.html").write_text(report, encoding="utf-8")
+        return Path(directory)
+
+    def _repr_html_(self) -> str:
+        return html.render_comparison_fragment(self)
