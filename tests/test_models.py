@@ -172,6 +172,30 @@ def test_gradients_reach_scorers_through_straight_through_gates():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_write_rate_loss_trains_scorers_of_layers_that_never_write():
+    """With no note written, only the auxiliary write-rate loss reaches the scorer."""
+    for weight, expect_gradient in ((0.0, False), (0.01, True)):
+        model = tiny("memmamba", torch.float32, write_init_bias=-30.0, write_rate_weight=weight)
+        output = model(random_tokens(1, 32, seed=9))
+        loss = output.logits.logsumexp(-1).mean()
+        if output.aux_loss is not None:
+            loss = loss + output.aux_loss
+        loss.backward()
+        gradient = model.layers[0].note_block.scorer.bias.grad
+        assert (gradient is not None and gradient.abs().item() > 0) == expect_gradient
+
+
+def test_init_gives_sparse_note_writes():
+    model = build_model("memmamba", "tiny", n_layer=1).eval()
+    with torch.no_grad():
+        x = model.embedding(random_tokens(1, 2000, seed=10))
+        block = model.layers[0]
+        h = x + block.mixer(block.norm(x))
+        importance = torch.sigmoid(block.note_block.scorer(block.memory_norm(h)))
+    assert model.layers[0].note_block.scorer.bias.item() == model.config.write_init_bias
+    assert (importance > 0.5).float().mean() < 0.2
+
+
 def test_no_state_leaks_between_calls_or_batch_rows():
     model = tiny("memmamba")
     ids = random_tokens(3, 40, seed=8)

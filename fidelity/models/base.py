@@ -47,11 +47,13 @@ class LMOutput:
 
     ``logits`` `(batch, length, vocab)`; ``hidden_states`` (when asked for) is a tuple of
     ``n_layer + 1`` tensors `(batch, length, d_model)`: the embedding output and the residual
-    stream after each block, before the final norm.
+    stream after each block, before the final norm. ``aux_loss`` is a scalar regularizer the
+    model asks training to add to its loss (MemMamba's write-rate term), None for most models.
     """
 
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class CausalLM(nn.Module):

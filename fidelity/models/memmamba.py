@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fidelity.models.base import CausalLM, RMSNorm
+from fidelity.models.base import CausalLM, LMOutput, RMSNorm
 from fidelity.models.mamba import (
     MambaCache,
     MambaConfig,
@@ -69,6 +69,9 @@ class MemMambaConfig(MambaConfig):
     tau1: float = 0.5  # write a note where token importance > tau1
     tau2: float = 0.5  # fire cross-token attention where state importance > tau2
     write_init_bias: float = -2.0  # scorer bias at init: about 2% of positions write notes
+    write_rate_target: float = 0.05  # aux loss pulls mean token importance here (0: no aux loss)
+    write_rate_weight: float = 0.01  # weight of that aux loss (a layer that never writes gets
+    # no gradient through its notes; this term reaches the scorer at every position)
     n_heads: int = 4  # heads of the pool attentions (head width summary_dim / n_heads)
     cross_layer_every: int = 4  # p: cross-layer attention in layers p-1, 2p-1, ...
     cross_layer_scope: str = "window"  # read the pools of the p preceding layers ("all": all)
@@ -101,7 +104,7 @@ class MemMambaConfig(MambaConfig):
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
-        for name in ("tau1", "tau2"):
+        for name in ("tau1", "tau2", "write_rate_target"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
 
@@ -172,11 +175,16 @@ class NoteBlock(nn.Module):
         self.tau1 = config.tau1
         self.pooling = config.pooling
         self.selective = config.use_note_block
+        self.write_init_bias = config.write_init_bias
         self.scorer = nn.Linear(config.d_model, 1)
         self.summarizer = nn.Linear(config.d_model, config.summary_dim, bias=False)
-        with torch.no_grad():
-            self.scorer.weight.normal_(std=config.d_model**-0.5)
-            self.scorer.bias.fill_(config.write_init_bias)
+        self.reset_scorer()
+
+    @torch.no_grad()
+    def reset_scorer(self) -> None:
+        """Scorer init: logits ~ N(write_init_bias, 1) on RMS-normalized inputs."""
+        self.scorer.weight.normal_(std=self.scorer.in_features**-0.5)
+        self.scorer.bias.fill_(self.write_init_bias)
 
     def forward(self, normed: torch.Tensor, prefix: torch.Tensor, n_prefix_valid: int) -> Notes:
         features = self.summarizer(normed)
@@ -333,10 +341,11 @@ class MemMambaBlock(nn.Module):
         cache: MemMambaLayerCache | None,
         sources: list[tuple[int, list[PoolBlock]]],
         start_position: int,
-    ) -> tuple[torch.Tensor, list[PoolBlock]]:
+    ) -> tuple[torch.Tensor, list[PoolBlock], torch.Tensor]:
         """``x`` `(batch, length, d_model)` starting at absolute ``start_position`` -> (block
-        output `(batch, length, d_model)`, this layer's pool blocks). ``sources`` are the pool
-        blocks of the layers cross-layer attention reads, as (layer index, blocks)."""
+        output `(batch, length, d_model)`, this layer's pool blocks, token importance `(batch,
+        length)`). ``sources`` are the pool blocks of the layers cross-layer attention reads,
+        as (layer index, blocks)."""
         config = self.config
         state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
         h = x + self.mixer(self.norm(x), cache)
@@ -378,7 +387,7 @@ class MemMambaBlock(nn.Module):
             cache.note_prefix = carried[:, carried.shape[1] - cache.note_prefix.shape[1] :]
             if self.trigger is not None:
                 cache.previous_state_importance = state_importance[:, -1].detach()
-        return out, blocks
+        return out, blocks, notes.importance
 
     def _attend(
         self,
@@ -486,6 +495,9 @@ class MemMambaLM(CausalLM):
         super().__init__(config)
         self.layers = nn.ModuleList(MemMambaBlock(config, i) for i in range(config.n_layer))
         init_lm_weights(self)
+        for layer in self.layers:  # init_lm_weights zeroes every bias, the scorers' included
+            layer.note_block.reset_scorer()
+        self._aux_loss: torch.Tensor | None = None
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         device = device or self.device
@@ -495,6 +507,7 @@ class MemMambaLM(CausalLM):
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0
         pool_blocks_by_layer: dict[int, list[PoolBlock]] = {}
+        importances = []
         last_reader = {}  # source layer -> last layer that reads its pool
         for reader in range(self.config.n_layer):
             for source in self.config.cross_layer_sources(reader):
@@ -504,7 +517,10 @@ class MemMambaLM(CausalLM):
                 (source, pool_blocks_by_layer[source])
                 for source in self.config.cross_layer_sources(index)
             ]
-            x, blocks = layer(x, cache.layers[index] if cache is not None else None, sources, start)
+            x, blocks, importance = layer(
+                x, cache.layers[index] if cache is not None else None, sources, start
+            )
+            importances.append(importance.mean())
             if index in last_reader:
                 pool_blocks_by_layer[index] = blocks
             for source, _ in sources:
@@ -514,7 +530,20 @@ class MemMambaLM(CausalLM):
                 hidden.append(x)
         if cache is not None:
             cache.position += x.shape[1]
+        target = self.config.write_rate_target
+        if target > 0 and self.config.use_note_block:
+            rates = torch.stack(importances)  # (n_layer,) mean token importance per layer
+            self._aux_loss = self.config.write_rate_weight * (rates - target).pow(2).mean()
         return x
+
+    def forward(self, input_ids, cache=None, output_hidden_states=False) -> LMOutput:
+        """As :meth:`CausalLM.forward`, with ``aux_loss``: the write-rate term, ``weight *
+        mean_layers (mean importance - target)^2``, which keeps every layer's scorer trainable
+        (a layer whose notes are never written gets no gradient through them)."""
+        self._aux_loss = None
+        output = super().forward(input_ids, cache, output_hidden_states)
+        output.aux_loss, self._aux_loss = self._aux_loss, None
+        return output
 
     def _step_blocks(self, x, cache):
         position = cache.position
