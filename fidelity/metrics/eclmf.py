@@ -1,0 +1,236 @@
+"""Vertical memory fidelity: how much of layer ``l`` survives into layer ``l + m``.
+
+Notation: ``h[l][t]`` is the residual stream after block ``l`` at position ``t`` (layer 0: token
+embeddings). For each (source ``l``, target ``l + m``) pair, over the anchors ``t``:
+
+- ``eclmf``: ``ECLMF(l -> l + m) = mean_t cos(h[l][t], R(h[l + m][t]))`` where ``R`` is a ridge
+  read-out from the target layer back to the source layer, cross-fitted over two anchor folds.
+- ``eclmf_chance``: the identical procedure with ``h[l][t]`` paired with ``h[l + m][t']`` of an
+  unrelated anchor ``t'`` (a random permutation within folds).
+- ``eclmf_norm``: ``(ECLMF - chance) / (1 - chance)``.
+- ``cka``: linear CKA between the two layers' states at the anchors (no read-out).
+- ``eclmf_raw``: ``mean_t cos(h[l][t], h[l + m][t])`` (only when both widths agree).
+
+Rows use the tidy columns of :data:`fidelity.metrics.etmf.TIDY_COLUMNS` with ``layer`` = target,
+``source_layer`` = source and ``distance`` = target - source (in layers).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from itertools import combinations, pairwise
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import norm
+
+from fidelity.metrics.curves import (
+    DEFAULT_LEVEL,
+    bootstrap_counts,
+    mean_with_interval,
+    normalized_with_interval,
+)
+from fidelity.metrics.etmf import MIN_ANCHORS_PER_CELL, TIDY_COLUMNS, captured_states
+from fidelity.metrics.readout import as_float64_matrix, readout_scores, rowwise_cosine
+from fidelity.metrics.sampling import assign_folds, seeded_generator, validate_anchors
+from fidelity.probes.capture_types import Capture
+
+PAIR_SETS = ("adjacent", "from_embedding", "all")
+"""Named pair sets; ``None`` means ``from_embedding`` together with ``adjacent``."""
+
+CKA_INTERVAL_MAX_SAMPLES = 2048
+"""Pooled samples above which the CKA interval (built on `(n, n)` Gram matrices) is skipped."""
+
+
+def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Linear CKA between representations ``X`` `(n, d1)` and ``Y`` `(n, d2)` of the same items.
+
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` on column-centred float64 data
+    (computed through `(n, n)` Gram matrices when that is cheaper). In ``[0, 1]``: 1 when ``Y``
+    is an orthogonal transform and rescaling of ``X``. NaN when either has no variance.
+    """
+    X = as_float64_matrix("X", X)
+    Y = as_float64_matrix("Y", Y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y need the same number of rows, got {X.shape[0]} and {Y.shape[0]}")
+    if X.shape[0] < 2:
+        raise ValueError(f"linear_cka needs at least 2 rows, got {X.shape[0]}")
+    Xc = X - X.mean(dim=0)
+    Yc = Y - Y.mean(dim=0)
+    if X.shape[0] > max(X.shape[1], Y.shape[1]):
+        cross = (Yc.T @ Xc).square().sum()
+        norm = (Xc.T @ Xc).norm() * (Yc.T @ Yc).norm()
+    else:
+        K, L = Xc @ Xc.T, Yc @ Yc.T  # (n, n) each
+        cross = (K * L).sum()
+        norm = K.norm() * L.norm()
+    if norm <= 0:
+        return math.nan
+    return float((cross / norm).clamp(0.0, 1.0))
+
+
+def _weighted_hsic(K: torch.Tensor, L: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """HSIC of Gram matrices ``K``, ``L`` `(n, n)` under sample weights ``P`` `(n_rep, n)`.
+
+    Each row of ``P`` sums to 1; with weighted centring the statistic is
+    ``p^T (K o L) p - 2 p^T (Kp o Lp) + (p^T K p)(p^T L p)``. Returns `(n_rep,)`.
+    """
+    KP, LP = P @ K, P @ L  # (n_rep, n), K and L symmetric
+    return (
+        (P @ (K * L) * P).sum(dim=1)
+        - 2 * (P * KP * LP).sum(dim=1)
+        + (P * KP).sum(dim=1) * (P * LP).sum(dim=1)
+    )
+
+
+def cka_replicates(X: torch.Tensor, Y: torch.Tensor, weights: np.ndarray) -> np.ndarray:
+    """Linear CKA of ``X`` `(n, d1)` and ``Y`` `(n, d2)` under sample ``weights`` `(n, n_rep)`.
+
+    ``weights[i, r]`` is how often sample ``i`` counts in replicate ``r`` (bootstrap counts,
+    or 0/1 for leave-out replicates); the result `(n_rep,)` equals :func:`linear_cka` on the
+    correspondingly repeated rows, without building them.
+    """
+    X = as_float64_matrix("X", X)
+    Y = as_float64_matrix("Y", Y)
+    Xc, Yc = X - X.mean(dim=0), Y - Y.mean(dim=0)
+    K, L = Xc @ Xc.T, Yc @ Yc.T  # (n, n)
+    P = torch.from_numpy(weights.T / weights.sum(axis=0)[:, None])  # (n_rep, n)
+    hsic = _weighted_hsic(K, L, P)
+    scale = (_weighted_hsic(K, K, P) * _weighted_hsic(L, L, P)).clamp(min=0).sqrt()
+    cka = torch.where(scale > 0, hsic / scale.clamp(min=1e-300), torch.nan).clamp(0.0, 1.0)
+    return cka.numpy()
+
+
+def resolve_pairs(
+    layers: Sequence[int], pairs: str | Sequence[tuple[int, int]] | None
+) -> list[tuple[int, int]]:
+    """(source, target) layer pairs from a named set or an explicit list, ascending.
+
+    ``layers`` are the captured layers. ``"adjacent"``: consecutive captured layers;
+    ``"from_embedding"``: layer 0 to every other layer; ``"all"``: every source < target;
+    None: ``from_embedding`` and ``adjacent`` together (``adjacent`` alone without layer 0).
+    """
+    layers = sorted(layers)
+    adjacent = list(pairwise(layers))
+    from_embedding = [(0, layer) for layer in layers if layer > 0] if 0 in layers else []
+    if pairs is None:
+        chosen = set(adjacent) | set(from_embedding)
+    elif isinstance(pairs, str):
+        if pairs not in PAIR_SETS:
+            raise ValueError(
+                f"pairs must be None, one of {PAIR_SETS} or a list of (source, target)"
+            )
+        if pairs == "from_embedding" and 0 not in layers:
+            raise ValueError("pairs='from_embedding' needs layer 0 (the embeddings) in the capture")
+        chosen = {
+            "adjacent": set(adjacent),
+            "from_embedding": set(from_embedding),
+            "all": set(combinations(layers, 2)),
+        }[pairs]
+    else:
+        chosen = set()
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] not in layers or pair[1] not in layers:
+                raise ValueError(
+                    f"pair {pair!r} must be (source, target) of captured layers {layers}"
+                )
+            if not pair[0] < pair[1]:
+                raise ValueError(f"pair {pair!r}: the source layer must be below the target layer")
+            chosen.add((int(pair[0]), int(pair[1])))
+    if not chosen:
+        raise ValueError(
+            f"no layer pairs to score with captured layers {layers} and pairs={pairs!r}"
+        )
+    return sorted(chosen)
+
+
+def _cka_with_interval(
+    source: torch.Tensor, target: torch.Tensor, with_interval: bool, level: float
+) -> tuple[float, float, float]:
+    """CKA of pooled `(batch, n, d)` states, with a leave-one-anchor-out jackknife interval.
+
+    Not a bootstrap: resampled rows repeat, repeated rows look like agreement, and resampled
+    CKA is biased upward (for unrelated layers its percentile interval misses the estimate).
+    Leaving one anchor out repeats nothing. The interval is ``CKA +- z * SE_jackknife``,
+    ``SE^2 = (n - 1) / n * sum_i (CKA_(-i) - mean)^2``, clipped to ``[0, 1]``.
+    """
+    batch, n = source.shape[:2]
+    flat_source, flat_target = source.reshape(batch * n, -1), target.reshape(batch * n, -1)
+    value = linear_cka(flat_source, flat_target)
+    if not with_interval:
+        return value, math.nan, math.nan
+    if batch * n > CKA_INTERVAL_MAX_SAMPLES:
+        warnings.warn(
+            f"CKA interval skipped: {batch * n} samples exceed {CKA_INTERVAL_MAX_SAMPLES}",
+            stacklevel=3,
+        )
+        return value, math.nan, math.nan
+    leave_out = 1.0 - np.eye(n)  # (n, n): column i drops anchor i
+    weights = np.tile(leave_out, (batch, 1))  # (batch * n, n), sample = row * n + anchor
+    replicates = cka_replicates(flat_source, flat_target, weights)  # (n,)
+    spread = math.sqrt((n - 1) / n * float(((replicates - replicates.mean()) ** 2).sum()))
+    half_width = float(norm.ppf(0.5 + level / 2)) * spread
+    return value, max(0.0, value - half_width), min(1.0, value + half_width)
+
+
+def eclmf(
+    cap: Capture,
+    anchors: torch.Tensor,
+    pairs: str | Sequence[tuple[int, int]] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float | None = None,
+    level: float = DEFAULT_LEVEL,
+    centered: bool = False,
+) -> pd.DataFrame:
+    """ECLMF, its chance level, normalized score, CKA and raw cosine for layer ``pairs``.
+
+    ``anchors`` `(n_anchors,)` sorted unique positions kept by ``cap``; ``pairs`` as in
+    :func:`resolve_pairs`; ``alpha`` fixes the ridge penalty (None: GCV). Returns a tidy frame
+    (:data:`fidelity.metrics.etmf.TIDY_COLUMNS`) with ``n`` = batch x anchors; intervals are
+    percentile bootstraps over anchors, except for CKA, whose interval is a normal
+    leave-one-anchor-out jackknife (a bootstrap's repeated rows bias CKA upward);
+    ``n_boot=0`` leaves all intervals NaN. ``centered=True`` takes the
+    read-out cosines about the read-out's intercept (the mean source state of the fitting
+    anchors; see :func:`fidelity.metrics.readout.readout_scores`).
+    """
+    anchors = validate_anchors(anchors, cap)
+    if anchors.numel() < MIN_ANCHORS_PER_CELL:
+        raise ValueError(
+            f"ECLMF needs at least {MIN_ANCHORS_PER_CELL} anchors, got {anchors.numel()}"
+        )
+    chosen = resolve_pairs(cap.layers, pairs)
+    folds = assign_folds(anchors.numel(), 2, seeded_generator(seed))
+    counts = bootstrap_counts(anchors.numel(), n_boot, seed) if n_boot else None
+    states = {layer: captured_states(cap, layer, anchors) for pair in chosen for layer in pair}
+    rows = []
+    for source, target in chosen:
+        batch = states[source].shape[0]
+        scores = readout_scores(
+            states[target],
+            states[source],
+            folds,
+            alpha,
+            seeded_generator(seed, source, target),
+            centered,
+        )
+        score, chance = scores.score.mean(dim=0).numpy(), scores.chance.mean(dim=0).numpy()
+        values = {
+            "eclmf": mean_with_interval(score, counts, level),
+            "eclmf_chance": mean_with_interval(chance, counts, level),
+            "eclmf_norm": normalized_with_interval(score, chance, counts, level),
+            "cka": _cka_with_interval(states[source], states[target], n_boot > 0, level),
+        }
+        if states[source].shape[2] == states[target].shape[2]:
+            raw = rowwise_cosine(states[source], states[target]).mean(dim=0).numpy()
+            values["eclmf_raw"] = mean_with_interval(raw, counts, level)
+        n = batch * anchors.numel()
+        rows.extend(
+            (metric, target, target - source, value, low, high, n, source)
+            for metric, (value, low, high) in values.items()
+        )
+    frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})

@@ -1,0 +1,314 @@
+"""Horizontal memory fidelity: how much of token ``t`` layer ``l`` still holds at ``t + d``.
+
+Notation: ``h[l][t]`` is the residual stream after block ``l`` at position ``t`` and
+``e[t] = h[0][t]`` the token embedding. For each layer ``l`` and distance ``d``, over the
+anchors ``t`` with ``t + d < length``:
+
+- ``etmf``: ``ETMF(l, d) = mean_t cos(e[t], R(h[l][t + d]))`` where ``R`` is a ridge read-out
+  from layer ``l`` to the embeddings, cross-fitted over two anchor folds (an anchor is never
+  scored by a read-out fitted on it; see :mod:`fidelity.metrics.readout`).
+- ``etmf_chance``: the identical procedure with each ``e[t]`` paired with ``h[l][t' + d]`` of
+  an unrelated anchor ``t'`` (a random permutation within folds).
+- ``etmf_norm``: ``(ETMF - chance) / (1 - chance)``: 0 at chance, 1 for a perfect read-out.
+- ``etmf_acc``: fraction of samples whose ``R(h[l][t + d])`` is nearest (cosine) to the row of
+  ``embedding`` `(vocab, d_model)` of the true token ``t`` (only when ``embedding`` is given).
+- ``etmf_raw``: ``mean_t cos(h[l][t], h[l][t + d])``, no read-out.
+
+With ``batch > 1`` the (sequence, anchor) pairs are pooled as samples; per-anchor values are
+averaged over the batch and confidence intervals are percentile bootstraps over anchors.
+
+``centered=True`` (not the default, which keeps the formula above) measures the read-out
+cosines about the read-out's intercept, ``cos(e[t] - mu, R(h) - mu)`` with ``mu`` the mean
+embedding of the fitting anchors. Uncentred, a mean direction shared by the embeddings enters
+every prediction, and its weight grows as the read-out shrinks with distance: on a linear
+recurrence ``h_t = a h_(t-1) + e_t`` the uncentred normalized curve then falls faster than
+``a^d`` (see tests/test_etmf.py), while the centred one decays at rate ``a``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from fidelity.metrics.curves import (
+    DEFAULT_LEVEL,
+    bootstrap_counts,
+    mean_with_interval,
+    normalized_with_interval,
+    summarize_curve,
+)
+from fidelity.metrics.readout import readout_scores, rowwise_cosine
+from fidelity.metrics.sampling import (
+    assign_folds,
+    require_kept,
+    seeded_generator,
+    validate_anchors,
+)
+from fidelity.probes.capture_types import Capture
+
+TIDY_COLUMNS = ("metric", "layer", "distance", "value", "ci_low", "ci_high", "n", "source_layer")
+"""Columns of every metric frame; for horizontal metrics ``source_layer == layer``."""
+
+MIN_ANCHORS_PER_CELL = 8
+"""A (layer, distance) cell needs this many valid anchors (4 per fold) to be scored."""
+
+_ACCURACY_CHUNK = 4096  # predictions compared with the vocabulary at a time
+
+
+def captured_states(cap: Capture, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    """States of ``layer`` at ``positions`` `(n,)` as CPU float64 `(batch, n, d_model)`."""
+    return cap.at(layer, positions).detach().to(device="cpu", dtype=torch.float64)
+
+
+def resolve_layers(cap: Capture, layers: Sequence[int] | None) -> list[int]:
+    """``layers`` checked against the capture (None: every captured layer), ascending."""
+    if layers is None:
+        return cap.layers
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a sequence of ints or None, got {type(layers).__name__}")
+    missing = [layer for layer in layers if layer not in cap]
+    if missing:
+        raise ValueError(f"layers {missing} were not captured; captured layers: {cap.layers}")
+    return sorted(set(layers))
+
+
+def _validate_distances(distances: object) -> torch.Tensor:
+    distances = torch.as_tensor(distances)
+    if distances.dim() != 1 or distances.numel() == 0 or distances.dtype.is_floating_point:
+        raise ValueError(f"distances must be a non-empty 1-D integer tensor, got {distances!r}")
+    if distances.min() < 0:
+        raise ValueError(f"distances must be non-negative, got minimum {int(distances.min())}")
+    return torch.unique(distances.long())
+
+
+def nearest_token_accuracy(
+    prediction: torch.Tensor, tokens: torch.Tensor, embedding: torch.Tensor
+) -> torch.Tensor:
+    """Whether each prediction is nearest (cosine) to its true token's embedding row.
+
+    ``prediction`` `(m, d_model)`, ``tokens`` `(m,)` token ids, ``embedding``
+    `(vocab, d_model)`. Returns `(m,)` bool. Similarities are computed in float32, in chunks.
+    """
+    if embedding.dim() != 2 or embedding.shape[1] != prediction.shape[1]:
+        raise ValueError(
+            f"embedding must be (vocab, d_model={prediction.shape[1]}), "
+            f"got {tuple(embedding.shape)}"
+        )
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= embedding.shape[0]):
+        raise ValueError(f"token ids must lie in [0, vocab={embedding.shape[0]})")
+    rows = embedding.detach().to(device="cpu", dtype=torch.float32)
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30)  # (vocab, d_model)
+    queries = prediction.to(torch.float32)
+    queries = queries / queries.norm(dim=1, keepdim=True).clamp(min=1e-30)  # (m, d_model)
+    nearest = torch.cat(
+        [(chunk @ rows.T).argmax(dim=1) for chunk in queries.split(_ACCURACY_CHUNK)]
+    )  # (m,)
+    return nearest == tokens.to(nearest.device)
+
+
+def _anchor_tokens(cap: Capture, anchors: torch.Tensor, embedding: object) -> torch.Tensor:
+    """Token ids `(batch, n_anchors)` at the anchors, checked against ``embedding``."""
+    if not isinstance(embedding, torch.Tensor):
+        raise TypeError(
+            f"embedding must be a (vocab, d_model) tensor, got {type(embedding).__name__}"
+        )
+    d_model = cap[0].shape[-1]
+    if embedding.dim() != 2 or embedding.shape[1] != d_model:
+        raise ValueError(
+            f"embedding must be (vocab, d_model={d_model}), got {tuple(embedding.shape)}"
+        )
+    tokens = cap.tokens[:, cap.index_of(anchors)].detach().cpu().long()  # (batch, n_anchors)
+    if tokens.min() < 0 or tokens.max() >= embedding.shape[0]:
+        raise ValueError(f"token ids must lie in [0, vocab={embedding.shape[0]})")
+    return tokens
+
+
+@dataclass(frozen=True)
+class EtmfPerAnchor:
+    """Per-anchor ETMF values, before averaging.
+
+    ``score``, ``chance``, ``raw`` and ``accuracy`` (None without an embedding matrix) are
+    `(n_layers, n_dist, n_anchors)` float64, each entry averaged over the batch, NaN where
+    ``anchors[i] + distances[j] >= length`` or the distance had too few valid anchors. Valid
+    anchors form a prefix: ``n_valid`` `(n_dist,)` counts them (0 for skipped distances).
+    ``batch`` is the number of sequences pooled.
+    """
+
+    layers: list[int]
+    distances: torch.Tensor
+    anchors: torch.Tensor
+    score: torch.Tensor
+    chance: torch.Tensor
+    raw: torch.Tensor
+    accuracy: torch.Tensor | None
+    n_valid: torch.Tensor
+    batch: int
+
+
+def etmf_per_anchor(
+    cap: Capture,
+    anchors: torch.Tensor,
+    distances: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    embedding: torch.Tensor | None = None,
+    alpha: float | None = None,
+    seed: int = 0,
+    centered: bool = False,
+) -> EtmfPerAnchor:
+    """Per-anchor ETMF for ``layers`` (default: all captured) at ``distances`` `(n_dist,)`.
+
+    ``anchors`` `(n_anchors,)` sorted unique positions; ``cap`` must hold layer 0 and the
+    positions ``required_positions(anchors, distances, cap.length)``. ``embedding``
+    `(vocab, d_model)` enables the nearest-token accuracy; ``alpha`` fixes the ridge penalty
+    (None: GCV). Distances with fewer than :data:`MIN_ANCHORS_PER_CELL` valid anchors are
+    skipped with a warning. Folds, chance permutations and all randomness derive from ``seed``.
+    ``centered=True`` takes the read-out cosines about the read-out's intercept (the mean
+    embedding of the fitting anchors; see :func:`fidelity.metrics.readout.readout_scores`).
+    """
+    anchors = validate_anchors(anchors, cap)
+    distances = _validate_distances(distances)
+    layers = resolve_layers(cap, layers)
+    if 0 not in cap:
+        raise ValueError("ETMF needs layer 0 (the token embeddings e[t]) in the capture")
+    targets = captured_states(cap, 0, anchors)  # (batch, n_anchors, d_model)
+    batch, n_anchors, _ = targets.shape
+    tokens = None if embedding is None else _anchor_tokens(cap, anchors, embedding)
+    folds = assign_folds(n_anchors, 2, seeded_generator(seed))
+    shape = (len(layers), distances.numel(), n_anchors)
+    score, chance, raw = (torch.full(shape, torch.nan, dtype=torch.float64) for _ in range(3))
+    accuracy = None if embedding is None else torch.full(shape, torch.nan, dtype=torch.float64)
+    n_valid = torch.zeros(distances.numel(), dtype=torch.long)
+    skipped = []
+    at_anchors = {layer: captured_states(cap, layer, anchors) for layer in layers}
+    for j, distance in enumerate(distances.tolist()):
+        valid = int((anchors + distance < cap.length).sum())  # anchors are sorted: a prefix
+        if valid < MIN_ANCHORS_PER_CELL:
+            skipped.append(distance)
+            continue
+        n_valid[j] = valid
+        shifted = anchors[:valid] + distance  # (valid,)
+        require_kept(cap, shifted)
+        for i, layer in enumerate(layers):
+            states = captured_states(cap, layer, shifted)  # (batch, valid, d_model)
+            scores = readout_scores(
+                states,
+                targets[:, :valid],
+                folds[:valid],
+                alpha,
+                seeded_generator(seed, layer, distance),
+                centered,
+            )
+            score[i, j, :valid] = scores.score.mean(dim=0)
+            chance[i, j, :valid] = scores.chance.mean(dim=0)
+            raw[i, j, :valid] = rowwise_cosine(at_anchors[layer][:, :valid], states).mean(dim=0)
+            if accuracy is not None:
+                hits = nearest_token_accuracy(
+                    scores.prediction.reshape(batch * valid, -1),
+                    tokens[:, :valid].reshape(-1),
+                    embedding,
+                )  # (batch * valid,)
+                accuracy[i, j, :valid] = hits.reshape(batch, valid).double().mean(dim=0)
+    if skipped:
+        warnings.warn(
+            f"ETMF skipped distances {skipped}: fewer than {MIN_ANCHORS_PER_CELL} anchors have "
+            "t + d inside the sequence",
+            stacklevel=2,
+        )
+    return EtmfPerAnchor(layers, distances, anchors, score, chance, raw, accuracy, n_valid, batch)
+
+
+def etmf_frame(
+    result: EtmfPerAnchor, n_boot: int = 200, seed: int = 0, level: float = DEFAULT_LEVEL
+) -> pd.DataFrame:
+    """Tidy frame (:data:`TIDY_COLUMNS`) of per-anchor ETMF values with bootstrap intervals.
+
+    Metrics ``etmf``, ``etmf_chance``, ``etmf_norm``, ``etmf_acc`` (if computed) and
+    ``etmf_raw``; ``n`` = batch x valid anchors. Intervals resample the valid anchors of each
+    distance (the same replicates for every layer and metric); ``n_boot=0`` leaves them NaN.
+    """
+    rows = []
+    for j, distance in enumerate(result.distances.tolist()):
+        valid = int(result.n_valid[j])
+        if valid == 0:
+            continue
+        counts = bootstrap_counts(valid, n_boot, [seed, distance]) if n_boot else None
+        n = result.batch * valid
+        for i, layer in enumerate(result.layers):
+            score = result.score[i, j, :valid].numpy()
+            chance = result.chance[i, j, :valid].numpy()
+            values = {
+                "etmf": mean_with_interval(score, counts, level),
+                "etmf_chance": mean_with_interval(chance, counts, level),
+                "etmf_norm": normalized_with_interval(score, chance, counts, level),
+            }
+            if result.accuracy is not None:
+                accuracy = result.accuracy[i, j, :valid].numpy()
+                values["etmf_acc"] = mean_with_interval(accuracy, counts, level)
+            values["etmf_raw"] = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
+            rows.extend(
+                (metric, layer, distance, value, low, high, n, layer)
+                for metric, (value, low, high) in values.items()
+            )
+    frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+
+
+def etmf(
+    cap: Capture,
+    anchors: torch.Tensor,
+    distances: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    embedding: torch.Tensor | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float | None = None,
+    centered: bool = False,
+) -> pd.DataFrame:
+    """ETMF of ``cap`` as a tidy frame: :func:`etmf_per_anchor` then :func:`etmf_frame`.
+
+    ``anchors`` `(n_anchors,)`, ``distances`` `(n_dist,)`, ``embedding`` `(vocab, d_model)` or
+    None; see those functions for the definitions and the columns.
+    """
+    result = etmf_per_anchor(cap, anchors, distances, layers, embedding, alpha, seed, centered)
+    return etmf_frame(result, n_boot, seed)
+
+
+def etmf_summary(
+    result: EtmfPerAnchor, n_boot: int = 200, seed: int = 0, level: float = DEFAULT_LEVEL
+) -> pd.DataFrame:
+    """Per-layer forgetting-curve summary of normalized ETMF, one row per layer.
+
+    Columns: ``layer``, ``half_life`` (NaN when the fit did not converge),
+    ``half_life_ci_low``/``_high``, ``tau``, ``amplitude``, ``offset`` (the fit
+    ``a * exp(-d / tau) + c``), ``converged``, ``effective_memory_length``,
+    ``eml_ci_low``/``_high``, ``n_boot_converged``. See
+    :func:`fidelity.metrics.curves.summarize_curve` (which raises ``ValueError`` for a layer
+    with values at fewer than 3 distances); ETMF at chosen distances is in :func:`etmf_frame`.
+    """
+    rows = []
+    distances = result.distances.numpy()
+    for i, layer in enumerate(result.layers):
+        summary = summarize_curve(
+            distances, result.score[i], result.chance[i], n_boot=n_boot, seed=seed, level=level
+        )
+        rows.append(
+            {
+                "layer": layer,
+                "half_life": summary.half_life,
+                "half_life_ci_low": summary.half_life_ci[0],
+                "half_life_ci_high": summary.half_life_ci[1],
+                "tau": summary.fit.tau,
+                "amplitude": summary.fit.a,
+                "offset": summary.fit.c,
+                "converged": summary.fit.converged,
+                "effective_memory_length": summary.effective_memory_length,
+                "eml_ci_low": summary.eml_ci[0],
+                "eml_ci_high": summary.eml_ci[1],
+                "n_boot_converged": summary.n_boot_converged,
+            }
+        )
+    return pd.DataFrame(rows).astype({"layer": int, "effective_memory_length": int})

@@ -1,0 +1,350 @@
+"""Cross-fitted ridge read-outs, closed form in torch (float64 inside).
+
+A read-out ``R`` maps states ``X`` `(n, d_in)` to targets ``Y`` `(n, d_out)` with an intercept:
+``R(x) = y_mean + (x - x_mean) @ W`` where ``x_mean``, ``y_mean`` are the means of the fitting
+rows and ``W = (Xc^T Xc + alpha I)^-1 Xc^T Yc`` on the centred fitting rows. ``W`` comes from
+one eigendecomposition of the smaller Gram matrix (``Xc Xc^T`` when ``n <= d_in``, else
+``Xc^T Xc``), so any ``alpha`` and any number of targets cost only matrix products afterwards.
+
+Unless given, ``alpha`` is chosen by generalized cross-validation (GCV) on a log grid scaled by
+the mean non-zero eigenvalue ``m`` of ``Xc^T Xc``: ``alpha in m * 10**[-6 .. 4]`` (41 values),
+minimizing ``GCV(alpha) = (RSS(alpha) / n) / (1 - (df(alpha) + 1) / n) ** 2`` with
+``df(alpha) = sum_i s_i^2 / (s_i^2 + alpha)`` (the ``+ 1`` counts the intercept) and RSS
+summed over all target columns (one shared ``alpha`` per target matrix).
+
+Cross-fitting (:func:`cross_fitted_predict`) predicts every row with a read-out fitted only on
+rows of the other folds, so a read-out that could memorize its fitting rows never scores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fidelity.metrics.sampling import assign_folds
+
+GCV_RELATIVE_GRID = torch.logspace(-6, 4, 41, dtype=torch.float64)
+"""GCV candidates, relative to the mean non-zero eigenvalue of the centred Gram matrix."""
+
+
+def as_float64_matrix(name: str, value: object) -> torch.Tensor:
+    """Validate a real `(n, d)` matrix (tensor or array) and return it as float64.
+
+    Raises ``TypeError`` for non-array input and ``ValueError`` for a wrong number of
+    dimensions, complex or boolean data, or NaN/inf entries.
+    """
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got dtype {value.dtype}")
+    value = value.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or inf; read-outs need finite values")
+    return value
+
+
+def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of matching rows of ``a`` and ``b`` `(..., d)` -> `(...)` float64.
+
+    Rows with zero norm get cosine 0 (no direction to agree with); values are clamped to
+    ``[-1, 1]``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"rowwise_cosine needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
+    dots = (a * b).sum(dim=-1)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return torch.where(norms > 0, dots / safe, torch.zeros_like(dots)).clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RidgeReadout:
+    """A fitted ridge read-out ``R(x) = y_mean + (x - x_mean) @ weight``.
+
+    ``weight`` `(d_in, d_out)`, ``x_mean`` `(d_in,)`, ``y_mean`` `(d_out,)`, all float64;
+    ``alpha`` is the ridge penalty used (chosen by GCV unless it was given).
+    """
+
+    weight: torch.Tensor
+    x_mean: torch.Tensor
+    y_mean: torch.Tensor
+    alpha: float
+
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """Predict targets for states ``X`` `(m, d_in)` -> `(m, d_out)` float64."""
+        X = as_float64_matrix("X", X)
+        if X.shape[1] != self.weight.shape[0]:
+            raise ValueError(
+                f"X has {X.shape[1]} columns but the read-out was fitted on {self.weight.shape[0]}"
+            )
+        return (X - self.x_mean) @ self.weight + self.y_mean
+
+
+class _CentredSpectrum:
+    """Eigendecomposition of centred fitting states: solves ridge for any target and alpha.
+
+    With ``Xc = U diag(s) V^T`` (non-zero part only), keeps ``U`` `(n, r)`, ``V diag(s)``
+    `(d_in, r)` and ``s^2`` `(r,)`. Ridge then reads ``W = V diag(s / (s^2 + alpha)) U^T Yc``.
+    """
+
+    def __init__(self, X: torch.Tensor) -> None:
+        n, d = X.shape
+        self.n = n
+        self.x_mean = X.mean(dim=0)
+        Xc = X - self.x_mean  # (n, d)
+        if n <= d:
+            eigenvalues, U = torch.linalg.eigh(Xc @ Xc.T)  # (n,), (n, n)
+        else:
+            eigenvalues, V = torch.linalg.eigh(Xc.T @ Xc)  # (d,), (d, d)
+        top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
+        keep = eigenvalues > max(top, 0.0) * max(n, d) * torch.finfo(torch.float64).eps
+        self.s2 = eigenvalues[keep]  # (r,)
+        if n <= d:
+            self.U = U[:, keep]  # (n, r)
+            self.VS = Xc.T @ self.U  # (d, r) = V diag(s)
+        else:
+            s = self.s2.sqrt()
+            V = V[:, keep]
+            self.U = (Xc @ V) / s  # (n, r)
+            self.VS = V * s  # (d, r)
+
+    def gcv_alpha(self, Yc: torch.Tensor, Z: torch.Tensor) -> float:
+        """GCV-optimal alpha on the relative grid for centred targets ``Yc`` `(n, d_out)`."""
+        grid = self.s2.mean() * GCV_RELATIVE_GRID  # (n_grid,)
+        z2 = (Z**2).sum(dim=1)  # (r,)
+        outside = ((Yc**2).sum() - z2.sum()).clamp(min=0.0)  # residual no alpha can fit
+        shrink = grid[:, None] / (self.s2[None, :] + grid[:, None])  # (n_grid, r)
+        rss = outside + (shrink**2) @ z2  # (n_grid,)
+        df = (1.0 - shrink).sum(dim=1)  # (n_grid,)
+        slack = 1.0 - (df + 1.0) / self.n
+        gcv = torch.where(slack > 0, rss / self.n / slack.clamp(min=1e-300) ** 2, torch.inf)
+        return float(grid[int(gcv.argmin())])
+
+    def coefficients(
+        self, Y: torch.Tensor, alpha: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(y_mean (d_out,), Z / (s^2 + alpha) (r, d_out), alpha)`` for targets ``Y``."""
+        y_mean = Y.mean(dim=0)
+        Yc = Y - y_mean  # (n, d_out)
+        if self.s2.numel() == 0:  # constant states: only the intercept can be fitted
+            return y_mean, torch.zeros(0, Y.shape[1], dtype=torch.float64), alpha or 0.0
+        Z = self.U.T @ Yc  # (r, d_out)
+        if alpha is None:
+            alpha = self.gcv_alpha(Yc, Z)
+        return y_mean, Z / (self.s2 + alpha)[:, None], alpha
+
+    def solve(self, Y: torch.Tensor, alpha: float | None) -> RidgeReadout:
+        """Fit targets ``Y`` `(n, d_out)` (rows matching the states) with ``alpha`` or GCV."""
+        y_mean, scaled, alpha = self.coefficients(Y, alpha)
+        return RidgeReadout(self.VS @ scaled, self.x_mean, y_mean, alpha)  # weight (d_in, d_out)
+
+    def predict(
+        self, X_new: torch.Tensor, targets: Sequence[torch.Tensor], alpha: float | None
+    ) -> list[torch.Tensor]:
+        """Predictions `(m, d_out_k)` for new states ``X_new`` `(m, d_in)`, one per target.
+
+        Same as ``solve(Y, alpha).predict(X_new)`` but never forms the `(d_in, d_out)` weight:
+        the states are projected once, ``(X_new - x_mean) V diag(s)`` `(m, r)`, and reused.
+        """
+        projected = (X_new - self.x_mean) @ self.VS  # (m, r)
+        predictions = []
+        for Y in targets:
+            y_mean, scaled, _ = self.coefficients(Y, alpha)
+            predictions.append(projected @ scaled + y_mean)
+        return predictions
+
+
+def _check_alpha(alpha: float | None) -> float | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float or None (GCV), got {type(alpha).__name__}")
+    if not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite non-negative number or None (GCV), got {alpha}")
+    return float(alpha)
+
+
+def _check_pair(X: object, Y: object) -> tuple[torch.Tensor, torch.Tensor]:
+    X = as_float64_matrix("X", X)
+    Y = as_float64_matrix("Y", Y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y need the same number of rows, got {X.shape[0]} and {Y.shape[0]}")
+    return X, Y
+
+
+def fit_ridge(X: torch.Tensor, Y: torch.Tensor, alpha: float | None = None) -> RidgeReadout:
+    """Fit a ridge read-out from states ``X`` `(n, d_in)` to targets ``Y`` `(n, d_out)`.
+
+    ``alpha=None`` chooses the penalty by GCV (see the module docstring); ``alpha=0`` gives
+    the minimum-norm least-squares fit. Needs ``n >= 2`` (the intercept uses one degree of
+    freedom).
+    """
+    X, Y = _check_pair(X, Y)
+    alpha = _check_alpha(alpha)
+    if X.shape[0] < 2:
+        raise ValueError(
+            f"fit_ridge needs at least 2 rows (one goes to the intercept), got {X.shape[0]}"
+        )
+    return _CentredSpectrum(X).solve(Y, alpha)
+
+
+def _fold_masks(folds: object, n: int) -> list[torch.Tensor]:
+    """Validate integer fold labels `(n,)`; return one held-out mask `(n,)` bool per fold."""
+    folds = torch.as_tensor(folds)
+    if folds.shape != (n,) or folds.dtype.is_floating_point or folds.dtype == torch.bool:
+        raise ValueError(
+            f"folds must be a 1-D integer tensor of length {n}, "
+            f"got {folds.dtype} of shape {tuple(folds.shape)}"
+        )
+    labels, counts = torch.unique(folds, return_counts=True)
+    if labels.numel() < 2:
+        raise ValueError("folds must contain at least 2 distinct labels for cross-fitting")
+    if int(n - counts.max()) < 2:
+        raise ValueError("every fold's complement must hold at least 2 rows to fit a read-out on")
+    return [folds == label for label in labels]
+
+
+def _cross_fit(
+    X: torch.Tensor, targets: list[torch.Tensor], masks: list[torch.Tensor], alpha: float | None
+) -> list[torch.Tensor]:
+    """Cross-fitted predictions for validated float64 inputs and held-out ``masks``."""
+    predictions = [torch.empty_like(Y) for Y in targets]
+    for held_out in masks:
+        fitted = _CentredSpectrum(X[~held_out]).predict(
+            X[held_out], [Y[~held_out] for Y in targets], alpha
+        )
+        for prediction, rows in zip(predictions, fitted, strict=True):
+            prediction[held_out] = rows
+    return predictions
+
+
+def cross_fitted_predict_many(
+    X: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    folds: torch.Tensor,
+    alpha: float | None = None,
+) -> list[torch.Tensor]:
+    """Cross-fitted predictions of several targets from the same states.
+
+    ``X`` `(n, d_in)`; each target `(n, d_out_k)`; ``folds`` `(n,)` integer labels. Row ``i`` of
+    each result `(n, d_out_k)` comes from a read-out fitted on the rows whose label differs from
+    ``folds[i]``. Each target gets its own GCV penalty; the decomposition of each fold's states
+    is shared, which is what makes several targets cheap.
+    """
+    X = as_float64_matrix("X", X)
+    targets = [as_float64_matrix(f"targets[{k}]", Y) for k, Y in enumerate(targets)]
+    for k, Y in enumerate(targets):
+        if Y.shape[0] != X.shape[0]:
+            raise ValueError(f"targets[{k}] has {Y.shape[0]} rows but X has {X.shape[0]}")
+    return _cross_fit(X, targets, _fold_masks(folds, X.shape[0]), _check_alpha(alpha))
+
+
+def cross_fitted_predict(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    folds: torch.Tensor | None = None,
+    n_folds: int = 2,
+    alpha: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Predict every row of ``Y`` `(n, d_out)` from ``X`` `(n, d_in)` without its own fold.
+
+    ``folds`` `(n,)` gives integer fold labels; when None, rows are split at random into
+    ``n_folds`` balanced folds drawn from ``generator``. Returns `(n, d_out)` float64.
+    """
+    X, Y = _check_pair(X, Y)
+    if folds is None:
+        folds = assign_folds(X.shape[0], n_folds, generator)
+    return cross_fitted_predict_many(X, [Y], folds, alpha)[0]
+
+
+@dataclass(frozen=True)
+class ReadoutScores:
+    """Per-sample read-out fidelity of one pairing of states and targets.
+
+    ``score`` `(batch, n)`: cosine between each target and its cross-fitted prediction;
+    ``chance`` `(batch, n)`: the same procedure after pairing targets with states of unrelated
+    samples; ``prediction`` `(batch, n, d_out)`: the cross-fitted predictions behind ``score``.
+    """
+
+    score: torch.Tensor
+    chance: torch.Tensor
+    prediction: torch.Tensor
+
+
+def _within_fold_shuffle(
+    masks: list[torch.Tensor], generator: torch.Generator | None
+) -> torch.Tensor:
+    """A random permutation `(n,)` of sample indices that maps each fold onto itself."""
+    shuffle = torch.arange(masks[0].numel())
+    for held_out in masks:
+        members = torch.nonzero(held_out).squeeze(1)
+        shuffle[members] = members[torch.randperm(members.numel(), generator=generator)]
+    return shuffle
+
+
+def _other_fold_means(targets: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """For each row of ``targets`` `(n, d)`, the mean of the rows in the other folds `(n, d)`.
+
+    That is the intercept (``y_mean``) of the read-out which predicts the row.
+    """
+    means = torch.empty_like(targets)
+    for held_out in masks:
+        means[held_out] = targets[~held_out].mean(dim=0)
+    return means
+
+
+def readout_scores(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    folds: torch.Tensor,
+    alpha: float | None = None,
+    generator: torch.Generator | None = None,
+    centered: bool = False,
+) -> ReadoutScores:
+    """Score how well ``targets`` can be read out of ``states``, with a chance level.
+
+    ``states`` `(batch, n, d_in)` and ``targets`` `(batch, n, d_out)` are paired samples
+    (``n`` anchors in each of ``batch`` sequences); ``folds`` `(n,)` assigns anchors to folds,
+    and all of an anchor's samples share its fold. The (batch, anchor) samples are pooled and
+    each is predicted by a read-out fitted on the other folds:
+    ``score = cos(target, R(state))``. For ``chance`` the targets are first permuted at random
+    within each fold, so every state is paired with the target of an unrelated sample, and
+    the identical procedure is run: ``chance = cos(target[pi], R'(state))``.
+
+    ``centered=True`` measures both cosines about the read-out's intercept ``y_mean`` (the
+    mean target of the fitting folds): ``cos(target - y_mean, R(state) - y_mean)``, so a mean
+    direction shared by all targets neither inflates the score nor hides a weak signal.
+    """
+    if states.dim() != 3 or targets.dim() != 3 or states.shape[:2] != targets.shape[:2]:
+        raise ValueError(
+            "states and targets must be (batch, n, d) with matching batch and n, got "
+            f"{tuple(states.shape)} and {tuple(targets.shape)}"
+        )
+    batch, n = states.shape[:2]
+    # samples are (row, anchor) pairs in row-major order: sample = row * n + anchor
+    flat_states = as_float64_matrix("states", states.reshape(batch * n, -1))
+    flat_targets = as_float64_matrix("targets", targets.reshape(batch * n, -1))
+    masks = [held_out.repeat(batch) for held_out in _fold_masks(folds, n)]  # (batch * n,) each
+    unrelated = flat_targets[_within_fold_shuffle(masks, generator)]
+    prediction, unrelated_prediction = _cross_fit(
+        flat_states, [flat_targets, unrelated], masks, _check_alpha(alpha)
+    )
+    # shuffling within folds keeps each fold's set of targets, hence the same intercepts
+    origin = _other_fold_means(flat_targets, masks) if centered else 0.0
+    return ReadoutScores(
+        score=rowwise_cosine(flat_targets - origin, prediction - origin).reshape(batch, n),
+        chance=rowwise_cosine(unrelated - origin, unrelated_prediction - origin).reshape(batch, n),
+        prediction=prediction.reshape(batch, n, -1),
+    )
