@@ -1,0 +1,449 @@
+"""``analyze()`` and ``compare()``: the one place that runs a probe through capture and the
+metrics and assembles a :class:`~fidelity.results.FidelityResult` (the CLI and notebooks both
+call it).
+
+One analysis = one probe input (``batch x length`` tokens), one forward pass (chunk by chunk
+through the recurrent cache for long inputs, so memory grows with the kept positions only),
+hooks keeping every layer at the sampled anchors and anchor + distance positions, and the
+metrics computed from what was kept. Metrics that need more than that pass (``influence``,
+``retrieval``, ``perplexity``) run their own forward passes, as documented in their modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+from torch import nn
+
+from fidelity.budget import (
+    RunEstimate,
+    check_fits,
+    estimate_run,
+    estimate_seconds,
+    seconds_per_token,
+)
+from fidelity.devices import resolve_device
+from fidelity.lengths import format_length, parse_length
+from fidelity.metrics.eclmf import eclmf
+from fidelity.metrics.etmf import etmf_frame, etmf_per_anchor, etmf_summary
+from fidelity.metrics.sampling import (
+    default_distances,
+    required_positions,
+    sample_anchors,
+    seeded_generator,
+)
+from fidelity.models.base import CausalLM
+from fidelity.models.registry import load_model
+from fidelity.probes.capture import capture, find_blocks
+from fidelity.probes.tasks import TASKS, make_probe
+from fidelity.progress import ProgressReporter, as_reporter
+from fidelity.results import Comparison, FidelityResult
+
+CAPTURE_METRICS = ("etmf", "eclmf", "ssm_decay")
+"""Metrics computed from the single captured forward pass."""
+EXTRA_METRICS = ("influence",)
+"""Metrics that run forward passes of their own."""
+METRICS = CAPTURE_METRICS + EXTRA_METRICS
+DEFAULT_METRICS = ("etmf", "eclmf", "ssm_decay")
+CENTERED = True
+"""Read-out cosines are taken about the read-out's intercept (see README, "Metrics"): the
+uncentred cosine of DESIGN.md lets a mean direction shared by all embeddings dominate far
+predictions and understates half-lives by 15-30% on a linear recurrence with known decay."""
+KEY_DISTANCES = (1, 16, 256, 4096, 65536)
+"""Distances whose normalized ETMF the summary lists (those within the run's range)."""
+AUTO_CHUNK = 8192
+"""Our models are fed in chunks of this many tokens when the input is longer."""
+STORE_FLOAT16_ABOVE = 1 << 30
+"""Kept states are stored in float16 when float32 would take more than this many bytes."""
+
+
+@dataclass
+class AnalysisPlan:
+    """What a run will do, decided before any forward pass (and shown by the CLI)."""
+
+    length: int
+    batch: int
+    anchors: torch.Tensor
+    distances: torch.Tensor
+    positions: torch.Tensor
+    layers: list[int]
+    chunk_size: int | None
+    store_dtype: torch.dtype
+    estimate: RunEstimate
+    seconds: float | None
+
+    def describe(self) -> str:
+        chunks = f"chunks of {self.chunk_size}" if self.chunk_size else "one pass"
+        seconds = f", forward ~{self.seconds:.0f} s" if self.seconds is not None else ""
+        return (
+            f"{self.batch} x {format_length(self.length)} tokens ({chunks}); "
+            f"{len(self.anchors)} anchors x {len(self.distances)} distances -> "
+            f"{len(self.positions)} positions x {len(self.layers)} layers kept; "
+            f"{self.estimate.describe()}{seconds}"
+        )
+
+
+def _resolve_model(model: nn.Module | str | Path) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(model)
+    raise TypeError(
+        f"model must be an nn.Module, a model name or a checkpoint directory; got {model!r}"
+    )
+
+
+def check_metrics(metrics: Sequence[str] | str) -> list[str]:
+    """The metric names in ``metrics`` (a list or a comma-separated string), validated."""
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(
+            f"unknown metrics {unknown or metrics!r}; choose from {', '.join(METRICS)}"
+        )
+    return list(dict.fromkeys(metrics))
+
+
+def _n_layers(model: nn.Module) -> int:
+    return len(find_blocks(model))
+
+
+def _input_embedding(model: nn.Module) -> torch.Tensor | None:
+    if isinstance(model, CausalLM):
+        return model.embedding.weight.detach()
+    getter = getattr(model, "get_input_embeddings", None)
+    module = getter() if getter is not None else None
+    return module.weight.detach() if module is not None else None
+
+
+def plan_analysis(
+    model: nn.Module,
+    length: int | str,
+    *,
+    anchors: int = 512,
+    distances: Sequence[int] | torch.Tensor | None = None,
+    layers: Sequence[int] | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    chunk_size: int | str | None = "auto",
+    max_memory: int | None = None,
+    time_it: bool = True,
+) -> AnalysisPlan:
+    """Decide anchors, distances, kept positions, chunking and storage, estimate memory and
+    time, and refuse (``MemoryBudgetError``) when the run will not fit."""
+    length = parse_length(length)
+    if not isinstance(anchors, int) or isinstance(anchors, bool) or anchors < 16:
+        raise ValueError(f"anchors must be an integer >= 16, got {anchors!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    n_layers = _n_layers(model)
+    chosen_layers = sorted(set(range(n_layers + 1) if layers is None else layers) | {0})
+    bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
+    anchor_positions = sample_anchors(length, anchors, seeded_generator(seed, 1))
+    if distances is None:
+        distance_tensor = default_distances(length, len(anchor_positions))
+    else:
+        distance_tensor = torch.as_tensor(list(distances), dtype=torch.long).unique(sorted=True)
+        if distance_tensor.numel() == 0 or distance_tensor[0] < 0 or distance_tensor[-1] >= length:
+            raise ValueError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
+    positions = required_positions(anchor_positions, distance_tensor, length)
+    if chunk_size == "auto":
+        chunk_size = AUTO_CHUNK if isinstance(model, CausalLM) and length > AUTO_CHUNK else None
+    elif chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(
+            f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
+        )
+    if chunk_size is not None and not isinstance(model, CausalLM):
+        raise ValueError("chunked processing needs one of our models; use chunk_size=None")
+    estimate = estimate_run(
+        model,
+        length,
+        batch=batch,
+        n_positions=len(positions),
+        n_layers_kept=len(chosen_layers),
+        store_bytes=4,
+        chunk_size=chunk_size,
+    )
+    store_dtype = torch.float32
+    if estimate.kept_states > STORE_FLOAT16_ABOVE:
+        store_dtype = torch.float16
+        estimate.kept_states //= 2
+    check_fits(estimate, max_memory)
+    seconds = None
+    if time_it:
+        per_token = seconds_per_token(model, probe_tokens=min(1024, length))
+        seconds = estimate_seconds(model, length, batch, per_token)
+    return AnalysisPlan(
+        length,
+        batch,
+        anchor_positions,
+        distance_tensor,
+        positions,
+        chosen_layers,
+        chunk_size,
+        store_dtype,
+        estimate,
+        seconds,
+    )
+
+
+def analyze(
+    model: nn.Module | str | Path,
+    length: int | str = "8k",
+    probe: str = "text",
+    metrics: Sequence[str] | str = DEFAULT_METRICS,
+    anchors: int = 512,
+    distances: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool | ProgressReporter = True,
+    *,
+    batch: int = 1,
+    text: str | Path | Sequence[str | Path] | None = None,
+    tokenizer: str | Path | None = None,
+    chunk_size: int | str | None = "auto",
+    max_memory: int | None = None,
+    n_boot: int = 200,
+    name: str | None = None,
+) -> FidelityResult:
+    """Measure how ``model`` forgets on one probe input and return a :class:`FidelityResult`.
+
+    ``model``: one of our models, a Hugging Face causal LM, a registered name or a checkpoint
+    directory. ``length``: tokens per sequence (``"60k"``). ``probe``: text | passkey | kv |
+    random (``text`` reads ``text`` files, else the default standard-library corpus).
+    ``metrics``: any of etmf, eclmf, ssm_decay, influence. ``anchors`` positions are sampled
+    (seeded) and scored at log-spaced ``distances``; ``layers`` (default all; 0 = embeddings
+    is always included). ``progress``: True for progress bars, False for none, or a reporter.
+    ``max_memory`` (bytes) overrides the available-memory check. The result's ``frame`` is
+    tidy (see :mod:`fidelity.results`), ``summary`` has per-layer half-life and effective memory
+    length, ``meta`` records everything needed to reproduce the run.
+    """
+    started = time.perf_counter()
+    metrics = check_metrics(metrics)
+    if probe not in TASKS:
+        raise ValueError(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
+    model = _resolve_model(model)
+    target = resolve_device(device)
+    model = model.to(target).eval()
+    reporter = as_reporter(progress)
+    try:
+        plan = plan_analysis(
+            model,
+            length,
+            anchors=anchors,
+            distances=distances,
+            layers=layers,
+            batch=batch,
+            seed=seed,
+            chunk_size=chunk_size,
+            max_memory=max_memory,
+            time_it=False,
+        )
+        probe_options = {"paths": text} if probe == "text" and text is not None else {}
+        probe_input = make_probe(
+            probe, plan.length, batch=batch, seed=seed, tokenizer=tokenizer, **probe_options
+        )
+        _check_vocabulary(model, probe_input.input_ids)
+        frames, notes = [], []
+        rss_before = psutil.Process().memory_info().rss
+        forward = reporter.start("forward pass", plan.length)
+        with contextlib.ExitStack() as stack:
+            collectors = _open_collectors(stack, model, plan, metrics, notes)
+            cap = capture(
+                model,
+                probe_input.input_ids,
+                layers=plan.layers,
+                positions=plan.positions,
+                dtype=plan.store_dtype,
+                chunk_size=plan.chunk_size,
+                progress=lambda done, _total: forward.update(done),
+            )
+        peak_rss = max(psutil.Process().memory_info().rss, rss_before)
+        embedding = _input_embedding(model)
+        summary = pd.DataFrame()
+        if "etmf" in metrics:
+            step = reporter.start("ETMF read-outs", 1)
+            per_anchor = etmf_per_anchor(
+                cap,
+                plan.anchors,
+                plan.distances,
+                plan.layers,
+                embedding,
+                seed=seed,
+                centered=CENTERED,
+            )
+            frames.append(etmf_frame(per_anchor, n_boot=n_boot, seed=seed))
+            summary = _summary(etmf_summary(per_anchor, n_boot=n_boot, seed=seed), frames[-1])
+            step.update(1)
+        if "eclmf" in metrics:
+            step = reporter.start("ECLMF read-outs", 1)
+            frames.append(eclmf(cap, plan.anchors, n_boot=n_boot, seed=seed, centered=CENTERED))
+            step.update(1)
+        for collector in collectors:
+            frames.append(collector.frame(n_boot=n_boot, seed=seed))
+        if "influence" in metrics:
+            frames.append(_influence(model, probe_input.input_ids, plan, seed, reporter))
+    finally:
+        reporter.close()
+    model_name = name or _model_name(model)
+    checkpoint = str(_provenance(model).get("checkpoint") or "")
+    frame = _finish_frame(frames, model_name, checkpoint, plan.length)
+    summary.insert(0, "checkpoint", checkpoint)
+    summary.insert(0, "model", model_name)
+    meta = _meta(model, model_name, checkpoint, probe, plan, metrics, seed, target, notes)
+    meta["wall_time_s"] = round(time.perf_counter() - started, 2)
+    meta["peak_memory_bytes"] = int(peak_rss)
+    return FidelityResult(frame, summary, meta)
+
+
+def _open_collectors(stack, model, plan, metrics, notes) -> list:
+    """Hook-based metrics that observe the capture's forward pass."""
+    collectors = []
+    if "ssm_decay" in metrics:
+        from fidelity.metrics.ssm_decay import collect_ssm_decay
+
+        try:
+            collectors.append(
+                stack.enter_context(
+                    collect_ssm_decay(model, plan.anchors, plan.distances, plan.length, plan.layers)
+                )
+            )
+        except TypeError as error:
+            notes.append(f"ssm_decay skipped: {error}")
+    return collectors
+
+
+def _influence(model, input_ids, plan: AnalysisPlan, seed: int, reporter) -> pd.DataFrame:
+    from fidelity.metrics.influence import influence
+
+    step = reporter.start("influence (perturbations)", 1)
+    frame = influence(model, input_ids, plan.anchors, plan.distances, plan.layers, seed=seed)
+    step.update(1)
+    return frame
+
+
+def _check_vocabulary(model: nn.Module, input_ids: torch.Tensor) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and int(input_ids.max()) >= vocab:
+        raise ValueError(
+            f"the probe's token ids go up to {int(input_ids.max())} but the model's vocabulary "
+            f"has {vocab} entries; pass the model's tokenizer (tokenizer=DIR / --tokenizer DIR)"
+        )
+
+
+def _provenance(model: nn.Module) -> dict:
+    return dict(getattr(model, "provenance", {}) or {})
+
+
+def _model_name(model: nn.Module) -> str:
+    provenance = _provenance(model)
+    if provenance.get("name"):
+        return str(provenance["name"])
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", None) or type(model).__name__)
+
+
+def _finish_frame(
+    frames: list[pd.DataFrame], model: str, checkpoint: str, length: int
+) -> pd.DataFrame:
+    frame = pd.concat([f for f in frames if len(f)], ignore_index=True) if frames else None
+    if frame is None or frame.empty:
+        raise ValueError("no metric produced any value; check the metrics and the length")
+    frame.insert(0, "checkpoint", checkpoint)
+    frame.insert(0, "model", model)
+    if "length" not in frame:
+        frame["length"] = length
+    if "depth" not in frame:
+        frame["depth"] = float("nan")
+    return frame
+
+
+def _summary(curves: pd.DataFrame, etmf_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer summary in the results schema, with normalized ETMF at key distances."""
+    summary = pd.DataFrame(
+        {
+            "layer": curves["layer"],
+            "half_life": curves["half_life"],
+            "half_life_low": curves["half_life_ci_low"],
+            "half_life_high": curves["half_life_ci_high"],
+            "memory_length": curves["effective_memory_length"].astype(float),
+            "memory_length_low": curves["eml_ci_low"],
+            "memory_length_high": curves["eml_ci_high"],
+        }
+    )
+    normalized = etmf_rows[etmf_rows["metric"] == "etmf_norm"]
+    for distance in KEY_DISTANCES:
+        at = normalized[normalized["distance"] == distance].set_index("layer")["value"]
+        if len(at):
+            summary[f"etmf_norm@{distance}"] = summary["layer"].map(at)
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    try:
+        ours = metadata.version("memory-fidelity")
+    except metadata.PackageNotFoundError:
+        ours = "unknown (not installed)"
+    return {
+        "memory-fidelity": ours,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def _meta(model, model_name, checkpoint, probe, plan, metrics, seed, device, notes) -> dict:
+    provenance = _provenance(model)
+    config = getattr(model, "config", None)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
+    trained = bool(provenance.get("trained", not isinstance(model, CausalLM)))
+    return {
+        "model": model_name,
+        "checkpoint": checkpoint,
+        "trained": trained,
+        "random_init": not trained,
+        "preset": provenance.get("preset"),
+        "model_config": config_dict,
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "probe": probe,
+        "length": plan.length,
+        "batch": plan.batch,
+        "seed": seed,
+        "anchors": len(plan.anchors),
+        "distances": plan.distances.tolist(),
+        "layers": plan.layers,
+        "metrics": metrics,
+        "chunk_size": plan.chunk_size,
+        "centered_readout": CENTERED,
+        "device": str(device),
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notes": notes,
+    }
+
+
+def compare(
+    runs: Sequence[FidelityResult | str | Path], labels: Sequence[str] | None = None
+) -> Comparison:
+    """Line several results (or saved run directories) up: forgetting curves overlaid, per-
+    layer half-lives and effective memory lengths with differences against the first run."""
+    if isinstance(runs, (str, Path, FidelityResult)):
+        raise TypeError("compare() takes a list of results or run directories")
+    if len(runs) < 1:
+        raise ValueError("compare() needs at least one run")
+    return Comparison.from_runs(list(runs), labels)

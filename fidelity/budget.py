@@ -1,0 +1,181 @@
+"""Memory and time estimates made before a run, and the refusal when it will not fit.
+
+The memory estimate adds up what an analysis holds at its peak: the model's parameters, the
+hidden states the capture keeps (positions x captured layers x d_model), and the activations of
+one block's forward over one chunk (the forward runs chunk by chunk through the recurrent cache
+for our models, so this does not grow with the length; for a model without a cache or for full
+attention it grows with the whole length, and quadratically for attention scores). The figures
+are deliberately pessimistic multiples of the tensors each block builds, not measurements; the
+time estimate is measured: a short forward pass, extrapolated linearly in the length (and
+quadratically for full attention).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+from torch import nn
+
+from fidelity.models.base import CausalLM
+
+# Activation floats one block holds per token while it runs, in units of its widest dimension
+# (d_inner for SSMs, 4 * d_model for Transformer MLPs): inputs, projections, scan inputs and
+# outputs, gates, with headroom for temporaries.
+ACTIVATION_FLOATS_PER_TOKEN = 16
+
+
+class MemoryBudgetError(ValueError):
+    """A run would need more memory than is available (or than ``max_memory`` allows)."""
+
+
+@dataclass
+class RunEstimate:
+    """Peak-memory estimate of an analysis, in bytes, with its parts."""
+
+    parameters: int
+    kept_states: int
+    activations: int
+    attention_scores: int
+    available: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.kept_states + self.activations + self.attention_scores
+
+    def describe(self) -> str:
+        return (
+            f"~{format_bytes(self.total)} peak (model {format_bytes(self.parameters)}, kept "
+            f"states {format_bytes(self.kept_states)}, activations "
+            f"{format_bytes(self.activations + self.attention_scores)}); "
+            f"{format_bytes(self.available)} available"
+        )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GB"`` -> 4294967296; accepts B, KB, MB, GB, TB (binary multiples, any case)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(text), flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"invalid memory size {text!r}: expected a number with a unit, e.g. 4GB")
+    value = float(match[1]) * _BYTE_UNITS[match[2].lower()]
+    if value <= 0:
+        raise ValueError(f"invalid memory size {text!r}: must be positive")
+    return int(value)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on ``device`` (system RAM for CPU), in bytes."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def model_width(model: nn.Module) -> tuple[int, int, int]:
+    """(d_model, widest per-token activation, n_layers) of ``model``, ours or Hugging Face."""
+    config = getattr(model, "config", None)
+    d_model = getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
+    n_layer = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None)
+    if d_model is None or n_layer is None:
+        raise ValueError(f"cannot read d_model / n_layer from a {type(model).__name__} config")
+    widest = max(
+        getattr(config, "d_inner", 0) or 0,
+        getattr(config, "intermediate_size", 0) or 0,
+        getattr(config, "d_mlp", 0) or 0,
+        4 * d_model if _is_attention(model) else 2 * d_model,
+    )
+    return d_model, widest, n_layer
+
+
+def _is_attention(model: nn.Module) -> bool:
+    name = type(model).__name__.lower()
+    return any(key in name for key in ("transformer", "gptneox", "gpt2", "llama", "compressive"))
+
+
+def attention_span(model: nn.Module, length: int) -> int:
+    """How many keys one query sees at most: the length for full attention, the window or
+    memory size for bounded models, 0 for attention-free models."""
+    if not _is_attention(model):
+        return 0
+    config = getattr(model, "config", None)
+    for name in ("sliding_window", "attention_span"):
+        window = getattr(config, name, None)
+        if window:
+            return min(int(window), length)
+    return length
+
+
+def estimate_run(
+    model: nn.Module,
+    length: int,
+    *,
+    batch: int = 1,
+    n_positions: int,
+    n_layers_kept: int,
+    store_bytes: int = 4,
+    chunk_size: int | None = None,
+) -> RunEstimate:
+    """Estimate the peak memory of running ``model`` over ``batch x length`` tokens while
+    keeping ``n_positions`` positions of ``n_layers_kept`` layers at ``store_bytes`` each."""
+    d_model, widest, _ = model_width(model)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameter_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    tokens_in_flight = min(length, chunk_size) if chunk_size else length
+    compute_bytes = 4
+    activations = batch * tokens_in_flight * widest * ACTIVATION_FLOATS_PER_TOKEN * compute_bytes
+    activations += 2 * batch * length * d_model * compute_bytes  # input and output streams
+    span = attention_span(model, length)
+    n_heads = getattr(getattr(model, "config", None), "n_heads", None) or getattr(
+        getattr(model, "config", None), "num_attention_heads", 1
+    )
+    scores = batch * n_heads * tokens_in_flight * span * compute_bytes if span else 0
+    kept = batch * n_positions * n_layers_kept * d_model * store_bytes
+    device = next(model.parameters()).device
+    return RunEstimate(parameter_bytes, kept, activations, scores, available_memory(device))
+
+
+def check_fits(estimate: RunEstimate, max_memory: int | None = None) -> None:
+    """Raise :class:`MemoryBudgetError` when ``estimate`` exceeds the limit: ``max_memory``
+    when given (overriding what is free), else 90% of the memory available now."""
+    limit = max_memory if max_memory is not None else int(0.9 * estimate.available)
+    if estimate.total > limit:
+        source = "--max-memory" if max_memory is not None else "available memory"
+        raise MemoryBudgetError(
+            f"this run needs about {format_bytes(estimate.total)} but {source} allows "
+            f"{format_bytes(limit)}; use fewer anchors, fewer layers, a shorter length, a "
+            "smaller --chunk-size, or raise --max-memory"
+        )
+
+
+@torch.no_grad()
+def seconds_per_token(model: CausalLM | nn.Module, probe_tokens: int = 1024) -> float:
+    """Measured forward time per token on a short random input (after one warm-up call)."""
+    device = next(model.parameters()).device
+    vocab = getattr(model.config, "vocab_size", 256)
+    ids = torch.randint(0, vocab, (1, probe_tokens), device=device)
+    model(ids[:, :64])
+    start = time.perf_counter()
+    model(ids)
+    return (time.perf_counter() - start) / probe_tokens
+
+
+def estimate_seconds(model: nn.Module, length: int, batch: int, per_token: float) -> float:
+    """Forward-pass time for ``batch x length`` tokens from a measured ``per_token`` time;
+    quadratic in the length for full attention, linear otherwise."""
+    span = attention_span(model, length)
+    scale = max(1.0, span / 1024) if span == length else 1.0
+    return per_token * length * batch * scale

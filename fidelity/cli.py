@@ -1,0 +1,369 @@
+"""The ``fidelity`` command: a thin shell over the Python API.
+
+Every command parses and validates its arguments, calls the API, and prints. Bad input exits
+with status 2 and one line on stderr saying what was wrong and what is accepted; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fidelity.budget import MemoryBudgetError, parse_bytes
+from fidelity.lengths import format_length, parse_length
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Measure how sequence models forget: ETMF (along the sequence) and ECLMF (up the "
+    "stack) for Mamba, MemMamba and Transformers.",
+)
+console = Console(stderr=True)
+out = Console()
+
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    MemoryBudgetError,
+    ImportError,
+)
+# Typer 0.29 ships its own copy of click: its usage errors derive from TyperException.
+COMMAND_LINE_ERRORS = (click.UsageError, getattr(typer, "TyperException", click.UsageError))
+_debug = False
+
+
+class UserError(Exception):
+    """Raised for bad command-line input; printed as one line, exit status 2."""
+
+
+def _fail(message: str) -> None:
+    raise UserError(message)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks of errors (allowed anywhere).")
+    ] = False,
+) -> None:
+    """Options for every command."""
+    del debug  # handled in main() so that it works in any position
+
+
+def _split(values: str | None, cast=str) -> list | None:
+    if values is None:
+        return None
+    try:
+        return [cast(v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"invalid list {values!r}: expected comma-separated values, e.g. 0,2,4")
+        return None
+
+
+@app.command()
+def analyze(
+    model: Annotated[str, typer.Option(help="Registered model name or checkpoint directory.")],
+    length: Annotated[str, typer.Option(help="Tokens per sequence, e.g. 8k, 60k, 400000.")],
+    probe: Annotated[str, typer.Option(help="text | passkey | kv | random")] = "text",
+    text: Annotated[
+        Path | None, typer.Option(help="Text file or directory for the text probe.")
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(help="Comma-separated: etmf, eclmf, ssm_decay, influence.")
+    ] = "etmf,eclmf,ssm_decay",
+    anchors: Annotated[int, typer.Option(help="Anchor positions sampled per sequence.")] = 512,
+    layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 0,3,6.")] = None,
+    batch: Annotated[int, typer.Option(help="Sequences analyzed together.")] = 1,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Directory for results, figures, report.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for the probe, anchors and bootstraps.")] = 0,
+    preset: Annotated[
+        str | None, typer.Option(help="Size preset for an untrained model (with a name).")
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option(help="Untrained weights on purpose (the report says so).")
+    ] = False,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Local Hugging Face tokenizer directory.")
+    ] = None,
+    chunk_size: Annotated[
+        str, typer.Option(help="Tokens per forward chunk: auto, none, or a number.")
+    ] = "auto",
+    max_memory: Annotated[
+        str | None, typer.Option(help="Memory limit overriding the check, e.g. 4GB.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Measure forgetting on one probe and print a per-layer summary."""
+    from fidelity.analysis import analyze as run_analysis
+    from fidelity.analysis import check_metrics, plan_analysis
+    from fidelity.models.registry import load_model
+    from fidelity.probes.tasks import TASKS
+
+    tokens = parse_length(length)
+    if probe not in TASKS:
+        _fail(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
+    check_metrics(metrics)
+    chunk = _chunk_option(chunk_size)
+    limit = parse_bytes(max_memory) if max_memory is not None else None
+    layer_list = _split(layers, int)
+    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not force:
+        _fail(f"{out_dir} already exists; pass --force to replace it")
+    if text is not None and not text.exists():
+        _fail(f"text path {text} does not exist")
+    loaded = (
+        load_model(model, preset, random_init=random_init)
+        if preset or random_init
+        else load_model(model)
+    )
+    plan = plan_analysis(
+        loaded,
+        tokens,
+        anchors=anchors,
+        layers=layer_list,
+        batch=batch,
+        seed=seed,
+        chunk_size=chunk,
+        max_memory=limit,
+    )
+    console.print(f"[bold]plan[/]: {plan.describe()}")
+    result = run_analysis(
+        loaded,
+        tokens,
+        probe=probe,
+        metrics=metrics,
+        anchors=anchors,
+        layers=layer_list,
+        seed=seed,
+        device=device,
+        progress=progress,
+        batch=batch,
+        text=text,
+        tokenizer=tokenizer,
+        chunk_size=chunk,
+        max_memory=limit,
+        name=None,
+    )
+    _print_summary(result)
+    if out_dir is not None:
+        path = result.save(out_dir, force=force)
+        console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+
+
+def _chunk_option(value: str) -> int | str | None:
+    if value == "auto":
+        return "auto"
+    if value.lower() == "none":
+        return None
+    try:
+        return parse_length(value)
+    except ValueError:
+        _fail(f"invalid --chunk-size {value!r}: expected auto, none or a token count like 4096")
+        return None
+
+
+def _print_summary(result) -> None:
+    summary = result.summary
+    table = Table(title=f"{result.label}: forgetting per layer", title_style="bold")
+    table.add_column("layer", justify="right")
+    table.add_column("half-life (tokens)", justify="right")
+    table.add_column("memory length", justify="right")
+    extra = [c for c in summary.columns if c.startswith("etmf_norm@")]
+    for column in extra:
+        table.add_column(f"ETMF_norm d={column.split('@')[1]}", justify="right")
+    for _, row in summary.iterrows():
+        half_life = _interval(row["half_life"], row["half_life_low"], row["half_life_high"])
+        memory = _interval(
+            row["memory_length"], row["memory_length_low"], row["memory_length_high"]
+        )
+        cells = [str(int(row["layer"])), half_life, memory]
+        cells += [f"{row[c]:.3f}" if row[c] == row[c] else "-" for c in extra]
+        table.add_row(*cells)
+    out.print(table)
+    if result.untrained:
+        console.print("[yellow]note: these weights are an untrained random initialization[/]")
+    for note in result.meta.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    if value != value:  # NaN
+        return "-"
+    if low == low and high == high:
+        return f"{value:.3g} [{low:.3g}, {high:.3g}]"
+    return f"{value:.3g}"
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by analyze --out.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Directory for the comparison.")
+    ] = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels, one per run.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Overlay the forgetting curves of several runs and tabulate their differences."""
+    from fidelity.analysis import compare as run_compare
+
+    for run in runs:
+        if not run.is_dir():
+            _fail(f"run directory {run} does not exist")
+    label_list = _split(labels)
+    if label_list is not None and len(label_list) != len(runs):
+        _fail(f"--labels gave {len(label_list)} labels for {len(runs)} runs")
+    comparison = run_compare(runs, label_list)
+    for warning in comparison.warnings:
+        console.print(f"[yellow]warning[/]: {warning}")
+    columns = ["run", "layer", "half_life", "memory_length"]
+    columns += [c for c in comparison.summary.columns if c.endswith("_diff")]
+    out.print(comparison.summary[columns].to_string(index=False))
+    if out_dir is not None:
+        path = comparison.save(out_dir, force=force)
+        console.print(f"saved comparison to [bold]{path}[/]")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run directory written by analyze --out.")],
+) -> None:
+    """Rebuild the figures and report.html of a saved run."""
+    from fidelity.results import FidelityResult
+
+    result = FidelityResult.load(run)
+    path = result.save(run, force=True)
+    console.print(f"rebuilt {path / 'report.html'}")
+
+
+@app.command()
+def models() -> None:
+    """List the registered models, their presets and shipped checkpoints."""
+    from fidelity.models.registry import MODELS, PRESETS, shipped_checkpoint
+
+    table = Table(title="models")
+    for column in ("name", "description", "shipped default"):
+        table.add_column(column)
+    for name in sorted(MODELS):
+        shipped = shipped_checkpoint(name)
+        table.add_row(name, MODELS[name].description, str(shipped) if shipped else "-")
+    out.print(table)
+    out.print(f"presets: {', '.join(PRESETS)}")
+
+
+@app.command()
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory for checkpoints.")],
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "memmamba",
+    preset: Annotated[str, typer.Option(help="Size preset.")] = "mini",
+    task: Annotated[str, typer.Option(help="text | passkey | kv | mix")] = "mix",
+    length: Annotated[str, typer.Option(help="Tokens per training sequence.")] = "2k",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    save_every: Annotated[int, typer.Option(help="Checkpoint interval in steps.")] = 250,
+    seed: Annotated[int, typer.Option(help="Seed for init and data.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    text: Annotated[str | None, typer.Option(help="Text files/directory for text rows.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    force: Annotated[bool, typer.Option(help="Start over in a non-empty --out.")] = False,
+) -> None:
+    """Train a model from scratch and write loadable checkpoints every --save-every steps."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from fidelity.train import TrainConfig
+    from fidelity.train import train as run_train
+
+    config = TrainConfig(
+        model=model,
+        preset=preset,
+        task=task,
+        length=parse_length(length),
+        batch_size=batch_size,
+        steps=steps,
+        lr=lr,
+        save_every=save_every,
+        seed=seed,
+        device=device,
+        text=text,
+    )
+    config.validate()
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task_id = bar.add_task("train", total=steps, loss=float("nan"), speed=0.0)
+
+        def report_step(info: dict) -> None:
+            bar.update(
+                task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"]
+            )
+
+        summary = run_train(config, out_dir, resume=resume, force=force, progress=report_step)
+    console.print(
+        f"trained {summary.steps} steps ({format_length(summary.tokens)} tokens) in "
+        f"{summary.wall_time_s:.0f} s; final loss {summary.final_loss:.4f}; checkpoints in "
+        f"[bold]{summary.out}[/]"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning user errors into one line and exit 2.
+
+    ``--debug`` may appear anywhere on the command line."""
+    global _debug
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        _debug = True
+    try:
+        app(args=argv, standalone_mode=False)
+    except (typer.Exit, click.exceptions.Exit) as stop:
+        return stop.exit_code
+    except (typer.Abort, click.exceptions.Abort):
+        console.print("aborted")
+        return 130
+    except COMMAND_LINE_ERRORS as error:
+        if _debug:
+            raise
+        message = error.format_message().replace("\n", " ")
+        if message:  # empty when the help was shown for a bare `fidelity`
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+    except (UserError, *USER_ERRORS) as error:
+        if _debug:
+            raise
+        message = str(error).replace("\n", " ") or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""analyze() end to end on small models: tables, determinism, memory refusal, bad input."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import fidelity.analysis as analysis
+from fidelity.budget import MemoryBudgetError
+from fidelity.models.registry import build_model
+from fidelity.probes.capture import NonFiniteHiddenStateError
+from fidelity.results import FRAME_COLUMNS, FidelityResult
+
+
+@pytest.fixture(scope="module")
+def tiny_result() -> FidelityResult:
+    model = build_model("memmamba", "tiny")
+    return analysis.analyze(
+        model, 600, probe="random", metrics="etmf,eclmf", anchors=96, progress=False, n_boot=20
+    )
+
+
+def test_result_tables_follow_the_schema(tiny_result):
+    frame, summary, meta = tiny_result.frame, tiny_result.summary, tiny_result.meta
+    assert list(frame.columns) == list(FRAME_COLUMNS)
+    assert set(frame["metric"]) >= {"etmf", "etmf_norm", "etmf_chance", "eclmf", "cka"}
+    assert (frame["model"] == "memmamba").all() and (frame["length"] == 600).all()
+    assert sorted(summary["layer"]) == [0, 1, 2]
+    assert meta["trained"] is False and meta["random_init"] is True
+    assert meta["length"] == 600 and meta["probe"] == "random" and meta["anchors"] == 96
+    assert meta["versions"]["torch"] == torch.__version__
+
+
+def test_etmf_behaves_as_defined_on_random_tokens(tiny_result):
+    """Layer 0 holds token t exactly at d = 0, and nothing about it elsewhere on random
+    tokens (no text statistics to exploit)."""
+    frame = tiny_result.frame
+    norm = frame[(frame["metric"] == "etmf_norm") & (frame["layer"] == 0)].set_index("distance")
+    assert norm.loc[0, "value"] == pytest.approx(1.0, abs=1e-6)
+    far = norm[norm.index >= 4]["value"]
+    assert far.abs().max() < 0.2
+    values = frame[frame["metric"].isin(["etmf", "etmf_raw", "eclmf", "cka"])]["value"]
+    assert values.between(-1 - 1e-9, 1 + 1e-9).all()
+
+
+def test_same_seed_same_numbers_and_a_new_seed_changes_them():
+    model = build_model("mamba", "tiny")
+    options = {"probe": "text", "metrics": "etmf", "anchors": 64, "progress": False, "n_boot": 10}
+    a = analysis.analyze(model, 400, seed=3, **options)
+    b = analysis.analyze(model, 400, seed=3, **options)
+    c = analysis.analyze(model, 400, seed=4, **options)
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    pd.testing.assert_frame_equal(a.summary, b.summary)
+    assert not a.frame["value"].equals(c.frame["value"])
+
+
+def test_memory_estimate_refuses_what_will_not_fit():
+    model = build_model("mamba", "tiny")
+    with pytest.raises(MemoryBudgetError, match=r"needs about .* allows"):
+        analysis.analyze(model, 4000, progress=False, max_memory=1 << 20)
+
+
+def test_plan_keeps_only_sampled_positions_and_chunks_long_inputs():
+    model = build_model("mamba", "tiny")
+    plan = analysis.plan_analysis(model, "60k", anchors=128, time_it=False)
+    assert plan.chunk_size == analysis.AUTO_CHUNK
+    assert len(plan.positions) < 128 * (len(plan.distances) + 1)
+    assert plan.estimate.kept_states == len(plan.positions) * len(plan.layers) * 32 * 4
+    assert "60k tokens" in plan.describe()
+
+
+def test_non_finite_states_are_reported():
+    model = build_model("mamba", "tiny")
+    with torch.no_grad():
+        model.layers[1].mixer.out_proj.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteHiddenStateError, match="layer 2"):
+        analysis.analyze(model, 300, metrics="etmf", anchors=32, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"metrics": "etmf,bogus"}, "unknown metrics"),
+        ({"probe": "poem"}, "unknown probe"),
+        ({"anchors": 3}, "anchors must be"),
+        ({"layers": [7]}, "out of range"),
+        ({"distances": [0, 5000]}, "distances must lie"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(options, message):
+    model = build_model("mamba", "tiny")
+    with pytest.raises(ValueError, match=message):
+        analysis.analyze(model, 500, progress=False, **options)
+
+
+def test_compare_lines_runs_up(tiny_result, tmp_path):
+    other = analysis.analyze(
+        build_model("mamba", "tiny"),
+        600,
+        probe="random",
+        metrics="etmf",
+        anchors=96,
+        progress=False,
+        n_boot=20,
+    )
+    tiny_result.save(tmp_path / "a")
+    comparison = analysis.compare([tmp_path / "a", other])
+    assert set(comparison.frame["run"]) == set(comparison.labels) and len(comparison.labels) == 2
+    with pytest.raises(TypeError):
+        analysis.compare(tmp_path / "a")
