@@ -1,0 +1,1 @@
+"""Metrics computed from captured states and model passes (ETMF, ECLMF, decay, retrieval)."""

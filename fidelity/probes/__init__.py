@@ -1,0 +1,1 @@
+"""Probes: capture hooks, tokenizers and probe inputs (see fidelity.probes.capture, .tasks)."""
