@@ -1,0 +1,891 @@
+// Fused selective scan for CPU (Mamba-1 recurrence), forward and backward.
+//
+// For every (batch b, channel d) row and state n:
+//   dt_t   = softplus(delta_t + bias)            (bias and softplus optional)
+//   h_t[n] = exp(dt_t * A[n]) * h_{t-1}[n] + dt_t * u_t * B_t[n]
+//   y_t    = sum_n C_t[n] h_t[n] + D u_t,        out_t = y_t * silu(z_t)   (z optional)
+//
+// Work runs in parallel on ATen's OpenMP pool. Time is walked in blocks of `every` steps: the
+// step sizes of a block are computed first and its gate applied last, both as vectorised
+// loops. The forward puts a group of channels in the vector lanes (one lane per channel); the
+// backward takes one channel at a time with its d_state states in the lanes. The exponential
+// and logarithm are written out here because libm's are opaque calls that stop vectorisation.
+//
+// Layouts (all contiguous, one floating dtype, float32 or float64):
+//   u, delta, z, out           (batch, dim, len)
+//   A                          (dim, nst)
+//   B, C (each)                (batch, len, nst) when it varies over time, else (dim, nst)
+//   D, bias                    (dim)
+//   h0, h_last                 (batch, dim, nst)
+//   checkpoints                (batch, dim, ceil(len / every), nst): state before step j*every
+//
+// Backward walks the blocks in reverse: it recomputes a block's states from its checkpoint
+// into a small per-thread buffer, then runs the adjoint recurrence
+//   g_t = g_{t+1} * exp(dt_{t+1} A) + dL/dy_t * C_t
+// backwards through the block, so memory is O(len / every) states per row, not O(len).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Vectorisable elementary functions.
+
+template <typename scalar_t>
+struct FloatTraits;
+
+template <>
+struct FloatTraits<float> {
+  using bits_t = uint32_t;
+  using int_t = int32_t;
+  static constexpr int mantissa_bits = 23;
+  static constexpr int exponent_bias = 127;
+  static constexpr float two_to_mantissa = 8388608.0f;
+  // exp: below exp_lo the result is flushed to 0 (true value < 5e-38), above exp_hi it is inf.
+  static constexpr float exp_lo = -86.0f;
+  static constexpr float exp_hi = 88.72283935546875f;
+  // ln2 = ln2_hi + ln2_lo with ln2_hi short enough that k * ln2_hi is exact.
+  static constexpr float ln2_hi = 0.693359375f;
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr int exp_degree = 7;  // |r|^8 / 8! < 6e-9 for |r| <= ln2/2
+  static constexpr int log_terms = 5;   // s^10 / 11 < 3e-9 for |s| <= 0.1716
+};
+
+template <>
+struct FloatTraits<double> {
+  using bits_t = uint64_t;
+  using int_t = int64_t;
+  static constexpr int mantissa_bits = 52;
+  static constexpr int exponent_bias = 1023;
+  static constexpr double two_to_mantissa = 4503599627370496.0;
+  static constexpr double exp_lo = -708.0;
+  static constexpr double exp_hi = 709.782712893384;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int exp_degree = 13;  // |r|^14 / 14! < 5e-18
+  static constexpr int log_terms = 10;   // s^20 / 21 < 3e-17
+};
+
+template <typename to_t, typename from_t>
+inline to_t bit_cast(from_t value) {
+  static_assert(sizeof(to_t) == sizeof(from_t));
+  to_t out;
+  std::memcpy(&out, &value, sizeof(out));
+  return out;
+}
+
+// 1 / i! for i = 0..13, computed at compile time.
+struct InverseFactorials {
+  double value[14];
+  constexpr InverseFactorials() : value() {
+    double term = 1.0;
+    for (int i = 0; i < 14; ++i) {
+      term /= i > 0 ? i : 1;
+      value[i] = term;
+    }
+  }
+};
+constexpr InverseFactorials kInverseFactorials{};
+
+// e^x: x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial, 2^k through the exponent
+// bits. Relative error below one ulp on the whole range (checked against long double).
+template <typename scalar_t>
+inline scalar_t vexp(scalar_t x) {
+  using K = FloatTraits<scalar_t>;
+  const scalar_t log2e = static_cast<scalar_t>(1.4426950408889634074);
+  scalar_t xc = x < K::exp_lo ? K::exp_lo : x;
+  xc = xc > K::exp_hi ? K::exp_hi : xc;
+  // Round to nearest by adding and removing 1.5 * 2^mantissa_bits (std::floor may become a
+  // library call, which stops vectorisation).
+  const scalar_t shifter = static_cast<scalar_t>(1.5) * K::two_to_mantissa;
+  const scalar_t k = (xc * log2e + shifter) - shifter;
+  const scalar_t r = (xc - k * K::ln2_hi) - k * K::ln2_lo;
+  // Horner form of sum_{i <= degree} r^i / i!: one fused multiply-add per degree (the loop
+  // unrolls and the coefficients fold to constants).
+  static_assert(K::exp_degree < 14, "extend kInverseFactorials");
+  scalar_t p = static_cast<scalar_t>(kInverseFactorials.value[K::exp_degree]);
+  for (int i = K::exp_degree - 1; i >= 0; --i) {
+    p = p * r + static_cast<scalar_t>(kInverseFactorials.value[i]);
+  }
+  // 2^(k-1), then *2: keeps the exponent field in range up to the overflow limit.
+  const auto exponent = static_cast<typename K::int_t>(k) - 1 + K::exponent_bias;
+  const scalar_t scale =
+      bit_cast<scalar_t>(static_cast<typename K::bits_t>(exponent) << K::mantissa_bits);
+  scalar_t result = p * scale * 2;
+  result = x < K::exp_lo ? static_cast<scalar_t>(0) : result;
+  result = x > K::exp_hi ? std::numeric_limits<scalar_t>::infinity() : result;
+  return x != x ? x : result;
+}
+
+// log(w) for positive, normal, finite w: w = m 2^k with m in [sqrt(1/2), sqrt(2)),
+// log(m) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...) with s = (m - 1) / (m + 1), |s| <= 0.1716.
+template <typename scalar_t>
+inline scalar_t vlog(scalar_t w) {
+  using K = FloatTraits<scalar_t>;
+  using bits_t = typename K::bits_t;
+  const bits_t bits = bit_cast<bits_t>(w);
+  const bits_t mantissa_mask = (bits_t(1) << K::mantissa_bits) - 1;
+  const scalar_t exponent = static_cast<scalar_t>(
+      static_cast<typename K::int_t>(bits >> K::mantissa_bits) - K::exponent_bias);
+  scalar_t m = bit_cast<scalar_t>((bits & mantissa_mask) |
+                                  (static_cast<bits_t>(K::exponent_bias) << K::mantissa_bits));
+  const bool high = m > static_cast<scalar_t>(1.41421356237309504880);
+  m = high ? m * static_cast<scalar_t>(0.5) : m;
+  const scalar_t k = high ? exponent + 1 : exponent;
+  const scalar_t s = (m - 1) / (m + 1);
+  const scalar_t s2 = s * s;
+  scalar_t p = static_cast<scalar_t>(1) / static_cast<scalar_t>(2 * K::log_terms - 1);
+  for (int j = K::log_terms - 2; j >= 0; --j) {
+    p = static_cast<scalar_t>(1) / static_cast<scalar_t>(2 * j + 1) + s2 * p;
+  }
+  return k * K::ln2_hi + (k * K::ln2_lo + 2 * s * p);
+}
+
+// softplus with PyTorch's (and mamba_ssm's) threshold: x above 20, else log1p(exp(x)), given
+// e = exp(min(x, 20)). (Split from the exponential because GCC does not vectorise a loop
+// with both inlined.) log1p(e) is computed as log(1 + e) * e / ((1 + e) - 1), which cancels
+// the rounding of 1 + e; both branches are computed and one selected, so the division is
+// never guarded (its denominator is never 0).
+template <typename scalar_t>
+inline scalar_t softplus_from_exp(scalar_t x, scalar_t e) {
+  const scalar_t w = 1 + e;
+  const scalar_t denominator = (w - 1) + (w == 1 ? static_cast<scalar_t>(1) : 0);
+  const scalar_t corrected = vlog(w) * (e / denominator);
+  const scalar_t log1p_e = w == 1 ? e : corrected;
+  const scalar_t result = x > 20 ? x : log1p_e;
+  return x != x ? x : result;  // NaN stays NaN
+}
+
+template <typename scalar_t>
+inline scalar_t sigmoid(scalar_t x) {
+  return 1 / (1 + vexp(-x));
+}
+
+// d softplus / dx with the same threshold.
+template <typename scalar_t>
+inline scalar_t softplus_slope(scalar_t x) {
+  return x > 20 ? static_cast<scalar_t>(1) : sigmoid(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One row's inputs.
+
+struct Options {
+  bool has_D;
+  bool has_z;
+  bool has_bias;
+  bool softplus;
+};
+
+template <typename scalar_t>
+struct Row {
+  const scalar_t* u;
+  const scalar_t* delta;
+  const scalar_t* z;  // nullptr without a gate
+  const scalar_t* A;
+  const scalar_t* B;
+  const scalar_t* C;
+  int64_t B_step;  // elements between B_t and B_{t+1}: nst, or 0 when time-invariant
+  int64_t C_step;
+  scalar_t D;
+  scalar_t bias;
+};
+
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* u;
+  const scalar_t* delta;
+  const scalar_t* z;
+  const scalar_t* A;
+  const scalar_t* B;
+  const scalar_t* C;
+  const scalar_t* D;
+  const scalar_t* bias;
+  int64_t batch, dim, len, nst;
+  bool B_vary;  // B is (batch, len, nst), not (dim, nst)
+  bool C_vary;
+  Options options;
+
+  Row<scalar_t> row(int64_t b, int64_t d) const {
+    const int64_t offset = (b * dim + d) * len;
+    const int64_t B_offset = B_vary ? b * len * nst : d * nst;
+    const int64_t C_offset = C_vary ? b * len * nst : d * nst;
+    return {u + offset,
+            delta + offset,
+            z != nullptr ? z + offset : nullptr,
+            A + d * nst,
+            B + B_offset,
+            C + C_offset,
+            B_vary ? nst : 0,
+            C_vary ? nst : 0,
+            D != nullptr ? D[d] : static_cast<scalar_t>(0),
+            bias != nullptr ? bias[d] : static_cast<scalar_t>(0)};
+  }
+};
+
+template <typename scalar_t>
+const scalar_t* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                             const at::Tensor& B, const at::Tensor& C,
+                             const std::optional<at::Tensor>& D,
+                             const std::optional<at::Tensor>& z,
+                             const std::optional<at::Tensor>& bias, bool softplus) {
+  return {u.data_ptr<scalar_t>(),
+          delta.data_ptr<scalar_t>(),
+          optional_data<scalar_t>(z),
+          A.data_ptr<scalar_t>(),
+          B.data_ptr<scalar_t>(),
+          C.data_ptr<scalar_t>(),
+          optional_data<scalar_t>(D),
+          optional_data<scalar_t>(bias),
+          u.size(0),
+          u.size(1),
+          u.size(2),
+          A.size(1),
+          B.dim() == 3,
+          C.dim() == 3,
+          {D.has_value(), z.has_value(), bias.has_value(), softplus}};
+}
+
+// Step sizes of steps [t0, t0 + n) into dt (and, when wanted, d dt / d delta into slope).
+template <typename scalar_t>
+inline void block_step_sizes(const Row<scalar_t>& row, bool use_softplus, int64_t t0, int64_t n,
+                             scalar_t* __restrict__ dt, scalar_t* __restrict__ slope) {
+  const scalar_t* __restrict__ delta = row.delta + t0;
+  const scalar_t bias = row.bias;
+  if (use_softplus) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t x = delta[i] + bias;
+      dt[i] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      dt[i] = softplus_from_exp(delta[i] + bias, dt[i]);
+    }
+    if (slope != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        slope[i] = softplus_slope(delta[i] + bias);
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      dt[i] = delta[i] + bias;
+    }
+    if (slope != nullptr) {
+      std::fill(slope, slope + n, static_cast<scalar_t>(1));
+    }
+  }
+}
+
+// Rows per parallel task: enough that a task does at least ~64k state updates (tens of
+// microseconds), so small problems run on the calling thread instead of waking the pool.
+template <typename scalar_t>
+int64_t rows_per_task(const Inputs<scalar_t>& in) {
+  constexpr int64_t min_updates = 1 << 16;
+  return std::max<int64_t>(1, min_updates / std::max<int64_t>(1, in.len * in.nst));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: vectorised across channels. A group of kLanes channels (one 512-bit vector) walks
+// time together, so every state update is a full-width vector operation and the output needs
+// no horizontal sum. Each block of `every` steps is transposed into (step, lane) tiles first;
+// lanes past the last channel compute on zeros and are never written back.
+
+// 512-bit vectors for these loops where the compiler would otherwise prefer 256-bit ones.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#define FIDELITY_WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define FIDELITY_WIDE_VECTORS
+#endif
+
+template <typename scalar_t>
+constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+
+// Per-thread tiles of one channel group: index [step * kLanes + lane] or [state * kLanes + lane].
+template <typename scalar_t>
+struct GroupScratch {
+  std::vector<scalar_t> h, A, B, C, u, dt, z, y;
+  GroupScratch(int64_t every, int64_t nst)
+      : h(nst * kLanes<scalar_t>), A(nst * kLanes<scalar_t>), B(nst * kLanes<scalar_t>),
+        C(nst * kLanes<scalar_t>), u(every * kLanes<scalar_t>), dt(every * kLanes<scalar_t>),
+        z(every * kLanes<scalar_t>), y(every * kLanes<scalar_t>) {}
+};
+
+// The state recurrence over n steps of one group: h, A, dt, u, y tiles as in GroupScratch;
+// B_t, C_t read from the (batch, len, nst) rows when they vary, else from the (state, lane)
+// tiles. Writes y[i, lane] = sum_n C_t[n] h_t[n].
+template <typename scalar_t, bool B_vary, bool C_vary>
+FIDELITY_WIDE_VECTORS void group_recurrence(GroupScratch<scalar_t>& s, const scalar_t* B_steps,
+                                            const scalar_t* C_steps, int64_t t0, int64_t n,
+                                            int64_t nst) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  scalar_t* __restrict__ h = s.h.data();
+  const scalar_t* __restrict__ A = s.A.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* __restrict__ dt = s.dt.data() + i * W;
+    const scalar_t* __restrict__ u = s.u.data() + i * W;
+    scalar_t* __restrict__ y = s.y.data() + i * W;
+    alignas(64) scalar_t drive[W];
+    alignas(64) scalar_t acc[W];
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      drive[c] = dt[c] * u[c];
+      acc[c] = 0;
+    }
+    for (int64_t k = 0; k < nst; ++k) {
+      const scalar_t B_shared = B_vary ? B_steps[(t0 + i) * nst + k] : scalar_t(0);
+      const scalar_t C_shared = C_vary ? C_steps[(t0 + i) * nst + k] : scalar_t(0);
+      const scalar_t* __restrict__ B_lane = s.B.data() + k * W;
+      const scalar_t* __restrict__ C_lane = s.C.data() + k * W;
+      scalar_t* __restrict__ h_k = h + k * W;
+      const scalar_t* __restrict__ A_k = A + k * W;
+#pragma omp simd simdlen(W)
+      for (int64_t c = 0; c < W; ++c) {
+        const scalar_t B_val = B_vary ? B_shared : B_lane[c];
+        const scalar_t C_val = C_vary ? C_shared : C_lane[c];
+        const scalar_t h_new = vexp(dt[c] * A_k[c]) * h_k[c] + drive[c] * B_val;
+        h_k[c] = h_new;
+        acc[c] += C_val * h_new;
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      y[c] = acc[c];
+    }
+  }
+}
+
+// Step sizes, then the gate, over a whole (step, lane) tile of n steps.
+template <typename scalar_t>
+FIDELITY_WIDE_VECTORS void group_step_sizes(GroupScratch<scalar_t>& s, const scalar_t* bias,
+                                            bool use_softplus, int64_t n) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  scalar_t* __restrict__ dt = s.dt.data();  // holds delta on entry
+  if (!use_softplus) {
+    for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) {
+        dt[i * W + c] += bias[c];
+      }
+    }
+    return;
+  }
+  scalar_t* __restrict__ e = s.y.data();  // scratch until the recurrence writes y
+  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      const scalar_t x = dt[i * W + c] + bias[c];
+      dt[i * W + c] = x;
+      e[i * W + c] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n * W; ++j) {
+    dt[j] = softplus_from_exp(dt[j], e[j]);
+  }
+}
+
+template <typename scalar_t>
+FIDELITY_WIDE_VECTORS void group_gate(GroupScratch<scalar_t>& s, const scalar_t* D, bool has_z,
+                                      int64_t n) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  scalar_t* __restrict__ y = s.y.data();
+  const scalar_t* __restrict__ u = s.u.data();
+  const scalar_t* __restrict__ z = s.z.data();
+  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd simdlen(W)
+    for (int64_t c = 0; c < W; ++c) {
+      y[i * W + c] += D[c] * u[i * W + c];
+    }
+  }
+  if (has_z) {
+#pragma omp simd simdlen(W)
+    for (int64_t j = 0; j < n * W; ++j) {
+      y[j] *= z[j] * sigmoid(z[j]);
+    }
+  }
+}
+
+// Prefetch the cache lines of row[0, count) (for writing when `write`).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t count, bool write) {
+  constexpr int64_t per_line = 64 / sizeof(scalar_t);
+#if defined(__GNUC__)
+  for (int64_t i = 0; i < count; i += per_line) {
+    if (write) {
+      __builtin_prefetch(row + i, 1);
+    } else {
+      __builtin_prefetch(row + i, 0);
+    }
+  }
+#endif
+}
+
+// tile[i * kLanes + c] = rows[c * row_stride + i] for i < n and c < lanes; other lanes of the
+// tile's first n steps are zeroed.
+template <typename scalar_t>
+void transpose_in(const scalar_t* rows, int64_t row_stride, int64_t lanes, int64_t n,
+                  scalar_t* tile) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  for (int64_t c = 0; c < lanes; ++c) {
+    const scalar_t* __restrict__ row = rows + c * row_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      tile[i * W + c] = row[i];
+    }
+  }
+  for (int64_t c = lanes; c < W; ++c) {
+    for (int64_t i = 0; i < n; ++i) {
+      tile[i * W + c] = 0;
+    }
+  }
+}
+
+template <typename scalar_t, bool B_vary, bool C_vary>
+void forward_group(const Inputs<scalar_t>& in, int64_t b, int64_t d0, const scalar_t* h0,
+                   int64_t every, scalar_t* out, scalar_t* h_last, scalar_t* checkpoints,
+                   GroupScratch<scalar_t>& s) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t nst = in.nst, len = in.len, dim = in.dim;
+  const int64_t lanes = std::min(W, dim - d0);  // real channels in this group
+  const int64_t n_ckpt = (len + every - 1) / every;
+  const int64_t first_row = b * dim + d0;
+  alignas(64) scalar_t D[W] = {};
+  alignas(64) scalar_t bias[W] = {};
+  std::fill(s.h.begin(), s.h.end(), scalar_t(0));
+  std::fill(s.A.begin(), s.A.end(), scalar_t(0));
+  std::fill(s.B.begin(), s.B.end(), scalar_t(0));
+  std::fill(s.C.begin(), s.C.end(), scalar_t(0));
+  for (int64_t c = 0; c < lanes; ++c) {
+    const int64_t d = d0 + c;
+    for (int64_t k = 0; k < nst; ++k) {
+      s.A[k * W + c] = in.A[d * nst + k];
+      s.h[k * W + c] = h0[(first_row + c) * nst + k];
+      s.B[k * W + c] = B_vary ? scalar_t(0) : in.B[d * nst + k];
+      s.C[k * W + c] = C_vary ? scalar_t(0) : in.C[d * nst + k];
+    }
+    D[c] = in.D != nullptr ? in.D[d] : scalar_t(0);
+    bias[c] = in.bias != nullptr ? in.bias[d] : scalar_t(0);
+  }
+  const scalar_t* B_steps = B_vary ? in.B + b * len * nst : nullptr;
+  const scalar_t* C_steps = C_vary ? in.C + b * len * nst : nullptr;
+  for (int64_t block = 0; block < n_ckpt; ++block) {
+    const int64_t t0 = block * every, n = std::min(every, len - t0);
+    if (checkpoints != nullptr) {
+      for (int64_t c = 0; c < lanes; ++c) {
+        for (int64_t k = 0; k < nst; ++k) {
+          checkpoints[((first_row + c) * n_ckpt + block) * nst + k] = s.h[k * W + c];
+        }
+      }
+    }
+    // The group reads (and writes) many short row segments per block, more streams than the
+    // hardware prefetcher follows: ask for the next block's segments while this one computes.
+    if (block + 1 < n_ckpt) {
+      const int64_t next = t0 + every, count = std::min(every, len - next);
+      for (int64_t c = 0; c < lanes; ++c) {
+        const int64_t offset = (first_row + c) * len + next;
+        prefetch_row(in.u + offset, count, false);
+        prefetch_row(in.delta + offset, count, false);
+        if (in.z != nullptr) {
+          prefetch_row(in.z + offset, count, false);
+        }
+        prefetch_row(out + offset, count, true);
+      }
+    }
+    // Transpose the block's inputs into (step, lane) tiles; missing lanes stay zero.
+    transpose_in(in.u + first_row * len + t0, len, lanes, n, s.u.data());
+    transpose_in(in.delta + first_row * len + t0, len, lanes, n, s.dt.data());
+    if (in.z != nullptr) {
+      transpose_in(in.z + first_row * len + t0, len, lanes, n, s.z.data());
+    }
+    group_step_sizes(s, bias, in.options.softplus, n);
+    group_recurrence<scalar_t, B_vary, C_vary>(s, B_steps, C_steps, t0, n, nst);
+    group_gate(s, D, in.z != nullptr, n);
+    for (int64_t c = 0; c < lanes; ++c) {  // and the outputs back into rows
+      scalar_t* o = out + (first_row + c) * len + t0;
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = s.y[i * W + c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < lanes; ++c) {
+    for (int64_t k = 0; k < nst; ++k) {
+      h_last[(first_row + c) * nst + k] = s.h[k * W + c];
+    }
+  }
+}
+
+template <typename scalar_t, bool B_vary, bool C_vary>
+void scan_forward_groups(const Inputs<scalar_t>& in, const scalar_t* h0, int64_t every,
+                         scalar_t* out, scalar_t* h_last, scalar_t* checkpoints) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t groups = (in.dim + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, rows_per_task(in) / W);
+  at::parallel_for(0, in.batch * groups, grain, [&](int64_t begin, int64_t end) {
+    GroupScratch<scalar_t> scratch(every, in.nst);
+    for (int64_t index = begin; index < end; ++index) {
+      forward_group<scalar_t, B_vary, C_vary>(in, index / groups, (index % groups) * W, h0,
+                                              every, out, h_last, checkpoints, scratch);
+    }
+  });
+}
+
+template <typename scalar_t>
+void scan_forward(const Inputs<scalar_t>& in, const scalar_t* h0, int64_t every, scalar_t* out,
+                  scalar_t* h_last, scalar_t* checkpoints) {
+  if (in.B_vary && in.C_vary) {
+    scan_forward_groups<scalar_t, true, true>(in, h0, every, out, h_last, checkpoints);
+  } else if (in.B_vary) {
+    scan_forward_groups<scalar_t, true, false>(in, h0, every, out, h_last, checkpoints);
+  } else if (in.C_vary) {
+    scan_forward_groups<scalar_t, false, true>(in, h0, every, out, h_last, checkpoints);
+  } else {
+    scan_forward_groups<scalar_t, false, false>(in, h0, every, out, h_last, checkpoints);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename scalar_t>
+struct Grads {
+  scalar_t* u;
+  scalar_t* delta;
+  scalar_t* A;
+  scalar_t* B;  // time-varying: (batch, len, nst), filled from per-thread partial sums
+  scalar_t* C;
+  scalar_t* D;  // nullptr when D is absent
+  scalar_t* z;  // nullptr when z is absent
+  scalar_t* bias;
+  scalar_t* h0;
+};
+
+// Per-thread scratch for one row's blocks.
+template <typename scalar_t>
+struct Scratch {
+  std::vector<scalar_t> dt, slope, grad_y, grad_dt, states, decays, adjoint, gA, gB, gC;
+  Scratch(int64_t every, int64_t nst)
+      : dt(every), slope(every), grad_y(every), grad_dt(every), states(every * nst),
+        decays(every * nst), adjoint(nst), gA(nst), gB(nst), gC(nst) {}
+};
+
+template <typename scalar_t>
+void backward_row(const Inputs<scalar_t>& in, int64_t b, int64_t d, const scalar_t* checkpoints,
+                  int64_t n_ckpt, int64_t every, const scalar_t* grad_out,
+                  const scalar_t* grad_h_last, const Grads<scalar_t>& grads,
+                  scalar_t* gB_steps, scalar_t* gC_steps, Scratch<scalar_t>& s) {
+  const int64_t nst = in.nst, len = in.len, index = b * in.dim + d;
+  const Row<scalar_t> row = in.row(b, d);
+  const scalar_t* g_out = grad_out + index * len;
+  scalar_t* g_u = grads.u + index * len;
+  scalar_t* g_delta = grads.delta + index * len;
+  scalar_t* g_z = grads.z != nullptr ? grads.z + index * len : nullptr;
+  // Time-varying B, C gradients go to this thread's (len, nst) partials; time-invariant ones
+  // to the row accumulators.
+  scalar_t* gB_base = in.B_vary ? gB_steps : s.gB.data();
+  scalar_t* gC_base = in.C_vary ? gC_steps : s.gC.data();
+  std::copy(grad_h_last + index * nst, grad_h_last + (index + 1) * nst, s.adjoint.begin());
+  std::fill(s.gA.begin(), s.gA.end(), scalar_t(0));
+  std::fill(s.gB.begin(), s.gB.end(), scalar_t(0));
+  std::fill(s.gC.begin(), s.gC.end(), scalar_t(0));
+  scalar_t gD = 0, g_bias = 0;
+
+  for (int64_t block = n_ckpt - 1; block >= 0; --block) {
+    const int64_t t0 = block * every, n = std::min(every, len - t0);
+    const scalar_t* h_start = checkpoints + (index * n_ckpt + block) * nst;
+    block_step_sizes(row, in.options.softplus, t0, n, s.dt.data(), s.slope.data());
+
+    // Recompute the block's states and decays from its checkpoint.
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* __restrict__ h_prev = i == 0 ? h_start : s.states.data() + (i - 1) * nst;
+      scalar_t* __restrict__ h_t = s.states.data() + i * nst;
+      scalar_t* __restrict__ dA_t = s.decays.data() + i * nst;
+      const scalar_t* __restrict__ B_t = row.B + (t0 + i) * row.B_step;
+      const scalar_t* __restrict__ A = row.A;
+      const scalar_t step = s.dt[i], drive = step * row.u[t0 + i];
+#pragma omp simd
+      for (int64_t k = 0; k < nst; ++k) {
+        const scalar_t decay = vexp(step * A[k]);
+        dA_t[k] = decay;
+        h_t[k] = decay * h_prev[k] + drive * B_t[k];
+      }
+    }
+
+    // Through the gate: dL/dy_t and dL/dz_t.
+    if (row.z != nullptr) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = t0 + i;
+        const scalar_t* __restrict__ h_t = s.states.data() + i * nst;
+        const scalar_t* __restrict__ C_t = row.C + t * row.C_step;
+        scalar_t y = 0;
+#pragma omp simd reduction(+ : y)
+        for (int64_t k = 0; k < nst; ++k) {
+          y += C_t[k] * h_t[k];
+        }
+        y += row.D * row.u[t];
+        const scalar_t zt = row.z[t], sig = sigmoid(zt);
+        s.grad_y[i] = g_out[t] * zt * sig;
+        g_z[t] = g_out[t] * y * sig * (1 + zt * (1 - sig));
+      }
+    } else {
+      std::copy(g_out + t0, g_out + t0 + n, s.grad_y.begin());
+    }
+
+    // Adjoint recurrence backwards through the block.
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const int64_t t = t0 + i;
+      const scalar_t* __restrict__ h_prev = i == 0 ? h_start : s.states.data() + (i - 1) * nst;
+      const scalar_t* __restrict__ h_t = s.states.data() + i * nst;
+      const scalar_t* __restrict__ dA_t = s.decays.data() + i * nst;
+      const scalar_t* __restrict__ B_t = row.B + t * row.B_step;
+      const scalar_t* __restrict__ C_t = row.C + t * row.C_step;
+      const scalar_t* __restrict__ A = row.A;
+      scalar_t* __restrict__ gB_t = gB_base + t * row.B_step;
+      scalar_t* __restrict__ gC_t = gC_base + t * row.C_step;
+      scalar_t* __restrict__ g = s.adjoint.data();
+      scalar_t* __restrict__ gA = s.gA.data();
+      const scalar_t step = s.dt[i], x = row.u[t], gy = s.grad_y[i];
+      const scalar_t drive = step * x;
+      scalar_t via_B = 0, via_decay = 0;
+#pragma omp simd reduction(+ : via_B, via_decay)
+      for (int64_t k = 0; k < nst; ++k) {
+        const scalar_t g_k = g[k] + gy * C_t[k];  // dL/dh_t
+        gC_t[k] += gy * h_t[k];
+        gB_t[k] += g_k * drive;
+        via_B += g_k * B_t[k];
+        const scalar_t through_decay = g_k * dA_t[k] * h_prev[k];
+        via_decay += through_decay * A[k];
+        gA[k] += through_decay * step;
+        g[k] = g_k * dA_t[k];  // dL/dh_{t-1}
+      }
+      g_u[t] = via_B * step + gy * row.D;
+      s.grad_dt[i] = via_B * x + via_decay;
+      gD += gy * x;
+    }
+
+    // Through the step sizes: dL/d delta and dL/d bias.
+#pragma omp simd reduction(+ : g_bias)
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t gd = s.grad_dt[i] * s.slope[i];
+      g_delta[t0 + i] = gd;
+      g_bias += gd;
+    }
+  }
+
+  std::copy(s.adjoint.begin(), s.adjoint.end(), grads.h0 + index * nst);
+  for (int64_t k = 0; k < nst; ++k) {
+    grads.A[d * nst + k] += s.gA[k];
+  }
+  for (int64_t k = 0; k < nst && !in.B_vary; ++k) {
+    grads.B[d * nst + k] += s.gB[k];
+  }
+  for (int64_t k = 0; k < nst && !in.C_vary; ++k) {
+    grads.C[d * nst + k] += s.gC[k];
+  }
+  if (grads.D != nullptr) {
+    grads.D[d] += gD;
+  }
+  if (grads.bias != nullptr) {
+    grads.bias[d] += g_bias;
+  }
+}
+
+template <typename scalar_t>
+void sum_partials(const std::vector<scalar_t>& partials, int64_t n_threads, int64_t slice,
+                  scalar_t* out);
+
+template <typename scalar_t>
+void scan_backward(const Inputs<scalar_t>& in, const scalar_t* checkpoints, int64_t n_ckpt,
+                   int64_t every, const scalar_t* grad_out, const scalar_t* grad_h_last,
+                   const Grads<scalar_t>& grads) {
+  // Time-varying B and C are shared by the channels of a batch element, so their gradients
+  // sum over channels: each thread sums into its own (len, nst) slice, reduced afterwards.
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t slice = in.len * in.nst;
+  std::vector<scalar_t> partial_B(in.B_vary ? n_threads * slice : 0);
+  std::vector<scalar_t> partial_C(in.C_vary ? n_threads * slice : 0);
+
+  // Batch elements one after another, channels in parallel: within a batch element every
+  // thread owns whole channels, so the per-channel gradients (A, D, bias, time-invariant B
+  // and C) are written by one thread only.
+  for (int64_t b = 0; b < in.batch; ++b) {
+    std::fill(partial_B.begin(), partial_B.end(), scalar_t(0));
+    std::fill(partial_C.begin(), partial_C.end(), scalar_t(0));
+    at::parallel_for(0, in.dim, rows_per_task(in), [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      TORCH_CHECK(tid < n_threads, "selective_scan_cpu: unexpected thread id");
+      Scratch<scalar_t> scratch(every, in.nst);
+      scalar_t* own_B = in.B_vary ? partial_B.data() + tid * slice : nullptr;
+      scalar_t* own_C = in.C_vary ? partial_C.data() + tid * slice : nullptr;
+      for (int64_t d = begin; d < end; ++d) {
+        backward_row(in, b, d, checkpoints, n_ckpt, every, grad_out, grad_h_last, grads, own_B,
+                     own_C, scratch);
+      }
+    });
+    sum_partials(partial_B, n_threads, slice, grads.B + b * slice);
+    sum_partials(partial_C, n_threads, slice, grads.C + b * slice);
+  }
+}
+
+// out[i] = sum over threads k of partials[k * slice + i] (nothing when partials is empty).
+template <typename scalar_t>
+void sum_partials(const std::vector<scalar_t>& partials, int64_t n_threads, int64_t slice,
+                  scalar_t* out) {
+  if (partials.empty()) {
+    return;
+  }
+  at::parallel_for(0, slice, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t sum = 0;
+      for (int64_t k = 0; k < n_threads; ++k) {
+        sum += partials[k * slice + i];
+      }
+      out[i] = sum;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. The Python wrapper validates user input; these checks guard the kernel.
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                  const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                  const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& h0) {
+  std::vector<const at::Tensor*> all = {&u, &delta, &A, &B, &C, &h0};
+  for (const auto* opt : {&D, &z, &bias}) {
+    if (opt->has_value()) {
+      all.push_back(&opt->value());
+    }
+  }
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t->is_contiguous(), "selective_scan_cpu: tensors must be contiguous");
+    TORCH_CHECK(t->scalar_type() == u.scalar_type(),
+                "selective_scan_cpu: all tensors must share one dtype");
+  }
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
+              "selective_scan_cpu: dtype must be float32 or float64");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(),
+              "selective_scan_cpu: u, delta must be (batch, dim, len)");
+  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "selective_scan_cpu: A must be (dim, nst)");
+  const int64_t nst = A.size(1);
+  for (const at::Tensor* t : {&B, &C}) {
+    const std::vector<int64_t> shape = t->dim() == 3 ? std::vector<int64_t>{batch, len, nst}
+                                                     : std::vector<int64_t>{dim, nst};
+    TORCH_CHECK(t->sizes() == shape,
+                "selective_scan_cpu: B, C must be (batch, len, nst) or (dim, nst)");
+  }
+  TORCH_CHECK(!z.has_value() || z->sizes() == u.sizes(), "selective_scan_cpu: z like u");
+  TORCH_CHECK(!D.has_value() || (D->dim() == 1 && D->size(0) == dim),
+              "selective_scan_cpu: D must be (dim)");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == dim),
+              "selective_scan_cpu: bias must be (dim)");
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == batch && h0.size(1) == dim && h0.size(2) == nst,
+              "selective_scan_cpu: h0 must be (batch, dim, nst)");
+}
+
+// Returns (out, h_last, checkpoints); checkpoints is empty unless save_checkpoints.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& bias, bool softplus, const at::Tensor& h0,
+    bool save_checkpoints, int64_t every) {
+  check_inputs(u, delta, A, B, C, D, z, bias, h0);
+  TORCH_CHECK(every >= 1, "selective_scan_cpu: checkpoint interval must be >= 1");
+  const int64_t n_ckpt = (u.size(2) + every - 1) / every;
+  at::Tensor out = at::empty_like(u);
+  at::Tensor h_last = at::empty_like(h0);
+  at::Tensor checkpoints = save_checkpoints
+                               ? at::empty({u.size(0), u.size(1), n_ckpt, A.size(1)}, u.options())
+                               : at::empty({0}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
+    const auto in = make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias, softplus);
+    scan_forward<scalar_t>(in, h0.data_ptr<scalar_t>(), every, out.data_ptr<scalar_t>(),
+                           h_last.data_ptr<scalar_t>(),
+                           save_checkpoints ? checkpoints.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, h_last, checkpoints};
+}
+
+// Returns [grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_h0];
+// the gradients of absent optional inputs are empty tensors.
+std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta,
+                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                 const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& z,
+                                 const std::optional<at::Tensor>& bias, bool softplus,
+                                 const at::Tensor& h0, const at::Tensor& checkpoints,
+                                 int64_t every, const at::Tensor& grad_out,
+                                 const at::Tensor& grad_h_last) {
+  check_inputs(u, delta, A, B, C, D, z, bias, h0);
+  const int64_t n_ckpt = (u.size(2) + every - 1) / every;
+  TORCH_CHECK(every >= 1 && checkpoints.dim() == 4 && checkpoints.size(2) == n_ckpt &&
+                  checkpoints.is_contiguous() && checkpoints.scalar_type() == u.scalar_type(),
+              "selective_scan_cpu: checkpoints do not match the inputs");
+  TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.is_contiguous() &&
+                  grad_out.scalar_type() == u.scalar_type(),
+              "selective_scan_cpu: grad_out must match u");
+  TORCH_CHECK(grad_h_last.sizes() == h0.sizes() && grad_h_last.is_contiguous() &&
+                  grad_h_last.scalar_type() == u.scalar_type(),
+              "selective_scan_cpu: grad_h_last must match h0");
+  const auto empty = at::empty({0}, u.options());
+  at::Tensor g_u = at::empty_like(u), g_delta = at::empty_like(delta);
+  at::Tensor g_A = at::zeros_like(A), g_B = at::zeros_like(B), g_C = at::zeros_like(C);
+  at::Tensor g_D = D.has_value() ? at::zeros_like(*D) : empty;
+  at::Tensor g_z = z.has_value() ? at::empty_like(*z) : empty;
+  at::Tensor g_bias = bias.has_value() ? at::zeros_like(*bias) : empty;
+  at::Tensor g_h0 = at::empty_like(h0);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
+    const auto in = make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias, softplus);
+    const Grads<scalar_t> grads{g_u.data_ptr<scalar_t>(),
+                                g_delta.data_ptr<scalar_t>(),
+                                g_A.data_ptr<scalar_t>(),
+                                g_B.data_ptr<scalar_t>(),
+                                g_C.data_ptr<scalar_t>(),
+                                D.has_value() ? g_D.data_ptr<scalar_t>() : nullptr,
+                                z.has_value() ? g_z.data_ptr<scalar_t>() : nullptr,
+                                bias.has_value() ? g_bias.data_ptr<scalar_t>() : nullptr,
+                                g_h0.data_ptr<scalar_t>()};
+    scan_backward<scalar_t>(in, checkpoints.data_ptr<scalar_t>(), n_ckpt, every,
+                            grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
+                            grads);
+  });
+  return {g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, g_h0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused selective scan (Mamba-1 recurrence) for CPU: forward and backward.";
+  m.def("forward", &forward, "Selective scan forward -> (out, h_last, checkpoints)",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
+        py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("h0"),
+        py::arg("save_checkpoints"), py::arg("every"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward,
+        "Selective scan backward -> [grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, "
+        "grad_z, grad_delta_bias, grad_h0]",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
+        py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("h0"),
+        py::arg("checkpoints"), py::arg("every"), py::arg("grad_out"), py::arg("grad_h_last"),
+        py::call_guard<py::gil_scoped_release>());
+}
