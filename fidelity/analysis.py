@@ -296,8 +296,13 @@ def analyze(
             step.update(1)
         for collector in collectors:
             frames.append(collector.frame(n_boot=n_boot, seed=seed))
+            notes.extend(collector.notes)
         if "influence" in metrics:
-            frames.append(_influence(model, probe_input.input_ids, plan, seed, reporter))
+            frames.append(
+                _influence(model, probe_input.input_ids, plan, seed, n_boot, reporter, notes)
+            )
+        if summary.empty:
+            summary = _empty_summary(plan.layers)
     finally:
         reporter.close()
     model_name = name or _model_name(model)
@@ -328,13 +333,27 @@ def _open_collectors(stack, model, plan, metrics, notes) -> list:
     return collectors
 
 
-def _influence(model, input_ids, plan: AnalysisPlan, seed: int, reporter) -> pd.DataFrame:
+def _influence(model, input_ids, plan, seed, n_boot, reporter, notes) -> pd.DataFrame:
     from fidelity.metrics.influence import influence
 
     step = reporter.start("influence (perturbations)", 1)
-    frame = influence(model, input_ids, plan.anchors, plan.distances, plan.layers, seed=seed)
+    try:
+        frame = influence(
+            model, input_ids, plan.anchors, plan.distances, plan.layers, seed=seed, n_boot=n_boot
+        )
+    except TypeError as error:
+        notes.append(f"influence skipped: {error}")
+        return pd.DataFrame()
     step.update(1)
     return frame
+
+
+def _empty_summary(layers: list[int]) -> pd.DataFrame:
+    """Summary rows without ETMF (half-lives need it): the layers, every value NaN."""
+    nan = float("nan")
+    columns = ("half_life", "half_life_low", "half_life_high", "memory_length")
+    columns += ("memory_length_low", "memory_length_high")
+    return pd.DataFrame({"layer": layers, **{column: nan for column in columns}})
 
 
 def _check_vocabulary(model: nn.Module, input_ids: torch.Tensor) -> None:

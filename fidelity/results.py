@@ -8,7 +8,8 @@ A :class:`FidelityResult` holds three things that ``fidelity.analyze`` produces:
     ``influence``): ``layer == source_layer`` (0 = embeddings), ``distance`` in tokens.
     Vertical metrics (``eclmf``, ``eclmf_chance``, ``eclmf_norm``, ``cka``, ``eclmf_raw``):
     ``layer`` = target, ``distance = layer - source_layer``. Retrieval (``passkey_acc``,
-    ``kv_acc``) and ``perplexity``: ``layer == source_layer == -1``, ``length`` the context,
+    ``kv_acc``, ``passkey_digit_acc``, ``kv_digit_acc``), ``perplexity`` and
+    ``bits_per_byte`` (distance 0): ``layer == source_layer == -1``, ``length`` the context,
     ``depth`` the needle depth in [0, 1] (NaN otherwise).
 ``summary``
     one row per (model, checkpoint, layer): :data:`SUMMARY_COLUMNS`, then any number of

@@ -109,3 +109,36 @@ def test_compare_lines_runs_up(tiny_result, tmp_path):
     assert set(comparison.frame["run"]) == set(comparison.labels) and len(comparison.labels) == 2
     with pytest.raises(TypeError):
         analysis.compare(tmp_path / "a")
+
+
+def test_decay_and_influence_without_etmf():
+    model = build_model("mamba", "tiny")
+    result = analysis.analyze(
+        model,
+        400,
+        probe="random",
+        metrics="ssm_decay,influence",
+        anchors=32,
+        progress=False,
+        n_boot=10,
+    )
+    metrics = set(result.frame["metric"])
+    assert metrics == {"ssm_decay", "influence"}
+    decay = result.frame[result.frame["metric"] == "ssm_decay"]
+    assert (decay["value"] >= 0).all() and set(decay["layer"]) == {1, 2}
+    assert result.summary["half_life"].isna().all() and list(result.summary["layer"]) == [0, 1, 2]
+
+
+def test_models_without_an_ssm_get_a_note_instead_of_ssm_decay():
+    model = build_model("transformer", "tiny")
+    result = analysis.analyze(
+        model,
+        300,
+        probe="random",
+        metrics="etmf,ssm_decay",
+        anchors=32,
+        progress=False,
+        n_boot=10,
+    )
+    assert "ssm_decay" not in set(result.frame["metric"])
+    assert any(note.startswith("ssm_decay skipped") for note in result.meta["notes"])
