@@ -174,15 +174,33 @@ def test_gradients_reach_scorers_through_straight_through_gates():
 
 def test_write_rate_loss_trains_scorers_of_layers_that_never_write():
     """With no note written, only the auxiliary write-rate loss reaches the scorer."""
-    for weight, expect_gradient in ((0.0, False), (0.01, True)):
+    for weight, expect_gradient in ((0.0, False), (0.05, True)):
         model = tiny("memmamba", torch.float32, write_init_bias=-30.0, write_rate_weight=weight)
+        model.train()
         output = model(random_tokens(1, 32, seed=9))
-        loss = output.logits.logsumexp(-1).mean()
-        if output.aux_loss is not None:
-            loss = loss + output.aux_loss
+        loss = output.logits.logsumexp(-1).mean() + output.aux_loss
         loss.backward()
         gradient = model.layers[0].note_block.scorer.bias.grad
-        assert (gradient is not None and gradient.abs().item() > 0) == expect_gradient
+        assert (gradient.abs().item() > 0) == expect_gradient
+    assert model.eval()(random_tokens(1, 8)).aux_loss is None
+
+
+def test_write_rate_loss_brings_the_write_rate_to_its_target():
+    model = tiny("memmamba", torch.float32, write_init_bias=-5.0, write_rate_target=0.1)
+    model.train()
+    scorers = [p for layer in model.layers for p in layer.note_block.scorer.parameters()]
+    optimizer = torch.optim.Adam(scorers, lr=0.05)
+    ids = random_tokens(2, 200, seed=11)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(ids).aux_loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        x = model.embedding(ids)
+        block = model.layers[0]
+        h = x + block.mixer(block.norm(x))
+        rate = (block.note_block.scorer(block.memory_norm(h)) > 0).float().mean().item()
+    assert 0.05 <= rate <= 0.2
 
 
 def test_init_gives_sparse_note_writes():

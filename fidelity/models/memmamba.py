@@ -69,9 +69,8 @@ class MemMambaConfig(MambaConfig):
     tau1: float = 0.5  # write a note where token importance > tau1
     tau2: float = 0.5  # fire cross-token attention where state importance > tau2
     write_init_bias: float = -2.0  # scorer bias at init: about 2% of positions write notes
-    write_rate_target: float = 0.05  # aux loss pulls mean token importance here (0: no aux loss)
-    write_rate_weight: float = 0.01  # weight of that aux loss (a layer that never writes gets
-    # no gradient through its notes; this term reaches the scorer at every position)
+    write_rate_target: float = 0.05  # training keeps about this fraction of positions writing
+    write_rate_weight: float = 1.0  # weight of the write-rate loss (it trains the scorer only)
     n_heads: int = 4  # heads of the pool attentions (head width summary_dim / n_heads)
     cross_layer_every: int = 4  # p: cross-layer attention in layers p-1, 2p-1, ...
     cross_layer_scope: str = "window"  # read the pools of the p preceding layers ("all": all)
@@ -79,7 +78,7 @@ class MemMambaConfig(MambaConfig):
     use_note_block: bool = True  # False: every position writes an unpooled note (ablation)
     use_cross_token: bool = True  # False: no cross-token attention (ablation)
     use_cross_layer: bool = True  # False: no cross-layer attention (ablation)
-    block_size: int = 256  # queries per block in the parallel pool computation (speed only)
+    block_size: int = 512  # queries per block in the parallel pool computation (speed only)
 
     def validate(self) -> None:
         super().validate()
@@ -104,9 +103,13 @@ class MemMambaConfig(MambaConfig):
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
-        for name in ("tau1", "tau2", "write_rate_target"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in ("tau1", "tau2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.write_rate_target < 1.0:
+            raise ValueError(
+                f"write_rate_target must lie in [0, 1), got {self.write_rate_target!r}"
+            )
 
     def has_cross_layer(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) runs cross-layer attention."""
@@ -156,11 +159,15 @@ def window_pool(
 
 @dataclass
 class Notes:
-    """What a :class:`NoteBlock` decides for a chunk: ``importance`` `(batch, length)`,
+    """What a :class:`NoteBlock` decides for a chunk: ``logits`` and ``importance =
+    sigmoid(logits)`` `(batch, length)`, ``rate_logits`` (the same logits with the scorer's
+    input detached, for the write-rate loss, so that it shapes the scorer and nothing else),
     ``written`` `(batch, length)` bool, ``summaries`` `(batch, length, summary_dim)` (straight-
     through gated), ``features`` `(batch, length, summary_dim)` (unpooled, for the window carry).
     """
 
+    logits: torch.Tensor
+    rate_logits: torch.Tensor
     importance: torch.Tensor
     written: torch.Tensor
     summaries: torch.Tensor
@@ -190,12 +197,14 @@ class NoteBlock(nn.Module):
         features = self.summarizer(normed)
         if not self.selective:  # ablation: every position writes its own unpooled note
             ones = torch.ones(normed.shape[:2], device=normed.device, dtype=normed.dtype)
-            return Notes(ones, ones.bool(), features, features)
-        importance = torch.sigmoid(self.scorer(normed)[..., 0])
+            return Notes(ones * math.inf, ones * math.inf, ones, ones.bool(), features, features)
+        logits = self.scorer(normed)[..., 0]
+        rate_logits = self.scorer(normed.detach())[..., 0] if torch.is_grad_enabled() else logits
+        importance = torch.sigmoid(logits)
         written = importance > self.tau1
         pooled = window_pool(features, prefix, n_prefix_valid, self.pooling)
         summaries = pooled * straight_through(written, importance)[..., None]
-        return Notes(importance, written, summaries, features)
+        return Notes(logits, rate_logits, importance, written, summaries, features)
 
 
 class StateTrigger(nn.Module):
@@ -343,9 +352,9 @@ class MemMambaBlock(nn.Module):
         start_position: int,
     ) -> tuple[torch.Tensor, list[PoolBlock], torch.Tensor]:
         """``x`` `(batch, length, d_model)` starting at absolute ``start_position`` -> (block
-        output `(batch, length, d_model)`, this layer's pool blocks, token importance `(batch,
-        length)`). ``sources`` are the pool blocks of the layers cross-layer attention reads,
-        as (layer index, blocks)."""
+        output `(batch, length, d_model)`, this layer's pool blocks, token-importance logits
+        `(batch, length)`). ``sources`` are the pool blocks of the layers cross-layer attention
+        reads, as (layer index, blocks)."""
         config = self.config
         state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
         h = x + self.mixer(self.norm(x), cache)
@@ -387,7 +396,7 @@ class MemMambaBlock(nn.Module):
             cache.note_prefix = carried[:, carried.shape[1] - cache.note_prefix.shape[1] :]
             if self.trigger is not None:
                 cache.previous_state_importance = state_importance[:, -1].detach()
-        return out, blocks, notes.importance
+        return out, blocks, notes.rate_logits
 
     def _attend(
         self,
@@ -507,7 +516,7 @@ class MemMambaLM(CausalLM):
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0
         pool_blocks_by_layer: dict[int, list[PoolBlock]] = {}
-        importances = []
+        write_logits = []
         last_reader = {}  # source layer -> last layer that reads its pool
         for reader in range(self.config.n_layer):
             for source in self.config.cross_layer_sources(reader):
@@ -517,10 +526,10 @@ class MemMambaLM(CausalLM):
                 (source, pool_blocks_by_layer[source])
                 for source in self.config.cross_layer_sources(index)
             ]
-            x, blocks, importance = layer(
+            x, blocks, logits = layer(
                 x, cache.layers[index] if cache is not None else None, sources, start
             )
-            importances.append(importance.mean())
+            write_logits.append(logits)
             if index in last_reader:
                 pool_blocks_by_layer[index] = blocks
             for source, _ in sources:
@@ -530,16 +539,33 @@ class MemMambaLM(CausalLM):
                 hidden.append(x)
         if cache is not None:
             cache.position += x.shape[1]
-        target = self.config.write_rate_target
-        if target > 0 and self.config.use_note_block:
-            rates = torch.stack(importances)  # (n_layer,) mean token importance per layer
-            self._aux_loss = self.config.write_rate_weight * (rates - target).pow(2).mean()
+        if self.config.write_rate_target > 0 and self.config.use_note_block and self.training:
+            self._aux_loss = (
+                self.config.write_rate_weight
+                * torch.stack([self._write_rate_loss(logits) for logits in write_logits]).mean()
+            )
         return x
 
+    def _write_rate_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy pulling, in each sequence, the top ``write_rate_target``
+        fraction of importance logits `(batch, length)` above the write threshold and the rest
+        below it (labels from the scorer's own, detached ranking)."""
+        length = logits.shape[1]
+        k = max(1, math.ceil(self.config.write_rate_target * length))
+        threshold = math.log(self.config.tau1 / (1 - self.config.tau1))
+        top = logits.detach().topk(k, dim=1).indices
+        labels = torch.zeros_like(logits).scatter(1, top, 1.0)
+        return F.binary_cross_entropy_with_logits(logits.float() - threshold, labels.float())
+
     def forward(self, input_ids, cache=None, output_hidden_states=False) -> LMOutput:
-        """As :meth:`CausalLM.forward`, with ``aux_loss``: the write-rate term, ``weight *
-        mean_layers (mean importance - target)^2``, which keeps every layer's scorer trainable
-        (a layer whose notes are never written gets no gradient through them)."""
+        """As :meth:`CausalLM.forward`; in training mode also ``aux_loss``, the write-rate
+        term (:meth:`_write_rate_loss` averaged over layers, times ``write_rate_weight``).
+
+        Why it exists: the language-model loss reaches the scorer only through notes that were
+        written (straight-through), so a scorer that drifts below ``tau1`` everywhere would
+        never recover and the memory would die (seen in practice). The write-rate term keeps
+        about ``write_rate_target`` of the positions writing; which positions, is learned from
+        the language-model loss through the written notes."""
         self._aux_loss = None
         output = super().forward(input_ids, cache, output_hidden_states)
         output.aux_loss, self._aux_loss = self._aux_loss, None
