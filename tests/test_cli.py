@@ -133,3 +133,19 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, capsys):
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(ValueError, match="unknown model"):
         main(["analyze", "--model", "nope", "--length", "8k", "--debug"])
+
+
+def test_ctrl_c_during_analyze_leaves_no_result_directory(tmp_path, capsys, monkeypatch):
+    import fidelity.analysis
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fidelity.analysis, "capture", interrupted)
+    target = tmp_path / "run"
+    code, _, err = run(
+        ["analyze", "--model", "mamba", *TINY_RUN, "--metrics", "etmf", "--out", str(target)],
+        capsys,
+    )
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
