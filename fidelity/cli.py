@@ -330,6 +330,103 @@ def train(
     )
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep configuration (TOML).")],
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Runs at once (local: default 1; ray: at most, default all)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: a local instance).")
+    ] = None,
+    cpus_per_run: Annotated[
+        int | None,
+        typer.Option(help="CPU threads per run (local: cpus // workers; ray: 1)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rerun runs already complete in out.")] = False,
+) -> None:
+    """Run many analyses (models x lengths x probes x seeds) from CONFIG into one table."""
+    import warnings
+
+    from rich.markup import escape
+
+    from fidelity.sweep import load_sweep_config, run_sweep
+
+    if executor not in ("local", "ray"):
+        _fail(f"unknown --executor {executor!r}; choose local or ray")
+    if workers is not None and workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}")
+    if cpus_per_run is not None and cpus_per_run < 1:
+        _fail(f"--cpus-per-run must be at least 1, got {cpus_per_run}")
+    if ray_address is not None and executor != "ray":
+        _fail("--ray-address needs --executor ray")
+    plan = load_sweep_config(config)
+    total = len(plan.runs)
+    console.print(f"[bold]sweep[/]: {total} runs into {plan.out} ({executor})")
+    ended = []
+    run_warnings: dict[str, None] = {}
+
+    def report_run(outcome) -> None:
+        ended.append(outcome)
+        line = f"[{len(ended)}/{total}] {outcome.status:<7} {outcome.name}"
+        if outcome.status != "skipped":
+            line += f" ({outcome.seconds:.1f} s)"
+        if outcome.error:
+            line += f": {outcome.error}"
+        style = {"done": "green", "skipped": "dim", "failed": "red"}[outcome.status]
+        console.print(f"[{style}]{escape(line)}[/]", highlight=False)
+        run_warnings.update(dict.fromkeys(outcome.warnings))
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_sweep(
+                plan,
+                executor=executor,
+                workers=workers,
+                force=force,
+                progress=report_run,
+                ray_address=ray_address,
+                cpus_per_run=cpus_per_run,
+            )
+    except KeyboardInterrupt:
+        console.print(f"interrupted; finished runs are saved in {plan.out}; rerun to resume")
+        raise typer.Exit(130) from None
+    run_warnings.update(dict.fromkeys(str(w.message) for w in caught))
+    for message in run_warnings:
+        console.print(f"[yellow]warning[/]: {escape(message)}")
+    _print_sweep_summary(result)
+    counts = {s: sum(o.status == s for o in result.outcomes) for s in ("done", "skipped", "failed")}
+    console.print(
+        f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"tables in [bold]{result.out}[/] (sweep.csv, sweep_summary.csv, failures.csv)"
+    )
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _print_sweep_summary(result) -> None:
+    table = Table(title="sweep: forgetting of the last layer per run", title_style="bold")
+    table.add_column("run", overflow="fold")
+    table.add_column("status")
+    for column in ("layer", "half-life (tokens)", "memory length"):
+        table.add_column(column, justify="right")
+    last_layers = result.summary.sort_values("layer").groupby("run").tail(1).set_index("run")
+    for outcome in result.outcomes:
+        if outcome.name not in last_layers.index:
+            table.add_row(outcome.name, outcome.status, "-", "-", "-")
+            continue
+        row = last_layers.loc[outcome.name]
+        half_life = _interval(row["half_life"], row["half_life_low"], row["half_life_high"])
+        memory = _interval(
+            row["memory_length"], row["memory_length_low"], row["memory_length_high"]
+        )
+        table.add_row(outcome.name, outcome.status, str(int(row["layer"])), half_life, memory)
+    out.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit 2.
 
@@ -340,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--debug")
         _debug = True
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
+        if status == 130:  # typer turns Ctrl-C into exit status 130
+            print("interrupted", file=sys.stderr)
+        if isinstance(status, int) and not isinstance(status, bool):
+            return status
     except (typer.Exit, click.exceptions.Exit) as stop:
         return stop.exit_code
     except (typer.Abort, click.exceptions.Abort):
@@ -360,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -62,7 +62,7 @@ def train_args(tmp):
 
 def other_args():
     return st.lists(
-        st.sampled_from(["compare", "report", "models", "nonsense", "--help", *GARBAGE]),
+        st.sampled_from(["compare", "report", "models", "sweep", "nonsense", "--help", *GARBAGE]),
         min_size=0,
         max_size=4,
     ).map(lambda words: (words,))
