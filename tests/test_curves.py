@@ -14,6 +14,7 @@ from fidelity.metrics.curves import (
     normalize,
     normalized_with_interval,
     percentile_interval,
+    present_mean,
     summarize_curve,
 )
 
@@ -152,3 +153,51 @@ def test_summarize_curve_rejects_bad_shapes():
         summarize_curve(DISTANCES, np.zeros((DISTANCES.size, 10)), n_boot=-1)
     with pytest.raises(ValueError, match="fewer than 3"):
         summarize_curve(DISTANCES, np.full((DISTANCES.size, 10), np.nan))
+
+
+def test_intervals_without_missing_anchors_are_the_plain_means_bit_for_bit():
+    """NaN-aware means reduce exactly to ``values @ counts / n`` when nothing is missing."""
+    rng = np.random.default_rng(4)
+    score, chance = rng.normal(0.6, 0.1, 300), rng.normal(0.2, 0.1, 300)
+    counts = bootstrap_counts(300, 100, seed=2)
+    plain = percentile_interval(score @ counts / score.size)
+    assert mean_with_interval(score, counts) == (float(score.mean()), *plain)
+    plain_norm = normalize(score @ counts / 300, chance @ counts / 300)
+    assert normalized_with_interval(score, chance, counts) == (
+        float(normalize(score.mean(), chance.mean())),
+        *percentile_interval(plain_norm),
+    )
+
+
+def test_missing_anchors_are_left_out_of_means_and_replicates():
+    rng = np.random.default_rng(5)
+    score, chance = rng.normal(0.6, 0.1, 200), rng.normal(0.2, 0.1, 200)
+    score[rng.random(200) < 0.3] = np.nan
+    chance[:10] = np.nan  # an anchor missing in either is missing in both
+    present = ~np.isnan(score) & ~np.isnan(chance)
+    counts = bootstrap_counts(200, 150, seed=3)
+    mean, low, high = mean_with_interval(score, counts)
+    kept = ~np.isnan(score)
+    assert mean == pytest.approx(score[kept].mean(), abs=1e-15)
+    # a replicate is the mean of the drawn anchors that have a value, repeats counted
+    replicates = (np.nan_to_num(score) @ counts) / (kept.astype(float) @ counts)
+    assert (low, high) == pytest.approx(percentile_interval(replicates), abs=1e-15)
+    value, low, high = normalized_with_interval(score, chance, counts)
+    s, c = score[present], chance[present]
+    assert value == pytest.approx((s.mean() - c.mean()) / (1 - c.mean()), abs=1e-15)
+    weights = present.astype(float) @ counts
+    expected = normalize(
+        np.where(present, score, 0) @ counts / weights,
+        np.where(present, chance, 0) @ counts / weights,
+    )
+    assert (low, high) == pytest.approx(percentile_interval(expected), abs=1e-15)
+    assert all(math.isnan(x) for x in mean_with_interval(np.full(5, np.nan), counts[:5]))
+    assert all(math.isnan(x) for x in normalized_with_interval(score[:3], [np.nan] * 3, None))
+
+
+def test_replicates_that_draw_only_missing_anchors_are_ignored():
+    values = np.array([np.nan, 1.0, 3.0])
+    counts = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 1.0, 0.0]])  # (anchors, reps)
+    replicates = present_mean(values, counts)
+    np.testing.assert_array_equal(replicates, [np.nan, 2.0, 1.0])
+    assert mean_with_interval(values, counts, level=0.5) == (2.0, 1.25, 1.75)

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from fidelity.metrics.curves import bootstrap_counts
 from fidelity.metrics.eclmf import cka_replicates, eclmf, linear_cka, resolve_pairs
 from fidelity.metrics.etmf import TIDY_COLUMNS
+from fidelity.metrics.readout import readout_scores
+from fidelity.metrics.sampling import assign_folds, seeded_generator
 from fidelity.probes.capture_types import Capture
 
 
@@ -213,3 +215,82 @@ def test_cka_interval_skipped_with_a_warning_for_many_samples():
     cka = frame[frame.metric == "cka"].iloc[0]
     assert cka.value == pytest.approx(1.0) and math.isnan(cka.ci_low)
     assert not frame[frame.metric == "eclmf"].ci_low.isna().any()
+
+
+# --- missing samples: NaN states are positions absent from a layer (DeciMamba captures) ---
+
+
+def _with_holes(cap, holes):
+    """``cap`` with ``holes[layer]`` `(batch, length)` bool positions set to NaN."""
+    states = dict(cap.states)
+    for layer, missing in holes.items():
+        states[layer] = states[layer].clone()
+        states[layer][missing] = torch.nan
+    return Capture(cap.positions, states, cap.tokens, cap.length)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eclmf_with_holes_equals_eclmf_of_the_explicitly_filtered_samples(batch, dtype):
+    """Float64 on the same samples; only summation order differs (bound 1e-14)."""
+    length, seed = 240, 3
+    full = _layered_capture(batch=batch, length=length, d_model=6, seed=batch)
+    full = Capture(
+        full.positions, {k: v.to(dtype) for k, v in full.states.items()}, full.tokens, length
+    )
+    g = torch.Generator().manual_seed(batch)
+    kept_1 = torch.rand(batch, length, generator=g) > 0.3
+    kept_3 = kept_1 & (torch.rand(batch, length, generator=g) > 0.4)  # nested, as decimation
+    cap = _with_holes(full, {1: ~kept_1, 3: ~kept_3})
+    anchors = torch.arange(0, length, 2)
+    pairs = [(0, 1), (1, 2), (1, 3), (0, 2)]  # (1, 2): holes in the source only
+    frame = eclmf(cap, anchors, pairs=pairs, n_boot=30, seed=seed, alpha=1e-6)
+    folds = assign_folds(len(anchors), 2, seeded_generator(seed))
+    kept = {0: torch.ones_like(kept_1), 1: kept_1, 2: torch.ones_like(kept_1), 3: kept_3}
+    for source, target in pairs:
+        present = (kept[source] & kept[target])[:, anchors]  # (batch, n_anchors)
+        rows, index = present.nonzero(as_tuple=True)  # the present samples, row-major
+        x = cap.states[target].double()[:, anchors][rows, index]  # (m, d)
+        y = cap.states[source].double()[:, anchors][rows, index]
+        scores = readout_scores(
+            x[None], y[None], folds[index], 1e-6, seeded_generator(seed, source, target)
+        )
+        per_anchor = torch.stack(
+            [scores.score[0][index == a].mean() for a in index.unique()]
+        )  # (anchors with a sample,)
+        got = frame[(frame.source_layer == source) & (frame.layer == target)].set_index("metric")
+        assert set(got.n) == {len(index)}
+        assert got.loc["eclmf", "value"] == pytest.approx(float(per_anchor.mean()), abs=1e-14)
+        assert got.loc["cka", "value"] == pytest.approx(linear_cka(y, x), abs=1e-14)
+        cosines = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+        raw = torch.stack([cosines[index == a].mean() for a in index.unique()])
+        assert got.loc["eclmf_raw", "value"] == pytest.approx(float(raw.mean()), abs=1e-14)
+        if batch == 1:
+            # CKA's jackknife does not depend on folds: the same as a capture of only the
+            # anchors whose pair exists
+            keep = anchors[present[0]]
+            filtered = Capture(
+                keep, {k: v[:, keep] for k, v in cap.states.items()}, cap.tokens, length
+            )
+            plain = eclmf(
+                filtered, keep, pairs=[(source, target)], n_boot=30, seed=seed, alpha=1e-6
+            )
+            plain = plain.set_index("metric")
+            for column in ("value", "ci_low", "ci_high"):
+                assert got.loc["cka", column] == pytest.approx(plain.loc["cka", column], abs=1e-12)
+    # the pair without holes is untouched: identical to the capture without any
+    whole = eclmf(full, anchors, pairs=pairs, n_boot=30, seed=seed, alpha=1e-6)
+    hole_free = (frame.source_layer == 0) & (frame.layer == 2)
+    pd.testing.assert_frame_equal(
+        frame[hole_free].reset_index(drop=True),
+        whole[(whole.source_layer == 0) & (whole.layer == 2)].reset_index(drop=True),
+        check_exact=True,
+    )
+
+
+def test_pairs_without_enough_present_anchors_are_skipped_with_a_warning():
+    cap = _layered_capture(batch=1, length=100)
+    missing = torch.arange(100)[None] >= 9  # layer 3 holds positions 0..8 only
+    with pytest.warns(UserWarning, match=r"skipped layer pairs \[\(2, 3\)\]"):
+        frame = eclmf(_with_holes(cap, {3: missing}), torch.arange(0, 100, 2), "adjacent")
+    assert set(zip(frame.source_layer, frame.layer, strict=True)) == {(0, 1), (1, 2)}

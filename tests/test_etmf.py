@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fidelity.metrics.curves import fit_exponential
+from fidelity.metrics.curves import effective_memory_length, fit_exponential
 from fidelity.metrics.etmf import (
     TIDY_COLUMNS,
     etmf,
@@ -18,6 +18,7 @@ from fidelity.metrics.etmf import (
     etmf_summary,
     nearest_token_accuracy,
 )
+from fidelity.metrics.readout import readout_scores, rowwise_cosine
 from fidelity.metrics.sampling import (
     assign_folds,
     default_distances,
@@ -25,6 +26,7 @@ from fidelity.metrics.sampling import (
     estimate_positions,
     required_positions,
     sample_anchors,
+    seeded_generator,
 )
 from fidelity.probes.capture_types import Capture
 
@@ -325,6 +327,197 @@ def test_metrics_stay_in_range_on_random_inputs(batch, length, d_model, scale, o
     assert accuracy.value.between(0, 1).all()
     bounded = frame[frame.metric != "etmf_norm"].dropna(subset=["ci_low"])
     assert bounded.ci_low.between(-1, 1).all() and bounded.ci_high.between(-1, 1).all()
+
+
+# --- missing samples: NaN states are positions absent from a layer (DeciMamba captures) ---
+
+
+def _recurrence_with_embedding(batch, length, d_model, vocab, seed, dtype=torch.float64):
+    """Layer 0: embeddings; layer 1: ``h_t = 0.8 h_(t-1) + e_t``; layer 2: ``h`` plus noise."""
+    tokens, embedding = _tokens_and_embedding(batch, length, d_model, vocab, seed)
+    e = embedding[tokens]  # (batch, length, d_model)
+    h, states = torch.zeros(batch, d_model, dtype=torch.float64), []
+    for t in range(length):
+        h = 0.8 * h + e[:, t]
+        states.append(h)
+    h1 = torch.stack(states, dim=1)
+    noise = torch.randn(h1.shape, generator=torch.Generator().manual_seed(seed), dtype=h1.dtype)
+    layers = {0: e, 1: h1, 2: h1 + 0.3 * noise}
+    return _capture({k: v.to(dtype) for k, v in layers.items()}, tokens), embedding
+
+
+def _with_holes(cap, layer, kept):
+    """``cap`` with ``layer`` NaN wherever ``kept`` `(batch, length)` is False."""
+    states = dict(cap.states)
+    states[layer] = states[layer].clone()
+    states[layer][~kept] = torch.nan
+    return Capture(cap.positions, states, cap.tokens, cap.length)
+
+
+def _filtered_readout(states, targets, present, folds, generator, centered):
+    """Per-anchor read-out scores computed from the present samples alone, written out:
+    one read-out over the pooled present samples (each in its anchor's fold), then each
+    anchor's mean over the sequences that have it. Returns (score, chance, prediction by
+    sample) with NaN for anchors without a sample."""
+    batch, n = present.shape
+    if batch == 1:  # the plain filter: drop the anchors whose pair is missing
+        keep = present[0]
+        scores = readout_scores(
+            states[:, keep], targets[:, keep], folds[keep], None, generator, centered
+        )
+        out = []
+        for values in (scores.score[0], scores.chance[0]):
+            full = torch.full((n,), torch.nan, dtype=torch.float64)
+            full[keep] = values
+            out.append(full)
+        return *out, scores.prediction[0]
+    sample_rows, sample_anchors = present.nonzero(as_tuple=True)  # row-major samples
+    scores = readout_scores(
+        states[sample_rows, sample_anchors][None],
+        targets[sample_rows, sample_anchors][None],
+        folds[sample_anchors],
+        None,
+        generator,
+        centered,
+    )
+    out = []
+    for values in (scores.score[0], scores.chance[0]):
+        per_anchor = torch.full((n,), torch.nan, dtype=torch.float64)
+        for anchor in sample_anchors.unique():
+            per_anchor[anchor] = values[sample_anchors == anchor].mean()
+        out.append(per_anchor)
+    return *out, scores.prediction[0]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("centered", [False, True])
+def test_etmf_with_holes_equals_etmf_of_the_explicitly_filtered_samples(batch, dtype, centered):
+    """Float64 arithmetic on the same samples: the only differences are summation order in
+    per-anchor means (bound 1e-14)."""
+    length, seed = 300, 5
+    full, embedding = _recurrence_with_embedding(batch, length, 6, 30, seed=batch, dtype=dtype)
+    kept = torch.rand(batch, length, generator=torch.Generator().manual_seed(batch)) > 0.3
+    cap = _with_holes(full, 1, kept)
+    anchors = sample_anchors(length, 120, torch.Generator().manual_seed(0))
+    distances = torch.tensor([0, 1, 5, 40])
+    result = etmf_per_anchor(
+        cap, anchors, distances, [0, 1], embedding, seed=seed, centered=centered
+    )
+    frame = etmf_frame(result, n_boot=20, seed=seed)
+    folds = assign_folds(len(anchors), 2, seeded_generator(seed))
+    h = cap.states[1].double()
+    e = cap.states[0].double()
+    for j, d in enumerate(distances.tolist()):
+        valid = int((anchors + d < length).sum())
+        shifted = anchors[:valid] + d
+        present = kept[:, shifted]  # (batch, valid): is h[1][t + d] in the layer
+        score, chance, prediction = _filtered_readout(
+            h[:, shifted],
+            e[:, anchors[:valid]],
+            present,
+            folds[:valid],
+            seeded_generator(seed, 1, d),
+            centered,
+        )
+        got = result.score[1, j, :valid]
+        assert torch.equal(torch.isnan(got), ~present.any(0))
+        torch.testing.assert_close(got, score, rtol=0, atol=1e-14, equal_nan=True)
+        torch.testing.assert_close(
+            result.chance[1, j, :valid], chance, rtol=0, atol=1e-14, equal_nan=True
+        )
+        hits = nearest_token_accuracy(
+            prediction, cap.tokens[:, anchors[:valid]][present], embedding
+        )
+        accuracy = torch.full((batch, valid), torch.nan, dtype=torch.float64)
+        accuracy[present] = hits.double()
+        torch.testing.assert_close(
+            result.accuracy[1, j, :valid], accuracy.nanmean(0), rtol=0, atol=1e-14, equal_nan=True
+        )
+        both = present & kept[:, anchors[:valid]]  # raw needs h[1][t] too
+        cosines = torch.full((batch, valid), torch.nan, dtype=torch.float64)
+        cosines[both] = torch.nn.functional.cosine_similarity(
+            h[:, anchors[:valid]][both], h[:, shifted][both], dim=-1
+        )
+        torch.testing.assert_close(
+            result.raw[1, j, :valid], cosines.nanmean(0), rtol=0, atol=1e-14, equal_nan=True
+        )
+        rows = frame[(frame.layer == 1) & (frame.distance == d)].set_index("metric")
+        assert rows.loc["etmf", "n"] == int(present.sum())
+        assert rows.loc["etmf_raw", "n"] == int(both.sum())
+        assert rows.loc["etmf", "value"] == pytest.approx(float(score.nanmean()), abs=1e-14)
+        assert (
+            rows.loc["etmf", "ci_low"] <= rows.loc["etmf", "value"] <= rows.loc["etmf", "ci_high"]
+        )
+    # layer 0 has no holes: identical to the capture without any
+    whole = etmf_frame(
+        etmf_per_anchor(full, anchors, distances, [0], embedding, seed=seed, centered=centered),
+        n_boot=20,
+        seed=seed,
+    )
+    pd.testing.assert_frame_equal(
+        frame[frame.layer == 0].reset_index(drop=True), whole, check_exact=True
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hole_free_cells_are_the_batched_readout_bit_for_bit(batch):
+    """Pooling present samples must not change a single bit when every sample is present."""
+    cap, embedding = _recurrence_with_embedding(batch, 200, 5, 20, seed=1)
+    anchors, distances, seed = torch.arange(0, 200, 3), torch.tensor([0, 2, 30]), 4
+    result = etmf_per_anchor(cap, anchors, distances, [2], embedding, seed=seed, centered=True)
+    folds = assign_folds(len(anchors), 2, seeded_generator(seed))
+    for j, d in enumerate(distances.tolist()):
+        valid = int((anchors + d < 200).sum())
+        states = cap.states[2][:, anchors[:valid] + d]
+        scores = readout_scores(
+            states,
+            cap.states[0][:, anchors[:valid]],
+            folds[:valid],
+            None,
+            seeded_generator(seed, 2, d),
+            True,
+        )
+        assert torch.equal(result.score[0, j, :valid], scores.score.mean(dim=0))
+        assert torch.equal(result.chance[0, j, :valid], scores.chance.mean(dim=0))
+        raw = rowwise_cosine(cap.states[2][:, anchors[:valid]], states).mean(dim=0)
+        assert torch.equal(result.raw[0, j, :valid], raw)
+        assert int(result.n_samples[0, j]) == int(result.n_raw_samples[0, j]) == batch * valid
+
+
+def test_cells_without_enough_present_anchors_are_skipped_with_a_warning():
+    cap, _ = _identity_capture(batch=1, length=100, d_model=4, vocab=10, seed=7)
+    anchors, distances = torch.arange(100), torch.tensor([0, 5])
+    early = _with_holes(cap, 1, torch.arange(100)[None] < 10)  # layer 1 holds 0..9 only
+    with pytest.warns(UserWarning, match=r"skipped \(layer, distance\) cells \[\(1, 5\)\]"):
+        result = etmf_per_anchor(early, anchors, distances)
+    assert result.n_samples.tolist() == [[100, 95], [10, 0]]
+    assert torch.isnan(result.score[1, 1]).all() and torch.isnan(result.raw[1, 1]).all()
+    frame = etmf_frame(result, n_boot=0)
+    assert set(zip(frame.layer, frame.distance, strict=True)) == {(0, 0), (0, 5), (1, 0)}
+    # 50 anchors present, but all in one fold: no read-out can be cross-fitted
+    one_fold = assign_folds(100, 2, seeded_generator(0)) == 0
+    with pytest.warns(UserWarning, match=r"cells \[\(1, 0\)\]"):
+        result = etmf_per_anchor(_with_holes(cap, 1, one_fold[None]), anchors, distances[:1])
+    assert result.n_samples[1].tolist() == [0]
+
+
+def test_summary_of_layers_scored_at_few_distances():
+    cap, _ = _recurrence_with_embedding(1, 200, 4, 20, seed=3)
+    cap = _with_holes(cap, 1, torch.arange(200)[None] < 30)  # layer 1: distances 0 and 1 only
+    cap = _with_holes(cap, 2, torch.zeros(1, 200, dtype=torch.bool))  # layer 2: nothing
+    distances = torch.tensor([0, 1, 50, 100])
+    with pytest.warns(UserWarning, match="skipped"):
+        result = etmf_per_anchor(cap, torch.arange(200), distances, centered=True)
+    with pytest.warns(UserWarning, match=r"layers \[1\] have values at fewer than 3 .* \[2\]"):
+        summary = etmf_summary(result, n_boot=20)
+    assert list(summary.layer) == [0, 1]
+    row = summary.set_index("layer").loc[1]
+    assert not row.converged and math.isnan(row.half_life) and math.isnan(row.tau)
+    normalized = etmf_frame(result, n_boot=0).query("metric == 'etmf_norm' and layer == 1")
+    expected = effective_memory_length(normalized.distance, normalized.value)
+    assert row.effective_memory_length == expected
+    assert math.isfinite(summary.set_index("layer").loc[0].tau)  # layer 0 was fitted
 
 
 # --- anchor and distance sampling -------------------------------------------------------

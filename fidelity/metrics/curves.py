@@ -89,19 +89,37 @@ def normalize(score: np.ndarray | float, chance: np.ndarray | float) -> np.ndarr
     return np.where(ok, (score - chance) / np.where(ok, room, 1.0), np.nan)
 
 
+def present_mean(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean of ``values`` `(..., n)` over their entries that are not NaN.
+
+    ``weights`` `(n, k)` (bootstrap counts, or a column of ones). NaN entries are missing
+    anchors and carry no weight. Returns `(..., k)`, NaN where no weighted entry is present.
+    """
+    present = ~np.isnan(values)
+    totals = np.where(present, values, 0.0) @ weights
+    counts = present.astype(np.float64) @ weights
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / counts, np.nan)
+
+
 def mean_with_interval(
     values: np.ndarray, counts: np.ndarray | None, level: float = DEFAULT_LEVEL
 ) -> tuple[float, float, float]:
     """Mean of per-anchor ``values`` `(n,)` and its bootstrap interval.
 
     ``counts`` `(n, n_boot)` from :func:`bootstrap_counts`, or None (or zero replicates) for
-    no interval. Returns ``(mean, low, high)``.
+    no interval. NaN entries are anchors without a sample: they are left out of the mean and
+    of every replicate (a replicate that draws none of the others is NaN and ignored by the
+    interval). Returns ``(mean, low, high)``; all NaN when no anchor has a value.
     """
     values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
+    present = ~np.isnan(values)
+    if not present.any():
+        return math.nan, math.nan, math.nan
+    mean = float(values[present].mean())
     if counts is None or counts.shape[1] == 0:
         return mean, math.nan, math.nan
-    replicates = values @ counts / values.size  # (n_boot,)
+    replicates = present_mean(values, counts)  # (n_boot,)
     return (mean, *percentile_interval(replicates, level))
 
 
@@ -111,14 +129,19 @@ def normalized_with_interval(
     """Normalized score ``(mean(score) - mean(chance)) / (1 - mean(chance))`` with interval.
 
     ``score`` and ``chance`` `(n,)` are per-anchor values; a replicate resamples both with the
-    same anchors. ``counts`` as in :func:`mean_with_interval`. Returns ``(value, low, high)``.
+    same anchors. An anchor where either is NaN has no sample and is left out of both.
+    ``counts`` as in :func:`mean_with_interval`. Returns ``(value, low, high)``.
     """
     score = np.asarray(score, dtype=np.float64)
     chance = np.asarray(chance, dtype=np.float64)
-    value = float(normalize(score.mean(), chance.mean()))
+    present = ~(np.isnan(score) | np.isnan(chance))
+    if not present.any():
+        return math.nan, math.nan, math.nan
+    value = float(normalize(score[present].mean(), chance[present].mean()))
     if counts is None or counts.shape[1] == 0:
         return value, math.nan, math.nan
-    replicates = normalize(score @ counts / score.size, chance @ counts / chance.size)
+    score, chance = np.where(present, score, np.nan), np.where(present, chance, np.nan)
+    replicates = normalize(present_mean(score, counts), present_mean(chance, counts))
     return (value, *percentile_interval(replicates, level))
 
 
@@ -285,16 +308,8 @@ def _curve_from_counts(
     scores: np.ndarray, chance: np.ndarray | None, weights: np.ndarray
 ) -> np.ndarray:
     """Weighted mean per distance, NaN-aware: ``weights`` `(n_anchors, k)` -> `(n_dist, k)`."""
-
-    def weighted_mean(matrix: np.ndarray) -> np.ndarray:
-        finite = np.isfinite(matrix)
-        totals = np.where(finite, matrix, 0.0) @ weights
-        counts = finite.astype(np.float64) @ weights
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(counts > 0, totals / counts, np.nan)
-
-    mean_score = weighted_mean(scores)
-    return mean_score if chance is None else normalize(mean_score, weighted_mean(chance))
+    mean_score = present_mean(scores, weights)
+    return mean_score if chance is None else normalize(mean_score, present_mean(chance, weights))
 
 
 def _try_fit(distances: np.ndarray, curve: np.ndarray) -> ExponentialFit | None:

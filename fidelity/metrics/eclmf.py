@@ -13,6 +13,13 @@ embeddings). For each (source ``l``, target ``l + m``) pair, over the anchors ``
 
 Rows use the tidy columns of :data:`fidelity.metrics.etmf.TIDY_COLUMNS` with ``layer`` = target,
 ``source_layer`` = source and ``distance`` = target - source (in layers).
+
+Missing samples (NaN states: positions absent from a layer, as a DeciMamba capture stores
+positions dropped by decimation): a pair of layers uses the (sequence, anchor) samples present
+in both, for every metric above; an anchor's value is the mean over the sequences that have it,
+anchors with none are left out, ``n`` counts the samples used, and a pair with fewer than
+:data:`~fidelity.metrics.etmf.MIN_ANCHORS_PER_CELL` such anchors (or half that in a fold) is
+skipped with a warning. Without missing samples this is exactly the computation above.
 """
 
 from __future__ import annotations
@@ -33,8 +40,16 @@ from fidelity.metrics.curves import (
     mean_with_interval,
     normalized_with_interval,
 )
-from fidelity.metrics.etmf import MIN_ANCHORS_PER_CELL, TIDY_COLUMNS, captured_states
-from fidelity.metrics.readout import as_float64_matrix, readout_scores, rowwise_cosine
+from fidelity.metrics.etmf import (
+    MIN_ANCHORS_PER_CELL,
+    TIDY_COLUMNS,
+    captured_states,
+    enough_anchors,
+    per_anchor_mean,
+    pooled_readout_scores,
+    present_samples,
+)
+from fidelity.metrics.readout import as_float64_matrix, rowwise_cosine
 from fidelity.metrics.sampling import assign_folds, seeded_generator, validate_anchors
 from fidelity.probes.capture_types import Capture
 
@@ -148,29 +163,34 @@ def resolve_pairs(
 
 
 def _cka_with_interval(
-    source: torch.Tensor, target: torch.Tensor, with_interval: bool, level: float
+    source: torch.Tensor,
+    target: torch.Tensor,
+    sample_anchor: torch.Tensor,
+    with_interval: bool,
+    level: float,
 ) -> tuple[float, float, float]:
-    """CKA of pooled `(batch, n, d)` states, with a leave-one-anchor-out jackknife interval.
+    """CKA of pooled samples, with a leave-one-anchor-out jackknife interval.
 
-    Not a bootstrap: resampled rows repeat, repeated rows look like agreement, and resampled
-    CKA is biased upward (for unrelated layers its percentile interval misses the estimate).
-    Leaving one anchor out repeats nothing. The interval is ``CKA +- z * SE_jackknife``,
+    ``source`` `(m, d1)` and ``target`` `(m, d2)` are the samples' states and
+    ``sample_anchor`` `(m,)` the anchor each sample belongs to. Not a bootstrap: resampled rows
+    repeat, repeated rows look like agreement, and resampled CKA is biased upward (for
+    unrelated layers its percentile interval misses the estimate). Leaving one anchor out
+    repeats nothing. With ``n`` anchors, the interval is ``CKA +- z * SE_jackknife``,
     ``SE^2 = (n - 1) / n * sum_i (CKA_(-i) - mean)^2``, clipped to ``[0, 1]``.
     """
-    batch, n = source.shape[:2]
-    flat_source, flat_target = source.reshape(batch * n, -1), target.reshape(batch * n, -1)
-    value = linear_cka(flat_source, flat_target)
+    value = linear_cka(source, target)
     if not with_interval:
         return value, math.nan, math.nan
-    if batch * n > CKA_INTERVAL_MAX_SAMPLES:
+    if source.shape[0] > CKA_INTERVAL_MAX_SAMPLES:
         warnings.warn(
-            f"CKA interval skipped: {batch * n} samples exceed {CKA_INTERVAL_MAX_SAMPLES}",
+            f"CKA interval skipped: {source.shape[0]} samples exceed {CKA_INTERVAL_MAX_SAMPLES}",
             stacklevel=3,
         )
         return value, math.nan, math.nan
-    leave_out = 1.0 - np.eye(n)  # (n, n): column i drops anchor i
-    weights = np.tile(leave_out, (batch, 1))  # (batch * n, n), sample = row * n + anchor
-    replicates = cka_replicates(flat_source, flat_target, weights)  # (n,)
+    anchors = sample_anchor.unique()  # (n,)
+    n = anchors.numel()
+    leave_out = (sample_anchor[:, None] != anchors[None, :]).double().numpy()  # (m, n)
+    replicates = cka_replicates(source, target, leave_out)  # (n,): replicate i drops anchor i
     spread = math.sqrt((n - 1) / n * float(((replicates - replicates.mean()) ** 2).sum()))
     half_width = float(norm.ppf(0.5 + level / 2)) * spread
     return value, max(0.0, value - half_width), min(1.0, value + half_width)
@@ -190,12 +210,12 @@ def eclmf(
 
     ``anchors`` `(n_anchors,)` sorted unique positions kept by ``cap``; ``pairs`` as in
     :func:`resolve_pairs`; ``alpha`` fixes the ridge penalty (None: GCV). Returns a tidy frame
-    (:data:`fidelity.metrics.etmf.TIDY_COLUMNS`) with ``n`` = batch x anchors; intervals are
-    percentile bootstraps over anchors, except for CKA, whose interval is a normal
-    leave-one-anchor-out jackknife (a bootstrap's repeated rows bias CKA upward);
-    ``n_boot=0`` leaves all intervals NaN. ``centered=True`` takes the
-    read-out cosines about the read-out's intercept (the mean source state of the fitting
-    anchors; see :func:`fidelity.metrics.readout.readout_scores`).
+    (:data:`fidelity.metrics.etmf.TIDY_COLUMNS`) with ``n`` = the samples used (batch x
+    anchors without missing positions; see the module docstring); intervals are percentile
+    bootstraps over anchors, except for CKA, whose interval is a normal leave-one-anchor-out
+    jackknife (a bootstrap's repeated rows bias CKA upward); ``n_boot=0`` leaves all intervals
+    NaN. ``centered=True`` takes the read-out cosines about the read-out's intercept (the mean
+    source state of the fitting anchors; see :func:`fidelity.metrics.readout.readout_scores`).
     """
     anchors = validate_anchors(anchors, cap)
     if anchors.numel() < MIN_ANCHORS_PER_CELL:
@@ -206,31 +226,49 @@ def eclmf(
     folds = assign_folds(anchors.numel(), 2, seeded_generator(seed))
     counts = bootstrap_counts(anchors.numel(), n_boot, seed) if n_boot else None
     states = {layer: captured_states(cap, layer, anchors) for pair in chosen for layer in pair}
-    rows = []
+    anchor_index = torch.arange(anchors.numel())  # (n_anchors,)
+    rows, missing = [], []
     for source, target in chosen:
         batch = states[source].shape[0]
-        scores = readout_scores(
+        present = present_samples(states[source], states[target])  # (batch, n_anchors)
+        if not enough_anchors(present, folds):
+            missing.append((source, target))
+            continue
+        scores = pooled_readout_scores(
             states[target],
             states[source],
+            present,
             folds,
             alpha,
             seeded_generator(seed, source, target),
             centered,
         )
-        score, chance = scores.score.mean(dim=0).numpy(), scores.chance.mean(dim=0).numpy()
+        score = per_anchor_mean(scores.score[0], present).numpy()
+        chance = per_anchor_mean(scores.chance[0], present).numpy()
+        pooled_source, pooled_target = states[source][present], states[target][present]
+        sample_anchor = anchor_index.expand(batch, -1)[present]  # (m,)
         values = {
             "eclmf": mean_with_interval(score, counts, level),
             "eclmf_chance": mean_with_interval(chance, counts, level),
             "eclmf_norm": normalized_with_interval(score, chance, counts, level),
-            "cka": _cka_with_interval(states[source], states[target], n_boot > 0, level),
+            "cka": _cka_with_interval(
+                pooled_source, pooled_target, sample_anchor, n_boot > 0, level
+            ),
         }
-        if states[source].shape[2] == states[target].shape[2]:
-            raw = rowwise_cosine(states[source], states[target]).mean(dim=0).numpy()
-            values["eclmf_raw"] = mean_with_interval(raw, counts, level)
-        n = batch * anchors.numel()
+        if pooled_source.shape[1] == pooled_target.shape[1]:
+            raw = per_anchor_mean(rowwise_cosine(pooled_source, pooled_target), present)
+            values["eclmf_raw"] = mean_with_interval(raw.numpy(), counts, level)
+        n = int(present.sum())
         rows.extend(
             (metric, target, target - source, value, low, high, n, source)
             for metric, (value, low, high) in values.items()
+        )
+    if missing:
+        warnings.warn(
+            f"ECLMF skipped layer pairs {missing}: fewer than {MIN_ANCHORS_PER_CELL} anchors "
+            f"({MIN_ANCHORS_PER_CELL // 2} per fold) are present in both layers (positions "
+            "missing from the capture, e.g. dropped by DeciMamba's decimation)",
+            stacklevel=2,
         )
     frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
     return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})

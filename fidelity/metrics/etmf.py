@@ -17,6 +17,15 @@ anchors ``t`` with ``t + d < length``:
 With ``batch > 1`` the (sequence, anchor) pairs are pooled as samples; per-anchor values are
 averaged over the batch and confidence intervals are percentile bootstraps over anchors.
 
+Missing samples: a captured state that holds NaN is a position absent from its layer (a capture
+of DeciMamba stores positions dropped by decimation so). A (layer, distance) cell uses the
+samples whose pair exists in that layer (``e[t]`` and ``h[l][t + d]`` for the read-out metrics,
+``h[l][t]`` and ``h[l][t + d]`` for ``etmf_raw``): the read-out is fitted and scored on those
+alone, an anchor's value is the mean over the sequences that have its pair, anchors with none
+are left out, ``n`` counts the samples used, and a cell with fewer than
+:data:`MIN_ANCHORS_PER_CELL` such anchors (or fewer than half that in a fold) is skipped with a
+warning. Without missing samples this is exactly the computation above.
+
 ``centered=True`` (not the default, which keeps the formula above) measures the read-out
 cosines about the read-out's intercept, ``cos(e[t] - mu, R(h) - mu)`` with ``mu`` the mean
 embedding of the fitting anchors. Uncentred, a mean direction shared by the embeddings enters
@@ -27,21 +36,26 @@ recurrence ``h_t = a h_(t-1) + e_t`` the uncentred normalized curve then falls f
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
 from fidelity.metrics.curves import (
     DEFAULT_LEVEL,
     bootstrap_counts,
+    effective_memory_length,
     mean_with_interval,
+    normalize,
     normalized_with_interval,
+    present_mean,
     summarize_curve,
 )
-from fidelity.metrics.readout import readout_scores, rowwise_cosine
+from fidelity.metrics.readout import ReadoutScores, readout_scores, rowwise_cosine
 from fidelity.metrics.sampling import (
     assign_folds,
     require_kept,
@@ -56,12 +70,87 @@ TIDY_COLUMNS = ("metric", "layer", "distance", "value", "ci_low", "ci_high", "n"
 MIN_ANCHORS_PER_CELL = 8
 """A (layer, distance) cell needs this many valid anchors (4 per fold) to be scored."""
 
+SUMMARY_COLUMNS = (
+    "layer",
+    "half_life",
+    "half_life_ci_low",
+    "half_life_ci_high",
+    "tau",
+    "amplitude",
+    "offset",
+    "converged",
+    "effective_memory_length",
+    "eml_ci_low",
+    "eml_ci_high",
+    "n_boot_converged",
+)
+"""Columns of :func:`etmf_summary`."""
+
+MIN_SCORED_DISTANCES = 3
+"""A layer's forgetting curve is fitted (``a``, ``tau``, ``c``) only with this many distances."""
+
 _ACCURACY_CHUNK = 4096  # predictions compared with the vocabulary at a time
 
 
 def captured_states(cap: Capture, layer: int, positions: torch.Tensor) -> torch.Tensor:
     """States of ``layer`` at ``positions`` `(n,)` as CPU float64 `(batch, n, d_model)`."""
     return cap.at(layer, positions).detach().to(device="cpu", dtype=torch.float64)
+
+
+def present_samples(*states: torch.Tensor) -> torch.Tensor:
+    """Which (sequence, anchor) samples exist in every one of ``states`` `(batch, n, d)`.
+
+    Returns `(batch, n)` bool: False where any of the states holds NaN (a position missing from
+    its layer; see :func:`fidelity.capture`).
+    """
+    present = ~torch.isnan(states[0]).any(dim=-1)
+    for more in states[1:]:
+        present &= ~torch.isnan(more).any(dim=-1)
+    return present
+
+
+def enough_anchors(present: torch.Tensor, folds: torch.Tensor) -> bool:
+    """Whether the anchors with a sample in ``present`` `(batch, n)` can be scored with
+    ``folds`` `(n,)`: at least :data:`MIN_ANCHORS_PER_CELL` of them, half that in every fold."""
+    sampled = present.any(dim=0)  # (n,)
+    if int(sampled.sum()) < MIN_ANCHORS_PER_CELL:
+        return False
+    per_fold = torch.bincount(folds[sampled], minlength=int(folds.max()) + 1)
+    return bool((per_fold >= MIN_ANCHORS_PER_CELL // 2).all())
+
+
+def pooled_readout_scores(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    present: torch.Tensor,
+    folds: torch.Tensor,
+    alpha: float | None,
+    generator: torch.Generator,
+    centered: bool,
+) -> ReadoutScores:
+    """:func:`~fidelity.metrics.readout.readout_scores` on the present samples only.
+
+    ``states`` `(batch, n, d_in)`, ``targets`` `(batch, n, d_out)`, ``present`` `(batch, n)`
+    bool, ``folds`` `(n,)` anchor folds. The ``m`` present samples, in row-major order, are
+    pooled with their anchors' folds; the result's tensors are `(1, m, ...)`. With every sample
+    present this is exactly ``readout_scores(states, targets, folds, ...)``, flattened.
+    """
+    sample_folds = folds.expand(present.shape[0], -1)[present]  # (m,)
+    return readout_scores(
+        states[present][None], targets[present][None], sample_folds, alpha, generator, centered
+    )
+
+
+def per_anchor_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Average pooled sample ``values`` `(m,)` per anchor.
+
+    ``values`` follow the True entries of ``present`` `(batch, n)` in row-major order (as
+    ``x[present]`` does). Returns `(n,)` float64: the mean over the sequences that have the
+    anchor's sample, NaN for anchors with none.
+    """
+    full = torch.full(present.shape, torch.nan, dtype=torch.float64)  # (batch, n)
+    full[present] = values.to(torch.float64)
+    return full.nanmean(dim=0)
 
 
 def resolve_layers(cap: Capture, layers: Sequence[int] | None) -> list[int]:
@@ -132,10 +221,13 @@ class EtmfPerAnchor:
     """Per-anchor ETMF values, before averaging.
 
     ``score``, ``chance``, ``raw`` and ``accuracy`` (None without an embedding matrix) are
-    `(n_layers, n_dist, n_anchors)` float64, each entry averaged over the batch, NaN where
-    ``anchors[i] + distances[j] >= length`` or the distance had too few valid anchors. Valid
-    anchors form a prefix: ``n_valid`` `(n_dist,)` counts them (0 for skipped distances).
-    ``batch`` is the number of sequences pooled.
+    `(n_layers, n_dist, n_anchors)` float64, each entry averaged over the sequences that have
+    the sample, NaN where ``anchors[i] + distances[j] >= length``, the distance had too few
+    valid anchors, no sequence has the sample (missing positions), or the cell was skipped.
+    Valid anchors form a prefix: ``n_valid`` `(n_dist,)` counts them (0 for skipped
+    distances). ``n_samples`` `(n_layers, n_dist)` counts the (sequence, anchor) samples each
+    read-out cell used (``batch * n_valid`` without missing positions, 0 for a skipped cell);
+    ``n_raw_samples`` the same for ``raw``. ``batch`` is the number of sequences pooled.
     """
 
     layers: list[int]
@@ -147,6 +239,8 @@ class EtmfPerAnchor:
     accuracy: torch.Tensor | None
     n_valid: torch.Tensor
     batch: int
+    n_samples: torch.Tensor
+    n_raw_samples: torch.Tensor
 
 
 def etmf_per_anchor(
@@ -165,9 +259,12 @@ def etmf_per_anchor(
     positions ``required_positions(anchors, distances, cap.length)``. ``embedding``
     `(vocab, d_model)` enables the nearest-token accuracy; ``alpha`` fixes the ridge penalty
     (None: GCV). Distances with fewer than :data:`MIN_ANCHORS_PER_CELL` valid anchors are
-    skipped with a warning. Folds, chance permutations and all randomness derive from ``seed``.
-    ``centered=True`` takes the read-out cosines about the read-out's intercept (the mean
-    embedding of the fitting anchors; see :func:`fidelity.metrics.readout.readout_scores`).
+    skipped with a warning. NaN states are samples missing from their layer (see the module
+    docstring): each cell uses the samples whose pair exists, and a cell with too few is
+    skipped with a warning. Folds, chance permutations and all randomness derive from
+    ``seed``. ``centered=True`` takes the read-out cosines about the read-out's intercept (the
+    mean embedding of the fitting anchors; see
+    :func:`fidelity.metrics.readout.readout_scores`).
     """
     anchors = validate_anchors(anchors, cap)
     distances = _validate_distances(distances)
@@ -182,7 +279,9 @@ def etmf_per_anchor(
     score, chance, raw = (torch.full(shape, torch.nan, dtype=torch.float64) for _ in range(3))
     accuracy = None if embedding is None else torch.full(shape, torch.nan, dtype=torch.float64)
     n_valid = torch.zeros(distances.numel(), dtype=torch.long)
-    skipped = []
+    n_samples = torch.zeros(len(layers), distances.numel(), dtype=torch.long)
+    n_raw_samples = torch.zeros_like(n_samples)
+    skipped, missing = [], []
     at_anchors = {layer: captured_states(cap, layer, anchors) for layer in layers}
     for j, distance in enumerate(distances.tolist()):
         valid = int((anchors + distance < cap.length).sum())  # anchors are sorted: a prefix
@@ -194,31 +293,60 @@ def etmf_per_anchor(
         require_kept(cap, shifted)
         for i, layer in enumerate(layers):
             states = captured_states(cap, layer, shifted)  # (batch, valid, d_model)
-            scores = readout_scores(
+            present = present_samples(states, targets[:, :valid])  # (batch, valid)
+            if not enough_anchors(present, folds[:valid]):
+                missing.append((layer, distance))
+                continue
+            scores = pooled_readout_scores(
                 states,
                 targets[:, :valid],
+                present,
                 folds[:valid],
                 alpha,
                 seeded_generator(seed, layer, distance),
                 centered,
             )
-            score[i, j, :valid] = scores.score.mean(dim=0)
-            chance[i, j, :valid] = scores.chance.mean(dim=0)
-            raw[i, j, :valid] = rowwise_cosine(at_anchors[layer][:, :valid], states).mean(dim=0)
+            n_samples[i, j] = int(present.sum())
+            score[i, j, :valid] = per_anchor_mean(scores.score[0], present)
+            chance[i, j, :valid] = per_anchor_mean(scores.chance[0], present)
             if accuracy is not None:
                 hits = nearest_token_accuracy(
-                    scores.prediction.reshape(batch * valid, -1),
-                    tokens[:, :valid].reshape(-1),
-                    embedding,
-                )  # (batch * valid,)
-                accuracy[i, j, :valid] = hits.reshape(batch, valid).double().mean(dim=0)
+                    scores.prediction[0], tokens[:, :valid][present], embedding
+                )  # (m,)
+                accuracy[i, j, :valid] = per_anchor_mean(hits.double(), present)
+            origin = at_anchors[layer][:, :valid]  # (batch, valid, d_model): h[l][t]
+            raw_present = present_samples(origin, states)
+            if int(raw_present.any(dim=0).sum()) >= MIN_ANCHORS_PER_CELL:
+                cosines = rowwise_cosine(origin[raw_present], states[raw_present])  # (m_raw,)
+                raw[i, j, :valid] = per_anchor_mean(cosines, raw_present)
+                n_raw_samples[i, j] = int(raw_present.sum())
     if skipped:
         warnings.warn(
             f"ETMF skipped distances {skipped}: fewer than {MIN_ANCHORS_PER_CELL} anchors have "
             "t + d inside the sequence",
             stacklevel=2,
         )
-    return EtmfPerAnchor(layers, distances, anchors, score, chance, raw, accuracy, n_valid, batch)
+    if missing:
+        warnings.warn(
+            f"ETMF skipped (layer, distance) cells {missing}: fewer than "
+            f"{MIN_ANCHORS_PER_CELL} anchors ({MIN_ANCHORS_PER_CELL // 2} per fold) have both "
+            "e[t] and h[l][t + d] in the layer (positions missing from the capture, e.g. "
+            "dropped by DeciMamba's decimation)",
+            stacklevel=2,
+        )
+    return EtmfPerAnchor(
+        layers,
+        distances,
+        anchors,
+        score,
+        chance,
+        raw,
+        accuracy,
+        n_valid,
+        batch,
+        n_samples,
+        n_raw_samples,
+    )
 
 
 def etmf_frame(
@@ -227,8 +355,10 @@ def etmf_frame(
     """Tidy frame (:data:`TIDY_COLUMNS`) of per-anchor ETMF values with bootstrap intervals.
 
     Metrics ``etmf``, ``etmf_chance``, ``etmf_norm``, ``etmf_acc`` (if computed) and
-    ``etmf_raw``; ``n`` = batch x valid anchors. Intervals resample the valid anchors of each
-    distance (the same replicates for every layer and metric); ``n_boot=0`` leaves them NaN.
+    ``etmf_raw``; ``n`` = the samples used (batch x valid anchors without missing positions).
+    Intervals resample the valid anchors of each distance (the same replicates for every layer
+    and metric; anchors without a sample in a cell are left out of its means); ``n_boot=0``
+    leaves them NaN. Skipped cells have no rows.
     """
     rows = []
     for j, distance in enumerate(result.distances.tolist()):
@@ -236,8 +366,10 @@ def etmf_frame(
         if valid == 0:
             continue
         counts = bootstrap_counts(valid, n_boot, [seed, distance]) if n_boot else None
-        n = result.batch * valid
         for i, layer in enumerate(result.layers):
+            n = int(result.n_samples[i, j])
+            if n == 0:
+                continue
             score = result.score[i, j, :valid].numpy()
             chance = result.chance[i, j, :valid].numpy()
             values = {
@@ -248,11 +380,14 @@ def etmf_frame(
             if result.accuracy is not None:
                 accuracy = result.accuracy[i, j, :valid].numpy()
                 values["etmf_acc"] = mean_with_interval(accuracy, counts, level)
-            values["etmf_raw"] = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
             rows.extend(
                 (metric, layer, distance, value, low, high, n, layer)
                 for metric, (value, low, high) in values.items()
             )
+            n_raw = int(result.n_raw_samples[i, j])
+            if n_raw:
+                raw = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
+                rows.append(("etmf_raw", layer, distance, *raw, n_raw, layer))
     frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
     return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
 
@@ -286,12 +421,23 @@ def etmf_summary(
     ``half_life_ci_low``/``_high``, ``tau``, ``amplitude``, ``offset`` (the fit
     ``a * exp(-d / tau) + c``), ``converged``, ``effective_memory_length``,
     ``eml_ci_low``/``_high``, ``n_boot_converged``. See
-    :func:`fidelity.metrics.curves.summarize_curve` (which raises ``ValueError`` for a layer
-    with values at fewer than 3 distances); ETMF at chosen distances is in :func:`etmf_frame`.
+    :func:`fidelity.metrics.curves.summarize_curve`; ETMF at chosen distances is in
+    :func:`etmf_frame`. A layer scored at fewer than :data:`MIN_SCORED_DISTANCES` distances
+    (cells skipped for missing positions) gets no fit: NaN parameters and intervals, its
+    effective memory length over the distances it has; a layer scored at none is left out.
+    Both cases warn.
     """
-    rows = []
+    rows, unfitted, unscored = [], [], []
     distances = result.distances.numpy()
     for i, layer in enumerate(result.layers):
+        n_scored = int((result.n_samples[i] > 0).sum())
+        if n_scored == 0:
+            unscored.append(layer)
+            continue
+        if n_scored < MIN_SCORED_DISTANCES:
+            unfitted.append(layer)
+            rows.append(_unfitted_summary(layer, distances, result.score[i], result.chance[i]))
+            continue
         summary = summarize_curve(
             distances, result.score[i], result.chance[i], n_boot=n_boot, seed=seed, level=level
         )
@@ -311,4 +457,36 @@ def etmf_summary(
                 "n_boot_converged": summary.n_boot_converged,
             }
         )
-    return pd.DataFrame(rows).astype({"layer": int, "effective_memory_length": int})
+    if unfitted or unscored:
+        warnings.warn(
+            f"ETMF summary: layers {unfitted} have values at fewer than {MIN_SCORED_DISTANCES} "
+            f"distances (no curve fit) and layers {unscored} at none (left out), because "
+            "positions are missing from them",
+            stacklevel=2,
+        )
+    frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    return frame.astype({"layer": int, "effective_memory_length": int})
+
+
+def _unfitted_summary(
+    layer: int, distances: np.ndarray, score: torch.Tensor, chance: torch.Tensor
+) -> dict:
+    """A summary row without a fit: the effective memory length of the normalized curve at the
+    distances that have values (``score``, ``chance`` `(n_dist, n_anchors)`), the rest NaN."""
+    ones = np.ones((score.shape[1], 1))
+    curve = normalize(present_mean(score.numpy(), ones), present_mean(chance.numpy(), ones))
+    nan = math.nan
+    return {
+        "layer": layer,
+        "half_life": nan,
+        "half_life_ci_low": nan,
+        "half_life_ci_high": nan,
+        "tau": nan,
+        "amplitude": nan,
+        "offset": nan,
+        "converged": False,
+        "effective_memory_length": effective_memory_length(distances, curve[:, 0]),
+        "eml_ci_low": nan,
+        "eml_ci_high": nan,
+        "n_boot_converged": 0,
+    }

@@ -11,6 +11,14 @@ and stores only those (optionally in a smaller dtype), so a 60k-token pass over 
 ``n_positions x d_model`` per layer instead of every layer at every position. With
 ``chunk_size``, our models are fed chunk by chunk with a recurrent cache, so the activations of
 the forward itself stay bounded too.
+
+Models whose blocks drop rows (DeciMamba: a decimating block returns only the rows it keeps) are
+followed row by row: each chunk enters the first block as consecutive positions, and every
+``TokenDecimation`` submodule's kept row indices map the rows of the blocks after it back to
+their original positions. A requested position that an earlier decimation dropped is stored as
+NaN in that layer: **NaN means "this token is not in this layer"** (the metrics treat such
+samples as absent). The non-finite check looks at the blocks' real outputs only, so a NaN or Inf
+that a model computes is still reported.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from torch import nn
 
 from fidelity.models.base import CausalLM
+from fidelity.models.decimamba import Decimation, TokenDecimation
 from fidelity.models.memmamba import MemMambaLM
 from fidelity.probes.capture_types import Capture
 from fidelity.probes.memmamba_trace import tracing_memmamba
@@ -112,38 +121,135 @@ def _as_positions(positions: torch.Tensor | Sequence[int] | None, length: int) -
 
 
 @dataclass
+class _RowPositions:
+    """Original sequence positions of the rows flowing through blocks that may drop rows.
+
+    Each forward call (a chunk) enters the first block as consecutive positions
+    ``start .. start + n - 1``; a decimation keeps some rows, and the blocks after it carry
+    only those (``rows`` `(batch, n_rows)`, ascending in each batch row).
+    """
+
+    consumed: int = 0
+    start: int = 0
+    rows: torch.Tensor | None = None
+
+    def new_chunk(self, hidden: torch.Tensor) -> None:
+        """The first block receives ``hidden`` `(batch, chunk, d_model)`: a new chunk."""
+        batch, n_rows = hidden.shape[:2]
+        self.start = self.consumed
+        self.consumed += n_rows
+        positions = torch.arange(self.start, self.consumed, device=hidden.device)
+        self.rows = positions.expand(batch, n_rows)
+
+    def keep(self, decimation: Decimation) -> None:
+        """A decimation kept the rows ``decimation.index`` `(batch, n_kept)` of its input."""
+        self.rows = self.rows.gather(1, decimation.index.to(self.rows.device))
+
+
+@dataclass
 class _Recorder:
-    """Collects the kept rows of every hooked layer as chunks go by."""
+    """Collects the kept rows of every hooked layer as chunks go by.
+
+    Without ``row_positions`` a layer's rows are consecutive positions; with it (models whose
+    blocks drop rows) they are the positions it tracks, and requested positions missing from
+    a layer are stored as NaN.
+    """
 
     layers: list[int]
     positions: torch.Tensor
     dtype: torch.dtype | None
     check_finite: bool
+    row_positions: _RowPositions | None = None
     offsets: dict[int, int] = field(default_factory=dict)
     pieces: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
+    @property
+    def consumed(self) -> int:
+        """Tokens seen so far."""
+        if self.row_positions is not None:
+            return self.row_positions.consumed
+        return max(self.offsets.values(), default=0)
+
     def record(self, layer: int, hidden: torch.Tensor) -> None:
-        """Keep the requested rows of ``hidden`` `(batch, chunk, d_model)` for ``layer``."""
+        """Keep the requested rows of ``hidden`` `(batch, rows, d_model)` for ``layer``."""
+        if self.row_positions is not None:
+            self._record_tracked(layer, hidden, self.row_positions)
+            return
         start = self.offsets.get(layer, 0)
         end = start + hidden.shape[1]
         self.offsets[layer] = end
-        if self.check_finite:
-            _raise_if_non_finite(hidden, layer, start)
+        if self.check_finite and (first := _first_non_finite(hidden)) is not None:
+            row, index = first
+            raise NonFiniteHiddenStateError(layer, start + index, row)
         lo, hi = torch.searchsorted(self.positions, torch.tensor([start, end])).tolist()
         if hi > lo:
             rows = hidden[:, self.positions[lo:hi].to(hidden.device) - start].detach()
-            rows = rows.to(device="cpu", dtype=self.dtype or rows.dtype)
-            self.pieces.setdefault(layer, []).append(rows)
+            self._keep(layer, rows)
+
+    def _record_tracked(self, layer: int, hidden: torch.Tensor, tracked: _RowPositions) -> None:
+        """Rows of ``hidden`` `(batch, n_rows, d_model)` sit at ``tracked.rows``; requested
+        positions of the current chunk that are not among them become NaN rows."""
+        rows = tracked.rows
+        if rows is None or rows.shape != hidden.shape[:2]:
+            raise RuntimeError(
+                f"layer {layer} returned {tuple(hidden.shape[:2])} (batch, rows) but the capture "
+                f"tracked {None if rows is None else tuple(rows.shape)} row positions; a block "
+                "dropped rows without its decimation submodule being called"
+            )
+        if self.check_finite and (first := _first_non_finite(hidden)) is not None:
+            row, index = first
+            raise NonFiniteHiddenStateError(layer, int(rows[row, index]), row)
+        lo, hi = torch.searchsorted(
+            self.positions, torch.tensor([tracked.start, tracked.consumed])
+        ).tolist()
+        if hi == lo:
+            return
+        batch, n_rows, d_model = hidden.shape
+        wanted = self.positions[lo:hi].to(rows.device).expand(batch, -1).contiguous()
+        index = torch.searchsorted(rows.contiguous(), wanted).clamp(max=n_rows - 1)  # (b, n_w)
+        present = (rows.gather(1, index) == wanted).cpu()  # (batch, n_wanted)
+        kept = hidden.gather(1, index[..., None].expand(-1, -1, d_model)).detach()
+        kept = self._keep(layer, kept)
+        kept[~present] = torch.nan  # this position is not in this layer
+
+    def _keep(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Store ``rows`` `(batch, n, d_model)` on the CPU in the storage dtype; returns them."""
+        rows = rows.to(device="cpu", dtype=self.dtype or rows.dtype)
+        self.pieces.setdefault(layer, []).append(rows)
+        return rows
 
     def states(self) -> dict[int, torch.Tensor]:
         return {layer: torch.cat(self.pieces[layer], dim=1) for layer in self.layers}
 
 
-def _raise_if_non_finite(hidden: torch.Tensor, layer: int, start: int) -> None:
-    finite = torch.isfinite(hidden).all(dim=-1)  # (batch, chunk)
-    if not bool(finite.all()):
-        row, index = (~finite).nonzero()[0].tolist()
-        raise NonFiniteHiddenStateError(layer, start + index, row)
+def _first_non_finite(hidden: torch.Tensor) -> tuple[int, int] | None:
+    """``(batch row, row index)`` of the first NaN/Inf in ``hidden`` `(batch, rows, d_model)`,
+    or None when every value is finite."""
+    finite = torch.isfinite(hidden).all(dim=-1)  # (batch, rows)
+    if bool(finite.all()):
+        return None
+    row, index = (~finite).nonzero()[0].tolist()
+    return row, index
+
+
+def _track_dropped_rows(blocks: list[nn.Module], recorder: _Recorder, handles: list) -> None:
+    """For blocks with a ``TokenDecimation`` submodule (DeciMamba), follow row positions:
+    a pre-hook on the first block starts each chunk, a hook on each decimation applies it."""
+    decimations = [getattr(block, "decimation", None) for block in blocks]
+    decimations = [module for module in decimations if isinstance(module, TokenDecimation)]
+    if not decimations:
+        return
+    tracked = recorder.row_positions = _RowPositions()
+    handles.append(
+        blocks[0].register_forward_pre_hook(
+            lambda _module, args, kwargs: tracked.new_chunk(_first_tensor(args, kwargs)),
+            with_kwargs=True,
+        )
+    )
+    for module in decimations:
+        handles.append(
+            module.register_forward_hook(lambda _module, _args, output: tracked.keep(output))
+        )
 
 
 def _output_tensor(output: object) -> torch.Tensor:
@@ -183,6 +289,7 @@ def capturing(
     recorder = _Recorder(chosen, kept, dtype, check_finite)
     handles = []
     try:
+        _track_dropped_rows(blocks, recorder, handles)  # before layer 0's hook: it starts chunks
         if 0 in chosen:
             handles.append(
                 blocks[0].register_forward_pre_hook(
@@ -203,7 +310,7 @@ def capturing(
             positions=kept, states={}, tokens=torch.empty(0, dtype=torch.long), length=length
         )
         yield result
-        consumed = max(recorder.offsets.values(), default=0)
+        consumed = recorder.consumed
         if consumed != length:
             raise ValueError(
                 f"the capture expected one sequence of {length} tokens but the model consumed "
@@ -247,7 +354,13 @@ def capture(
     stores the kept states in a smaller type. ``chunk_size`` feeds our models chunk by chunk
     through their recurrent cache, bounding the forward's own memory; ``progress(done, total)``
     is called after each chunk. Raises :class:`NonFiniteHiddenStateError` with the layer and
-    position of the first NaN/Inf when ``check_finite``. With ``internals`` and a MemMamba
+    position of the first NaN/Inf a block outputs when ``check_finite``.
+
+    DeciMamba (blocks that drop rows): ``cap[layer][b, i]`` is the state of the row whose
+    original position is ``cap.positions[i]``, and all NaN where an earlier decimation dropped
+    that position in sequence ``b`` (NaN = "this token is not in this layer"; the non-finite
+    check is not triggered by it). With ``chunk_size`` each chunk is decimated on its own, as
+    the model does when fed in chunks. With ``internals`` and a MemMamba
     model, ``cap.internals["memmamba"]`` is a
     :class:`~fidelity.probes.memmamba_trace.MemMambaTrace` (note writes, pool contents, where
     cross-token attention fired, and attention weights at ``attention_positions``). Hooks are
@@ -298,7 +411,9 @@ def run_with_capture(
     model: nn.Module, input_ids: torch.Tensor, **capture_options
 ) -> tuple[torch.Tensor, Capture]:
     """Like TransformerLens' ``run_with_cache``: ``(logits (batch, length, vocab), Capture)``
-    from one forward pass (``capture_options`` as for :func:`capture`, without chunking)."""
+    from one forward pass (``capture_options`` as for :func:`capture`, without chunking).
+    DeciMamba's logits cover only the positions that survive decimation: ``(batch, n_out,
+    vocab)``, at ``model(input_ids).positions``."""
     if capture_options.get("chunk_size") is not None:
         raise ValueError("run_with_capture runs one pass; use capture(..., chunk_size=...)")
     length = input_ids.shape[1]

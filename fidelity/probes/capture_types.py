@@ -17,6 +17,10 @@ class Capture:
     of the last block before the final norm). ``tokens`` `(batch, n_positions)` are the input
     token ids at the kept positions. ``length`` is the full sequence length. ``internals``
     holds model-specific observations (e.g. MemMamba pool writes), keyed by name.
+
+    Models that drop rows (DeciMamba's decimation) leave NaN in ``states[layer]`` at the
+    positions absent from that layer: NaN means "this token is not in this layer", and the
+    metrics skip such samples (see :meth:`present`).
     """
 
     positions: torch.Tensor
@@ -35,6 +39,10 @@ class Capture:
         if layer not in self.states:
             raise KeyError(f"layer {layer} was not captured; captured layers: {self.layers}")
         return self.states[layer]
+
+    def present(self, layer: int) -> torch.Tensor:
+        """`(batch, n_positions)` bool: which kept positions exist in ``layer``."""
+        return ~torch.isnan(self[layer]).any(dim=-1)
 
     def __contains__(self, layer: object) -> bool:
         return layer in self.states
