@@ -15,11 +15,17 @@ import contextlib
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 import pandas as pd
 import psutil
@@ -44,6 +50,7 @@ from fidelity.metrics.sampling import (
     seeded_generator,
 )
 from fidelity.models.base import CausalLM
+from fidelity.models.decimamba import DeciMambaLM
 from fidelity.models.registry import load_model
 from fidelity.probes.capture import capture, find_blocks
 from fidelity.probes.tasks import TASKS, make_probe
@@ -162,7 +169,9 @@ def plan_analysis(
             raise ValueError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
     positions = required_positions(anchor_positions, distance_tensor, length)
     if chunk_size == "auto":
-        chunk_size = AUTO_CHUNK if isinstance(model, CausalLM) and length > AUTO_CHUNK else None
+        # DeciMamba decimates each forward call on its own: read the context in one pass.
+        chunked = isinstance(model, CausalLM) and not isinstance(model, DeciMambaLM)
+        chunk_size = AUTO_CHUNK if chunked and length > AUTO_CHUNK else None
     elif chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(
             f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
@@ -259,8 +268,7 @@ def analyze(
             probe, plan.length, batch=batch, seed=seed, tokenizer=tokenizer, **probe_options
         )
         _check_vocabulary(model, probe_input.input_ids)
-        frames, notes = [], []
-        rss_before = psutil.Process().memory_info().rss
+        notes = []
         forward = reporter.start("forward pass", plan.length)
         with contextlib.ExitStack() as stack:
             collectors = _open_collectors(stack, model, plan, metrics, notes)
@@ -273,36 +281,12 @@ def analyze(
                 chunk_size=plan.chunk_size,
                 progress=lambda done, _total: forward.update(done),
             )
-        peak_rss = max(psutil.Process().memory_info().rss, rss_before)
-        embedding = _input_embedding(model)
-        summary = pd.DataFrame()
-        if "etmf" in metrics:
-            step = reporter.start("ETMF read-outs", 1)
-            per_anchor = etmf_per_anchor(
-                cap,
-                plan.anchors,
-                plan.distances,
-                plan.layers,
-                embedding,
-                seed=seed,
-                centered=CENTERED,
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frames, summary = _compute_metrics(
+                cap, model, plan, metrics, collectors, probe_input, seed, n_boot, reporter, notes
             )
-            frames.append(etmf_frame(per_anchor, n_boot=n_boot, seed=seed))
-            summary = _summary(etmf_summary(per_anchor, n_boot=n_boot, seed=seed), frames[-1])
-            step.update(1)
-        if "eclmf" in metrics:
-            step = reporter.start("ECLMF read-outs", 1)
-            frames.append(eclmf(cap, plan.anchors, n_boot=n_boot, seed=seed, centered=CENTERED))
-            step.update(1)
-        for collector in collectors:
-            frames.append(collector.frame(n_boot=n_boot, seed=seed))
-            notes.extend(collector.notes)
-        if "influence" in metrics:
-            frames.append(
-                _influence(model, probe_input.input_ids, plan, seed, n_boot, reporter, notes)
-            )
-        if summary.empty:
-            summary = _empty_summary(plan.layers)
+        notes.extend(sorted({str(w.message) for w in caught}))
     finally:
         reporter.close()
     model_name = name or _model_name(model)
@@ -312,8 +296,50 @@ def analyze(
     summary.insert(0, "model", model_name)
     meta = _meta(model, model_name, checkpoint, probe, plan, metrics, seed, target, notes)
     meta["wall_time_s"] = round(time.perf_counter() - started, 2)
-    meta["peak_memory_bytes"] = int(peak_rss)
+    meta["peak_memory_bytes"] = peak_memory_bytes()
     return FidelityResult(frame, summary, meta)
+
+
+def _compute_metrics(
+    cap, model, plan, metrics, collectors, probe_input, seed, n_boot, reporter, notes
+) -> tuple[list[pd.DataFrame], pd.DataFrame]:
+    """Every metric from the capture (and influence's own passes): (metric frames, per-layer
+    summary)."""
+    frames = []
+    summary = _empty_summary(plan.layers)
+    if "etmf" in metrics:
+        step = reporter.start("ETMF read-outs", 1)
+        per_anchor = etmf_per_anchor(
+            cap,
+            plan.anchors,
+            plan.distances,
+            plan.layers,
+            _input_embedding(model),
+            seed=seed,
+            centered=CENTERED,
+        )
+        frames.append(etmf_frame(per_anchor, n_boot=n_boot, seed=seed))
+        summary = _summary(etmf_summary(per_anchor, n_boot=n_boot, seed=seed), frames[-1])
+        step.update(1)
+    if "eclmf" in metrics:
+        step = reporter.start("ECLMF read-outs", 1)
+        frames.append(eclmf(cap, plan.anchors, n_boot=n_boot, seed=seed, centered=CENTERED))
+        step.update(1)
+    for collector in collectors:
+        frames.append(collector.frame(n_boot=n_boot, seed=seed))
+        notes.extend(collector.notes)
+    if "influence" in metrics:
+        frames.append(_influence(model, probe_input.input_ids, plan, seed, n_boot, reporter, notes))
+    return frames, summary
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process so far (current resident memory where the
+    platform keeps no peak)."""
+    if resource is not None:
+        scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+    return int(psutil.Process().memory_info().rss)
 
 
 def _open_collectors(stack, model, plan, metrics, notes) -> list:
