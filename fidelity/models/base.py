@@ -56,10 +56,22 @@ class LMOutput:
     aux_loss: torch.Tensor | None = None
 
 
+@dataclass
+class ModelCache:
+    """Recurrent state of a whole model: one entry per block in ``layers`` (each block's own
+    cache type), and ``position``, the number of tokens consumed so far."""
+
+    layers: list[Any]
+    position: int = 0
+
+
 class CausalLM(nn.Module):
     """Embedding -> ``layers`` -> final RMSNorm -> LM head; subclasses build the blocks.
 
-    Subclasses implement :meth:`init_cache`, :meth:`_forward_blocks` and :meth:`_step_blocks`.
+    By default every block provides ``forward(x, layer_cache | None)``, ``step(x,
+    layer_cache)`` and ``init_cache(batch_size, device, dtype)``; subclasses whose blocks need
+    more (positions, other layers' state) override :meth:`_forward_blocks` /
+    :meth:`_step_blocks`.
     """
 
     config: ModelConfig
@@ -75,23 +87,34 @@ class CausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
 
-    # -- what subclasses provide -------------------------------------------------------------
     def init_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype=None
-    ) -> Any:
-        """An empty recurrent state for ``batch_size`` sequences."""
-        raise NotImplementedError
+    ) -> ModelCache:
+        """An empty recurrent state for ``batch_size`` sequences (the model's device and dtype
+        unless given)."""
+        device = device or self.device
+        dtype = dtype or self.embedding.weight.dtype
+        return ModelCache([layer.init_cache(batch_size, device, dtype) for layer in self.layers])
 
     def _forward_blocks(
-        self, x: torch.Tensor, cache: Any | None, hidden: list[torch.Tensor] | None
+        self, x: torch.Tensor, cache: ModelCache | None, hidden: list[torch.Tensor] | None
     ) -> torch.Tensor:
         """Run every block over ``x`` `(batch, length, d_model)`; append block outputs to
         ``hidden`` when given; advance ``cache`` in place when given."""
-        raise NotImplementedError
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cache.layers[index] if cache is not None else None)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.position += x.shape[1]
+        return x
 
-    def _step_blocks(self, x: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _step_blocks(self, x: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """Run every block for one position, ``x`` `(batch, d_model)`, updating ``cache``."""
-        raise NotImplementedError
+        for index, layer in enumerate(self.layers):
+            x = layer.step(x, cache.layers[index])
+        cache.position += 1
+        return x
 
     # -- shared ---------------------------------------------------------------------------
     @property

@@ -40,7 +40,7 @@ The cache is bounded: at most ``memory_length + compressed_memory_length + compr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -128,15 +128,6 @@ class CompressiveLayerCache:
             value = getattr(self, item.name)
             if value is not None:
                 setattr(self, item.name, value.detach())
-
-
-@dataclass
-class CompressiveCache:
-    """Recurrent state of a whole model; ``position`` counts the tokens consumed."""
-
-    layers: list[CompressiveLayerCache]
-    position: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -344,25 +335,3 @@ class CompressiveTransformerLM(CausalLM):
             layer.attention.o_proj.weight.mul_(1 / math.sqrt(2 * self.config.n_layer))
             layer.mlp[2].weight.mul_(1 / math.sqrt(2 * self.config.n_layer))
             layer.compression.reset_parameters()
-
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> CompressiveCache:
-        device = device or self.device
-        dtype = dtype or self.embedding.weight.dtype
-        return CompressiveCache(
-            [layer.init_cache(batch_size, device, dtype) for layer in self.layers]
-        )
-
-    def _forward_blocks(self, x, cache, hidden):
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cache.layers[index] if cache is not None else None)
-            if hidden is not None:
-                hidden.append(x)
-        if cache is not None:
-            cache.position += x.shape[1]
-        return x
-
-    def _step_blocks(self, x, cache):
-        for index, layer in enumerate(self.layers):
-            x = layer.step(x, cache.layers[index])
-        cache.position += 1
-        return x

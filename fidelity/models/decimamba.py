@@ -54,10 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidelity.kernels import selective_scan
-from fidelity.models.base import CausalLM, LMOutput
+from fidelity.models.base import CausalLM, LMOutput, ModelCache
 from fidelity.models.mamba import (
     MambaBlock,
-    MambaCache,
     MambaConfig,
     MambaLayerCache,
     MambaLM,
@@ -316,7 +315,7 @@ class DeciMambaLM(MambaLM):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: MambaCache | None = None,
+        cache: ModelCache | None = None,
         output_hidden_states: bool = False,
     ) -> DeciMambaOutput:
         """Logits at the surviving positions of ``input_ids`` `(batch, length)`; with ``cache``
@@ -334,7 +333,7 @@ class DeciMambaLM(MambaLM):
         )
 
     def _run_blocks(
-        self, x: torch.Tensor, cache: MambaCache | None, hidden: list[torch.Tensor] | None
+        self, x: torch.Tensor, cache: ModelCache | None, hidden: list[torch.Tensor] | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Every block over ``x`` `(batch, length, d_model)`; returns the last block's output
         and the positions of every layer's rows (``n_layer + 1`` tensors `(batch, n_l)`)."""

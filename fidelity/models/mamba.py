@@ -9,7 +9,7 @@ out_proj}``, ``norm_f``, ``lm_head``) so its checkpoints load with a fixed prefi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,15 +62,6 @@ class MambaLayerCache:
 
     conv: torch.Tensor
     ssm: torch.Tensor
-
-
-@dataclass
-class MambaCache:
-    """Recurrent state of a whole ``MambaLM``; ``position`` counts the tokens consumed."""
-
-    layers: list[MambaLayerCache]
-    position: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class MambaMixer(nn.Module):
@@ -215,6 +206,9 @@ class MambaBlock(nn.Module):
     def step(self, x: torch.Tensor, cache: MambaLayerCache) -> torch.Tensor:
         return x + self.mixer.step(self.norm(x), cache)
 
+    def init_cache(self, batch_size: int, device, dtype) -> MambaLayerCache:
+        return self.mixer.init_cache(batch_size, device, dtype)
+
 
 def init_lm_weights(model: CausalLM, n_residuals_per_layer: int = 1) -> None:
     """mamba_ssm's ``_init_weights``: normal(0.02) embeddings, zero biases, and output
@@ -243,25 +237,3 @@ class MambaLM(CausalLM):
         super().__init__(config)
         self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer))
         init_lm_weights(self)
-
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
-        device = device or self.device
-        dtype = dtype or self.embedding.weight.dtype
-        return MambaCache(
-            [layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers]
-        )
-
-    def _forward_blocks(self, x, cache, hidden):
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cache.layers[index] if cache is not None else None)
-            if hidden is not None:
-                hidden.append(x)
-        if cache is not None:
-            cache.position += x.shape[1]
-        return x
-
-    def _step_blocks(self, x, cache):
-        for index, layer in enumerate(self.layers):
-            x = layer.step(x, cache.layers[index])
-        cache.position += 1
-        return x

@@ -31,7 +31,7 @@ mamba_ssm's ``dt_limit`` clamp (its default, no clamp, is what this module compu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -299,15 +299,6 @@ class Mamba2LayerCache:
     ssm: torch.Tensor
 
 
-@dataclass
-class Mamba2Cache:
-    """Recurrent state of a whole ``Mamba2LM``; ``position`` counts the tokens consumed."""
-
-    layers: list[Mamba2LayerCache]
-    position: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 (SSD) mixer: ``(batch, length, d_model)`` -> same shape."""
 
@@ -458,6 +449,9 @@ class Mamba2Block(nn.Module):
     def step(self, x: torch.Tensor, cache: Mamba2LayerCache) -> torch.Tensor:
         return x + self.mixer.step(self.norm(x), cache)
 
+    def init_cache(self, batch_size: int, device, dtype) -> Mamba2LayerCache:
+        return self.mixer.init_cache(batch_size, device, dtype)
+
 
 class Mamba2LM(CausalLM):
     """Mamba-2 language model: ``input_ids`` `(batch, length)` -> logits `(batch, length,
@@ -469,25 +463,3 @@ class Mamba2LM(CausalLM):
         super().__init__(config)
         self.layers = nn.ModuleList(Mamba2Block(config) for _ in range(config.n_layer))
         init_lm_weights(self)
-
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> Mamba2Cache:
-        device = device or self.device
-        dtype = dtype or self.embedding.weight.dtype
-        return Mamba2Cache(
-            [layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers]
-        )
-
-    def _forward_blocks(self, x, cache, hidden):
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cache.layers[index] if cache is not None else None)
-            if hidden is not None:
-                hidden.append(x)
-        if cache is not None:
-            cache.position += x.shape[1]
-        return x
-
-    def _step_blocks(self, x, cache):
-        for index, layer in enumerate(self.layers):
-            x = layer.step(x, cache.layers[index])
-        cache.position += 1
-        return x

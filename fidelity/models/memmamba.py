@@ -42,7 +42,6 @@ from torch import nn
 
 from fidelity.models.base import CausalLM, LMOutput, RMSNorm
 from fidelity.models.mamba import (
-    MambaCache,
     MambaConfig,
     MambaLayerCache,
     MambaMixer,
@@ -507,11 +506,6 @@ class MemMambaLM(CausalLM):
         for layer in self.layers:  # init_lm_weights zeroes every bias, the scorers' included
             layer.note_block.reset_scorer()
         self._aux_loss: torch.Tensor | None = None
-
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
-        device = device or self.device
-        dtype = dtype or self.embedding.weight.dtype
-        return MambaCache([layer.init_cache(batch_size, device, dtype) for layer in self.layers])
 
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0

@@ -24,7 +24,7 @@ layout, so that mapping is a pure rename).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,15 +110,6 @@ class TransformerLayerCache:
 
     keys: torch.Tensor
     values: torch.Tensor
-
-
-@dataclass
-class TransformerCache:
-    """KV caches of a whole ``TransformerLM``; ``position`` counts the tokens consumed."""
-
-    layers: list[TransformerLayerCache]
-    position: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def rotary_angles(
@@ -272,6 +263,9 @@ class TransformerBlock(nn.Module):
         h = attended + x
         return self.mlp(self.ln_mlp(h)) + h
 
+    def init_cache(self, batch_size: int, device, dtype) -> TransformerLayerCache:
+        return self.attention.init_cache(batch_size, device, dtype)
+
 
 def init_transformer_weights(model: CausalLM) -> None:
     """GPT-NeoX-style initialization: normal(0.02) embeddings and linear weights, zero biases,
@@ -297,13 +291,6 @@ class TransformerLM(CausalLM):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.norm_epsilon)
         init_transformer_weights(self)
-
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> TransformerCache:
-        device = device or self.device
-        dtype = dtype or self.embedding.weight.dtype
-        return TransformerCache(
-            [layer.attention.init_cache(batch_size, device, dtype) for layer in self.layers]
-        )
 
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0
