@@ -164,6 +164,8 @@ PRESET_EXTRAS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 DEFAULT_PRESET = "small"
+DERIVED_DEFAULTS = {"decimamba": "mamba"}
+"""Models whose default is built from another model's shipped checkpoint (training-free)."""
 
 
 def model_names() -> list[str]:
@@ -241,28 +243,15 @@ def load_model(
 
     path = Path(name_or_path)
     text = str(name_or_path)
-    if path.is_dir():
+    if text in MODELS:  # a registered name wins over a same-named folder (use ./name for it)
+        model = _load_named(text, preset, random_init, overrides)
+    elif path.is_dir():
         if preset is not None or random_init or overrides:
             raise ValueError(
                 "preset, random_init and config overrides apply to model names, not to a "
                 f"checkpoint directory ({text})"
             )
         model = load_checkpoint(path)
-    elif text in MODELS:
-        shipped = shipped_checkpoint(text)
-        if preset is None and not random_init and not overrides and shipped is not None:
-            model = load_checkpoint(shipped)
-            model.provenance = {**model.provenance, "name": text, "shipped_default": True}
-        else:
-            if preset is None:
-                preset = _shipped_preset(shipped) if shipped is not None else DEFAULT_PRESET
-                if shipped is None and not random_init:
-                    warnings.warn(
-                        f"no trained checkpoint is shipped for {text!r} yet; using an untrained "
-                        f"{preset!r} model",
-                        stacklevel=2,
-                    )
-            model = build_model(text, preset, **overrides)
     elif path.exists():
         raise ValueError(f"{text} is a file, not a checkpoint directory")
     elif "/" in text or "\\" in text or text.startswith("."):
@@ -278,9 +267,51 @@ def load_model(
     return model
 
 
+def _load_named(name: str, preset: str | None, random_init: bool, overrides: dict) -> CausalLM:
+    """A registered model: its shipped default, or an untrained one of ``preset``."""
+    from fidelity.models.checkpoint import load_checkpoint
+
+    shipped = shipped_checkpoint(name)
+    if preset is None and not random_init and not overrides:
+        if shipped is not None:
+            model = load_checkpoint(shipped)
+            model.provenance = {**model.provenance, "name": name, "shipped_default": True}
+            return model
+        if name in DERIVED_DEFAULTS and shipped_checkpoint(DERIVED_DEFAULTS[name]) is not None:
+            return _derived_default(name)
+    if preset is None:
+        preset = _shipped_preset(shipped) if shipped is not None else DEFAULT_PRESET
+        if shipped is None and not random_init:
+            warnings.warn(
+                f"no trained checkpoint is shipped for {name!r}; using an untrained {preset!r} "
+                "model",
+                stacklevel=3,
+            )
+    return build_model(name, preset, **overrides)
+
+
+def _derived_default(name: str) -> CausalLM:
+    """DeciMamba is training-free: its default is the shipped Mamba with decimation, the
+    decimation budget set to Mamba's training length (as the DeciMamba paper does)."""
+    from fidelity.models.checkpoint import load_checkpoint
+    from fidelity.models.decimamba import DeciMambaLM
+
+    source = shipped_checkpoint(DERIVED_DEFAULTS[name])
+    mamba = load_checkpoint(source)
+    training_length = int(mamba.provenance.get("training", {}).get("length", 2000))
+    model = DeciMambaLM.from_mamba(mamba, decimation_base_length=training_length)
+    model.provenance = {
+        **mamba.provenance,
+        "name": name,
+        "shipped_default": True,
+        "derived_from": str(source),
+    }
+    return model
+
+
 def _shipped_preset(directory: Path) -> str:
     meta = json.loads((directory / "config.json").read_text())
-    return meta.get("preset", DEFAULT_PRESET)
+    return meta.get("preset") or DEFAULT_PRESET
 
 
 def _spec(name: str | None) -> ModelSpec:

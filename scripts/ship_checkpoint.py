@@ -1,0 +1,78 @@
+"""Copy a training run's final checkpoint into fidelity/data/ as a shipped default (float16).
+
+    python scripts/ship_checkpoint.py runs/default-memmamba memmamba
+
+The shipped directory is an ordinary checkpoint (config.json + model.safetensors) whose meta
+records the training run: the exact `fidelity train` command, steps, tokens, wall time, final
+loss and the machine. fidelity/data/TRAINING.md describes how the defaults were made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
+from fidelity.train import checkpoint_dirs
+
+DATA = Path(__file__).resolve().parent.parent / "fidelity" / "data"
+
+
+def train_command(config: dict, out: str) -> str:
+    parts = [
+        "fidelity train",
+        f"--model {config['model']}",
+        f"--preset {config['preset']}",
+        f"--task {config['task']}",
+        f"--length {config['length']}",
+        f"--steps {config['steps']}",
+        f"--batch-size {config['batch_size']}",
+        f"--lr {config['lr']}",
+        f"--save-every {config['save_every']}",
+        f"--seed {config['seed']}",
+        f"--out {out}",
+    ]
+    return " ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("name")
+    args = parser.parse_args()
+    checkpoints = checkpoint_dirs(args.run)
+    if not checkpoints:
+        raise SystemExit(f"no complete checkpoint in {args.run}")
+    final = checkpoints[-1]
+    model = load_checkpoint(final)
+    config = json.loads((args.run / "train_config.json").read_text())
+    with (args.run / "train_log.csv").open() as handle:
+        log = list(csv.DictReader(handle))
+    last = log[-1]
+    meta = {
+        "shipped_default": True,
+        "training": {
+            **model.provenance.get("training", {}),
+            "command": train_command(config, str(args.run)),
+            "steps": int(last["step"]),
+            "tokens": int(last["tokens"]),
+            "final_loss": float(last["loss"]),
+            "wall_time_s": float(last["elapsed_s"]),
+            "machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} torch threads when shipped",
+        },
+    }
+    target = save_checkpoint(
+        model, DATA / args.name, meta=meta, overwrite=True, dtype=torch.float16
+    )
+    size = sum(p.stat().st_size for p in target.iterdir())
+    print(f"shipped {final} as {target} ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
