@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -280,6 +281,10 @@ def train(
     text: Annotated[str | None, typer.Option(help="Text files/directory for text rows.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     force: Annotated[bool, typer.Option(help="Start over in a non-empty --out.")] = False,
+    set_options: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Model config override, e.g. --set pool_policy=fifo."),
+    ] = None,
 ) -> None:
     """Train a model from scratch and write loadable checkpoints every --save-every steps."""
     from rich.progress import (
@@ -290,6 +295,7 @@ def train(
         TimeRemainingColumn,
     )
 
+    from fidelity.models.registry import build_config
     from fidelity.train import TrainConfig
     from fidelity.train import train as run_train
 
@@ -305,8 +311,10 @@ def train(
         seed=seed,
         device=device,
         text=text,
+        overrides=_overrides(set_options or []),
     )
     config.validate()
+    build_config(model, preset, **config.overrides)  # unknown or invalid fields fail here
     with Progress(
         TextColumn("training"),
         BarColumn(),
@@ -425,6 +433,21 @@ def _print_sweep_summary(result) -> None:
         )
         table.add_row(outcome.name, outcome.status, str(int(row["layer"])), half_life, memory)
     out.print(table)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``["pool_policy=fifo", "tau2=0.7"]`` -> ``{"pool_policy": "fifo", "tau2": 0.7}``
+    (values read as JSON where they parse, else as strings)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"invalid --set {pair!r}: expected key=value, e.g. --set pool_policy=fifo")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

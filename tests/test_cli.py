@@ -149,3 +149,37 @@ def test_ctrl_c_during_analyze_leaves_no_result_directory(tmp_path, capsys, monk
     )
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_with_config_overrides_and_resume(tmp_path, capsys):
+    argv = [
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "memmamba",
+        "--preset",
+        "tiny",
+        "--task",
+        "text",
+        "--length",
+        "64",
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--set",
+        "pool_policy=fifo",
+        "--set",
+        "tau2=0.7",
+    ]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "ckpt-2" / "config.json").read_text())["config"]
+    assert config["pool_policy"] == "fifo" and config["tau2"] == 0.7
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "--resume" in err
+    code, _, err = run([*argv, "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = run([*argv[:-2], "--set", "tau2"], capsys)
+    assert code == 2 and "key=value" in err
