@@ -245,3 +245,35 @@ def test_memmamba_internals_writes_pools_and_attention():
     layer_records = [r for r in trace.attention if r.kind == "layer"]
     assert {r.layer for r in layer_records} == {1, 3}
     assert all(set(r.note_layers.tolist()) <= {0, 1, 2} for r in layer_records)
+
+
+MEMORY_SCRIPT = r"""
+import resource, torch
+from fidelity.models.registry import build_model
+from fidelity.probes.capture import capture
+model = build_model("mamba", "tiny", n_layer=24, d_model=64).eval()
+ids = torch.randint(0, 256, (1, 60_000), generator=torch.Generator().manual_seed(0))
+positions = torch.randperm(60_000, generator=torch.Generator().manual_seed(1))[:8_000]
+with torch.no_grad():
+    model(ids[:, :4096], cache=model.init_cache(1))  # warm up allocator and kernel
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cap = capture(model, ids, positions=positions, dtype=torch.float16, chunk_size=4096)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+kept = sum(t.numel() * t.element_size() for t in cap.states.values())
+print((peak - base) * 1024, kept)
+"""
+
+
+def test_capture_memory_stays_bounded_at_60k_tokens_and_24_layers():
+    """Keeping 8k of 60k positions of 25 layers in float16 must not hold every layer at every
+    position: the peak grows by far less than all layers at all positions would take."""
+    import subprocess
+    import sys
+
+    output = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], check=True, capture_output=True, text=True
+    ).stdout
+    growth, kept = (int(v) for v in output.split())
+    all_layers_all_positions = 25 * 60_000 * 64 * 4  # float32: 384 MB
+    assert kept == 25 * 8_000 * 64 * 2  # exactly what was asked for, in float16
+    assert growth < all_layers_all_positions / 4, f"peak grew by {growth / 2**20:.0f} MB"

@@ -161,7 +161,7 @@ class _Recorder:
     check_finite: bool
     row_positions: _RowPositions | None = None
     offsets: dict[int, int] = field(default_factory=dict)
-    pieces: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    buffers: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def consumed(self) -> int:
@@ -182,9 +182,9 @@ class _Recorder:
             row, index = first
             raise NonFiniteHiddenStateError(layer, start + index, row)
         lo, hi = torch.searchsorted(self.positions, torch.tensor([start, end])).tolist()
+        buffer = self._buffer(layer, hidden)
         if hi > lo:
-            rows = hidden[:, self.positions[lo:hi].to(hidden.device) - start].detach()
-            self._keep(layer, rows)
+            buffer[:, lo:hi] = hidden[:, self.positions[lo:hi].to(hidden.device) - start]
 
     def _record_tracked(self, layer: int, hidden: torch.Tensor, tracked: _RowPositions) -> None:
         """Rows of ``hidden`` `(batch, n_rows, d_model)` sit at ``tracked.rows``; requested
@@ -202,24 +202,31 @@ class _Recorder:
         lo, hi = torch.searchsorted(
             self.positions, torch.tensor([tracked.start, tracked.consumed])
         ).tolist()
+        buffer = self._buffer(layer, hidden)
         if hi == lo:
             return
         batch, n_rows, d_model = hidden.shape
         wanted = self.positions[lo:hi].to(rows.device).expand(batch, -1).contiguous()
         index = torch.searchsorted(rows.contiguous(), wanted).clamp(max=n_rows - 1)  # (b, n_w)
         present = (rows.gather(1, index) == wanted).cpu()  # (batch, n_wanted)
-        kept = hidden.gather(1, index[..., None].expand(-1, -1, d_model)).detach()
-        kept = self._keep(layer, kept)
-        kept[~present] = torch.nan  # this position is not in this layer
+        kept = hidden.gather(1, index[..., None].expand(-1, -1, d_model))
+        buffer[:, lo:hi] = kept
+        buffer[:, lo:hi][~present] = torch.nan  # this position is not in this layer
 
-    def _keep(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Store ``rows`` `(batch, n, d_model)` on the CPU in the storage dtype; returns them."""
-        rows = rows.to(device="cpu", dtype=self.dtype or rows.dtype)
-        self.pieces.setdefault(layer, []).append(rows)
-        return rows
+    def _buffer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's `(batch, n_positions, d_model)` CPU store, allocated once (NaN-filled)
+        in the storage dtype, so kept rows are written in place and never concatenated."""
+        if layer not in self.buffers:
+            batch, _, d_model = hidden.shape
+            self.buffers[layer] = torch.full(
+                (batch, len(self.positions), d_model),
+                torch.nan,
+                dtype=self.dtype or hidden.dtype,
+            )
+        return self.buffers[layer]
 
     def states(self) -> dict[int, torch.Tensor]:
-        return {layer: torch.cat(self.pieces[layer], dim=1) for layer in self.layers}
+        return {layer: self.buffers[layer] for layer in self.layers}
 
 
 def _first_non_finite(hidden: torch.Tensor) -> tuple[int, int] | None:
