@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
+from fidelity.bench import time_forward
 from fidelity.lengths import parse_length
 from fidelity.models.registry import build_model
-
-
-def best_time(model, ids, repeats: int) -> float:
-    times = []
-    with torch.no_grad():
-        model(ids[:, :256])
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -37,22 +26,25 @@ def main() -> None:
     parser.add_argument("--models", default="mamba,memmamba")
     args = parser.parse_args()
     length = parse_length(args.length)
-    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
     names = args.models.split(",")
     models = {name: build_model(name, args.preset).eval() for name in names}
     times = {name: float("inf") for name in names}
     for _ in range(args.repeats):  # alternate so that background load hits both alike
         for name, model in models.items():
-            times[name] = min(times[name], best_time(model, ids, 1))
+            times[name] = min(times[name], time_forward(model, length, repeats=1))
     base = times[names[0]]
-    print(f"preset {args.preset}, length {length}, batch 1, float32, {torch.get_num_threads()} "
-          f"threads, {platform.processor() or platform.machine()}")
+    print(
+        f"preset {args.preset}, length {length}, batch 1, float32, {torch.get_num_threads()} "
+        f"threads, {platform.processor() or platform.machine()}"
+    )
     print("| model | parameters | forward (s) | tokens/s | ratio |")
     print("|---|---|---|---|---|")
     for name in names:
         params = models[name].num_parameters()
-        print(f"| {name} | {params / 1e6:.2f}M | {times[name]:.3f} | {length / times[name]:,.0f} "
-              f"| {times[name] / base:.2f}x |")
+        print(
+            f"| {name} | {params / 1e6:.2f}M | {times[name]:.3f} | {length / times[name]:,.0f} "
+            f"| {times[name] / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

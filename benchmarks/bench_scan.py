@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fidelity.bench import scan_inputs
 from fidelity.kernels import cpu_fused, selective_scan
 from fidelity.lengths import format_length, parse_length
 
@@ -75,17 +76,7 @@ def cpu_name() -> str:
 
 
 def make_inputs(length: int, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "u": torch.randn(1, D_INNER, length, generator=gen),
-        "delta": torch.randn(1, D_INNER, length, generator=gen) - 2.0,
-        "A": -torch.arange(1, D_STATE + 1, dtype=torch.float32).repeat(D_INNER, 1),
-        "B": torch.randn(1, D_STATE, length, generator=gen),
-        "C": torch.randn(1, D_STATE, length, generator=gen),
-        "D": torch.ones(D_INNER),
-        "z": torch.randn(1, D_INNER, length, generator=gen),
-        "delta_bias": 0.1 * torch.randn(D_INNER, generator=gen),
-    }
+    return scan_inputs(length, D_INNER, D_STATE, seed)
 
 
 def ours(backend: str) -> Callable[[dict], torch.Tensor]:

@@ -435,6 +435,49 @@ def _print_sweep_summary(result) -> None:
     out.print(table)
 
 
+@app.command()
+def bench(
+    length: Annotated[str, typer.Option(help="Sequence length to time.")] = "8k",
+    d_inner: Annotated[int, typer.Option(help="Scan channels (Mamba-130m: 1536).")] = 1536,
+    models: Annotated[
+        str | None, typer.Option(help="Also time these models' forward, e.g. mamba,memmamba.")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Size preset for --models.")] = "small",
+    repeats: Annotated[int, typer.Option(help="Timed repetitions (best is shown).")] = 3,
+) -> None:
+    """Time the selective-scan backends (and optionally model forwards) on this machine."""
+    from fidelity.bench import time_forward, time_scan_backends
+    from fidelity.models.registry import build_model
+
+    tokens = parse_length(length)
+    if d_inner < 1 or repeats < 1:
+        _fail("--d-inner and --repeats must be positive")
+    names = _split(models) or []
+    built = {name: build_model(name, preset).eval() for name in names}  # fail fast on names
+    table = Table(title=f"selective scan, {format_length(tokens)} tokens, d_inner {d_inner}")
+    for column in ("backend", "seconds", "tokens/s", "x fastest", "max rel. error"):
+        table.add_column(column, justify="right")
+    for row in time_scan_backends(tokens, d_inner, repeats=repeats):
+        table.add_row(
+            row["backend"],
+            f"{row['seconds']:.4f}",
+            f"{row['tokens_per_s']:,.0f}",
+            f"{row['ratio']:.1f}",
+            f"{row['max_error']:.1e}",
+        )
+    out.print(table)
+    if built:
+        times = {name: time_forward(model, tokens, repeats) for name, model in built.items()}
+        first = next(iter(times.values()))
+        table = Table(title=f"forward, {preset} preset, {format_length(tokens)} tokens")
+        for column in ("model", "parameters", "seconds", f"x {names[0]}"):
+            table.add_column(column, justify="right")
+        for name, seconds in times.items():
+            parameters = f"{built[name].num_parameters() / 1e6:.2f}M"
+            table.add_row(name, parameters, f"{seconds:.3f}", f"{seconds / first:.2f}")
+        out.print(table)
+
+
 def _overrides(pairs: list[str]) -> dict:
     """``["pool_policy=fifo", "tau2=0.7"]`` -> ``{"pool_policy": "fifo", "tau2": 0.7}``
     (values read as JSON where they parse, else as strings)."""

@@ -183,3 +183,26 @@ def test_train_with_config_overrides_and_resume(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run([*argv[:-2], "--set", "tau2"], capsys)
     assert code == 2 and "key=value" in err
+
+
+def test_bench_times_backends_and_models(capsys):
+    code, out, err = run(
+        [
+            "bench",
+            "--length",
+            "300",
+            "--d-inner",
+            "16",
+            "--models",
+            "mamba,memmamba",
+            "--preset",
+            "tiny",
+            "--repeats",
+            "1",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "ref" in out and "chunked" in out and "memmamba" in out
+    code, _, err = run(["bench", "--length", "300", "--models", "nope"], capsys)
+    assert code == 2 and "unknown model" in err
