@@ -1,11 +1,11 @@
 """memory-fidelity: measure how sequence models forget.
 
-    import fidelity
-    model = fidelity.load_model("memmamba")                  # shipped default checkpoint
-    res = fidelity.analyze(model, length="8k")               # ETMF, ECLMF, SSM decay
-    res.plot(); res.summary; res.save("runs/mm8k")
-    cmp = fidelity.compare([res, "runs/other"]); cmp.plot()
-    cap = fidelity.capture(model, input_ids, layers=[0, 3], positions=idx)
+import fidelity
+model = fidelity.load_model("memmamba")                  # shipped default checkpoint
+res = fidelity.analyze(model, length="8k")               # ETMF, ECLMF, SSM decay
+res.plot(); res.summary; res.save("runs/mm8k")
+cmp = fidelity.compare([res, "runs/other"]); cmp.plot()
+cap = fidelity.capture(model, input_ids, layers=[0, 3], positions=idx)
 """
 
 from fidelity import kernels

@@ -499,9 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     ``--debug`` may appear anywhere on the command line."""
     global _debug
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv:
+    _debug = "--debug" in argv
+    if _debug:
         argv.remove("--debug")
-        _debug = True
     try:
         status = app(args=argv, standalone_mode=False)
         if status == 130:  # typer turns Ctrl-C into exit status 130

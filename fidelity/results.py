@@ -23,31 +23,42 @@ A :class:`FidelityResult` holds three things that ``fidelity.analyze`` produces:
 A :class:`Comparison` lines several results up (``frame`` with a ``run`` column, per-layer
 differences against the first run) and has the same ``plot`` / ``save`` surface.
 
-Saving is atomic: files are written to a hidden sibling directory that is renamed into place
-only once complete, so an interrupted save never leaves a directory that looks finished.
+Saving is atomic and loading exact; the files and how they are written and read are
+:mod:`fidelity.results_io`'s job.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import logging
 import math
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from fidelity.reports import html, plots
+from fidelity.results_io import (
+    RESULT_FILES,
+    atomic_directory,
+    check_meta,
+    check_table,
+    read_meta,
+    read_table,
+    write_table,
+)
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "COMPARISON_PLOT_KINDS",
+    "FRAME_COLUMNS",
+    "PLOT_KINDS",
+    "RESULT_FILES",
+    "SUMMARY_COLUMNS",
+    "Comparison",
+    "FidelityResult",
+]
 
 FRAME_COLUMNS: dict[str, str] = {
     "model": "str",
@@ -90,12 +101,6 @@ PLOT_KINDS: dict[str, tuple[str, ...]] = {
 
 COMPARISON_PLOT_KINDS = ("forgetting", "depth", "summary")
 
-RESULT_FILES = ("results.csv", "summary.csv", "meta.json")
-"""Files :meth:`FidelityResult.load` needs."""
-
-_SAVED_MARKERS = ("meta.json", "results.csv", "comparison.csv", "report.html")
-"""A directory holding one of these was written by ``save`` and may be replaced with force."""
-
 _PLOTTERS: dict[str, Callable[..., Figure]] = {
     "forgetting": plots.forgetting_curve,
     "depth": plots.depth_curve,
@@ -106,272 +111,6 @@ _PLOTTERS: dict[str, Callable[..., Figure]] = {
 }
 
 _PNG_DPI = 150
-
-
-# ----------------------------------------------------------------------------- table schema
-
-
-def _column_error(table: str, column: str, problem: str, kind: str) -> ValueError:
-    expected = {"str": "strings", "int": "whole numbers", "float": "numbers (NaN allowed)"}[kind]
-    return ValueError(f"{table}: column {column!r} {problem}; it must hold {expected}")
-
-
-def _as_strings(values: pd.Series, table: str, column: str) -> pd.Series:
-    bad = [v for v in values if not isinstance(v, str)]
-    if bad:
-        raise _column_error(table, column, f"holds non-string values such as {bad[0]!r}", "str")
-    return values.astype(str)
-
-
-def _as_numbers(values: pd.Series, table: str, column: str, kind: str) -> pd.Series:
-    """``values`` as a numeric series (object columns of numbers are converted)."""
-    if values.dtype == object or pd.api.types.is_string_dtype(values):
-        bad = next((v for v in values if not _is_number(v)), None)
-        if bad is not None:
-            raise _column_error(table, column, f"holds {bad!r}", kind)
-        values = pd.to_numeric(values)
-    if values.dtype == bool or not pd.api.types.is_numeric_dtype(values):
-        raise _column_error(table, column, f"has dtype {values.dtype}", kind)
-    return values
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
-
-
-def _as_ints(values: pd.Series, table: str, column: str) -> pd.Series:
-    values = _as_numbers(values, table, column, "int")
-    if values.dtype.kind == "f":
-        numbers = values.to_numpy()
-        if not np.isfinite(numbers).all():
-            raise _column_error(table, column, "has missing or infinite values", "int")
-        if (numbers != np.round(numbers)).any():
-            raise _column_error(table, column, "has fractional values", "int")
-    return values.astype(np.int64)
-
-
-def _as_floats(values: pd.Series, table: str, column: str) -> pd.Series:
-    return _as_numbers(values, table, column, "float").astype(np.float64)
-
-
-_CONVERTERS = {"str": _as_strings, "int": _as_ints, "float": _as_floats}
-
-
-def _check_table(
-    table: object, name: str, schema: Mapping[str, str], extra_numeric: bool
-) -> pd.DataFrame:
-    """Copy of ``table`` with the schema's columns first, typed; ValueError naming problems.
-
-    ``extra_numeric``: further columns are allowed (kept in order, as float64); otherwise they
-    are an error.
-    """
-    if not isinstance(table, pd.DataFrame):
-        raise TypeError(f"{name} must be a pandas DataFrame, got {type(table).__name__}")
-    missing = [c for c in schema if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"{name} is missing columns {missing}; expected columns {list(schema)}"
-            + (" followed by numeric columns such as 'etmf_norm@64'" if extra_numeric else "")
-        )
-    if not table.columns.is_unique:
-        raise ValueError(f"{name} has duplicate column names: {list(table.columns)}")
-    extra = [c for c in table.columns if c not in schema]
-    if extra and not extra_numeric:
-        raise ValueError(f"{name} has unexpected columns {extra}; expected {list(schema)}")
-    bad_names = [c for c in extra if not isinstance(c, str)]
-    if bad_names:
-        raise ValueError(f"{name}: column names must be strings, got {bad_names}")
-    columns = {c: _CONVERTERS[kind](table[c], name, c) for c, kind in schema.items()}
-    columns |= {c: _as_floats(table[c], name, c) for c in extra}
-    return pd.DataFrame({c: s.reset_index(drop=True) for c, s in columns.items()})
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(
-        f"meta holds a {type(value).__name__} ({value!r}), which JSON cannot store; "
-        "use strings, numbers, booleans, None, lists and dicts"
-    )
-
-
-def _finite_or_none(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    return value
-
-
-def _check_meta(meta: object) -> dict[str, object]:
-    """``meta`` as JSON gives it back (standard JSON: non-finite floats become None)."""
-    if not isinstance(meta, Mapping):
-        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-    bad_keys = [k for k in meta if not isinstance(k, str)]
-    if bad_keys:
-        raise TypeError(f"meta keys must be strings, got {bad_keys!r}")
-    plain = json.loads(json.dumps(dict(meta), default=_json_default))
-    return _finite_or_none(plain)
-
-
-# ----------------------------------------------------------------------------- CSV / JSON io
-
-
-def _write_table(table: pd.DataFrame, path: Path) -> None:
-    """CSV with NaN as an empty field; floats in shortest round-trip form (exact reload)."""
-    table.to_csv(path, index=False, na_rep="")
-
-
-def _parse_column(
-    texts: list[str], lines: list[int], kind: str, path: Path, column: str
-) -> pd.Series:
-    """CSV fields -> typed column; ValueError naming file, column, line and value."""
-    if kind == "str":
-        return pd.Series(texts, dtype=object)
-    parse = (lambda text: float(text) if text else math.nan) if kind == "float" else int
-    values = []
-    for line, text in zip(lines, texts, strict=True):
-        try:
-            values.append(parse(text))
-        except ValueError:
-            expected = "an integer" if kind == "int" else "a number or an empty field"
-            raise ValueError(
-                f"{path} is corrupt: column {column!r}, line {line} holds {text!r}, "
-                f"expected {expected}"
-            ) from None
-    return pd.Series(values, dtype=np.int64 if kind == "int" else np.float64)
-
-
-def _read_records(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
-    """Header, records and each record's (last) line number; every record must be complete."""
-    _require_file(path)
-    records, lines = [], []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle, strict=True)
-            header = next(reader, None)
-            if not header:
-                raise ValueError(f"{path} is empty; expected a CSV header line")
-            for record in reader:
-                if not record:
-                    continue  # blank line
-                if len(record) != len(header):
-                    raise ValueError(
-                        f"{path} is corrupt: line {reader.line_num} has {len(record)} fields, "
-                        f"expected {len(header)} ({', '.join(header)})"
-                    )
-                records.append(record)
-                lines.append(reader.line_num)
-    except (csv.Error, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable CSV table: {error}") from None
-    return header, records, lines
-
-
-def _read_table(path: Path, schema: Mapping[str, str], extra_numeric: bool) -> pd.DataFrame:
-    header, records, lines = _read_records(path)
-    missing = [c for c in schema if c not in header]
-    if missing:
-        raise ValueError(f"{path} is missing columns {missing}; expected {list(schema)}")
-    if len(set(header)) != len(header):
-        raise ValueError(f"{path} has duplicate column names: {header}")
-    columns = {
-        name: _parse_column([r[i] for r in records], lines, schema.get(name, "float"), path, name)
-        for i, name in enumerate(header)
-    }
-    try:
-        return _check_table(pd.DataFrame(columns), str(path), schema, extra_numeric)
-    except ValueError as error:
-        raise ValueError(f"{path} is not a valid table: {error}") from None
-
-
-def _require_file(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path.parent} has no {path.name}; a saved result directory holds "
-            f"{', '.join(RESULT_FILES)} (written by FidelityResult.save)"
-        )
-
-
-def _read_meta(path: Path) -> dict[str, object]:
-    _require_file(path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
-    return meta
-
-
-# ----------------------------------------------------------------------------- atomic save
-
-
-def _sibling(target: Path, tag: str) -> Path:
-    return target.with_name(f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}")
-
-
-def _check_target(target: Path, force: bool) -> None:
-    """Refuse to overwrite without ``force``, and never replace what ``save`` did not write."""
-    if not target.exists() and not target.is_symlink():
-        return
-    if not target.is_dir() or target.is_symlink():
-        raise FileExistsError(f"{target} exists and is not a result directory; choose another")
-    if not force:
-        raise FileExistsError(
-            f"{target} already exists; pass force=True (CLI: --force) to replace it"
-        )
-    looks_saved = any((target / marker).exists() for marker in _SAVED_MARKERS)
-    if not looks_saved and any(target.iterdir()):
-        raise FileExistsError(
-            f"{target} is not empty and holds no saved result ({', '.join(_SAVED_MARKERS)}); "
-            "refusing to replace it even with force=True"
-        )
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing target is moved aside, then deleted."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    backup = _sibling(target, "old")
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-    if backup.exists():
-        logger.warning("could not delete the replaced result at %s", backup)
-
-
-@contextmanager
-def _atomic_directory(directory: str | os.PathLike[str], force: bool) -> Iterator[Path]:
-    """Yield an empty staging directory; on success it becomes ``directory`` in one rename.
-
-    On any exception (KeyboardInterrupt included) the staging directory is deleted and
-    ``directory`` is left as it was.
-    """
-    if not isinstance(directory, str | os.PathLike):
-        raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
-    target = Path(directory)
-    _check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(target, "partial")
-    staging.mkdir()
-    try:
-        yield staging
-        _check_target(target, force)
-        _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_figures(figures: Mapping[str, Figure], directory: Path) -> dict[str, bytes]:
@@ -410,13 +149,13 @@ class FidelityResult:
     meta: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.frame = _check_table(self.frame, "frame", FRAME_COLUMNS, extra_numeric=False)
-        self.summary = _check_table(self.summary, "summary", SUMMARY_COLUMNS, extra_numeric=True)
+        self.frame = check_table(self.frame, "frame", FRAME_COLUMNS, extra_numeric=False)
+        self.summary = check_table(self.summary, "summary", SUMMARY_COLUMNS, extra_numeric=True)
         repeated = self.summary.duplicated(["model", "checkpoint", "layer"])
         if repeated.any():
             first = self.summary.loc[repeated, ["model", "checkpoint", "layer"]].iloc[0].to_dict()
             raise ValueError(f"summary has several rows for {first}; expected one per layer")
-        self.meta = _check_meta(self.meta)
+        self.meta = check_meta(self.meta)
 
     @property
     def label(self) -> str:
@@ -481,9 +220,9 @@ class FidelityResult:
         existing directory raises FileExistsError unless ``force=True``; with force it is
         replaced only once the new one is complete (and only if it holds a saved result).
         """
-        with _atomic_directory(directory, force) as staging:
-            _write_table(self.frame, staging / "results.csv")
-            _write_table(self.summary, staging / "summary.csv")
+        with atomic_directory(directory, force) as staging:
+            write_table(self.frame, staging / "results.csv")
+            write_table(self.summary, staging / "summary.csv")
             text = json.dumps(self.meta, indent=2, allow_nan=False)
             (staging / "meta.json").write_text(text + "\n", encoding="utf-8")
             images = _write_figures(self.figures(), staging)
@@ -503,9 +242,9 @@ class FidelityResult:
             raise FileNotFoundError(f"no result directory at {path}")
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is a file; expected a result directory")
-        frame = _read_table(path / "results.csv", FRAME_COLUMNS, extra_numeric=False)
-        summary = _read_table(path / "summary.csv", SUMMARY_COLUMNS, extra_numeric=True)
-        return cls(frame=frame, summary=summary, meta=_read_meta(path / "meta.json"))
+        frame = read_table(path / "results.csv", FRAME_COLUMNS, extra_numeric=False)
+        summary = read_table(path / "summary.csv", SUMMARY_COLUMNS, extra_numeric=True)
+        return cls(frame=frame, summary=summary, meta=read_meta(path / "meta.json"))
 
     def _repr_html_(self) -> str:
         return html.render_fragment(self)
@@ -688,9 +427,9 @@ class Comparison:
 
         Same overwrite rules as :meth:`FidelityResult.save`.
         """
-        with _atomic_directory(directory, force) as staging:
-            _write_table(self.frame, staging / "comparison.csv")
-            _write_table(self.summary, staging / "summary.csv")
+        with atomic_directory(directory, force) as staging:
+            write_table(self.frame, staging / "comparison.csv")
+            write_table(self.summary, staging / "summary.csv")
             images = _write_figures(self.figures(), staging)
             report = html.render_comparison(self, images)
             (staging / "report.html").write_text(report, encoding="utf-8")
