@@ -181,11 +181,11 @@ def _print_summary(result) -> None:
     summary = result.summary
     table = Table(title=f"{result.label}: forgetting per layer", title_style="bold")
     table.add_column("layer", justify="right")
-    table.add_column("half-life (tokens)", justify="right")
-    table.add_column("memory length", justify="right")
-    extra = [c for c in summary.columns if c.startswith("etmf_norm@")]
+    table.add_column("half-life (tokens)", justify="right", no_wrap=True)
+    table.add_column("memory length", justify="right", no_wrap=True)
+    extra = [c for c in summary.columns if c.startswith("etmf_norm@")][:3]
     for column in extra:
-        table.add_column(f"ETMF_norm d={column.split('@')[1]}", justify="right")
+        table.add_column(f"ETMF_norm\nd={column.split('@')[1]}", justify="right")
     for _, row in summary.iterrows():
         half_life = _interval(row["half_life"], row["half_life_low"], row["half_life_high"])
         memory = _interval(
@@ -205,7 +205,7 @@ def _interval(value: float, low: float, high: float) -> str:
     if value != value:  # NaN
         return "-"
     if low == low and high == high:
-        return f"{value:.3g} [{low:.3g}, {high:.3g}]"
+        return f"{value:.3g} ({low:.3g}-{high:.3g})"
     return f"{value:.3g}"
 
 
