@@ -179,13 +179,17 @@ def _chunk_option(value: str) -> int | str | None:
 
 def _print_summary(result) -> None:
     summary = result.summary
-    table = Table(title=f"{result.label}: forgetting per layer", title_style="bold")
+    table = Table(
+        title=f"{result.label}: forgetting per layer",
+        title_style="bold",
+        caption="ETMF = normalized ETMF (1 perfect, 0 chance); intervals: bootstrap 95%",
+    )
     table.add_column("layer", justify="right")
     table.add_column("half-life (tokens)", justify="right", no_wrap=True)
     table.add_column("memory length", justify="right", no_wrap=True)
     extra = [c for c in summary.columns if c.startswith("etmf_norm@")][:3]
     for column in extra:
-        table.add_column(f"ETMF_norm\nd={column.split('@')[1]}", justify="right")
+        table.add_column(f"ETMF d={column.split('@')[1]}", justify="right")
     for _, row in summary.iterrows():
         half_life = _interval(row["half_life"], row["half_life_low"], row["half_life_high"])
         memory = _interval(
