@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 from fidelity.reports import html, plots
 from fidelity.results_io import (
     RESULT_FILES,
-    atomic_directory,
+    atomic_result_directory,
     check_meta,
     check_table,
     read_meta,
@@ -220,7 +220,7 @@ class FidelityResult:
         existing directory raises FileExistsError unless ``force=True``; with force it is
         replaced only once the new one is complete (and only if it holds a saved result).
         """
-        with atomic_directory(directory, force) as staging:
+        with atomic_result_directory(directory, force) as staging:
             write_table(self.frame, staging / "results.csv")
             write_table(self.summary, staging / "summary.csv")
             text = json.dumps(self.meta, indent=2, allow_nan=False)
@@ -427,7 +427,7 @@ class Comparison:
 
         Same overwrite rules as :meth:`FidelityResult.save`.
         """
-        with atomic_directory(directory, force) as staging:
+        with atomic_result_directory(directory, force) as staging:
             write_table(self.frame, staging / "comparison.csv")
             write_table(self.summary, staging / "summary.csv")
             images = _write_figures(self.figures(), staging)

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-logger = logging.getLogger(__name__)
+from fidelity.atomic import atomic_directory
 
 RESULT_FILES = ("results.csv", "summary.csv", "meta.json")
 """Files :meth:`~fidelity.results.FidelityResult.load` needs."""
@@ -242,10 +238,6 @@ def read_meta(path: Path) -> dict[str, object]:
 # ----------------------------------------------------------------------------- atomic save
 
 
-def _sibling(target: Path, tag: str) -> Path:
-    return target.with_name(f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}")
-
-
 def _check_target(target: Path, force: bool) -> None:
     """Refuse to overwrite without ``force``, and never replace what ``save`` did not write."""
     if not target.exists() and not target.is_symlink():
@@ -264,41 +256,9 @@ def _check_target(target: Path, force: bool) -> None:
         )
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing target is moved aside, then deleted."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    backup = _sibling(target, "old")
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-    if backup.exists():
-        logger.warning("could not delete the replaced result at %s", backup)
-
-
-@contextmanager
-def atomic_directory(directory: str | os.PathLike[str], force: bool) -> Iterator[Path]:
-    """Yield an empty staging directory; on success it becomes ``directory`` in one rename.
-
-    On any exception (KeyboardInterrupt included) the staging directory is deleted and
-    ``directory`` is left as it was.
-    """
+def atomic_result_directory(directory: str | os.PathLike[str], force: bool):
+    """:func:`fidelity.atomic.atomic_directory` with the rules for result directories: an
+    existing one is replaced only with ``force``, and only if ``save`` wrote it."""
     if not isinstance(directory, str | os.PathLike):
         raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
-    target = Path(directory)
-    _check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(target, "partial")
-    staging.mkdir()
-    try:
-        yield staging
-        _check_target(target, force)
-        _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return atomic_directory(Path(directory), lambda target: _check_target(target, force))

@@ -2,7 +2,9 @@
 mamba_ssm and Hugging Face (Mamba, GPT-NeoX) checkpoint directories."""
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,14 +161,14 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 def test_failed_rename_restores_the_old_checkpoint(tmp_path, monkeypatch):
     path = save_checkpoint(tiny("mamba"), tmp_path / "ckpt", meta={"step": 1})
-    original_rename = checkpoint.Path.rename
+    original_rename = os.rename
 
-    def rename(self, target):
-        if self.name.startswith(".ckpt.partial-"):
+    def rename(source, target):
+        if Path(source).name.startswith(".ckpt.partial-"):
             raise OSError("rename failed (simulated)")
-        return original_rename(self, target)
+        return original_rename(source, target)
 
-    monkeypatch.setattr(checkpoint.Path, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(tiny("mamba"), path, overwrite=True)
     monkeypatch.undo()

@@ -20,8 +20,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fidelity.atomic import atomic_directory
 from fidelity.models.base import CausalLM
 from fidelity.models.config import ModelConfig
 
@@ -93,15 +92,9 @@ def save_checkpoint(
         name: (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().cpu()
         for name, tensor in unique_state(model).items()
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with atomic_directory(target, lambda path: _check_target(path, overwrite)) as staging:
         (staging / CONFIG_FILE).write_text(config_text + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / WEIGHTS_FILE))
-        _move_into_place(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -132,24 +125,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
                 f"refusing to overwrite {target}: it is neither empty nor a checkpoint "
                 f"directory (no {CONFIG_FILE})"
             )
-
-
-def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and
-    restored if the rename fails (a directory cannot be replaced in one atomic step)."""
-    _check_target(target, overwrite)
-    if not target.exists():
-        staging.rename(target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    backup.rmdir()
-    target.rename(backup)
-    try:
-        staging.rename(target)
-    except BaseException:
-        backup.rename(target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # -- loading -----------------------------------------------------------------------------------
