@@ -290,7 +290,7 @@ def analyze(
     finally:
         reporter.close()
     model_name = name or _model_name(model)
-    checkpoint = str(_provenance(model).get("checkpoint") or "")
+    checkpoint = _checkpoint_label(_provenance(model))
     frame = _finish_frame(frames, model_name, checkpoint, plan.length)
     summary.insert(0, "checkpoint", checkpoint)
     summary.insert(0, "model", model_name)
@@ -395,6 +395,13 @@ def _provenance(model: nn.Module) -> dict:
     return dict(getattr(model, "provenance", {}) or {})
 
 
+def _checkpoint_label(provenance: dict) -> str:
+    """``"shipped"`` for the package's default checkpoints, else the checkpoint's path."""
+    if provenance.get("shipped_default"):
+        return "shipped"
+    return str(provenance.get("checkpoint") or "")
+
+
 def _model_name(model: nn.Module) -> str:
     provenance = _provenance(model)
     if provenance.get("name"):
@@ -460,6 +467,7 @@ def _meta(model, model_name, checkpoint, probe, plan, metrics, seed, device, not
     return {
         "model": model_name,
         "checkpoint": checkpoint,
+        "checkpoint_path": str(provenance.get("checkpoint") or ""),
         "trained": trained,
         "random_init": not trained,
         "preset": provenance.get("preset"),

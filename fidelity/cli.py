@@ -257,14 +257,20 @@ def report(
 @app.command()
 def models() -> None:
     """List the registered models, their presets and shipped checkpoints."""
-    from fidelity.models.registry import MODELS, PRESETS, shipped_checkpoint
+    from fidelity.models.registry import DERIVED_DEFAULTS, MODELS, PRESETS, shipped_checkpoint
 
     table = Table(title="models")
     for column in ("name", "description", "shipped default"):
         table.add_column(column)
     for name in sorted(MODELS):
         shipped = shipped_checkpoint(name)
-        table.add_row(name, MODELS[name].description, str(shipped) if shipped else "-")
+        if shipped is not None:
+            default = f"fidelity/data/{shipped.name}"
+        elif name in DERIVED_DEFAULTS and shipped_checkpoint(DERIVED_DEFAULTS[name]):
+            default = f"from {DERIVED_DEFAULTS[name]}'s"
+        else:
+            default = "-"
+        table.add_row(name, MODELS[name].description, default)
     out.print(table)
     out.print(f"presets: {', '.join(PRESETS)}")
 
