@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fidelity.models.mamba2 import Mamba2Config, Mamba2LM, ssd_scan_chunked, ssd_scan_ref
+from fidelity.models.mamba2 import (
+    Mamba2Config,
+    Mamba2LM,
+    ssd_scan_chunked,
+    ssd_scan_ref,
+    ssd_scan_selective,
+)
 from fidelity.models.registry import build_model
 
 # float64: the chunked scan and the loop differ only in summation order.
@@ -57,6 +63,42 @@ def test_chunked_scan_matches_sequential_recurrence(shape, dtype):
         assert state.shape == (batch, nheads, headdim, d_state)
         torch.testing.assert_close(y, y_ref, **SCAN_TOLERANCE[dtype])
         torch.testing.assert_close(state, state_ref, **SCAN_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_selective_scan_path_matches_sequential_recurrence(shape, dtype):
+    """The SSD through the fused selective-scan kernels, groups included."""
+    batch, length, nheads, headdim, _, _, _ = shape
+    x, dt, A, B, C, D, initial = scan_inputs(*shape[:-1], dtype=dtype, seed=sum(shape) + 1)
+    for with_extras in (False, True):
+        extras = {"D": D, "initial_state": initial} if with_extras else {}
+        y, state = ssd_scan_selective(x, dt, A, B, C, return_final_state=True, **extras)
+        y_ref, state_ref = ssd_scan_ref(x, dt, A, B, C, return_final_state=True, **extras)
+        assert y.shape == (batch, length, nheads, headdim) and y.dtype == dtype
+        torch.testing.assert_close(y, y_ref, **SCAN_TOLERANCE[dtype])
+        torch.testing.assert_close(state.to(dtype), state_ref, **SCAN_TOLERANCE[dtype])
+
+
+def test_selective_scan_path_gradients_match_the_recurrence():
+    inputs = scan_inputs(2, 19, 4, 3, 2, 5, torch.float64, seed=4)
+    grads = []
+    for scan in (ssd_scan_selective, ssd_scan_ref):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        x, dt, A, B, C, D, initial = leaves
+        scan(x, dt, A, B, C, D=D, initial_state=initial).pow(2).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for fast, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("scan", ["selective_scan", "ssd_chunked"])
+def test_both_scans_give_the_same_model(scan):
+    model = build_model("mamba2", "tiny", scan=scan).double().eval()
+    other = build_model("mamba2", "tiny", scan="ssd_chunked").double().eval()
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, **MODEL_TOLERANCE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

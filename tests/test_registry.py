@@ -13,7 +13,7 @@ def test_presets_and_overrides_build_untrained_models():
     model = load_model("memmamba", preset="tiny", pool_size=5)
     assert model.config.pool_size == 5 and model.config.d_model == 32
     assert model.provenance["trained"] is False and not model.training
-    assert build_config("mamba2", "mini").d_state == 64
+    assert build_config("mamba2", "mini").d_state == 16
     with pytest.raises(ValueError, match="unknown preset"):
         build_config("mamba", "huge")
     with pytest.raises(ValueError, match="unknown MemMambaConfig options"):

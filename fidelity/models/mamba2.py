@@ -37,9 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fidelity.kernels import selective_scan
 from fidelity.models.base import CausalLM, RMSNorm, causal_conv1d, softplus_inverse
 from fidelity.models.config import ModelConfig
 from fidelity.models.mamba import init_lm_weights
+
+SCANS = ("selective_scan", "ssd_chunked")
 
 
 @dataclass
@@ -53,7 +56,10 @@ class Mamba2Config(ModelConfig):
     expand: int = 2  # d_inner = expand * d_model (mamba_ssm default)
     headdim: int = 64  # channels per head; nheads = d_inner / headdim (mamba_ssm default)
     ngroups: int = 1  # groups sharing B and C, like GQA's key groups (mamba_ssm default)
-    chunk_size: int = 64  # SSD chunk: speed only; fastest here on CPU (mamba_ssm GPU: 256)
+    chunk_size: int = 64  # SSD chunk of the "ssd_chunked" scan: speed only (mamba_ssm GPU: 256)
+    scan: str = "selective_scan"  # "selective_scan": the fused kernels of fidelity.kernels (the
+    # SSD recurrence is a selective scan with A, dt and D shared within a head); "ssd_chunked":
+    # the pure-PyTorch chunked SSD below (same numbers; slower to train on CPU)
     A_init_min: float = 1.0  # A = -uniform(A_init_min, A_init_max) per head (mamba_ssm range)
     A_init_max: float = 16.0
     dt_min: float = 0.001  # initial softplus(dt_bias) range, log-uniform (mamba_ssm default)
@@ -79,6 +85,8 @@ class Mamba2Config(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -102,6 +110,55 @@ class Mamba2Config(ModelConfig):
 
 
 # -- the SSD scan ------------------------------------------------------------------------------
+
+
+def ssd_scan_selective(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The SSD scan as Mamba-1 selective scans (:func:`fidelity.kernels.selective_scan`), one
+    per group: channel ``(h, p)`` gets ``delta = dt_h``, ``A = A_h`` on every state and
+    ``D_h``, and the group's ``B``/``C`` are shared by its channels exactly as Mamba-1 shares
+    them. Same arguments, shapes and results as :func:`ssd_scan_chunked` (no ``chunk_size``);
+    fused forward and backward on CPU, Triton or mamba_ssm on CUDA.
+    """
+    _check_scan_shapes(x, dt, A, B, C)
+    batch, length, nheads, headdim = x.shape
+    ngroups, d_state = B.shape[2], B.shape[3]
+    per_group = nheads // ngroups
+    outputs, states = [], []
+    for group in range(ngroups):
+        heads = slice(group * per_group, (group + 1) * per_group)
+        channels = per_group * headdim
+        u = x[:, :, heads].reshape(batch, length, channels).transpose(1, 2)
+        delta = dt[:, :, heads].repeat_interleave(headdim, dim=2).transpose(1, 2)
+        A_group = A[heads].repeat_interleave(headdim)[:, None].expand(channels, d_state)
+        D_group = None if D is None else D[heads].repeat_interleave(headdim)
+        start = None
+        if initial_state is not None:
+            start = initial_state[:, heads].reshape(batch, channels, d_state)
+        result = selective_scan(
+            u,
+            delta,
+            A_group,
+            B[:, :, group].transpose(1, 2),
+            C[:, :, group].transpose(1, 2),
+            D_group,
+            return_last_state=return_final_state,
+            initial_state=start,
+        )
+        if return_final_state:
+            result, last = result
+            states.append(last.reshape(batch, per_group, headdim, d_state))
+        outputs.append(result.transpose(1, 2).reshape(batch, length, per_group, headdim))
+    y = torch.cat(outputs, dim=2)  # (batch, length, nheads, headdim)
+    return (y, torch.cat(states, dim=1)) if return_final_state else y
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -377,16 +434,18 @@ class Mamba2Mixer(nn.Module):
         conv_out = causal_conv1d(conv_input, self.conv1d.weight, self.conv1d.bias, prefix)
         x, B, C = self._split_xBC(F.silu(conv_out).transpose(1, 2))
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype))  # (batch, length, nheads)
-        result = ssd_scan_chunked(
+        scan_options = {"chunk_size": config.chunk_size} if config.scan == "ssd_chunked" else {}
+        scan = ssd_scan_chunked if config.scan == "ssd_chunked" else ssd_scan_selective
+        result = scan(
             x,
             dt,
             -torch.exp(self.A_log),
             B,
             C,
-            chunk_size=config.chunk_size,
             D=self.D,
             initial_state=cache.ssm if cache is not None else None,
             return_final_state=cache is not None,
+            **scan_options,
         )
         if cache is not None:
             y, last_state = result

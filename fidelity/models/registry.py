@@ -137,7 +137,7 @@ PRESET_EXTRAS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "mamba2": {
         "tiny": {"headdim": 16},
-        "mini": {"headdim": 32, "d_state": 64},
+        "mini": {"headdim": 32, "d_state": 16},  # Mamba-1 mini's state size; fits CPU training
         "small": {"headdim": 64, "d_state": 64},
         "130m": {"headdim": 64, "d_state": 128},
         "200m": {"headdim": 64, "d_state": 128},
