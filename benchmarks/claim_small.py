@@ -20,7 +20,9 @@ answer plainly, whatever it is. Reproduce with:
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import shutil
 import time
 from datetime import date
 from pathlib import Path
@@ -168,6 +170,38 @@ def verdict(
     return lines
 
 
+def slug(name: str) -> str:
+    return "memory-" + name.replace(" ", "-")
+
+
+def measure(model, label, lengths, trials, analysis_length, anchors, args, started):
+    """Retrieval, perplexity and memory fidelity of one model (the expensive part)."""
+    print(f"[{time.perf_counter() - started:6.0f} s] {label}: retrieval", flush=True)
+    retrieval = pd.concat(
+        [
+            retrieval_accuracy(model, task, lengths=lengths, trials=trials, seed=1)
+            for task in ("passkey", "kv")
+        ],
+        ignore_index=True,
+    )
+    print(f"[{time.perf_counter() - started:6.0f} s] {label}: perplexity", flush=True)
+    ppl = perplexity(model, lengths, n_sequences=args.ppl_sequences, seed=2)
+    print(f"[{time.perf_counter() - started:6.0f} s] {label}: ETMF / ECLMF", flush=True)
+    results = {
+        name: fidelity.analyze(
+            model,
+            analysis_length,
+            probe=probe,
+            anchors=anchors,
+            progress=False,
+            metrics="etmf,eclmf",
+            seed=3,
+        )
+        for probe, name in (("text", "held-out text"), ("random", "random tokens"))
+    }
+    return retrieval, ppl, results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="extra label=checkpoint")
@@ -177,6 +211,12 @@ def main() -> None:
     parser.add_argument("--ppl-sequences", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "claim_small.md")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("runs/claim_cache"),
+        help="per-model measurements are kept here and reused when the settings match",
+    )
     args = parser.parse_args()
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     trials, analysis_length, anchors = args.trials, args.analysis_length, 512
@@ -187,40 +227,46 @@ def main() -> None:
     loaded = {label: fidelity.load_model(path) for label, path in models.items()}
     training_length = int(loaded["memmamba"].provenance.get("training", {}).get("length", 2048))
     retrieval, ppl, memory = {}, {}, {"held-out text": {}, "random tokens": {}}
+    settings = {
+        "lengths": lengths,
+        "trials": trials,
+        "analysis_length": analysis_length,
+        "anchors": anchors,
+        "ppl_sequences": args.ppl_sequences,
+    }
     for label, model in loaded.items():
-        print(f"[{time.perf_counter() - started:6.0f} s] {label}: retrieval", flush=True)
-        retrieval[label] = pd.concat(
-            [
-                retrieval_accuracy(model, task, lengths=lengths, trials=trials, seed=1)
-                for task in ("passkey", "kv")
-            ],
-            ignore_index=True,
-        )
-        print(f"[{time.perf_counter() - started:6.0f} s] {label}: perplexity", flush=True)
-        ppl[label] = perplexity(model, lengths, n_sequences=args.ppl_sequences, seed=2)
-        print(f"[{time.perf_counter() - started:6.0f} s] {label}: ETMF / ECLMF", flush=True)
-        for probe, name in (("text", "held-out text"), ("random", "random tokens")):
-            memory[name][label] = fidelity.analyze(
-                model,
-                analysis_length,
-                probe=probe,
-                anchors=anchors,
-                progress=False,
-                metrics="etmf,eclmf",
-                seed=3,
-            )
+        cache = args.cache / label
+        key = {"model": str(models[label]), **settings}
+        if (cache / "key.json").is_file() and json.loads((cache / "key.json").read_text()) == key:
+            print(f"{label}: cached in {cache}", flush=True)
+            retrieval[label] = pd.read_csv(cache / "retrieval.csv")
+            ppl[label] = pd.read_csv(cache / "perplexity.csv")
+            for name in memory:
+                memory[name][label] = fidelity.FidelityResult.load(cache / slug(name))
+            continue
+        measured = measure(model, label, lengths, trials, analysis_length, anchors, args, started)
+        retrieval[label], ppl[label], results = measured
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.mkdir(parents=True)
+        retrieval[label].to_csv(cache / "retrieval.csv", index=False)
+        ppl[label].to_csv(cache / "perplexity.csv", index=False)
+        for name, result in results.items():
+            memory[name][label] = result
+            result.save(cache / slug(name))
+        (cache / "key.json").write_text(json.dumps(key))
     elapsed = time.perf_counter() - started
     lines = [
         "# MemMamba vs Mamba at small scale: retrieval, perplexity, memory fidelity",
         "",
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; wall time "
-        f"{elapsed / 60:.1f} min.",
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; this invocation "
+        f"took {elapsed / 60:.1f} min (models measured earlier with the same settings are read "
+        f"from `{args.cache}`).",
         "",
-        "Command: `python benchmarks/claim_small.py "
-        + " ".join(f"--model {s}" for s in args.model)
-        + (" --quick" if args.quick else "")
-        + f" --lengths {args.lengths} --trials {args.trials}`",
+        "Command: `python benchmarks/claim_small.py"
+        + "".join(f" --model {spec}" for spec in args.model)
+        + (" --quick`" if args.quick else f" --lengths {args.lengths} --trials {args.trials}`"),
         "",
         "Models: "
         + "; ".join(
