@@ -146,7 +146,10 @@ def estimate_run(
     tokens_in_flight = min(length, chunk_size) if chunk_size else length
     compute_bytes = 4
     activations = batch * tokens_in_flight * widest * ACTIVATION_FLOATS_PER_TOKEN * compute_bytes
-    activations += 2 * batch * length * d_model * compute_bytes  # input and output streams
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    activations += (
+        batch * tokens_in_flight * (2 * d_model + vocab) * compute_bytes
+    )  # streams, logits
     span = attention_span(model, length)
     n_heads = getattr(getattr(model, "config", None), "n_heads", None) or getattr(
         getattr(model, "config", None), "num_attention_heads", 1
