@@ -59,8 +59,10 @@ from fidelity.results import Comparison, FidelityResult
 
 CAPTURE_METRICS = ("etmf", "eclmf", "ssm_decay")
 """Metrics computed from the single captured forward pass."""
-EXTRA_METRICS = ("influence",)
-"""Metrics that run forward passes of their own."""
+EXTRA_METRICS = ("influence", "retrieval", "perplexity")
+"""Metrics that run forward passes of their own (opt-in: they cost more than the capture)."""
+RETRIEVAL_TRIALS = 5
+"""Prompts per (task, length, depth) cell of the ``retrieval`` metric."""
 METRICS = CAPTURE_METRICS + EXTRA_METRICS
 DEFAULT_METRICS = ("etmf", "eclmf", "ssm_decay")
 CENTERED = True
@@ -235,10 +237,12 @@ def analyze(
     ``model``: one of our models, a Hugging Face causal LM, a registered name or a checkpoint
     directory. ``length``: tokens per sequence (``"60k"``). ``probe``: text | passkey | kv |
     random (``text`` reads ``text`` files, else the default standard-library corpus).
-    ``metrics``: any of etmf, eclmf, ssm_decay, influence. ``anchors`` positions are sampled
-    (seeded) and scored at log-spaced ``distances``; ``layers`` (default all; 0 = embeddings
-    is always included). ``progress``: True for progress bars, False for none, or a reporter.
-    ``max_memory`` (bytes) overrides the available-memory check. The result's ``frame`` is
+    ``metrics``: any of etmf, eclmf, ssm_decay (from the capture), influence, retrieval
+    (passkey and key-value accuracy at doubling context lengths up to ``length``), perplexity.
+    ``anchors`` positions are sampled (seeded) and scored at log-spaced ``distances``;
+    ``layers`` (default all; 0 = embeddings is always included). ``progress``: True for
+    progress bars, False for none, or a reporter. ``max_memory`` (bytes) overrides the
+    available-memory check. The result's ``frame`` is
     tidy (see :mod:`fidelity.results`), ``summary`` has per-layer half-life and effective memory
     length, ``meta`` records everything needed to reproduce the run.
     """
@@ -330,6 +334,8 @@ def _compute_metrics(
         notes.extend(collector.notes)
     if "influence" in metrics:
         frames.append(_influence(model, probe_input.input_ids, plan, seed, n_boot, reporter, notes))
+    if "retrieval" in metrics or "perplexity" in metrics:
+        frames.extend(_long_context_metrics(model, plan.length, metrics, seed, n_boot, reporter))
     return frames, summary
 
 
@@ -372,6 +378,36 @@ def _influence(model, input_ids, plan, seed, n_boot, reporter, notes) -> pd.Data
         return pd.DataFrame()
     step.update(1)
     return frame
+
+
+def context_lengths(length: int) -> list[int]:
+    """Doubling context lengths from 1024 up to ``length`` (``length`` itself included)."""
+    lengths = [n for n in (1024 * 2**k for k in range(12)) if n < length]
+    return [*lengths, length]
+
+
+def _long_context_metrics(model, length, metrics, seed, n_boot, reporter) -> list[pd.DataFrame]:
+    """Passkey and key-value retrieval and held-out perplexity at doubling context lengths
+    up to the analysis length (their own forward passes)."""
+    from fidelity.metrics.perplexity import perplexity
+    from fidelity.metrics.retrieval import retrieval_accuracy
+
+    lengths = context_lengths(length)
+    frames = []
+    if "retrieval" in metrics:
+        for task in ("passkey", "kv"):
+            step = reporter.start(f"{task} retrieval", 1)
+            frames.append(
+                retrieval_accuracy(
+                    model, task, lengths=lengths, trials=RETRIEVAL_TRIALS, seed=seed, n_boot=n_boot
+                )
+            )
+            step.update(1)
+    if "perplexity" in metrics:
+        step = reporter.start("perplexity", 1)
+        frames.append(perplexity(model, lengths, seed=seed, n_boot=n_boot))
+        step.update(1)
+    return frames
 
 
 def _empty_summary(layers: list[int]) -> pd.DataFrame:

@@ -81,7 +81,10 @@ def analyze(
         Path | None, typer.Option(help="Text file or directory for the text probe.")
     ] = None,
     metrics: Annotated[
-        str, typer.Option(help="Comma-separated: etmf, eclmf, ssm_decay, influence.")
+        str,
+        typer.Option(
+            help="Comma-separated: etmf, eclmf, ssm_decay, influence, retrieval, perplexity."
+        ),
     ] = "etmf,eclmf,ssm_decay",
     anchors: Annotated[int, typer.Option(help="Anchor positions sampled per sequence.")] = 512,
     layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 0,3,6.")] = None,

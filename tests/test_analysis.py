@@ -142,3 +142,22 @@ def test_models_without_an_ssm_get_a_note_instead_of_ssm_decay():
     )
     assert "ssm_decay" not in set(result.frame["metric"])
     assert any(note.startswith("ssm_decay skipped") for note in result.meta["notes"])
+
+
+def test_retrieval_and_perplexity_metrics_run_their_own_passes():
+    model = build_model("mamba", "tiny")
+    result = analysis.analyze(
+        model,
+        1500,
+        probe="random",
+        metrics="retrieval,perplexity",
+        anchors=32,
+        progress=False,
+        n_boot=10,
+    )
+    frame = result.frame
+    assert {"passkey_acc", "kv_acc", "perplexity"} <= set(frame["metric"])
+    retrieval = frame[frame["metric"] == "passkey_acc"]
+    assert sorted(set(retrieval["length"])) == analysis.context_lengths(1500) == [1024, 1500]
+    assert (retrieval["n"] == analysis.RETRIEVAL_TRIALS).all()
+    assert "retrieval" in result.plot_kinds()
