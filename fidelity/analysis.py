@@ -454,8 +454,8 @@ def _finish_frame(
         raise ValueError("no metric produced any value; check the metrics and the length")
     frame.insert(0, "checkpoint", checkpoint)
     frame.insert(0, "model", model)
-    if "length" not in frame:
-        frame["length"] = length
+    # Only the long-context metrics have their own context lengths; the rest ran at `length`.
+    frame["length"] = frame["length"].fillna(length) if "length" in frame else length
     if "depth" not in frame:
         frame["depth"] = float("nan")
     return frame

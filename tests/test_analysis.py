@@ -150,13 +150,15 @@ def test_retrieval_and_perplexity_metrics_run_their_own_passes():
         model,
         1500,
         probe="random",
-        metrics="retrieval,perplexity",
+        metrics="etmf,retrieval,perplexity",
         anchors=32,
         progress=False,
         n_boot=10,
     )
     frame = result.frame
-    assert {"passkey_acc", "kv_acc", "perplexity"} <= set(frame["metric"])
+    assert {"etmf", "passkey_acc", "kv_acc", "perplexity"} <= set(frame["metric"])
+    # rows of the capture's metrics carry the analysis length beside the retrieval contexts
+    assert (frame.loc[frame["metric"] == "etmf", "length"] == 1500).all()
     retrieval = frame[frame["metric"] == "passkey_acc"]
     assert sorted(set(retrieval["length"])) == analysis.context_lengths(1500) == [1024, 1500]
     assert (retrieval["n"] == analysis.RETRIEVAL_TRIALS).all()
