@@ -239,7 +239,8 @@ def compare(
         console.print(f"[yellow]warning[/]: {warning}")
     columns = ["run", "layer", "half_life", "memory_length"]
     columns += [c for c in comparison.summary.columns if c.endswith("_diff")]
-    out.print(comparison.summary[columns].to_string(index=False))
+    table = comparison.summary[columns].to_string(index=False, float_format="{:.2f}".format)
+    out.print(table, soft_wrap=True)  # wide tables scroll rather than wrap mid-row
     if out_dir is not None:
         path = comparison.save(out_dir, force=force)
         console.print(f"saved comparison to [bold]{path}[/]")
