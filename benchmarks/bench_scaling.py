@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def main() -> None:
         "",
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32, "
-        f"chunks of {args.chunk} tokens through each model's cache.",
+        f"chunks of {args.chunk} tokens through each model's cache; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (above the core count, other processes shared "
+        "the cores and times are pessimistic).",
         "",
         f"Command: `python benchmarks/bench_scaling.py --models {args.models} --preset "
         f"{args.preset} --lengths {args.lengths}`",
