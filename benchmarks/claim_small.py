@@ -59,6 +59,9 @@ def interval(value: float, low: float, high: float, digits: int = 2) -> str:
 def retrieval_table(frames: dict[str, pd.DataFrame], metric: str) -> str:
     rows = []
     for label, frame in frames.items():
+        if frame.empty:
+            rows.append(f"| {label} | - | not measured (CPU budget) | | |")
+            continue
         cells = frame[frame["metric"] == metric]
         for length, group in cells.groupby("length"):
             successes = (group["value"] * group["n"]).sum()
@@ -176,14 +179,17 @@ def slug(name: str) -> str:
 
 def measure(model, label, lengths, trials, analysis_length, anchors, args, started):
     """Retrieval, perplexity and memory fidelity of one model (the expensive part)."""
-    print(f"[{time.perf_counter() - started:6.0f} s] {label}: retrieval", flush=True)
-    retrieval = pd.concat(
-        [
-            retrieval_accuracy(model, task, lengths=lengths, trials=trials, seed=1)
-            for task in ("passkey", "kv")
-        ],
-        ignore_index=True,
-    )
+    if label in args.no_retrieval:
+        retrieval = pd.DataFrame(columns=["metric", "length", "depth", "value", "n"])
+    else:
+        print(f"[{time.perf_counter() - started:6.0f} s] {label}: retrieval", flush=True)
+        retrieval = pd.concat(
+            [
+                retrieval_accuracy(model, task, lengths=lengths, trials=trials, seed=1)
+                for task in ("passkey", "kv")
+            ],
+            ignore_index=True,
+        )
     print(f"[{time.perf_counter() - started:6.0f} s] {label}: perplexity", flush=True)
     ppl = perplexity(model, lengths, n_sequences=args.ppl_sequences, seed=2)
     print(f"[{time.perf_counter() - started:6.0f} s] {label}: ETMF / ECLMF", flush=True)
@@ -209,6 +215,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--analysis-length", default="8k")
     parser.add_argument("--ppl-sequences", type=int, default=4)
+    parser.add_argument(
+        "--no-retrieval",
+        default="",
+        help="comma-separated labels whose retrieval is not measured (e.g. a Transformer, whose "
+        "16k prompts take minutes each on a CPU); their rows say so",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "claim_small.md")
     parser.add_argument(
@@ -218,6 +230,7 @@ def main() -> None:
         help="per-model measurements are kept here and reused when the settings match",
     )
     args = parser.parse_args()
+    args.no_retrieval = {label for label in args.no_retrieval.split(",") if label}
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     trials, analysis_length, anchors = args.trials, args.analysis_length, 512
     if args.quick:
@@ -237,6 +250,8 @@ def main() -> None:
     for label, model in loaded.items():
         cache = args.cache / label
         key = {"model": str(models[label]), **settings}
+        if label in args.no_retrieval:
+            key["retrieval"] = False
         if (cache / "key.json").is_file() and json.loads((cache / "key.json").read_text()) == key:
             print(f"{label}: cached in {cache}", flush=True)
             retrieval[label] = pd.read_csv(cache / "retrieval.csv")
@@ -266,6 +281,7 @@ def main() -> None:
         "",
         "Command: `python benchmarks/claim_small.py"
         + "".join(f" --model {spec}" for spec in args.model)
+        + (f" --no-retrieval {','.join(sorted(args.no_retrieval))}" if args.no_retrieval else "")
         + (" --quick`" if args.quick else f" --lengths {args.lengths} --trials {args.trials}`"),
         "",
         "Models: "
