@@ -155,7 +155,11 @@ def main() -> None:
         *(f"- {label}: `{train_command(label)}`" for label in VARIANTS),
     ]
     if missing:
-        lines += ["", "Not trained in this run (CPU budget): " + ", ".join(missing) + "."]
+        lines += [
+            "",
+            "Not in the table, because their runs were not found in the runs directory (not "
+            "trained within the CPU budget): " + ", ".join(missing) + ".",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
