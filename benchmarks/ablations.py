@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from claim_small import interval
+from claim_small import eclmf_to_last_layer, interval, pooled_accuracy
 
 import fidelity
 from fidelity.lengths import format_length, parse_length
-from fidelity.metrics.retrieval import wilson_interval
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN = (
@@ -79,10 +78,7 @@ def measure(checkpoint: Path, length: int, cache: Path) -> dict[str, fidelity.Fi
 
 def retrieval_cell(frame: pd.DataFrame, metric: str, length: int) -> str:
     cells = frame[(frame["metric"] == metric) & (frame["length"] == length)]
-    successes, n = round(float((cells["value"] * cells["n"]).sum())), int(cells["n"].sum())
-    if n == 0:
-        return "-"
-    return interval(successes / n, *wilson_interval(successes, n))
+    return interval(*pooled_accuracy(cells))
 
 
 def perplexity_cell(frame: pd.DataFrame, length: int) -> str:
@@ -99,11 +95,7 @@ def last_layer(result: fidelity.FidelityResult) -> tuple[str, str, str]:
     row = summary[summary["layer"] == summary["layer"].max()].iloc[0]
     half_life = interval(row["half_life"], row["half_life_low"], row["half_life_high"], 1)
     length = interval(row["memory_length"], row["memory_length_low"], row["memory_length_high"], 0)
-    frame = result.frame
-    eclmf = frame[(frame["metric"] == "eclmf_norm") & (frame["source_layer"] == 0)]
-    top = eclmf[eclmf["layer"] == eclmf["layer"].max()]
-    eclmf_text = interval(*top.iloc[0][["value", "ci_low", "ci_high"]]) if len(top) else "-"
-    return half_life, length, eclmf_text
+    return half_life, length, eclmf_to_last_layer(result.frame)
 
 
 def main() -> None:

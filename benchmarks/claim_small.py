@@ -56,6 +56,25 @@ def interval(value: float, low: float, high: float, digits: int = 2) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def pooled_accuracy(cells: pd.DataFrame) -> tuple[float, float, float]:
+    """Exact-match accuracy pooled over retrieval rows (each ``value`` x ``n`` successes) and
+    its Wilson 95% interval; NaNs when the rows hold no trials."""
+    successes, n = round(float((cells["value"] * cells["n"]).sum())), int(cells["n"].sum())
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    return successes / n, *wilson_interval(successes, n)
+
+
+def eclmf_to_last_layer(frame: pd.DataFrame) -> str:
+    """Normalized ECLMF from the embeddings to the last layer, with its interval, as text."""
+    eclmf = frame[(frame["metric"] == "eclmf_norm") & (frame["source_layer"] == 0)]
+    last = eclmf[eclmf["layer"] == eclmf["layer"].max()]
+    if not len(last):
+        return "-"
+    row = last.iloc[0]
+    return interval(row["value"], row["ci_low"], row["ci_high"])
+
+
 def retrieval_table(frames: dict[str, pd.DataFrame], metric: str) -> str:
     rows = []
     for label, frame in frames.items():
@@ -64,13 +83,10 @@ def retrieval_table(frames: dict[str, pd.DataFrame], metric: str) -> str:
             continue
         cells = frame[frame["metric"] == metric]
         for length, group in cells.groupby("length"):
-            successes = (group["value"] * group["n"]).sum()
-            n = group["n"].sum()
-            low, high = wilson_interval(round(successes), int(n))
             by_depth = " / ".join(f"{v:.1f}" for v in group.sort_values("depth")["value"])
             rows.append(
                 f"| {label} | {format_length(int(length))} | "
-                f"{interval(successes / n, low, high)} | {by_depth} | {int(n)} |"
+                f"{interval(*pooled_accuracy(group))} | {by_depth} | {int(group['n'].sum())} |"
             )
     header = (
         f"| model | context | {metric} (all depths) | by depth 0 / .25 / .5 / .75 / 1 | trials |\n"
@@ -93,13 +109,7 @@ def perplexity_table(frames: dict[str, pd.DataFrame]) -> str:
 def memory_table(results: dict[str, fidelity.FidelityResult]) -> str:
     rows = []
     for label, result in results.items():
-        frame = result.frame
-        eclmf = frame[(frame["metric"] == "eclmf_norm") & (frame["source_layer"] == 0)]
-        last = eclmf[eclmf["layer"] == eclmf["layer"].max()]
-        eclmf_text = "-"
-        if len(last):
-            row = last.iloc[0]
-            eclmf_text = interval(row["value"], row["ci_low"], row["ci_high"])
+        eclmf_text = eclmf_to_last_layer(result.frame)
         for _, row in result.summary.iterrows():
             if row["layer"] == 0:
                 continue
@@ -131,14 +141,7 @@ def verdict(
             for label in ("memmamba", "mamba"):
                 cells = retrieval[label]
                 cells = cells[(cells["metric"] == metric) & (cells["length"] == length)]
-                successes, n = (
-                    round(float((cells["value"] * cells["n"]).sum())),
-                    int(cells["n"].sum()),
-                )
-                stats[label] = (
-                    successes / n,
-                    *wilson_interval(successes, n),
-                )
+                stats[label] = pooled_accuracy(cells)
             (a, a_low, a_high), (b, b_low, b_high) = stats["memmamba"], stats["mamba"]
             if a_low > b_high:
                 word = "higher than"
