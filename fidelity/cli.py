@@ -240,7 +240,7 @@ def _statistic(row, column: str) -> str:
 
 def _half_life(row) -> str:
     """The half-life with its fit's R²; ``not decaying`` when the fit does not describe the
-    curve, ``-`` without a fit."""
+    curve, ``-`` without a converged fit."""
     r2 = row["half_life_r2"]
     if r2 != r2:  # no fit
         return "-"

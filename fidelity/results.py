@@ -116,7 +116,7 @@ the distance beyond 0 where normalized ETMF is highest, ``peak_value`` its value
 ``memory_mass``: area under normalized ETMF over log2-distance (doublings); ``contiguous_length``:
 the largest distance up to which normalized ETMF never drops below 0.5; ``half_life``: of an
 exponential fit, NaN unless the curve is an exponential decay; ``half_life_r2``: that fit's
-goodness of fit (NaN without a fit). ``_low``/``_high``: bootstrap intervals over anchors.
+goodness of fit (NaN without a converged fit). ``_low``/``_high``: bootstrap intervals over anchors.
 """
 
 LEGACY_SUMMARY_COLUMNS: dict[str, str] = {

@@ -4,11 +4,16 @@ A hand-built model whose memory is known exactly: block 1 outputs the embedding 
 ``k`` positions back, block 2 adds the token ``2k`` back at weight 0.9. Layer 1 holds token
 ``t`` only at ``t + k``; layer 2 at ``t + k`` and, a little less, at ``t + 2k``. The summary
 must put the peak at ``k``, the farthest distance at or above 0.5 at ``k`` (layer 1) and
-``2k`` (layer 2), and not read the curves as exponential decays. The trained version of this
-check (small Mamba models trained to copy at lag k) is ``benchmarks/shift_memory.py``.
+``2k`` (layer 2), and not read the curves as exponential decays.
+
+Then the same with trained models: tiny Transformers trained on the spot (seeded, a fixed
+number of steps, one thread) to output the token ``k`` back, with the training code of
+``benchmarks/shift_memory.py`` (which also trains Mamba models and prints their rows).
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +89,34 @@ def test_random_probe_draws_within_the_model_vocabulary():
     assert result.meta["probe"] == "random" and "etmf_acc" in set(result.frame["metric"])
     with pytest.raises(ValueError, match=r"go up to \d+ but the model's vocabulary has 16"):
         analysis.analyze(ShiftLM(4), 512, probe="text", metrics="etmf", progress=False)
+
+
+def _shift_benchmark():
+    """``benchmarks/shift_memory.py`` as a module (its training code)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "shift_memory.py"
+    spec = importlib.util.spec_from_file_location("shift_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lag", [2, 8, 32])
+def test_trained_copy_models_have_their_memory_at_the_lag(lag):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        benchmark = _shift_benchmark()
+        model, accuracy = benchmark.train_shift_model(lag, 300, "transformer", seed=0)
+        # 16 sequences of the training length: RoPE attention does not copy beyond it
+        setting = benchmark.ANALYSIS["transformer"]
+        result = analysis.analyze(
+            model, probe="random", metrics="etmf", progress=False, n_boot=100, **setting
+        )
+    finally:
+        torch.set_num_threads(previous)
+    assert accuracy > 0.95  # it learned to copy
+    row = result.summary.set_index("layer").loc[2]  # the last layer feeds the prediction
+    assert row.peak_distance == row.peak_distance_low == row.peak_distance_high == lag
+    assert row.farthest_distance_low >= lag
+    assert row.contiguous_length < lag and math.isnan(row.half_life)

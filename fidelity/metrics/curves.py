@@ -435,7 +435,8 @@ class CurveSummary:
     drops below the threshold (:func:`contiguous_length`). Intervals resample anchors.
 
     ``fit`` the exponential fit of ``curve`` (None with fewer than 3 distances), ``r2`` its
-    goodness of fit, ``decaying`` whether the curve is an exponential decay
+    goodness of fit (NaN when the fit did not converge: no decay within the distances, or one
+    faster than the first step), ``decaying`` whether the curve is an exponential decay
     (:func:`is_decaying`); ``half_life`` is reported only then, with ``half_life_ci`` over the
     ``n_boot_converged`` replicates whose refit converged (NaN otherwise).
     """
@@ -529,7 +530,7 @@ def summarize_curve(
     if not np.isfinite(curve).any():
         raise ValueError("the curve has no finite value at any distance; nothing to summarize")
     fit = _try_fit(d, curve)
-    r2 = math.nan if fit is None else fit_r2(d, curve, fit)
+    r2 = fit_r2(d, curve, fit) if fit is not None and fit.converged else math.nan
     decaying = is_decaying(fit, r2)
     half_lives = _replicate_half_lives(d, curves[:, 1:]) if decaying else np.array([])
     peaks = np.atleast_1d(peak_distance(d, curves))

@@ -431,8 +431,9 @@ def etmf_summary(
     ``peak_distance`` (distance beyond 0 where it is highest) and ``peak_value`` (its value
     there), ``memory_mass`` (area over log2-distance), ``contiguous_length`` (largest distance
     up to which it never drops below 0.5), ``half_life`` (NaN unless ``decaying``),
-    ``half_life_r2`` (goodness of the exponential fit), ``decaying``, the fit ``a * exp(-d /
-    tau) + c`` (``tau``, ``amplitude``, ``offset``, ``converged``) and ``n_boot_converged``.
+    ``half_life_r2`` (goodness of the exponential fit, NaN unless it converged), ``decaying``,
+    the fit ``a * exp(-d / tau) + c`` (``tau``, ``amplitude``, ``offset``, ``converged``) and
+    ``n_boot_converged``.
     See :func:`fidelity.metrics.curves.summarize_curve`; ETMF at chosen distances is in
     :func:`etmf_frame`. A layer scored at fewer than :data:`MIN_SCORED_DISTANCES` distances
     (cells skipped for missing positions) gets no fit (NaN fit columns) but the other
