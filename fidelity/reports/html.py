@@ -103,7 +103,8 @@ HOW_TO_READ = (
         "Peak distance",
         "The distance beyond 0 where the normalized score is highest, with the score there. "
         "For a curve that decays it is the shortest distance probed; a later peak is where the "
-        "layer keeps the token (copying at a lag, retrieval).",
+        "layer keeps the token (copying at a lag, retrieval). None (–) when the highest score "
+        "is below 0.1: the largest of many scores at chance is noise, not memory.",
     ),
     (
         "Memory mass",
