@@ -7,7 +7,7 @@ trained variant this script measures, at 4x the training length:
 
 1. held-out perplexity and passkey / key-value retrieval (``fidelity.analyze``'s opt-in
    metrics, doubling context lengths up to the analysis length);
-2. the last layer's ETMF half-life and effective memory length, on held-out text and on random
+2. the last layer's ETMF half-life and contiguous length, on held-out text and on random
    tokens, and ECLMF from the embeddings to the last layer (random tokens).
 
 Variants whose run directory is missing are listed as not trained, never guessed. Reproduce:
@@ -94,7 +94,9 @@ def last_layer(result: fidelity.FidelityResult) -> tuple[str, str, str]:
     summary = result.summary
     row = summary[summary["layer"] == summary["layer"].max()].iloc[0]
     half_life = interval(row["half_life"], row["half_life_low"], row["half_life_high"], 1)
-    length = interval(row["memory_length"], row["memory_length_low"], row["memory_length_high"], 0)
+    length = interval(
+        row["contiguous_length"], row["contiguous_length_low"], row["contiguous_length_high"], 0
+    )
     return half_life, length, eclmf_to_last_layer(result.frame)
 
 

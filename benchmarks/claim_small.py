@@ -7,7 +7,7 @@ measures:
 1. passkey and key-value retrieval accuracy (exact match, Wilson 95% intervals) across context
    lengths up to 8x the training length and needle depths;
 2. perplexity on held-out text across lengths (bootstrap intervals over sequences);
-3. ETMF: per-layer half-life and effective memory length (bootstrap intervals over anchors),
+3. ETMF: per-layer half-life and contiguous length (bootstrap intervals over anchors),
    on held-out text and on random tokens; ECLMF from the embeddings to the last layer.
 
 and writes a markdown report (default ``benchmarks/results/claim_small.md``) that states the
@@ -116,12 +116,12 @@ def memory_table(results: dict[str, fidelity.FidelityResult]) -> str:
             rows.append(
                 f"| {label} | {int(row['layer'])} | "
                 f"{interval(row['half_life'], row['half_life_low'], row['half_life_high'], 1)} | "
-                f"{interval(*row[['memory_length', 'memory_length_low', 'memory_length_high']], 0)}"
+                f"{interval(*row[[f'contiguous_length{end}' for end in ('', '_low', '_high')]], 0)}"
                 " | "
                 f"{eclmf_text if row['layer'] == result.summary['layer'].max() else ''} |"
             )
     header = (
-        "| model | layer | ETMF half-life (tokens) | effective memory length (tokens) | "
+        "| model | layer | ETMF half-life (tokens) | contiguous length (tokens) | "
         "ECLMF_norm embeddings->last layer |\n|---|---|---|---|---|"
     )
     return "\n".join([header, *rows])
@@ -160,18 +160,18 @@ def verdict(
             mm[mm["layer"] == mm["layer"].max()].iloc[0],
             m[m["layer"] == m["layer"].max()].iloc[0],
         )
-        if top_mm["memory_length_low"] > top_m["memory_length_high"]:
+        if top_mm["contiguous_length_low"] > top_m["contiguous_length_high"]:
             word = "longer than"
-        elif top_m["memory_length_low"] > top_mm["memory_length_high"]:
+        elif top_m["contiguous_length_low"] > top_mm["contiguous_length_high"]:
             word = "shorter than"
         else:
             word = "not distinguishable from"
         lines.append(
-            f"- ETMF effective memory length of the last layer on {probe}: MemMamba "
-            f"{top_mm['memory_length']:.0f} [{top_mm['memory_length_low']:.0f}, "
-            f"{top_mm['memory_length_high']:.0f}] tokens is {word} Mamba "
-            f"{top_m['memory_length']:.0f} [{top_m['memory_length_low']:.0f}, "
-            f"{top_m['memory_length_high']:.0f}]."
+            f"- ETMF contiguous length of the last layer on {probe}: MemMamba "
+            f"{top_mm['contiguous_length']:.0f} [{top_mm['contiguous_length_low']:.0f}, "
+            f"{top_mm['contiguous_length_high']:.0f}] tokens is {word} Mamba "
+            f"{top_m['contiguous_length']:.0f} [{top_m['contiguous_length_low']:.0f}, "
+            f"{top_m['contiguous_length_high']:.0f}]."
         )
     return lines
 

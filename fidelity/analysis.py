@@ -55,7 +55,7 @@ from fidelity.models.registry import load_model
 from fidelity.probes.capture import capture, find_blocks
 from fidelity.probes.tasks import TASKS, make_probe
 from fidelity.progress import ProgressReporter, as_reporter
-from fidelity.results import Comparison, FidelityResult
+from fidelity.results import SUMMARY_COLUMNS, SUMMARY_STATISTICS, Comparison, FidelityResult
 
 CAPTURE_METRICS = ("etmf", "eclmf", "ssm_decay")
 """Metrics computed from the single captured forward pass."""
@@ -242,9 +242,11 @@ def analyze(
     ``anchors`` positions are sampled (seeded) and scored at log-spaced ``distances``;
     ``layers`` (default all; 0 = embeddings is always included). ``progress``: True for
     progress bars, False for none, or a reporter. ``max_memory`` (bytes) overrides the
-    available-memory check. The result's ``frame`` is
-    tidy (see :mod:`fidelity.results`), ``summary`` has per-layer half-life and effective memory
-    length, ``meta`` records everything needed to reproduce the run.
+    available-memory check. The result's ``frame`` is tidy (see :mod:`fidelity.results`),
+    ``summary`` has per-layer statistics of the normalized ETMF curve (farthest distance at or
+    above 0.5, peak distance, memory mass, contiguous length, half-life with its fit's R^2;
+    see :data:`fidelity.results.SUMMARY_COLUMNS`), ``meta`` records everything needed to
+    reproduce the run.
     """
     started = time.perf_counter()
     metrics = check_metrics(metrics)
@@ -268,6 +270,8 @@ def analyze(
             time_it=False,
         )
         probe_options = {"paths": text} if probe == "text" and text is not None else {}
+        if probe == "random" and _vocabulary_size(model) is not None:
+            probe_options["vocab_size"] = _vocabulary_size(model)  # draw what the model reads
         probe_input = make_probe(
             probe, plan.length, batch=batch, seed=seed, tokenizer=tokenizer, **probe_options
         )
@@ -411,15 +415,19 @@ def _long_context_metrics(model, length, metrics, seed, n_boot, reporter) -> lis
 
 
 def _empty_summary(layers: list[int]) -> pd.DataFrame:
-    """Summary rows without ETMF (half-lives need it): the layers, every value NaN."""
-    nan = float("nan")
-    columns = ("half_life", "half_life_low", "half_life_high", "memory_length")
-    columns += ("memory_length_low", "memory_length_high")
-    return pd.DataFrame({"layer": layers, **{column: nan for column in columns}})
+    """Summary rows without ETMF (every statistic needs it): the layers, every value NaN."""
+    columns = [c for c in SUMMARY_COLUMNS if SUMMARY_COLUMNS[c] == "float"]
+    return pd.DataFrame({"layer": layers, **{column: float("nan") for column in columns}})
+
+
+def _vocabulary_size(model: nn.Module) -> int | None:
+    """The model's vocabulary size (``config.vocab_size``), None when it does not say."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
 
 
 def _check_vocabulary(model: nn.Module, input_ids: torch.Tensor) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = _vocabulary_size(model)
     if vocab is not None and int(input_ids.max()) >= vocab:
         raise ValueError(
             f"the probe's token ids go up to {int(input_ids.max())} but the model's vocabulary "
@@ -463,17 +471,14 @@ def _finish_frame(
 
 def _summary(curves: pd.DataFrame, etmf_rows: pd.DataFrame) -> pd.DataFrame:
     """Per-layer summary in the results schema, with normalized ETMF at key distances."""
-    summary = pd.DataFrame(
-        {
-            "layer": curves["layer"],
-            "half_life": curves["half_life"],
-            "half_life_low": curves["half_life_ci_low"],
-            "half_life_high": curves["half_life_ci_high"],
-            "memory_length": curves["effective_memory_length"].astype(float),
-            "memory_length_low": curves["eml_ci_low"],
-            "memory_length_high": curves["eml_ci_high"],
-        }
-    )
+    summary = pd.DataFrame({"layer": curves["layer"]})
+    for column in SUMMARY_STATISTICS:
+        summary[column] = curves[column].astype(float)
+        summary[f"{column}_low"] = curves[f"{column}_ci_low"]
+        summary[f"{column}_high"] = curves[f"{column}_ci_high"]
+    summary["peak_value"] = curves["peak_value"]
+    summary["half_life_r2"] = curves["half_life_r2"]
+    summary = summary[[c for c in SUMMARY_COLUMNS if c in summary]]
     normalized = etmf_rows[etmf_rows["metric"] == "etmf_norm"]
     for distance in KEY_DISTANCES:
         at = normalized[normalized["distance"] == distance].set_index("layer")["value"]
@@ -530,7 +535,7 @@ def compare(
     runs: Sequence[FidelityResult | str | Path], labels: Sequence[str] | None = None
 ) -> Comparison:
     """Line several results (or saved run directories) up: forgetting curves overlaid, per-
-    layer half-lives and effective memory lengths with differences against the first run."""
+    layer summary statistics with differences against the first run."""
     if isinstance(runs, (str, Path, FidelityResult)):
         raise TypeError("compare() takes a list of results or run directories")
     if len(runs) < 1:

@@ -180,27 +180,32 @@ def _chunk_option(value: str) -> int | str | None:
         return None
 
 
+SUMMARY_CAPTION = (
+    "ETMF = normalized ETMF (1 perfect read-out, 0 chance). farthest: largest distance with "
+    "ETMF >= 0.5; peak: distance > 0 where ETMF is highest, then its ETMF; mass: area under "
+    "ETMF over log2-distance (doublings); contiguous: ETMF >= 0.5 at every distance up to it; "
+    "half-life: of an exponential fit, only for a decaying curve (R² >= 0.9). [95% bootstrap "
+    "interval]. Every column: summary.csv"
+)
+_FORMATS = {
+    "farthest_distance": "{:.0f}",
+    "peak_distance": "{:.0f}",
+    "contiguous_length": "{:.0f}",
+    "memory_mass": "{:.2f}",
+    "half_life": "{:.3g}",
+}
+
+
 def _print_summary(result) -> None:
-    summary = result.summary
     table = Table(
-        title=f"{result.label}: forgetting per layer",
+        title=f"{result.label}: where each layer holds memory",
         title_style="bold",
-        caption="ETMF = normalized ETMF (1 perfect, 0 chance); intervals: bootstrap 95%",
+        caption=SUMMARY_CAPTION,
     )
-    table.add_column("layer", justify="right")
-    table.add_column("half-life (tokens)", justify="right", no_wrap=True)
-    table.add_column("memory length", justify="right", no_wrap=True)
-    extra = [c for c in summary.columns if c.startswith("etmf_norm@")][:3]
-    for column in extra:
-        table.add_column(f"ETMF d={column.split('@')[1]}", justify="right")
-    for _, row in summary.iterrows():
-        half_life = _interval(row["half_life"], row["half_life_low"], row["half_life_high"])
-        memory = _interval(
-            row["memory_length"], row["memory_length_low"], row["memory_length_high"]
-        )
-        cells = [str(int(row["layer"])), half_life, memory]
-        cells += [f"{row[c]:.3f}" if row[c] == row[c] else "-" for c in extra]
-        table.add_row(*cells)
+    for header in ("layer", "farthest", "peak (ETMF)", "mass", "contiguous", "half-life"):
+        table.add_column(header, justify="right")
+    for _, row in result.summary.iterrows():
+        table.add_row(str(int(row["layer"])), *_summary_cells(row))
     out.print(table)
     if result.untrained:
         console.print("[yellow]note: these weights are an untrained random initialization[/]")
@@ -208,12 +213,40 @@ def _print_summary(result) -> None:
         console.print(f"note: {note}")
 
 
-def _interval(value: float, low: float, high: float) -> str:
+def _summary_cells(row) -> list[str]:
+    """Farthest, peak, mass, contiguous and half-life cells of one summary row."""
+    peak = _statistic(row, "peak_distance")
+    if row["peak_value"] == row["peak_value"]:
+        peak += f" ({row['peak_value']:.2f})"
+    return [
+        _statistic(row, "farthest_distance"),
+        peak,
+        _statistic(row, "memory_mass"),
+        _statistic(row, "contiguous_length"),
+        _half_life(row),
+    ]
+
+
+def _statistic(row, column: str) -> str:
+    """``value [low, high]`` in the column's format; ``-`` for NaN."""
+    number = _FORMATS[column].format
+    value, low, high = row[column], row[f"{column}_low"], row[f"{column}_high"]
     if value != value:  # NaN
         return "-"
     if low == low and high == high:
-        return f"{value:.3g} ({low:.3g}-{high:.3g})"
-    return f"{value:.3g}"
+        return f"{number(value)} [{number(low)}, {number(high)}]"
+    return number(value)
+
+
+def _half_life(row) -> str:
+    """The half-life with its fit's R²; ``not decaying`` when the fit does not describe the
+    curve, ``-`` without a converged fit."""
+    r2 = row["half_life_r2"]
+    if r2 != r2:  # no fit
+        return "-"
+    if row["half_life"] != row["half_life"]:
+        return f"not decaying (R² {r2:.2f})"
+    return f"{_statistic(row, 'half_life')} R² {r2:.2f}"
 
 
 @app.command()
@@ -237,13 +270,47 @@ def compare(
     comparison = run_compare(runs, label_list)
     for warning in comparison.warnings:
         console.print(f"[yellow]warning[/]: {warning}")
-    columns = ["run", "layer", "half_life", "memory_length"]
-    columns += [c for c in comparison.summary.columns if c.endswith("_diff")]
-    table = comparison.summary[columns].to_string(index=False, float_format="{:.2f}".format)
-    out.print(table, soft_wrap=True)  # wide tables scroll rather than wrap mid-row
+    _print_comparison(comparison.summary)
     if out_dir is not None:
         path = comparison.save(out_dir, force=force)
         console.print(f"saved comparison to [bold]{path}[/]")
+
+
+def _print_comparison(summary) -> None:
+    """Each run's statistics per layer, then the difference from the first run, with
+    conservative intervals (see ``Comparison.build_summary``)."""
+    table = Table(
+        title="comparison: where each layer holds memory (Δ: run minus first run)",
+        title_style="bold",
+        caption=SUMMARY_CAPTION,
+    )
+    for header in ("run", "layer", "farthest", "peak (ETMF)", "mass", "half-life"):
+        table.add_column(header, justify="right" if header != "run" else "left")
+    for _, row in summary.iterrows():
+        farthest, peak, mass, _contiguous, half_life = _summary_cells(row)
+        cells = [farthest, peak, mass, half_life]
+        if row["farthest_distance_diff"] == row["farthest_distance_diff"] or (
+            row["memory_mass_diff"] == row["memory_mass_diff"]
+        ):
+            diffs = [
+                _difference(row, column)
+                for column in ("farthest_distance", "peak_distance", "memory_mass", "half_life")
+            ]
+            cells = [f"{cell}\n[dim]{diff}[/]" for cell, diff in zip(cells, diffs, strict=True)]
+        table.add_row(str(row["run"]), str(int(row["layer"])), *cells)
+    out.print(table)
+
+
+def _difference(row, column: str) -> str:
+    """``Δ value [low, high]``: this run minus the first, with the conservative bound."""
+    number = _FORMATS[column].format
+    value = row[f"{column}_diff"]
+    if value != value:
+        return "Δ -"
+    low, high = row[f"{column}_diff_low"], row[f"{column}_diff_high"]
+    if low == low and high == high:
+        return f"Δ {number(value)} [{number(low)}, {number(high)}]"
+    return f"Δ {number(value)}"
 
 
 @app.command()
@@ -430,22 +497,22 @@ def sweep(
 
 
 def _print_sweep_summary(result) -> None:
-    table = Table(title="sweep: forgetting of the last layer per run", title_style="bold")
+    table = Table(
+        title="sweep: where the last layer of each run holds memory",
+        title_style="bold",
+        caption=SUMMARY_CAPTION,
+    )
     table.add_column("run", overflow="fold")
     table.add_column("status")
-    for column in ("layer", "half-life (tokens)", "memory length"):
+    for column in ("layer", "farthest", "peak (ETMF)", "mass", "contiguous", "half-life"):
         table.add_column(column, justify="right")
     last_layers = result.summary.sort_values("layer").groupby("run").tail(1).set_index("run")
     for outcome in result.outcomes:
         if outcome.name not in last_layers.index:
-            table.add_row(outcome.name, outcome.status, "-", "-", "-")
+            table.add_row(outcome.name, outcome.status, *["-"] * 6)
             continue
         row = last_layers.loc[outcome.name]
-        half_life = _interval(row["half_life"], row["half_life_low"], row["half_life_high"])
-        memory = _interval(
-            row["memory_length"], row["memory_length_low"], row["memory_length_high"]
-        )
-        table.add_row(outcome.name, outcome.status, str(int(row["layer"])), half_life, memory)
+        table.add_row(outcome.name, outcome.status, str(int(row["layer"])), *_summary_cells(row))
     out.print(table)
 
 

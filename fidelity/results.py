@@ -56,6 +56,7 @@ __all__ = [
     "PLOT_KINDS",
     "RESULT_FILES",
     "SUMMARY_COLUMNS",
+    "SUMMARY_STATISTICS",
     "Comparison",
     "FidelityResult",
 ]
@@ -76,7 +77,49 @@ FRAME_COLUMNS: dict[str, str] = {
 }
 """The tidy frame's columns, in order, with their kind (stored as str, int64, float64)."""
 
+SUMMARY_STATISTICS = (
+    "farthest_distance",
+    "peak_distance",
+    "memory_mass",
+    "contiguous_length",
+    "half_life",
+)
+"""Per-layer statistics of the normalized ETMF curve that carry a bootstrap interval
+(``<name>_low``, ``<name>_high``); see :mod:`fidelity.metrics.curves`."""
+
 SUMMARY_COLUMNS: dict[str, str] = {
+    "model": "str",
+    "checkpoint": "str",
+    "layer": "int",
+    "farthest_distance": "float",
+    "farthest_distance_low": "float",
+    "farthest_distance_high": "float",
+    "peak_distance": "float",
+    "peak_distance_low": "float",
+    "peak_distance_high": "float",
+    "peak_value": "float",
+    "memory_mass": "float",
+    "memory_mass_low": "float",
+    "memory_mass_high": "float",
+    "contiguous_length": "float",
+    "contiguous_length_low": "float",
+    "contiguous_length_high": "float",
+    "half_life": "float",
+    "half_life_low": "float",
+    "half_life_high": "float",
+    "half_life_r2": "float",
+}
+"""The summary's leading columns; further columns (``etmf_norm@{d}``, ...) must be numeric.
+
+``farthest_distance``: the largest distance with normalized ETMF >= 0.5; ``peak_distance``:
+the distance beyond 0 where normalized ETMF is highest, ``peak_value`` its value there;
+``memory_mass``: area under normalized ETMF over log2-distance (doublings); ``contiguous_length``:
+the largest distance up to which normalized ETMF never drops below 0.5; ``half_life``: of an
+exponential fit, NaN unless the curve is an exponential decay; ``half_life_r2``: that fit's
+goodness of fit (NaN without a converged fit). ``_low``/``_high``: bootstrap intervals over anchors.
+"""
+
+LEGACY_SUMMARY_COLUMNS: dict[str, str] = {
     "model": "str",
     "checkpoint": "str",
     "layer": "int",
@@ -87,7 +130,8 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "memory_length_low": "float",
     "memory_length_high": "float",
 }
-"""The summary's leading columns; further columns (``etmf_norm@{d}``, ...) must be numeric."""
+"""Leading summary columns of runs saved before the shape-free statistics; :meth:`load`
+reads them with ``memory_length`` as ``contiguous_length`` and the new statistics NaN."""
 
 PLOT_KINDS: dict[str, tuple[str, ...]] = {
     "forgetting": ("etmf_norm",),
@@ -243,11 +287,28 @@ class FidelityResult:
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is a file; expected a result directory")
         frame = read_table(path / "results.csv", FRAME_COLUMNS, extra_numeric=False)
-        summary = read_table(path / "summary.csv", SUMMARY_COLUMNS, extra_numeric=True)
+        summary = _read_summary(path / "summary.csv")
         return cls(frame=frame, summary=summary, meta=read_meta(path / "meta.json"))
 
     def _repr_html_(self) -> str:
         return html.render_fragment(self)
+
+
+def _read_summary(path: Path) -> pd.DataFrame:
+    """``summary.csv``; one saved before the shape-free statistics (a ``memory_length`` column,
+    :data:`LEGACY_SUMMARY_COLUMNS`) is read with it as ``contiguous_length``, the rest NaN."""
+    try:
+        return read_table(path, SUMMARY_COLUMNS, extra_numeric=True)
+    except ValueError as error:
+        try:
+            legacy = read_table(path, LEGACY_SUMMARY_COLUMNS, extra_numeric=True)
+        except ValueError:
+            raise error from None
+    legacy = legacy.rename(columns=lambda c: c.replace("memory_length", "contiguous_length"))
+    missing = {c: math.nan for c in SUMMARY_COLUMNS if c not in legacy}
+    upgraded = legacy.assign(**missing)
+    leading = list(SUMMARY_COLUMNS)
+    return upgraded[leading + [c for c in upgraded.columns if c not in leading]]
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -343,16 +404,17 @@ class Comparison:
         return cls(results, labels)
 
     def build_summary(self) -> pd.DataFrame:
-        """Per run and layer: half-life and memory length with intervals, and differences.
+        """Per run and layer: the summary statistics with intervals, and differences.
 
-        Columns ``run, model, checkpoint, layer, half_life, half_life_low, half_life_high,
-        memory_length, memory_length_low, memory_length_high``, then for each of
-        ``half_life`` and ``memory_length``: ``<x>_diff`` (this run minus the first run, same
-        layer) and ``<x>_diff_low`` / ``<x>_diff_high`` = ``[low - ref_high, high - ref_low]``.
+        Columns ``run`` then :data:`SUMMARY_COLUMNS` (without any extra columns), then for each
+        of :data:`SUMMARY_STATISTICS` (farthest distance, peak distance, memory mass,
+        contiguous length, half-life): ``<x>_diff`` (this run minus the first run, same layer)
+        and ``<x>_diff_low`` / ``<x>_diff_high`` = ``[low - ref_high, high - ref_low]``.
         That interval is conservative: it holds every difference of two values lying in the
         runs' own intervals, so it is wider than a joint interval would be, and it is not a
         calibrated confidence interval for the difference. Differences are NaN for the first
-        run itself and for layers the first run lacks.
+        run itself, for layers the first run lacks, and where either run's value is NaN (a
+        half-life is NaN when a curve is not an exponential decay).
         """
         numeric = [c for c, kind in SUMMARY_COLUMNS.items() if kind == "float"]
         reference = self.results[0].summary.set_index("layer")[numeric]
@@ -362,7 +424,7 @@ class Comparison:
             ref = reference.reindex(summary["layer"]).reset_index(drop=True)
             if position == 0:
                 ref = ref * math.nan
-            for column in ("half_life", "memory_length"):
+            for column in SUMMARY_STATISTICS:
                 summary = summary.assign(
                     **_difference(
                         summary[column],

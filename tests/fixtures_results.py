@@ -13,6 +13,12 @@ import math
 import numpy as np
 import pandas as pd
 
+from fidelity.metrics.curves import (
+    contiguous_length,
+    farthest_distance,
+    memory_mass,
+    peak_distance,
+)
 from fidelity.results import FRAME_COLUMNS, FidelityResult
 
 SYNTHETIC_NOTE = "synthetic test fixture: not a measurement"
@@ -138,29 +144,31 @@ def synthetic_frame(
 
 
 def synthetic_summary(frame: pd.DataFrame, memory_scale: float = 1.0) -> pd.DataFrame:
-    """Per-layer summary of ``frame``'s etmf_norm curves (half-life from the known tau)."""
+    """Per-layer summary of ``frame``'s etmf_norm curves (half-life from the known tau; the
+    other statistics from the curve, with made-up intervals around them)."""
     records = []
     curves = frame[frame["metric"] == "etmf_norm"]
     for (model, checkpoint, layer), curve in curves.groupby(["model", "checkpoint", "layer"]):
         curve = curve.sort_values("distance")
-        memory = 0
-        for distance, value in zip(curve["distance"], curve["value"], strict=True):
-            if value < 0.5:
-                break
-            memory = int(distance)
+        d, v = curve["distance"].to_numpy(), curve["value"].to_numpy()
         half_life = (
             math.nan if layer == 0 else memory_scale * layer_time_constant(layer) * math.log(2)
         )
-        record = dict(
-            model=model,
-            checkpoint=checkpoint,
-            layer=layer,
+        record = dict(model=model, checkpoint=checkpoint, layer=layer)
+        for column, value in (
+            ("farthest_distance", farthest_distance(d, v)),
+            ("peak_distance", peak_distance(d, v)),
+            ("memory_mass", memory_mass(d, v)),
+            ("contiguous_length", contiguous_length(d, v)),
+        ):
+            record |= {column: value, f"{column}_low": value / 2, f"{column}_high": value * 2}
+        at_peak = v[d == record["peak_distance"]]
+        record["peak_value"] = float(at_peak[0]) if at_peak.size else math.nan
+        record |= dict(
             half_life=half_life,
             half_life_low=half_life * 0.9,
             half_life_high=half_life * 1.1,
-            memory_length=float(memory),
-            memory_length_low=float(memory // 2),
-            memory_length_high=float(max(memory, 1) * 2),
+            half_life_r2=math.nan if layer == 0 else 0.99,
         )
         for key in KEY_DISTANCES:
             at = curve.loc[curve["distance"] == key, "value"]

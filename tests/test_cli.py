@@ -29,7 +29,9 @@ def test_analyze_writes_a_complete_run_then_refuses_to_overwrite(tmp_path, capsy
     argv = ["analyze", "--model", "memmamba", *TINY_RUN, "--metrics", "etmf,eclmf"]
     code, out, err = run([*argv, "--out", str(target)], capsys)
     assert code == 0, err
-    assert "forgetting per layer" in out and "untrained" in err
+    assert "where each layer holds memory" in out and "untrained" in err
+    for header in ("farthest", "peak (ETMF)", "mass", "contiguous", "half-life"):
+        assert header in out, header
     for name in (
         "results.csv",
         "summary.csv",
@@ -60,7 +62,9 @@ def test_compare_two_runs(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    assert "half_life" in out
+    for header in ("run", "farthest", "peak (ETMF)", "mass", "half-life"):
+        assert header in out, header
+    assert "Δ " in out  # the second run's difference from the first
     assert (tmp_path / "cmp" / "comparison.csv").is_file()
     assert (tmp_path / "cmp" / "report.html").is_file()
 

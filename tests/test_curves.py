@@ -1,4 +1,4 @@
-"""Forgetting-curve fits, effective memory length and bootstrap intervals."""
+"""Forgetting-curve statistics (farthest, peak, mass, contiguous), fits, bootstrap intervals."""
 
 import math
 
@@ -7,12 +7,18 @@ import pytest
 import torch
 
 from fidelity.metrics.curves import (
+    DECAY_MIN_R2,
     bootstrap_counts,
-    effective_memory_length,
+    contiguous_length,
+    farthest_distance,
     fit_exponential,
+    fit_r2,
+    is_decaying,
     mean_with_interval,
+    memory_mass,
     normalize,
     normalized_with_interval,
+    peak_distance,
     percentile_interval,
     present_mean,
     summarize_curve,
@@ -74,14 +80,102 @@ def test_fit_exponential_rejects_bad_input(distances, values, message):
         ([0, 1, 2, 4, 8], [1.0, np.nan, 0.7, np.nan, 0.2], 2),  # NaN entries skipped
     ],
 )
-def test_effective_memory_length_on_hand_made_curves(distances, values, expected):
-    assert effective_memory_length(distances, values) == expected
+def test_contiguous_length_on_hand_made_curves(distances, values, expected):
+    assert contiguous_length(distances, values) == expected
 
 
-def test_effective_memory_length_threshold_and_errors():
-    assert effective_memory_length([0, 1, 2], [1.0, 0.8, 0.6], threshold=0.7) == 1
-    with pytest.raises(ValueError, match="same length"):
-        effective_memory_length([0, 1], [1.0])
+def test_contiguous_length_threshold_and_errors():
+    assert contiguous_length([0, 1, 2], [1.0, 0.8, 0.6], threshold=0.7) == 1
+    with pytest.raises(ValueError, match="n_dist=2"):
+        contiguous_length([0, 1], [1.0])
+
+
+# A layer that copies at lag 8: the token is back at d = 8 after dipping at d = 1.
+LAG_8 = ([0, 1, 2, 4, 6, 8, 10, 16, 32], [1.0, 0.02, -0.01, 0.03, 0.1, 0.93, 0.2, 0.0, 0.01])
+
+
+@pytest.mark.parametrize(
+    ("distances", "values", "farthest", "peak"),
+    [
+        (*LAG_8, 8, 8),
+        ([0, 1, 2, 4, 8], [1.0, 0.8, 0.6, 0.4, 0.7], 8, 1),  # recovers: farthest counts it
+        ([0, 1, 2, 4], [0.4, 0.3, 0.2, 0.1], 0, 1),  # never at 0.5: farthest 0
+        ([0, 1, 2, 4], [1.0, 0.9, 0.8, 0.6], 4, 1),  # the largest distance probed (lower bound)
+        ([4, 0, 2, 1], [0.5, 1.0, 0.2, 0.3], 4, 4),  # any order; exactly 0.5 counts
+        ([0, 1, 2, 4, 8], [1.0, np.nan, 0.2, 0.6, np.nan], 4, 4),  # NaN entries skipped
+        ([0, 1, 2, 4], [1.0, 0.7, 0.7, 0.1], 2, 1),  # ties: the first distance
+    ],
+)
+def test_farthest_and_peak_distance_on_hand_made_curves(distances, values, farthest, peak):
+    assert farthest_distance(distances, values) == farthest
+    assert peak_distance(distances, values) == peak
+
+
+def test_lag_curve_has_no_contiguous_memory_and_no_half_life():
+    distances, values = LAG_8
+    assert contiguous_length(distances, values) == 0
+    fit = fit_exponential(distances, values)
+    r2 = fit_r2(distances, values, fit)
+    assert r2 < DECAY_MIN_R2 and not is_decaying(fit, r2)
+
+
+def test_peak_needs_a_distance_beyond_zero_and_a_value_above_noise():
+    assert math.isnan(peak_distance([0], [1.0]))
+    assert math.isnan(peak_distance([0, 1, 2], [1.0, np.nan, np.nan]))
+    at_chance = [1.0, 0.02, -0.03, 0.08, 0.01]  # the maximum of noise is not a peak
+    assert math.isnan(peak_distance([0, 1, 2, 4, 8], at_chance))
+    assert peak_distance([0, 1, 2, 4, 8], at_chance, floor=0.05) == 4
+
+
+def test_memory_mass_is_the_area_over_log2_distance():
+    d = np.array([0, 1, 2, 4, 8, 16, 32])
+    assert memory_mass(d, np.ones(d.size)) == pytest.approx(5.0)  # perfect up to 32: log2(32)
+    assert memory_mass(d, np.zeros(d.size)) == 0.0
+    # the value at d = 0 does not count; a spike at one distance counts its neighbourhood
+    spike = np.array([1.0, 0, 0, 1.0, 0, 0, 0])
+    assert memory_mass(d, spike) == pytest.approx(1.0)  # triangle of base 2 doublings
+    # a missing distance is left out and its neighbours joined (linear in log-distance)
+    gap = np.array([9.0, 1.0, np.nan, 1.0, 1.0, 0.5, 0.5])
+    assert memory_mass(d, gap) == pytest.approx(2 + 1 + 0.75 + 0.5)
+    assert math.isnan(memory_mass([0, 1], [1.0, 1.0]))  # one distance >= 1: no area
+
+
+def test_vectorized_statistics_match_column_by_column():
+    rng = np.random.default_rng(7)
+    curves = rng.uniform(-0.2, 1.2, (DISTANCES.size, 40))
+    curves[rng.random(curves.shape) < 0.1] = np.nan
+    for statistic in (farthest_distance, contiguous_length, peak_distance, memory_mass):
+        together = statistic(DISTANCES, curves)
+        one_by_one = [statistic(DISTANCES, column) for column in curves.T]
+        np.testing.assert_allclose(together, one_by_one, rtol=1e-12, equal_nan=True)
+
+
+def test_fit_r2_and_decay_rule():
+    values = 0.8 * np.exp(-DISTANCES / 12.0) + 0.1
+    fit = fit_exponential(DISTANCES, values)
+    assert fit_r2(DISTANCES, values, fit) == pytest.approx(1.0, abs=1e-9)
+    assert is_decaying(fit, fit_r2(DISTANCES, values, fit))
+    rising = 1 - values
+    rising_fit = fit_exponential(DISTANCES, rising)
+    assert rising_fit.a < 0 and not is_decaying(rising_fit, fit_r2(DISTANCES, rising, rising_fit))
+    assert math.isnan(fit_r2(DISTANCES, np.full(DISTANCES.size, 0.3), fit))  # no variance
+    assert not is_decaying(None, 1.0)
+
+
+def test_bootstrap_counts_are_the_draws_counted():
+    """Counting by bincount gives exactly what counting each draw one by one gives."""
+    counts = bootstrap_counts(37, 25, seed=[1, 2])
+    draws = np.random.default_rng([1, 2]).integers(0, 37, size=(25, 37))
+    expected = np.zeros((25, 37))
+    np.add.at(expected, (np.arange(25)[:, None], draws), 1.0)
+    np.testing.assert_array_equal(counts, expected.T)
+
+
+def test_discrete_percentile_interval_returns_sample_values():
+    samples = np.array([8.0] * 90 + [6.0] * 5 + [10.0] * 5)
+    low, high = percentile_interval(samples, level=0.95, discrete=True)
+    assert (low, high) == (6.0, 10.0)
+    assert percentile_interval(np.full(50, 8.0), discrete=True) == (8.0, 8.0)
 
 
 def test_bootstrap_counts_and_percentile_interval():
@@ -122,14 +216,35 @@ def test_summarize_curve_intervals_contain_the_truth():
     truth, scores = _noisy_curve(a, tau, c, n_anchors=512, noise=0.3, seed=0)
     scores[DISTANCES > 60, 400:] = np.nan  # far distances: fewer valid anchors
     summary = summarize_curve(DISTANCES, scores, n_boot=200, seed=0)
+    assert summary.decaying and summary.r2 > 0.95
     low, high = summary.half_life_ci
     assert low < tau * math.log(2) < high
     assert high - low < 2.0
-    true_eml = effective_memory_length(DISTANCES, truth)
-    assert summary.eml_ci[0] <= true_eml <= summary.eml_ci[1]
-    assert summary.effective_memory_length == true_eml
+    true_length = contiguous_length(DISTANCES, truth)
+    assert summary.contiguous.low <= true_length <= summary.contiguous.high
+    assert summary.contiguous.value == true_length
+    assert summary.farthest.low <= farthest_distance(DISTANCES, truth) <= summary.farthest.high
+    assert summary.peak.value == summary.peak.low == 1 and summary.peak.high <= 2
+    assert summary.mass.low < memory_mass(DISTANCES, truth) < summary.mass.high
     assert summary.n_boot_converged == 200
     assert summary.half_life == pytest.approx(tau * math.log(2), rel=0.1)
+
+
+def test_summarize_curve_of_a_lag_curve_names_the_lag_and_no_half_life():
+    """Normalized score 0.9 at lag 8 and chance elsewhere (beyond d = 0), noisy anchors."""
+    rng = np.random.default_rng(3)
+    truth = np.where(DISTANCES == 8, 0.9, 0.0)
+    truth[0] = 1.0
+    scores = truth[:, None] + rng.normal(0, 0.3, (DISTANCES.size, 300))
+    summary = summarize_curve(DISTANCES, scores, n_boot=200, seed=1)
+    assert (summary.peak.value, summary.peak.low, summary.peak.high) == (8, 8, 8)
+    assert summary.peak_value == pytest.approx(0.9, abs=0.06)
+    assert (summary.farthest.value, summary.farthest.low, summary.farthest.high) == (8, 8, 8)
+    assert summary.contiguous.value == 0
+    assert not summary.decaying and math.isnan(summary.half_life)
+    assert not summary.r2 >= DECAY_MIN_R2 and summary.n_boot_converged == 0  # NaN: no fit
+    assert all(math.isnan(x) for x in summary.half_life_ci)
+    assert summary.mass.low < memory_mass(DISTANCES, truth) < summary.mass.high
 
 
 def test_summarize_curve_normalizes_with_chance():
@@ -141,7 +256,17 @@ def test_summarize_curve_normalizes_with_chance():
     expected = normalize(scores.mean(axis=1), chance.mean(axis=1))
     np.testing.assert_allclose(summary.curve, expected, atol=1e-12)
     assert summary.fit.tau == pytest.approx(20.0, rel=0.02)
-    assert all(math.isnan(x) for x in summary.half_life_ci + summary.eml_ci)
+    assert all(math.isnan(x) for x in summary.half_life_ci)
+    assert math.isnan(summary.farthest.low) and math.isnan(summary.mass.high)
+
+
+def test_summarize_curve_without_enough_distances_for_a_fit():
+    scores = np.full((DISTANCES.size, 20), np.nan)
+    scores[:2] = [[1.0], [0.7]]
+    summary = summarize_curve(DISTANCES, scores, n_boot=10)
+    assert summary.fit is None and math.isnan(summary.r2) and not summary.decaying
+    assert summary.farthest.value == 1 and summary.contiguous.value == 1
+    assert summary.peak.value == 1 and math.isnan(summary.mass.value)
 
 
 def test_summarize_curve_rejects_bad_shapes():
@@ -151,7 +276,7 @@ def test_summarize_curve_rejects_bad_shapes():
         summarize_curve(DISTANCES, np.zeros((DISTANCES.size, 10)), np.zeros((DISTANCES.size, 9)))
     with pytest.raises(ValueError, match="n_boot"):
         summarize_curve(DISTANCES, np.zeros((DISTANCES.size, 10)), n_boot=-1)
-    with pytest.raises(ValueError, match="fewer than 3"):
+    with pytest.raises(ValueError, match="no finite value"):
         summarize_curve(DISTANCES, np.full((DISTANCES.size, 10), np.nan))
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fidelity.metrics.curves import effective_memory_length, fit_exponential
+from fidelity.metrics.curves import contiguous_length, fit_exponential
 from fidelity.metrics.etmf import (
     TIDY_COLUMNS,
     etmf,
@@ -151,10 +151,13 @@ def test_etmf_summary_of_linear_recurrence():
     summary = etmf_summary(result, n_boot=50, seed=0)
     assert list(summary.layer) == [1]
     row = summary.iloc[0]
-    assert row.converged and row.n_boot_converged > 40
+    assert row.converged and row.decaying and row.half_life_r2 > 0.9
+    assert row.n_boot_converged > 40
     assert row.half_life_ci_low <= row.half_life <= row.half_life_ci_high
     assert 1.0 < row.half_life < 10.0  # the tail is noise-limited here: only bounds are checked
-    assert row.effective_memory_length == 0  # normalized ETMF is ~0.4 already at d = 0
+    assert row.contiguous_length == 0  # normalized ETMF is ~0.4 already at d = 0
+    assert row.farthest_distance == 0 and row.peak_distance == 1
+    assert row.memory_mass_ci_low <= row.memory_mass <= row.memory_mass_ci_high
 
 
 def test_identity_model_reads_token_exactly_at_zero_and_chance_far_away():
@@ -201,6 +204,16 @@ def test_copy_model_peaks_at_the_copy_distance(shift):
     assert normalized.value[shift] == pytest.approx(1.0, abs=1e-6)
     others = normalized.value.drop(index=shift)
     assert others.abs().max() < 0.05
+    result = etmf_per_anchor(cap, torch.arange(length), distances, layers=[1], alpha=1e-9)
+    row = etmf_summary(result, n_boot=50).iloc[0]
+    assert (row.peak_distance, row.peak_distance_ci_low, row.peak_distance_ci_high) == (
+        shift,
+        shift,
+        shift,
+    )
+    assert row.farthest_distance == row.farthest_distance_ci_low == shift
+    assert row.peak_value == pytest.approx(1.0, abs=1e-6)
+    assert row.contiguous_length == 0 and not row.decaying and math.isnan(row.half_life)
 
 
 def test_tidy_schema_and_counts():
@@ -514,9 +527,11 @@ def test_summary_of_layers_scored_at_few_distances():
     assert list(summary.layer) == [0, 1]
     row = summary.set_index("layer").loc[1]
     assert not row.converged and math.isnan(row.half_life) and math.isnan(row.tau)
+    assert math.isnan(row.half_life_r2) and not row.decaying
     normalized = etmf_frame(result, n_boot=0).query("metric == 'etmf_norm' and layer == 1")
-    expected = effective_memory_length(normalized.distance, normalized.value)
-    assert row.effective_memory_length == expected
+    expected = contiguous_length(normalized.distance, normalized.value)
+    assert row.contiguous_length == expected
+    assert row.peak_distance == 1 and math.isnan(row.memory_mass)  # one distance >= 1
     assert math.isfinite(summary.set_index("layer").loc[0].tau)  # layer 0 was fitted
 
 

@@ -194,9 +194,11 @@ def test_comparison_depth_and_summary(comparison):
     for ax in depth.axes:
         assert [line.get_label() for line in _curve_lines(ax, "m")] == comparison.labels
     summary = plots.comparison_summary(comparison.summary)
-    half_life, memory = summary.axes
+    farthest, peak, mass, half_life = summary.axes
+    assert farthest.get_ylabel() == "farthest distance (tokens)"
+    assert peak.get_ylabel() == "peak distance (tokens)"
+    assert mass.get_ylabel() == "memory mass (doublings)"
     assert half_life.get_ylabel() == "half-life (tokens)"
-    assert "memory length" in memory.get_ylabel()
     assert half_life.get_yscale() == "log"  # half-lives span > 10x
     bars = half_life.containers  # one errorbar container per run
     assert [bar.get_label() for bar in bars] == comparison.labels

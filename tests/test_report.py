@@ -22,7 +22,8 @@ def _result(model="memmamba", trained=True, notes=None) -> FidelityResult:
         33.25,
         41.75,
     )
-    summary.loc[summary["layer"] == 2, "memory_length"] = 1234.0
+    summary.loc[summary["layer"] == 2, "contiguous_length"] = 1234.0
+    summary.loc[summary["layer"] == 2, ["half_life", "half_life_r2"]] = (float("nan"), 0.41)
     meta = synthetic_meta(model=model, length=60_000, trained=trained)
     if notes is not None:
         meta["notes"] = notes
@@ -52,7 +53,11 @@ def test_report_is_self_contained_with_embedded_pngs(report):
 
 def test_report_contains_the_summary_numbers(report):
     assert "37.5 [33.2, 41.8]" in report  # half-life of layer 1 with its interval
-    assert ">1234 [" in report  # memory length of layer 2
+    assert ">1234 [" in report  # contiguous length of layer 2
+    assert ">not decaying<" in report  # layer 2's half-life: a fit with R² 0.41
+    assert ">0.41<" in report
+    for header in ("farthest distance", "peak distance", "memory mass", "contiguous length"):
+        assert header in report, header
     assert "normalized ETMF at d = 64" in report
 
 
@@ -74,7 +79,9 @@ def test_report_states_what_was_measured(report):
 
 def test_report_explains_how_to_read_it(report):
     section = report[report.index("How to read this") :]
-    for term in ("ETMF", "ECLMF", "Chance", "Normalized score", "Half-life", "memory length"):
+    terms = ("ETMF", "ECLMF", "Chance", "Normalized score", "Half-life", "Farthest distance")
+    terms += ("Peak distance", "Memory mass", "Contiguous length", "not decaying")
+    for term in terms:
         assert term in section, term
 
 
@@ -123,12 +130,13 @@ def test_comparison_report_shows_runs_warnings_and_differences():
     row = comparison.summary[
         (comparison.summary["run"] == comparison.labels[1]) & (comparison.summary["layer"] == 1)
     ].iloc[0]
-    difference = (
-        f"{html.format_number(row['half_life_diff'])} "
-        f"[{html.format_number(row['half_life_diff_low'])}, "
-        f"{html.format_number(row['half_life_diff_high'])}]"
-    )
-    assert difference in page
+    for column in ("half_life", "farthest_distance", "memory_mass"):
+        difference = (
+            f"{html.format_number(row[f'{column}_diff'])} "
+            f"[{html.format_number(row[f'{column}_diff_low'])}, "
+            f"{html.format_number(row[f'{column}_diff_high'])}]"
+        )
+        assert difference in page, column
     assert "conservative" in page
 
 
@@ -162,6 +170,7 @@ def test_summary_table_has_one_row_per_layer():
     result = _result()
     table = html.summary_table(result.summary)
     assert table.count("<tr>") == 1 + len(result.summary)
-    n_columns = table.count("<th>")  # layer, half-life, memory length, 3 key distances
-    assert n_columns == 6
+    # layer; farthest, peak and its value, mass, contiguous, half-life and its R²; 3 distances
+    n_columns = table.count("<th>")
+    assert n_columns == 1 + 7 + 3
     assert table.count("<td") == n_columns * len(result.summary)

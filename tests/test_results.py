@@ -37,18 +37,21 @@ def _assert_same(a: FidelityResult, b: FidelityResult) -> None:
     assert a.meta == b.meta
 
 
-def _summary_row(layer: int, half_life: tuple[float, float, float], memory: tuple) -> dict:
-    return {
-        "model": "m",
-        "checkpoint": "",
-        "layer": layer,
-        "half_life": half_life[0],
-        "half_life_low": half_life[1],
-        "half_life_high": half_life[2],
-        "memory_length": memory[0],
-        "memory_length_low": memory[1],
-        "memory_length_high": memory[2],
-    }
+def _summary_row(
+    layer: int, half_life: tuple[float, float, float], memory: tuple, mass: tuple = (1, 0.5, 2)
+) -> dict:
+    """A summary row: ``memory`` is the contiguous length, the farthest distance is twice it,
+    the peak at 1 (value 0.9), ``mass`` the memory mass."""
+    row = {"model": "m", "checkpoint": "", "layer": layer}
+    for column, values in (
+        ("farthest_distance", tuple(2 * x for x in memory)),
+        ("peak_distance", (1, 1, 1)),
+        ("memory_mass", mass),
+        ("contiguous_length", memory),
+        ("half_life", half_life),
+    ):
+        row |= {column: values[0], f"{column}_low": values[1], f"{column}_high": values[2]}
+    return row | {"peak_value": 0.9, "half_life_r2": 0.95}
 
 
 def _empty_frame() -> pd.DataFrame:
@@ -82,8 +85,8 @@ def test_missing_frame_columns_are_named():
 
 
 def test_missing_summary_columns_are_named(small):
-    with pytest.raises(ValueError, match=r"summary is missing columns \['half_life'\]"):
-        FidelityResult(small.frame, small.summary.drop(columns="half_life"), {})
+    with pytest.raises(ValueError, match=r"summary is missing columns \['memory_mass'\]"):
+        FidelityResult(small.frame, small.summary.drop(columns="memory_mass"), {})
 
 
 @pytest.mark.parametrize(
@@ -360,6 +363,27 @@ def test_load_names_bad_cells_and_missing_columns(small, tmp_path):
         FidelityResult.load(directory)
 
 
+def test_load_reads_a_summary_saved_before_the_shape_free_statistics(small, tmp_path):
+    directory = _saved_tables(small, tmp_path / "run")
+    old = small.summary[["model", "checkpoint", "layer", "half_life", "half_life_low"]]
+    old = old.assign(
+        half_life_high=small.summary["half_life_high"],
+        memory_length=small.summary["contiguous_length"],
+        memory_length_low=small.summary["contiguous_length_low"],
+        memory_length_high=small.summary["contiguous_length_high"],
+        **{"etmf_norm@64": small.summary["etmf_norm@64"]},
+    )
+    old.to_csv(directory / "summary.csv", index=False)
+    loaded = FidelityResult.load(directory)
+    assert list(loaded.summary.columns) == [*SUMMARY_COLUMNS, "etmf_norm@64"]
+    for column in ("contiguous_length", "contiguous_length_high", "half_life", "etmf_norm@64"):
+        np.testing.assert_array_equal(loaded.summary[column], small.summary[column])
+    assert loaded.summary[["farthest_distance", "memory_mass", "half_life_r2"]].isna().all().all()
+    old.drop(columns="memory_length").to_csv(directory / "summary.csv", index=False)
+    with pytest.raises(ValueError, match=r"summary.csv is missing columns \['farthest_distance'"):
+        FidelityResult.load(directory)
+
+
 def test_repr_html_shows_summary_and_forgetting_figure(small):
     fragment = small._repr_html_()
     assert "<table class='summary'>" in fragment
@@ -378,22 +402,34 @@ def _hand_made(model: str, rows: list[dict], probe: str = "text", length: int = 
 
 def test_comparison_differences_use_conservative_intervals():
     a = _hand_made(
-        "a", [_summary_row(0, (10, 8, 12), (4, 2, 8)), _summary_row(1, (20, 18, 25), (16, 8, 32))]
+        "a",
+        [
+            _summary_row(0, (10, 8, 12), (4, 2, 8), (1.0, 0.8, 1.1)),
+            _summary_row(1, (20, 18, 25), (16, 8, 32)),
+        ],
     )
     b = _hand_made(
-        "b", [_summary_row(0, (15, 13, 18), (8, 4, 8)), _summary_row(2, (1, 1, 1), (1, 1, 1))]
+        "b",
+        [
+            _summary_row(0, (15, 13, 18), (8, 4, 8), (3.0, 2.5, 3.25)),
+            _summary_row(2, (1, 1, 1), (1, 1, 1)),
+        ],
     )
     summary = Comparison([a, b]).summary
     first = summary[summary["run"] == a.label]
-    assert first[["half_life_diff", "memory_length_diff_high"]].isna().all().all()
+    assert first[["half_life_diff", "contiguous_length_diff_high"]].isna().all().all()
     row = summary[(summary["run"] == b.label) & (summary["layer"] == 0)].iloc[0]
     assert (row["half_life_diff"], row["half_life_diff_low"], row["half_life_diff_high"]) == (
         5,
         1,
         10,
     )
-    assert (row["memory_length_diff"], row["memory_length_diff_low"]) == (4, 4 - 8)
-    assert row["memory_length_diff_high"] == 8 - 2
+    assert (row["contiguous_length_diff"], row["contiguous_length_diff_low"]) == (4, 4 - 8)
+    assert row["contiguous_length_diff_high"] == 8 - 2
+    assert (row["farthest_distance_diff"], row["farthest_distance_diff_low"]) == (8, 8 - 16)
+    assert (row["memory_mass_diff"], row["memory_mass_diff_low"]) == (2.0, 2.5 - 1.1)
+    assert row["memory_mass_diff_high"] == 3.25 - 0.8
+    assert (row["peak_distance_diff"], row["peak_distance_diff_high"]) == (0, 0)
     unmatched = summary[(summary["run"] == b.label) & (summary["layer"] == 2)].iloc[0]
     assert math.isnan(unmatched["half_life_diff"])  # the first run has no layer 2
     assert list(summary.columns[:4]) == ["run", "model", "checkpoint", "layer"]

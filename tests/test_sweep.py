@@ -211,7 +211,7 @@ def test_cli_sweep_prints_status_lines_and_exits_1_on_failure(swept, tmp_path, c
     summary = _read(Path(config["sweep"]["out"]) / "sweep_summary.csv")
     last = summary[(summary["run"] == "mm-text") & (summary["layer"] == TINY_LAYERS - 1)]
     row = next(line for line in captured.out.splitlines() if "mm-text" in line)
-    assert "skipped" in row and f"{last['half_life'].item():.3g}" in row
+    assert "skipped" in row and f"{last['memory_mass'].item():.2f}" in row
     assert "failed" in next(line for line in captured.out.splitlines() if "broken" in line)
 
 

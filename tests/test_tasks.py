@@ -148,6 +148,18 @@ def test_random_probe() -> None:
     assert not torch.equal(probe.input_ids[0], probe.input_ids[1])
 
 
+def test_random_probe_within_a_given_vocabulary() -> None:
+    probe = make_probe("random", 2000, batch=2, seed=4, vocab_size=16)
+    assert torch.equal(torch.unique(probe.input_ids), torch.arange(16))
+    assert torch.equal(
+        probe.input_ids, make_probe("random", 2000, batch=2, seed=4, vocab_size=16).input_ids
+    )
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 2"):
+        make_probe("random", 100, vocab_size=1)
+    with pytest.raises(TypeError, match="vocab_size"):
+        make_probe("random", 100, vocab_size=16.0)
+
+
 # --- text ----------------------------------------------------------------------------------
 
 

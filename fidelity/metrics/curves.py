@@ -1,9 +1,20 @@
-"""Forgetting curves: exponential fits, effective memory length, bootstrap intervals.
+"""Forgetting curves: where a curve holds memory, exponential fits, bootstrap intervals.
 
-A forgetting curve is a score per distance (normalized ETMF, usually). It is summarized by
-a fit ``value(d) = a * exp(-d / tau) + c`` (half-life ``tau * ln 2``: the distance over which
-the excess above the floor ``c`` halves) and by the *effective memory length*: the largest
-distance up to which the normalized score never drops below 0.5.
+A forgetting curve is a score per distance (normalized ETMF, usually). Memory in trained
+models is often not monotone in distance (copying at a lag, induction, retrieval), so the
+statistics that summarize a curve hold for any shape:
+
+- *farthest distance*: the largest distance at which the score is at or above 0.5, whatever
+  happens at shorter distances;
+- *peak distance*: the distance beyond 0 where the score is highest (none when that is below
+  :data:`PEAK_FLOOR`, i.e. noise around chance);
+- *memory mass*: the area under the score over log2-distance (in doublings);
+- *contiguous length*: the largest distance up to which the score never drops below 0.5
+  (memory without a gap; 0 for a curve that dips at distance 1 and recovers).
+
+An exponential fit ``value(d) = a * exp(-d / tau) + c`` (half-life ``tau * ln 2``: the distance
+over which the excess above the floor ``c`` halves) is reported with its goodness of fit
+``R^2``, and its half-life only when the curve is an exponential decay (:func:`is_decaying`).
 
 Intervals are percentile bootstraps over anchors. A bootstrap replicate is represented by how
 often it draws each anchor, so replicates are a count matrix `(n_anchors, n_boot)` and a
@@ -24,6 +35,10 @@ DEFAULT_LEVEL = 0.95
 
 MEMORY_THRESHOLD = 0.5
 """Normalized score that a distance must keep to count as remembered."""
+
+PEAK_FLOOR = 0.1
+"""A curve whose highest value beyond distance 0 is below this has no peak: its maximum is
+noise around chance (the largest of many near-zero values), not a place where memory sits."""
 
 _TAU_GRID_SIZE = 120
 _TAU_GRID_SPAN = 1e3  # tau is searched within [min spacing / 1e3, span * 1e3]
@@ -61,22 +76,29 @@ def bootstrap_counts(n: int, n_boot: int, seed: int | list[int] = 0) -> np.ndarr
     n_boot = _check_n_boot(n_boot)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n)
-    counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
-    return counts.T
+    flat = (draws + n * np.arange(n_boot)[:, None]).ravel()  # replicate-major cell indices
+    counts = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n)
+    return counts.T.astype(np.float64)
 
 
-def percentile_interval(samples: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+def percentile_interval(
+    samples: np.ndarray, level: float = DEFAULT_LEVEL, discrete: bool = False
+) -> tuple[float, float]:
     """Percentile interval of bootstrap ``samples`` `(n_boot,)`, ignoring NaN.
 
-    Returns ``(nan, nan)`` when no sample is finite.
+    ``discrete``: the bounds are sample values (the low one rounded down, the high one up), as
+    for distances, which are not interpolated. Returns ``(nan, nan)`` when no sample is finite.
     """
     samples = np.asarray(samples, dtype=np.float64)
     samples = samples[np.isfinite(samples)]
     if samples.size == 0:
         return math.nan, math.nan
     tail = (1 - _check_level(level)) / 2 * 100
-    low, high = np.percentile(samples, [tail, 100 - tail])
+    if discrete:
+        low = np.percentile(samples, tail, method="lower")
+        high = np.percentile(samples, 100 - tail, method="higher")
+    else:
+        low, high = np.percentile(samples, [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -245,54 +267,197 @@ def fit_exponential(distances: object, values: object) -> ExponentialFit:
     return ExponentialFit(a=a, tau=tau, c=c, half_life=tau * math.log(2), converged=converged)
 
 
-def effective_memory_length(
-    distances: object, normalized: object, threshold: float = MEMORY_THRESHOLD
-) -> int:
-    """Largest distance ``d`` with ``normalized >= threshold`` at every distance up to ``d``.
+DECAY_MIN_R2 = 0.9
+"""An exponential fit must explain this share of a curve's variance (R^2) for its half-life to
+be reported; below it the curve is not an exponential decay and the half-life is left out."""
 
-    ``distances``, ``normalized`` `(n_dist,)` (any order; NaN entries, distances without an
-    estimate, are skipped). Returns 0 when the smallest distance already falls below the
-    threshold, and the largest distance probed when none does (a lower bound then).
+
+def fit_r2(distances: object, values: object, fit: ExponentialFit) -> float:
+    """Coefficient of determination ``1 - SSE / SST`` of ``fit`` on the finite ``values``.
+
+    ``distances``, ``values`` `(n,)`. NaN when the values have no variance (a flat curve).
     """
     d = _as_1d_float("distances", distances)
-    v = _as_1d_float("normalized", normalized)
-    if d.shape != v.shape:
+    v = _as_1d_float("values", values)
+    finite = np.isfinite(v) & np.isfinite(d)
+    d, v = d[finite], v[finite]
+    total = float(((v - v.mean()) ** 2).sum())
+    if total <= 1e-24 * max(float((v**2).sum()), 1e-300):  # constant up to rounding
+        return math.nan
+    with np.errstate(over="ignore", invalid="ignore"):
+        predicted = fit.a * np.exp(-d / fit.tau) + fit.c
+    residual = float(((predicted - v) ** 2).sum())
+    return 1.0 - residual / total if math.isfinite(residual) else math.nan
+
+
+def is_decaying(fit: ExponentialFit | None, r2: float) -> bool:
+    """Whether a curve is an exponential decay: converged fit, falling (``a > 0``), and
+    ``r2 >= DECAY_MIN_R2``."""
+    return fit is not None and fit.converged and fit.a > 0 and r2 >= DECAY_MIN_R2
+
+
+def _curves_matrix(name: str, distances: np.ndarray, curves: object) -> np.ndarray:
+    """``curves`` as float64 `(n_dist, k)` (a `(n_dist,)` curve becomes one column)."""
+    matrix = np.asarray(curves, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[:, None]
+    if matrix.ndim != 2 or matrix.shape[0] != distances.size:
         raise ValueError(
-            f"distances and normalized need the same length, got {d.size} and {v.size}"
+            f"{name} must be (n_dist={distances.size},) or (n_dist, k), got {matrix.shape}"
         )
-    remembered = 0
-    for distance, value in sorted(zip(d.tolist(), v.tolist(), strict=True)):
-        if math.isnan(value):
-            continue
-        if value < threshold:
-            break
-        remembered = int(distance)
-    return remembered
+    return matrix
+
+
+def _squeeze(values: np.ndarray, curves: object) -> np.ndarray | float:
+    return float(values[0]) if np.ndim(curves) == 1 else values
+
+
+def farthest_distance(
+    distances: object, curves: object, threshold: float = MEMORY_THRESHOLD
+) -> np.ndarray | float:
+    """Largest distance at which a curve is at or above ``threshold``; shorter distances may
+    fall below it (a curve that holds a token only at lag 8 has farthest distance 8).
+
+    ``distances`` `(n_dist,)` (any order); ``curves`` `(n_dist,)` or `(n_dist, k)`, NaN where
+    a distance has no estimate. Returns a float (or `(k,)`): 0 when no distance reaches the
+    threshold, the largest distance probed when that one does (a lower bound then).
+    """
+    d = _as_1d_float("distances", distances)
+    v = _curves_matrix("curves", d, curves)
+    with np.errstate(invalid="ignore"):
+        held = v >= threshold  # NaN compares False
+    farthest = np.where(held, d[:, None], 0.0).max(axis=0, initial=0.0)
+    return _squeeze(farthest, curves)
+
+
+def contiguous_length(
+    distances: object, curves: object, threshold: float = MEMORY_THRESHOLD
+) -> np.ndarray | float:
+    """Largest distance ``d`` with a curve at or above ``threshold`` at every distance up to
+    ``d``: memory without a gap.
+
+    ``distances`` `(n_dist,)` (any order); ``curves`` `(n_dist,)` or `(n_dist, k)` (NaN
+    entries, distances without an estimate, are skipped). Returns a float (or `(k,)`): 0 when
+    the smallest distance already falls below the threshold, the largest distance probed when
+    none does (a lower bound then).
+    """
+    d = _as_1d_float("distances", distances)
+    v = _curves_matrix("curves", d, curves)
+    order = np.argsort(d, kind="stable")
+    d, v = d[order], v[order]
+    with np.errstate(invalid="ignore"):
+        below = v < threshold  # NaN compares False: skipped
+    unbroken = np.cumsum(below, axis=0) == 0  # (n_dist, k): no drop so far
+    present = ~np.isnan(v)
+    length = np.where(unbroken & present, d[:, None], 0.0).max(axis=0, initial=0.0)
+    return _squeeze(length, curves)
+
+
+def peak_distance(
+    distances: object, curves: object, floor: float = PEAK_FLOOR
+) -> np.ndarray | float:
+    """Distance beyond 0 at which a curve is highest (the first such distance on ties).
+
+    ``distances`` `(n_dist,)`; ``curves`` `(n_dist,)` or `(n_dist, k)`. NaN when no distance
+    beyond 0 has a value, or when the highest value is below ``floor`` (no peak above noise).
+    """
+    d = _as_1d_float("distances", distances)
+    v = _curves_matrix("curves", d, curves)
+    beyond = d > 0
+    d, v = d[beyond], v[beyond]
+    order = np.argsort(d, kind="stable")
+    d, v = d[order], v[order]
+    if d.size == 0:
+        return _squeeze(np.full(v.shape[1], np.nan), curves)
+    filled = np.where(np.isnan(v), -np.inf, v)
+    best = np.argmax(filled, axis=0)  # (k,)
+    highest = filled[best, np.arange(v.shape[1])]
+    peak = np.where(highest >= floor, d[best], np.nan)
+    return _squeeze(peak, curves)
+
+
+def memory_mass(distances: object, curves: object) -> np.ndarray | float:
+    """Area under a curve over ``log2`` of the distance, from the smallest distance >= 1 to the
+    largest (trapezoids; NaN entries are left out, their neighbours joined).
+
+    Units: doublings of distance. A curve at 1 from distance 1 to ``D`` has mass ``log2(D)``;
+    a curve at chance has mass near 0 (values are not clipped, so noise averages out). It
+    grows with the range of distances probed: compare masses over the same distances.
+    ``distances`` `(n_dist,)`; ``curves`` `(n_dist,)` or `(n_dist, k)`. Returns a float (or
+    `(k,)`), NaN with fewer than two values at distances >= 1.
+    """
+    d = _as_1d_float("distances", distances)
+    v = _curves_matrix("curves", d, curves)
+    keep = d >= 1
+    d, v = d[keep], v[keep]
+    order = np.argsort(d, kind="stable")
+    x, v = np.log2(d[order]), v[order]
+    mass = np.full(v.shape[1], np.nan)
+    complete = ~np.isnan(v).any(axis=0)
+    if x.size >= 2 and complete.any():
+        mass[complete] = _trapezoid(v[:, complete], x)
+    for column in np.flatnonzero(~complete):  # rare: replicates that lost a distance
+        present = ~np.isnan(v[:, column])
+        if present.sum() >= 2:
+            mass[column] = _trapezoid(v[present, column][:, None], x[present])[0]
+    return _squeeze(mass, curves)
+
+
+def _trapezoid(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Trapezoid integral of ``values`` `(n, k)` over ascending ``x`` `(n,)` -> `(k,)`."""
+    return (np.diff(x)[:, None] * (values[1:] + values[:-1]) / 2).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A curve statistic and its percentile bootstrap interval (NaN when not computed)."""
+
+    value: float
+    low: float
+    high: float
+
+
+def _statistic(values: np.ndarray, level: float, discrete: bool = False) -> Statistic:
+    """``values`` `(1 + n_boot,)`: the curve's statistic, then one per replicate."""
+    low, high = percentile_interval(values[1:], level, discrete)
+    return Statistic(float(values[0]), low, high)
 
 
 @dataclass(frozen=True)
 class CurveSummary:
-    """One forgetting curve, summarized.
+    """One forgetting curve, summarized; every statistic holds for curves of any shape.
 
-    ``distances`` `(n_dist,)`; ``curve`` `(n_dist,)` the (normalized) mean score per distance;
-    ``fit`` the exponential fit of ``curve``; ``half_life_ci`` and ``eml_ci`` percentile
-    bootstrap intervals (anchors resampled, curve refitted; NaN when not computed);
-    ``n_boot_converged`` how many replicates gave a converged fit (the half-life interval uses
-    only those).
+    ``distances`` `(n_dist,)`; ``curve`` `(n_dist,)` the (normalized) mean score per distance.
+    ``farthest``: the largest distance with ``curve >= threshold`` (:func:`farthest_distance`);
+    ``peak``: the distance beyond 0 where the curve is highest (:func:`peak_distance`) and
+    ``peak_value`` the curve there; ``mass``: area under the curve over log2-distance
+    (:func:`memory_mass`); ``contiguous``: the largest distance up to which the curve never
+    drops below the threshold (:func:`contiguous_length`). Intervals resample anchors.
+
+    ``fit`` the exponential fit of ``curve`` (None with fewer than 3 distances), ``r2`` its
+    goodness of fit (NaN when the fit did not converge: no decay within the distances, or one
+    faster than the first step), ``decaying`` whether the curve is an exponential decay
+    (:func:`is_decaying`); ``half_life`` is reported only then, with ``half_life_ci`` over the
+    ``n_boot_converged`` replicates whose refit converged (NaN otherwise).
     """
 
     distances: np.ndarray
     curve: np.ndarray
-    fit: ExponentialFit
+    farthest: Statistic
+    peak: Statistic
+    peak_value: float
+    mass: Statistic
+    contiguous: Statistic
+    fit: ExponentialFit | None
+    r2: float
+    decaying: bool
     half_life_ci: tuple[float, float]
-    effective_memory_length: int
-    eml_ci: tuple[float, float]
     n_boot_converged: int
 
     @property
     def half_life(self) -> float:
-        """Half-life of the fitted curve (NaN when the fit did not converge)."""
-        return self.fit.half_life if self.fit.converged else math.nan
+        """Half-life of the fitted curve; NaN unless the curve is an exponential decay."""
+        return self.fit.half_life if self.decaying else math.nan
 
 
 def _as_anchor_matrix(name: str, values: object, n_dist: int) -> np.ndarray:
@@ -319,6 +484,17 @@ def _try_fit(distances: np.ndarray, curve: np.ndarray) -> ExponentialFit | None:
     return fit_exponential(distances, curve)
 
 
+def _replicate_half_lives(distances: np.ndarray, replicates: np.ndarray) -> np.ndarray:
+    """Half-lives `(n_converged,)` of the replicate curves `(n_dist, n_boot)` whose refit
+    converged."""
+    half_lives = []
+    for column in replicates.T:
+        fit = _try_fit(distances, column)
+        if fit is not None and fit.converged:
+            half_lives.append(fit.half_life)
+    return np.array(half_lives, dtype=np.float64)
+
+
 def summarize_curve(
     distances: object,
     scores: object,
@@ -328,13 +504,15 @@ def summarize_curve(
     level: float = DEFAULT_LEVEL,
     threshold: float = MEMORY_THRESHOLD,
 ) -> CurveSummary:
-    """Half-life and effective memory length of one layer's curve, with bootstrap intervals.
+    """Where one layer's curve holds memory, with bootstrap intervals (see :class:`CurveSummary`).
 
     ``distances`` `(n_dist,)`; ``scores`` `(n_dist, n_anchors)` per-anchor scores (NaN where an
     anchor has no valid ``t + d``); ``chance`` the matching per-anchor chance scores or None.
     With ``chance`` the curve is ``normalize(mean score, mean chance)`` per distance; without,
     ``scores`` are taken as already normalized and averaged. Each of ``n_boot`` replicates
-    resamples anchors (columns, jointly for all distances), rebuilds the curve and refits it.
+    resamples anchors (columns, jointly for all distances) and rebuilds the curve; the
+    statistics of all replicates are computed at once, and the exponential is refitted per
+    replicate only when the curve itself is decaying. ValueError when no distance has a value.
     """
     d = _as_1d_float("distances", distances)
     scores = _as_anchor_matrix("scores", scores, d.size)
@@ -344,24 +522,30 @@ def summarize_curve(
             raise ValueError(f"chance {chance.shape} must match scores {scores.shape}")
     n_boot = _check_n_boot(n_boot)
     n_anchors = scores.shape[1]
-    curve = _curve_from_counts(scores, chance, np.ones((n_anchors, 1)))[:, 0]  # (n_dist,)
-    fit = _try_fit(d, curve)
-    if fit is None:
-        raise ValueError("the curve has finite values at fewer than 3 distances; cannot fit it")
-    half_lives, lengths = [], []
+    weights = np.ones((n_anchors, 1))
     if n_boot > 0:
-        replicates = _curve_from_counts(scores, chance, bootstrap_counts(n_anchors, n_boot, seed))
-        for column in replicates.T:  # (n_dist,) per replicate
-            lengths.append(effective_memory_length(d, column, threshold))
-            replicate_fit = _try_fit(d, column)
-            if replicate_fit is not None and replicate_fit.converged:
-                half_lives.append(replicate_fit.half_life)
+        weights = np.concatenate([weights, bootstrap_counts(n_anchors, n_boot, seed)], axis=1)
+    curves = _curve_from_counts(scores, chance, weights)  # (n_dist, 1 + n_boot)
+    curve = curves[:, 0]
+    if not np.isfinite(curve).any():
+        raise ValueError("the curve has no finite value at any distance; nothing to summarize")
+    fit = _try_fit(d, curve)
+    r2 = fit_r2(d, curve, fit) if fit is not None and fit.converged else math.nan
+    decaying = is_decaying(fit, r2)
+    half_lives = _replicate_half_lives(d, curves[:, 1:]) if decaying else np.array([])
+    peaks = np.atleast_1d(peak_distance(d, curves))
+    peak_row = np.flatnonzero(d == peaks[0])
     return CurveSummary(
         distances=d,
         curve=curve,
+        farthest=_statistic(farthest_distance(d, curves, threshold), level, discrete=True),
+        peak=_statistic(peaks, level, discrete=True),
+        peak_value=float(curve[peak_row[0]]) if peak_row.size else math.nan,
+        mass=_statistic(memory_mass(d, curves), level),
+        contiguous=_statistic(contiguous_length(d, curves, threshold), level, discrete=True),
         fit=fit,
-        half_life_ci=percentile_interval(np.array(half_lives), level),
-        effective_memory_length=effective_memory_length(d, curve, threshold),
-        eml_ci=percentile_interval(np.array(lengths, dtype=np.float64), level),
-        n_boot_converged=len(half_lives),
+        r2=r2,
+        decaying=decaying,
+        half_life_ci=percentile_interval(half_lives, level),
+        n_boot_converged=int(half_lives.size),
     )

@@ -41,18 +41,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
 from fidelity.metrics.curves import (
     DEFAULT_LEVEL,
+    CurveSummary,
     bootstrap_counts,
-    effective_memory_length,
     mean_with_interval,
-    normalize,
     normalized_with_interval,
-    present_mean,
     summarize_curve,
 )
 from fidelity.metrics.readout import ReadoutScores, readout_scores, rowwise_cosine
@@ -72,16 +69,28 @@ MIN_ANCHORS_PER_CELL = 8
 
 SUMMARY_COLUMNS = (
     "layer",
+    "farthest_distance",
+    "farthest_distance_ci_low",
+    "farthest_distance_ci_high",
+    "peak_distance",
+    "peak_distance_ci_low",
+    "peak_distance_ci_high",
+    "peak_value",
+    "memory_mass",
+    "memory_mass_ci_low",
+    "memory_mass_ci_high",
+    "contiguous_length",
+    "contiguous_length_ci_low",
+    "contiguous_length_ci_high",
     "half_life",
     "half_life_ci_low",
     "half_life_ci_high",
+    "half_life_r2",
+    "decaying",
     "tau",
     "amplitude",
     "offset",
     "converged",
-    "effective_memory_length",
-    "eml_ci_low",
-    "eml_ci_high",
     "n_boot_converged",
 )
 """Columns of :func:`etmf_summary`."""
@@ -415,17 +424,20 @@ def etmf(
 def etmf_summary(
     result: EtmfPerAnchor, n_boot: int = 200, seed: int = 0, level: float = DEFAULT_LEVEL
 ) -> pd.DataFrame:
-    """Per-layer forgetting-curve summary of normalized ETMF, one row per layer.
+    """Per-layer summary of the normalized ETMF curve, one row per layer.
 
-    Columns: ``layer``, ``half_life`` (NaN when the fit did not converge),
-    ``half_life_ci_low``/``_high``, ``tau``, ``amplitude``, ``offset`` (the fit
-    ``a * exp(-d / tau) + c``), ``converged``, ``effective_memory_length``,
-    ``eml_ci_low``/``_high``, ``n_boot_converged``. See
-    :func:`fidelity.metrics.curves.summarize_curve`; ETMF at chosen distances is in
+    Columns (:data:`SUMMARY_COLUMNS`; ``_ci_low``/``_ci_high`` bootstrap intervals over
+    anchors): ``farthest_distance`` (largest distance with normalized ETMF >= 0.5),
+    ``peak_distance`` (distance beyond 0 where it is highest) and ``peak_value`` (its value
+    there), ``memory_mass`` (area over log2-distance), ``contiguous_length`` (largest distance
+    up to which it never drops below 0.5), ``half_life`` (NaN unless ``decaying``),
+    ``half_life_r2`` (goodness of the exponential fit, NaN unless it converged), ``decaying``,
+    the fit ``a * exp(-d / tau) + c`` (``tau``, ``amplitude``, ``offset``, ``converged``) and
+    ``n_boot_converged``.
+    See :func:`fidelity.metrics.curves.summarize_curve`; ETMF at chosen distances is in
     :func:`etmf_frame`. A layer scored at fewer than :data:`MIN_SCORED_DISTANCES` distances
-    (cells skipped for missing positions) gets no fit: NaN parameters and intervals, its
-    effective memory length over the distances it has; a layer scored at none is left out.
-    Both cases warn.
+    (cells skipped for missing positions) gets no fit (NaN fit columns) but the other
+    statistics over the distances it has; a layer scored at none is left out. Both warn.
     """
     rows, unfitted, unscored = [], [], []
     distances = result.distances.numpy()
@@ -436,27 +448,10 @@ def etmf_summary(
             continue
         if n_scored < MIN_SCORED_DISTANCES:
             unfitted.append(layer)
-            rows.append(_unfitted_summary(layer, distances, result.score[i], result.chance[i]))
-            continue
         summary = summarize_curve(
             distances, result.score[i], result.chance[i], n_boot=n_boot, seed=seed, level=level
         )
-        rows.append(
-            {
-                "layer": layer,
-                "half_life": summary.half_life,
-                "half_life_ci_low": summary.half_life_ci[0],
-                "half_life_ci_high": summary.half_life_ci[1],
-                "tau": summary.fit.tau,
-                "amplitude": summary.fit.a,
-                "offset": summary.fit.c,
-                "converged": summary.fit.converged,
-                "effective_memory_length": summary.effective_memory_length,
-                "eml_ci_low": summary.eml_ci[0],
-                "eml_ci_high": summary.eml_ci[1],
-                "n_boot_converged": summary.n_boot_converged,
-            }
-        )
+        rows.append(_summary_row(layer, summary))
     if unfitted or unscored:
         warnings.warn(
             f"ETMF summary: layers {unfitted} have values at fewer than {MIN_SCORED_DISTANCES} "
@@ -465,28 +460,32 @@ def etmf_summary(
             stacklevel=2,
         )
     frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-    return frame.astype({"layer": int, "effective_memory_length": int})
+    return frame.astype({"layer": int, "decaying": bool, "converged": bool})
 
 
-def _unfitted_summary(
-    layer: int, distances: np.ndarray, score: torch.Tensor, chance: torch.Tensor
-) -> dict:
-    """A summary row without a fit: the effective memory length of the normalized curve at the
-    distances that have values (``score``, ``chance`` `(n_dist, n_anchors)`), the rest NaN."""
-    ones = np.ones((score.shape[1], 1))
-    curve = normalize(present_mean(score.numpy(), ones), present_mean(chance.numpy(), ones))
+def _summary_row(layer: int, summary: CurveSummary) -> dict:
+    """One :data:`SUMMARY_COLUMNS` row from a layer's :class:`CurveSummary`."""
+    row: dict[str, object] = {"layer": layer}
+    for name, statistic in (
+        ("farthest_distance", summary.farthest),
+        ("peak_distance", summary.peak),
+        ("memory_mass", summary.mass),
+        ("contiguous_length", summary.contiguous),
+    ):
+        row |= {name: statistic.value, f"{name}_ci_low": statistic.low}
+        row[f"{name}_ci_high"] = statistic.high
+    fit = summary.fit
     nan = math.nan
-    return {
-        "layer": layer,
-        "half_life": nan,
-        "half_life_ci_low": nan,
-        "half_life_ci_high": nan,
-        "tau": nan,
-        "amplitude": nan,
-        "offset": nan,
-        "converged": False,
-        "effective_memory_length": effective_memory_length(distances, curve[:, 0]),
-        "eml_ci_low": nan,
-        "eml_ci_high": nan,
-        "n_boot_converged": 0,
+    return row | {
+        "peak_value": summary.peak_value,
+        "half_life": summary.half_life,
+        "half_life_ci_low": summary.half_life_ci[0],
+        "half_life_ci_high": summary.half_life_ci[1],
+        "half_life_r2": summary.r2,
+        "decaying": summary.decaying,
+        "tau": nan if fit is None else fit.tau,
+        "amplitude": nan if fit is None else fit.a,
+        "offset": nan if fit is None else fit.c,
+        "converged": fit is not None and fit.converged,
+        "n_boot_converged": summary.n_boot_converged,
     }

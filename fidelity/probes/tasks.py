@@ -427,14 +427,17 @@ def random_probe(
     batch: int = 1,
     seed: int = 0,
     tokenizer: Tokenizer | str | Path | None = None,
+    vocab_size: int | None = None,
 ) -> ProbeInput:
-    """Uniform random token ids over the tokenizer's vocabulary (a control), `(batch, length)`."""
+    """Uniform random token ids (a control), `(batch, length)`: over ``[0, vocab_size)`` when
+    given (``fidelity.analyze`` passes the model's vocabulary), else the tokenizer's."""
     length, batch, seed = _check_common(length, batch, seed)
     tokenizer = as_tokenizer(tokenizer)
+    if vocab_size is None:
+        vocab_size = tokenizer.vocab_size
+    vocab_size = _check_count("vocab_size", vocab_size, minimum=2)
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(
-        0, tokenizer.vocab_size, (batch, length), generator=generator, dtype=torch.long
-    )
+    input_ids = torch.randint(0, vocab_size, (batch, length), generator=generator, dtype=torch.long)
     return ProbeInput(input_ids=input_ids, task="random", seed=seed, tokenizer_name=tokenizer.name)
 
 
@@ -454,7 +457,8 @@ def make_probe(
     """The probe ``task`` (one of :data:`TASKS`), ``input_ids`` `(batch, length)`.
 
     ``task_options`` go to the task's function: text: ``paths``, ``split``, ``text_field``;
-    passkey: ``depth``, ``with_answer``; kv: ``n_pairs``, ``depth``, ``with_answer``.
+    passkey: ``depth``, ``with_answer``; kv: ``n_pairs``, ``depth``, ``with_answer``; random:
+    ``vocab_size``.
     Raises ``ValueError`` for an unknown task and ``TypeError`` for an option the task does
     not take.
     """

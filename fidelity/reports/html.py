@@ -48,7 +48,7 @@ dt { font-weight: 600; margin-top: 0.5em; }
 FIGURE_CAPTIONS = {
     "forgetting": "Forgetting curves: normalized ETMF against distance, one line per layer, "
     "shaded bands are confidence intervals; dotted line = chance, dashed line = the 0.5 "
-    "threshold that defines the effective memory length.",
+    "threshold of the farthest distance and the contiguous length.",
     "depth": "Depth curves: how much of the token embedding each layer still holds (left) "
     "and how much passes between adjacent layers (right).",
     "heatmap": "Normalized ETMF for every layer and distance (bright = remembered, "
@@ -65,8 +65,8 @@ COMPARISON_CAPTIONS = {
     "(normalized ETMF against distance; dotted line = chance, dashed line = 0.5).",
     "depth": "Depth curves of every run: normalized ECLMF and CKA from the embeddings, and "
     "normalized ECLMF between adjacent layers.",
-    "summary": "Half-life and effective memory length by layer, one line per run "
-    "(bars: intervals).",
+    "summary": "Farthest distance, peak distance, memory mass and half-life (decaying curves "
+    "only) by layer, one line per run (bars: intervals).",
 }
 
 HOW_TO_READ = (
@@ -93,14 +93,38 @@ HOW_TO_READ = (
         "This is the headline curve.",
     ),
     (
-        "Half-life",
-        "From an exponential fit to the normalized curve: the distance, in tokens, over which "
-        "the remembered part halves. Shown as – when the fit did not converge.",
+        "Farthest distance",
+        "The largest distance, in tokens, at which the normalized score is at or above 0.5, "
+        "whatever happens at shorter distances: a layer that holds a token only 8 positions "
+        "later has farthest distance 8. If it equals the largest distance probed it is only a "
+        "lower bound.",
     ),
     (
-        "Effective memory length",
-        "The largest distance, in tokens, up to which the normalized score stays at or above "
-        "0.5. If it equals the largest distance probed it is only a lower bound.",
+        "Peak distance",
+        "The distance beyond 0 where the normalized score is highest, with the score there. "
+        "For a curve that decays it is the shortest distance probed; a later peak is where the "
+        "layer keeps the token (copying at a lag, retrieval). None (–) when the highest score "
+        "is below 0.1: the largest of many scores at chance is noise, not memory.",
+    ),
+    (
+        "Memory mass",
+        "The area under the normalized curve over log2 of the distance, from distance 1 to the "
+        "largest probed, in doublings: a layer that remembers perfectly up to D tokens has "
+        "mass log2(D), one at chance about 0. One number for the whole curve; compare it "
+        "between runs probed at the same distances.",
+    ),
+    (
+        "Contiguous length",
+        "The largest distance up to which the normalized score never drops below 0.5: memory "
+        "without a gap. It is 0 for a layer whose score dips at distance 1, even when it holds "
+        "the token later (see farthest distance and peak).",
+    ),
+    (
+        "Half-life",
+        "From an exponential fit to the normalized curve: the distance, in tokens, over which "
+        "the remembered part halves, shown with the fit's R^2. It is reported only when the "
+        "curve decays like an exponential (R^2 >= 0.9, falling); otherwise the cell says "
+        "'not decaying' and the other statistics describe the curve.",
     ),
     (
         "Intervals",
@@ -206,15 +230,30 @@ _METRIC_NAMES = {
 }
 
 
+_STATISTIC_HEADERS = {
+    "farthest_distance": "farthest distance ≥ 0.5 (tokens)",
+    "peak_distance": "peak distance (tokens)",
+    "memory_mass": "memory mass (doublings)",
+    "contiguous_length": "contiguous length ≥ 0.5 (tokens)",
+    "half_life": "half-life (tokens)",
+}
+_STATISTIC_EXTRAS = {
+    "peak_distance": ("normalized ETMF at peak", "peak_value"),
+    "half_life": ("half-life fit R²", "half_life_r2"),
+}
+
+
 def _summary_columns(summary: pd.DataFrame) -> list[tuple[str, str]]:
-    """(header, column) pairs: fixed measures, then key-distance scores such as etmf_norm@64."""
-    pairs = [
-        ("half-life (tokens) [interval]", "half_life"),
-        ("effective memory length (tokens) [interval]", "memory_length"),
-    ]
-    fixed = {"model", "checkpoint", "layer", "run"}
+    """(header, column) pairs: the curve statistics (with intervals), then further columns
+    such as key-distance scores (etmf_norm@64)."""
+    pairs = []
+    for column, header in _STATISTIC_HEADERS.items():
+        pairs.append((f"{header} [interval]", column))
+        if column in _STATISTIC_EXTRAS:
+            pairs.append(_STATISTIC_EXTRAS[column])
+    taken = {column for _, column in pairs} | {"model", "checkpoint", "layer", "run"}
     for column in summary.columns:
-        if column in fixed or column.startswith(("half_life", "memory_length")):
+        if column in taken or column.startswith(tuple(_STATISTIC_HEADERS)):
             continue
         metric, _, distance = column.partition("@")
         name = _METRIC_NAMES.get(metric, metric)
@@ -223,12 +262,23 @@ def _summary_columns(summary: pd.DataFrame) -> list[tuple[str, str]]:
     return pairs
 
 
+def _half_life_cell(row: pd.Series) -> str:
+    """The half-life with its interval; 'not decaying' when the curve has a fit but is not an
+    exponential decay."""
+    if math.isnan(row["half_life"]) and not math.isnan(row.get("half_life_r2", math.nan)):
+        return "not decaying"
+    return _interval_cell(row, "half_life")
+
+
 def summary_table(summary: pd.DataFrame, with_run: bool = False) -> str:
-    """HTML table of a (comparison) summary: one row per (run and) layer, escaped cells."""
+    """HTML table of a (comparison) summary: one row per (run and) layer, escaped cells.
+
+    A comparison summary (``with_run``) adds each statistic's difference from the first run
+    with its conservative bound."""
     columns = _summary_columns(summary)
+    differences = [c for c in _STATISTIC_HEADERS if f"{c}_diff" in summary.columns]
     head = (["run"] if with_run else []) + ["layer"] + [header for header, _ in columns]
-    if with_run and "half_life_diff" in summary.columns:
-        head += ["half-life − first run [bound]", "memory length − first run [bound]"]
+    head += [f"{_STATISTIC_HEADERS[c]} − first run [bound]" for c in differences]
     lines = ["<table class='summary'><thead><tr>"]
     lines += [f"<th>{escape(h)}</th>" for h in head]
     lines.append("</tr></thead><tbody>")
@@ -236,15 +286,13 @@ def summary_table(summary: pd.DataFrame, with_run: bool = False) -> str:
         run = [f"<td>{escape(str(row['run']))}</td>"] if with_run else []
         cells = [str(int(row["layer"]))]
         for _, column in columns:
-            if column in ("half_life", "memory_length"):
+            if column == "half_life":
+                cells.append(escape(_half_life_cell(row)))
+            elif column in _STATISTIC_HEADERS:
                 cells.append(escape(_interval_cell(row, column)))
             else:
                 cells.append(escape(format_number(row[column])))
-        if with_run and "half_life_diff" in summary.columns:
-            cells += [
-                escape(_interval_cell(_diff_view(row, c), c))
-                for c in ("half_life", "memory_length")
-            ]
+        cells += [escape(_interval_cell(_diff_view(row, c), c)) for c in differences]
         numbers = "".join(f"<td class='num'>{c}</td>" for c in cells)
         lines.append(f"<tr>{''.join(run)}{numbers}</tr>")
     lines.append("</tbody></table>")

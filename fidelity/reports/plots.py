@@ -604,23 +604,26 @@ def _spread_scale(ax: Axes, values: np.ndarray) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(_count_ticks))
 
 
-def comparison_summary(summary: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """Half-life and effective memory length by layer, one line per run with interval bars.
+SUMMARY_PANELS = (
+    ("farthest_distance", "farthest distance (tokens)", "largest distance with score ≥ 0.5"),
+    ("peak_distance", "peak distance (tokens)", "distance > 0 with the highest score"),
+    ("memory_mass", "memory mass (doublings)", "area under the score over log2-distance"),
+    ("half_life", "half-life (tokens)", "half-life (decaying curves only)"),
+)
+"""Panels of :func:`comparison_summary`: (column, y label, title)."""
 
-    ``summary``: a comparison summary (``run, layer, half_life, half_life_low,
-    half_life_high, memory_length, memory_length_low, memory_length_high``). Log y axes when
-    every plotted value is positive (memory spans often differ by orders of magnitude).
+
+def comparison_summary(summary: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Farthest distance, peak distance, memory mass and half-life by layer, one line per run
+    with interval bars.
+
+    ``summary``: a comparison summary (``run``, ``layer`` and, for each panel's statistic in
+    :data:`SUMMARY_PANELS`, the value and its ``_low`` / ``_high`` bounds). Log y axes when
+    every plotted value is positive and they span more than 10x (memory spans often differ by
+    orders of magnitude). A half-life is missing where a curve is not an exponential decay.
     """
-    needed = [
-        "run",
-        "layer",
-        "half_life",
-        "half_life_low",
-        "half_life_high",
-        "memory_length",
-        "memory_length_low",
-        "memory_length_high",
-    ]
+    needed = ["run", "layer"]
+    needed += [f"{c}{end}" for c, _, _ in SUMMARY_PANELS for end in ("", "_low", "_high")]
     missing = [c for c in needed if c not in summary.columns]
     if missing:
         raise ValueError(f"summary is missing columns {missing}; pass Comparison.summary")
@@ -628,14 +631,10 @@ def comparison_summary(summary: pd.DataFrame, *, title: str | None = None) -> Fi
         raise ValueError("no rows to plot the summary: the comparison summary is empty")
     runs = list(dict.fromkeys(summary["run"]))
     dodge = 0.25 / max(len(runs) - 1, 1)  # runs side by side within a layer
-    panels = (
-        ("half_life", "half-life (tokens)"),
-        ("memory_length", "effective memory length (tokens)"),
-    )
     with _style():
-        fig = _new_figure(10.0, 4.0)
-        axes = fig.subplots(1, 2, sharex=True)
-        for ax, (column, ylabel) in zip(axes, panels, strict=True):
+        fig = _new_figure(10.0, 7.0)
+        axes = fig.subplots(2, 2, sharex=True).ravel()
+        for ax, (column, ylabel, panel_title) in zip(axes, SUMMARY_PANELS, strict=True):
             for index, run in enumerate(runs):
                 part = summary[summary["run"] == run].sort_values("layer")
                 value = part[column].to_numpy(dtype=float)
@@ -661,10 +660,9 @@ def comparison_summary(summary: pd.DataFrame, *, title: str | None = None) -> Fi
                 ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center")
             ax.set_xlabel("layer")
             ax.set_ylabel(ylabel)
+            ax.set_title(panel_title)
             ax.xaxis.get_major_locator().set_params(integer=True)
-        axes[0].set_title("half-life of the fitted curve")
-        axes[1].set_title("largest distance with score ≥ 0.5")
         handles, labels = _legend_entries(axes[:1])
         fig.legend(handles, labels, loc="outside right upper", title="run")
-        fig.suptitle(title or "Memory span by layer")
+        fig.suptitle(title or "Where each layer holds memory")
     return fig
