@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fidelity.devices import resolve_device
+from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
 from fidelity.models.registry import build_model, model_names, preset_names
@@ -63,17 +64,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.model not in model_names():
-            raise ValueError(f"unknown model {self.model!r}; choose from {model_names()}")
+            raise InputError(f"unknown model {self.model!r}; choose from {model_names()}")
         if self.preset not in preset_names():
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {preset_names()}")
+            raise InputError(f"unknown preset {self.preset!r}; choose from {preset_names()}")
         if self.task not in TRAINING_TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose from {list(TRAINING_TASKS)}")
+            raise InputError(f"unknown task {self.task!r}; choose from {list(TRAINING_TASKS)}")
         for name in ("length", "batch_size", "steps", "save_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InputError(f"lr must be positive, got {self.lr}")
 
 
 @dataclass
@@ -179,7 +180,7 @@ def train(
     if resume and existing:
         saved = json.loads((out / "train_config.json").read_text())
         if saved != _config_json(config):
-            raise ValueError(
+            raise InputError(
                 f"--resume needs the same settings as the run in {out}; it was trained with {saved}"
             )
         model = load_checkpoint(existing[-1]).to(device)
