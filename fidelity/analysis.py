@@ -74,6 +74,8 @@ KEY_DISTANCES = (1, 16, 256, 4096, 65536)
 """Distances whose normalized ETMF the summary lists (those within the run's range)."""
 AUTO_CHUNK = 8192
 """Our models are fed in chunks of this many tokens when the input is longer."""
+MIN_LENGTH = 16
+"""Shortest analysis: as many positions as the fewest anchors allowed (ECLMF needs 8 or more)."""
 STORE_FLOAT16_ABOVE = 1 << 30
 """Kept states are stored in float16 when float32 would take more than this many bytes."""
 
@@ -154,10 +156,23 @@ def plan_analysis(
     """Decide anchors, distances, kept positions, chunking and storage, estimate memory and
     time, and refuse (``MemoryBudgetError``) when the run will not fit."""
     length = parse_length(length)
+    if length < MIN_LENGTH:
+        raise InputError(
+            f"length {length} is too short to measure forgetting; give at least {MIN_LENGTH} "
+            "tokens (e.g. 8k)"
+        )
     if not isinstance(anchors, int) or isinstance(anchors, bool) or anchors < 16:
         raise InputError(f"anchors must be an integer >= 16, got {anchors!r}")
     if not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
+    if layers is not None and (
+        isinstance(layers, str | bytes)
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+    ):
+        raise TypeError(
+            f"layers must be a list of layer indices such as [0, 3] (or None for all), got "
+            f"{layers!r}"
+        )
     n_layers = _n_layers(model)
     chosen_layers = sorted(set(range(n_layers + 1) if layers is None else layers) | {0})
     bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
@@ -251,8 +266,8 @@ def analyze(
     metrics = check_metrics(metrics)
     if probe not in TASKS:
         raise InputError(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
-    model = _resolve_model(model)
     target = resolve_device(device)
+    model = _resolve_model(model)
     model = model.to(target).eval()
     reporter = as_reporter(progress)
     try:

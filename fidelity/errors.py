@@ -12,3 +12,8 @@ from __future__ import annotations
 class InputError(ValueError):
     """Bad input (an argument, a file's contents, a destination); the message says what is
     accepted."""
+
+
+class MissingDependencyError(InputError, ImportError):
+    """An optional package the requested feature needs is not installed; the message says
+    how to install it (an :class:`InputError`: the command asked for something unavailable)."""

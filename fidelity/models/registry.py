@@ -242,6 +242,11 @@ def load_model(
     """
     from fidelity.models.checkpoint import load_checkpoint
 
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(
+            "load_model takes a registered model name (one of "
+            f"{', '.join(model_names())}) or a checkpoint directory, got {name_or_path!r}"
+        )
     path = Path(name_or_path)
     text = str(name_or_path)
     if text in MODELS:  # a registered name wins over a same-named folder (use ./name for it)

@@ -376,8 +376,19 @@ def capture(
     cross-token attention fired, and attention weights at ``attention_positions``). Hooks are
     always removed.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            "input_ids must be a torch.Tensor of token ids shaped (batch, length), e.g. "
+            f"torch.tensor([[1, 2, 3]]); got {type(input_ids).__name__}"
+        )
     if input_ids.dim() != 2:
         raise InputError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise InputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     length = input_ids.shape[1]
     device = _model_device(model)
     if chunk_size is not None and not isinstance(model, CausalLM):

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from fidelity.errors import InputError
+from fidelity.errors import InputError, MissingDependencyError
 
 BYTE_VOCAB_SIZE = 256
 
@@ -126,7 +126,7 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "loading a Hugging Face tokenizer needs the 'transformers' package; install it "
             "with `pip install memory-fidelity[hf]`, or pass no tokenizer to use bytes"
         ) from err
