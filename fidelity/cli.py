@@ -356,7 +356,7 @@ def train(
 
     from fidelity.devices import resolve_device
     from fidelity.models.registry import build_config
-    from fidelity.train import TrainConfig, checkpoint_dirs
+    from fidelity.train import TrainConfig, check_run_directory, checkpoint_dirs
     from fidelity.train import train as run_train
 
     config = TrainConfig(
@@ -376,24 +376,29 @@ def train(
     config.validate()
     build_config(model, preset, **config.overrides)  # unknown or invalid fields fail here
     resolve_device(device)
+    check_run_directory(out_dir, resume=resume, force=force)
     if resume and not (out_dir.is_dir() and checkpoint_dirs(out_dir)):
         console.print(f"note: no complete checkpoint to resume in {out_dir}; starting at step 0")
-    with Progress(
+    bar = Progress(
         TextColumn("training"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.0f} tok/s"),
         TimeRemainingColumn(),
         console=console,
-    ) as bar:
-        task_id = bar.add_task("train", total=steps, loss=float("nan"), speed=0.0)
+    )
+    task_id = bar.add_task("train", total=steps, loss=float("nan"), speed=0.0)
 
-        def report_step(info: dict) -> None:
-            bar.update(
-                task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"]
-            )
+    def report_step(info: dict) -> None:
+        if not bar.live.is_started:  # shown from the first step: checks print alone
+            bar.start()
+        bar.update(task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"])
 
+    try:
         summary = run_train(config, out_dir, resume=resume, force=force, progress=report_step)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     console.print(
         f"trained {summary.steps} steps ({format_length(summary.tokens)} tokens) in "
         f"{summary.wall_time_s:.0f} s; final loss {summary.final_loss:.4f}; checkpoints in "

@@ -398,10 +398,11 @@ def _read_json(path: Path) -> object:
         raise InputError(f"{path} is not valid JSON: {error}") from None
 
 
-def _prepare_out(out: Path, *, resume: bool, force: bool) -> list[Path]:
-    """Check ``out`` before any work: a new or empty directory, or a training run fidelity
-    wrote (continued with ``resume``, cleared of fidelity's files with ``force``). Returns the
-    checkpoints to resume from (none unless ``resume``)."""
+def check_run_directory(out: str | Path, *, resume: bool, force: bool) -> None:
+    """Raise unless ``train(..., out, resume=resume, force=force)`` may write ``out``: a new or
+    empty directory, or a training run fidelity wrote (continued with ``resume``, cleared of
+    fidelity's files with ``force``), writable, with no pickled trainer state to resume."""
+    out = Path(out)
     if out.exists() and (out.is_symlink() or not out.is_dir()):
         raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -416,6 +417,17 @@ def _prepare_out(out: Path, *, resume: bool, force: bool) -> list[Path]:
                 f"{out} already holds a run; pass resume=True (--resume) to continue it or "
                 "force=True (--force) to start over"
             )
+        owned = set(owned_files(out, RUN_KIND) or [])
+        foreign = sorted(
+            p.relative_to(out).as_posix()
+            for p in out.glob("ckpt-*/*")
+            if p.relative_to(out).as_posix() not in owned
+        )
+        if foreign:
+            raise FileExistsError(
+                f"{out / foreign[0]} was not written by fidelity, and checkpoint directories are "
+                "replaced whole; move it out of the run directory first"
+            )
     check_writable(out)
     if resume:
         legacy = sorted(
@@ -429,9 +441,15 @@ def _prepare_out(out: Path, *, resume: bool, force: bool) -> list[Path]:
                 "versions), which fidelity does not load because unpickling can run code; "
                 "start over with --force or choose another --out"
             )
-        existing = checkpoint_dirs(out) if out.is_dir() else []
-        if existing:
-            return existing
+
+
+def _prepare_out(out: Path, *, resume: bool, force: bool) -> list[Path]:
+    """Check ``out`` (:func:`check_run_directory`) and make it ready: the checkpoints to resume
+    from, or an empty start (fidelity's files of an old run deleted)."""
+    check_run_directory(out, resume=resume, force=force)
+    existing = checkpoint_dirs(out) if resume and out.is_dir() else []
+    if existing:
+        return existing
     if out.is_dir() and any(out.iterdir()):
         clear_owned(out, RUN_KIND)
     out.mkdir(parents=True, exist_ok=True)

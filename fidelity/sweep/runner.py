@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from fidelity.destinations import check_writable
 from fidelity.errors import InputError
 from fidelity.results import RESULT_FILES, FidelityResult
 from fidelity.sweep.config import (
@@ -104,6 +105,7 @@ def run_sweep(
     if ray_address is not None and executor != "ray":
         raise InputError("ray_address applies to executor='ray' only")
     check_devices(config, executor)
+    check_writable(config.out)
     done = _existing_runs(config, force)
     ray = import_ray() if executor == "ray" else None
     progress = progress or (lambda outcome: None)
