@@ -51,6 +51,8 @@ USER_ERRORS = (
 # Typer 0.29 ships its own copy of click: its usage errors derive from TyperException.
 COMMAND_LINE_ERRORS = (click.UsageError, getattr(typer, "TyperException", click.UsageError))
 _debug = False
+EARLY_PROBE_TOKENS = 1 << 20
+"""Synthetic probes up to this length are built (and checked) before the model loads."""
 
 
 def _fail(message: str) -> None:
@@ -153,7 +155,9 @@ def analyze(
     resolve_device(device)
     if tokenizer is not None:
         load_tokenizer(tokenizer)
-    if probe == "text":  # reads the text now, before the model loads (bounded by the text)
+    if probe == "text" or tokens <= EARLY_PROBE_TOKENS:
+        # built now, before the model loads: a text probe is bounded by the text, others are
+        # small here; longer synthetic probes are built after the memory check
         options = {"paths": text} if text is not None else {}
         _as_input(make_probe, probe, tokens, batch=batch, seed=seed, tokenizer=tokenizer, **options)
     loaded = (
@@ -428,6 +432,7 @@ def sweep(
 
     from rich.markup import escape
 
+    from fidelity.destinations import check_writable
     from fidelity.sweep import load_sweep_config, run_sweep
 
     if executor not in ("local", "ray"):
@@ -439,6 +444,7 @@ def sweep(
     if ray_address is not None and executor != "ray":
         _fail("--ray-address needs --executor ray")
     plan = load_sweep_config(config)
+    check_writable(plan.out)
     total = len(plan.runs)
     console.print(f"[bold]sweep[/]: {total} runs into {plan.out} ({executor})")
     ended = []

@@ -405,6 +405,18 @@ def check_run_directory(out: str | Path, *, resume: bool, force: bool) -> None:
     out = Path(out)
     if out.exists() and (out.is_symlink() or not out.is_dir()):
         raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if resume:
+        legacy = sorted(
+            p.parent.name
+            for p in out.glob(f"ckpt-*/{LEGACY_STATE}")
+            if not (p.parent / STATE_JSON).exists()
+        )
+        if legacy:
+            raise InputError(
+                f"{out}/{legacy[-1]} holds its trainer state as a pickle ({LEGACY_STATE}, older "
+                "versions), which fidelity does not load because unpickling can run code; "
+                "train into another --out"
+            )
     if out.is_dir() and any(out.iterdir()):
         if owned_files(out, RUN_KIND) is None:
             raise FileExistsError(
@@ -429,18 +441,6 @@ def check_run_directory(out: str | Path, *, resume: bool, force: bool) -> None:
                 "replaced whole; move it out of the run directory first"
             )
     check_writable(out)
-    if resume:
-        legacy = sorted(
-            p.parent.name
-            for p in out.glob(f"ckpt-*/{LEGACY_STATE}")
-            if not (p.parent / STATE_JSON).exists()
-        )
-        if legacy:
-            raise InputError(
-                f"{out}/{legacy[-1]} holds its trainer state as a pickle ({LEGACY_STATE}, older "
-                "versions), which fidelity does not load because unpickling can run code; "
-                "start over with --force or choose another --out"
-            )
 
 
 def _prepare_out(out: Path, *, resume: bool, force: bool) -> list[Path]:
