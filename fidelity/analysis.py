@@ -128,6 +128,18 @@ def check_metrics(metrics: Sequence[str] | str) -> list[str]:
     return list(dict.fromkeys(metrics))
 
 
+def check_length(length: int | str) -> int:
+    """``length`` in tokens (see :func:`~fidelity.lengths.parse_length`), at least
+    :data:`MIN_LENGTH`."""
+    length = parse_length(length)
+    if length < MIN_LENGTH:
+        raise InputError(
+            f"length {length} is too short to measure forgetting; give at least {MIN_LENGTH} "
+            "tokens (e.g. 8k)"
+        )
+    return length
+
+
 def _n_layers(model: nn.Module) -> int:
     return len(find_blocks(model))
 
@@ -155,12 +167,7 @@ def plan_analysis(
 ) -> AnalysisPlan:
     """Decide anchors, distances, kept positions, chunking and storage, estimate memory and
     time, and refuse (``MemoryBudgetError``) when the run will not fit."""
-    length = parse_length(length)
-    if length < MIN_LENGTH:
-        raise InputError(
-            f"length {length} is too short to measure forgetting; give at least {MIN_LENGTH} "
-            "tokens (e.g. 8k)"
-        )
+    length = check_length(length)
     if not isinstance(anchors, int) or isinstance(anchors, bool) or anchors < 16:
         raise InputError(f"anchors must be an integer >= 16, got {anchors!r}")
     if not isinstance(batch, int) or batch < 1:

@@ -131,14 +131,14 @@ def analyze(
 ) -> None:
     """Measure forgetting on one probe and print a per-layer summary."""
     from fidelity.analysis import analyze as run_analysis
-    from fidelity.analysis import check_metrics, plan_analysis
+    from fidelity.analysis import check_length, check_metrics, plan_analysis
     from fidelity.devices import resolve_device
     from fidelity.models.registry import load_model
     from fidelity.probes.tasks import TASKS, make_probe
     from fidelity.probes.tokenizer import load_tokenizer
     from fidelity.results import LEGACY_RESULT
 
-    tokens = parse_length(length)
+    tokens = check_length(length)
     if probe not in TASKS:
         _fail(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
     check_metrics(metrics)
