@@ -40,6 +40,7 @@ from fidelity.budget import (
     seconds_per_token,
 )
 from fidelity.devices import resolve_device
+from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
 from fidelity.metrics.eclmf import eclmf
 from fidelity.metrics.etmf import etmf_frame, etmf_per_anchor, etmf_summary
@@ -73,6 +74,8 @@ KEY_DISTANCES = (1, 16, 256, 4096, 65536)
 """Distances whose normalized ETMF the summary lists (those within the run's range)."""
 AUTO_CHUNK = 8192
 """Our models are fed in chunks of this many tokens when the input is longer."""
+MIN_LENGTH = 16
+"""Shortest analysis: as many positions as the fewest anchors allowed (ECLMF needs 8 or more)."""
 STORE_FLOAT16_ABOVE = 1 << 30
 """Kept states are stored in float16 when float32 would take more than this many bytes."""
 
@@ -119,10 +122,22 @@ def check_metrics(metrics: Sequence[str] | str) -> list[str]:
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
-        raise ValueError(
+        raise InputError(
             f"unknown metrics {unknown or metrics!r}; choose from {', '.join(METRICS)}"
         )
     return list(dict.fromkeys(metrics))
+
+
+def check_length(length: int | str) -> int:
+    """``length`` in tokens (see :func:`~fidelity.lengths.parse_length`), at least
+    :data:`MIN_LENGTH`."""
+    length = parse_length(length)
+    if length < MIN_LENGTH:
+        raise InputError(
+            f"length {length} is too short to measure forgetting; give at least {MIN_LENGTH} "
+            "tokens (e.g. 8k)"
+        )
+    return length
 
 
 def _n_layers(model: nn.Module) -> int:
@@ -152,34 +167,42 @@ def plan_analysis(
 ) -> AnalysisPlan:
     """Decide anchors, distances, kept positions, chunking and storage, estimate memory and
     time, and refuse (``MemoryBudgetError``) when the run will not fit."""
-    length = parse_length(length)
+    length = check_length(length)
     if not isinstance(anchors, int) or isinstance(anchors, bool) or anchors < 16:
-        raise ValueError(f"anchors must be an integer >= 16, got {anchors!r}")
+        raise InputError(f"anchors must be an integer >= 16, got {anchors!r}")
     if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
+    if layers is not None and (
+        isinstance(layers, str | bytes)
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+    ):
+        raise TypeError(
+            f"layers must be a list of layer indices such as [0, 3] (or None for all), got "
+            f"{layers!r}"
+        )
     n_layers = _n_layers(model)
     chosen_layers = sorted(set(range(n_layers + 1) if layers is None else layers) | {0})
     bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
+        raise InputError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
     anchor_positions = sample_anchors(length, anchors, seeded_generator(seed, 1))
     if distances is None:
         distance_tensor = default_distances(length, len(anchor_positions))
     else:
         distance_tensor = torch.as_tensor(list(distances), dtype=torch.long).unique(sorted=True)
         if distance_tensor.numel() == 0 or distance_tensor[0] < 0 or distance_tensor[-1] >= length:
-            raise ValueError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
+            raise InputError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
     positions = required_positions(anchor_positions, distance_tensor, length)
     if chunk_size == "auto":
         # DeciMamba decimates each forward call on its own: read the context in one pass.
         chunked = isinstance(model, CausalLM) and not isinstance(model, DeciMambaLM)
         chunk_size = AUTO_CHUNK if chunked and length > AUTO_CHUNK else None
     elif chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
+        raise InputError(
             f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
         )
     if chunk_size is not None and not isinstance(model, CausalLM):
-        raise ValueError("chunked processing needs one of our models; use chunk_size=None")
+        raise InputError("chunked processing needs one of our models; use chunk_size=None")
     estimate = estimate_run(
         model,
         length,
@@ -251,9 +274,9 @@ def analyze(
     started = time.perf_counter()
     metrics = check_metrics(metrics)
     if probe not in TASKS:
-        raise ValueError(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
-    model = _resolve_model(model)
+        raise InputError(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
     target = resolve_device(device)
+    model = _resolve_model(model)
     model = model.to(target).eval()
     reporter = as_reporter(progress)
     try:
@@ -429,7 +452,7 @@ def _vocabulary_size(model: nn.Module) -> int | None:
 def _check_vocabulary(model: nn.Module, input_ids: torch.Tensor) -> None:
     vocab = _vocabulary_size(model)
     if vocab is not None and int(input_ids.max()) >= vocab:
-        raise ValueError(
+        raise InputError(
             f"the probe's token ids go up to {int(input_ids.max())} but the model's vocabulary "
             f"has {vocab} entries; pass the model's tokenizer (tokenizer=DIR / --tokenizer DIR)"
         )
@@ -459,7 +482,7 @@ def _finish_frame(
 ) -> pd.DataFrame:
     frame = pd.concat([f for f in frames if len(f)], ignore_index=True) if frames else None
     if frame is None or frame.empty:
-        raise ValueError("no metric produced any value; check the metrics and the length")
+        raise InputError("no metric produced any value; check the metrics and the length")
     frame.insert(0, "checkpoint", checkpoint)
     frame.insert(0, "model", model)
     # Only the long-context metrics have their own context lengths; the rest ran at `length`.
@@ -539,5 +562,5 @@ def compare(
     if isinstance(runs, (str, Path, FidelityResult)):
         raise TypeError("compare() takes a list of results or run directories")
     if len(runs) < 1:
-        raise ValueError("compare() needs at least one run")
+        raise InputError("compare() needs at least one run")
     return Comparison.from_runs(list(runs), labels)

@@ -1,14 +1,21 @@
 """The ``fidelity`` command: a thin shell over the Python API.
 
-Every command parses and validates its arguments, calls the API, and prints. Bad input exits
-with status 2 and one line on stderr saying what was wrong and what is accepted; ``--debug``
-shows the traceback instead.
+Every command parses and validates its arguments (destinations included) before any work,
+calls the API, and prints. Bad input (:class:`fidelity.errors.InputError` and the few expected
+errors in :data:`USER_ERRORS`) exits with status 2 and one line on stderr saying what was wrong
+and what is accepted. Anything else is a bug: status 1 and one "internal error" line naming the
+file that holds the traceback. ``--debug`` shows the traceback instead. SIGTERM is handled like
+Ctrl-C: the work stops, half-written output is removed, status 130.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import tempfile
+import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fidelity.budget import MemoryBudgetError, parse_bytes
+from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
 
 app = typer.Typer(
@@ -31,25 +39,34 @@ console = Console(stderr=True)
 out = Console()
 
 USER_ERRORS = (
-    ValueError,
-    TypeError,
+    InputError,
+    MemoryBudgetError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
-    MemoryBudgetError,
-    ImportError,
+    IsADirectoryError,
+    PermissionError,
 )
+"""Errors that mean bad input or a bad destination: exit 2, one line. Anything else is a bug."""
 # Typer 0.29 ships its own copy of click: its usage errors derive from TyperException.
 COMMAND_LINE_ERRORS = (click.UsageError, getattr(typer, "TyperException", click.UsageError))
 _debug = False
-
-
-class UserError(Exception):
-    """Raised for bad command-line input; printed as one line, exit status 2."""
+EARLY_PROBE_TOKENS = 1 << 20
+"""Synthetic probes up to this length are built (and checked) before the model loads."""
 
 
 def _fail(message: str) -> None:
-    raise UserError(message)
+    raise InputError(message)
+
+
+def _as_input(check, *args, **kwargs):
+    """``check(*args, **kwargs)`` for a value the user gave, its ValueError an InputError."""
+    try:
+        return check(*args, **kwargs)
+    except InputError:
+        raise
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
 
 @app.callback()
@@ -114,21 +131,35 @@ def analyze(
 ) -> None:
     """Measure forgetting on one probe and print a per-layer summary."""
     from fidelity.analysis import analyze as run_analysis
-    from fidelity.analysis import check_metrics, plan_analysis
+    from fidelity.analysis import check_length, check_metrics, plan_analysis
+    from fidelity.devices import resolve_device
     from fidelity.models.registry import load_model
-    from fidelity.probes.tasks import TASKS
+    from fidelity.probes.tasks import TASKS, make_probe
+    from fidelity.probes.tokenizer import load_tokenizer
+    from fidelity.results import LEGACY_RESULT
 
-    tokens = parse_length(length)
+    tokens = check_length(length)
     if probe not in TASKS:
         _fail(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
     check_metrics(metrics)
     chunk = _chunk_option(chunk_size)
-    limit = parse_bytes(max_memory) if max_memory is not None else None
+    limit = _as_input(parse_bytes, max_memory) if max_memory is not None else None
     layer_list = _split(layers, int)
-    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not force:
-        _fail(f"{out_dir} already exists; pass --force to replace it")
     if text is not None and not text.exists():
         _fail(f"text path {text} does not exist")
+    if text is not None and probe != "text":
+        _fail(f"--text applies to --probe text only (got --probe {probe})")
+    if out_dir is not None:
+        inputs = [p for p in (Path(model), text, tokenizer) if p is not None and p.exists()]
+        check_destination(out_dir, kind="result", force=force, inputs=inputs, legacy=LEGACY_RESULT)
+    resolve_device(device)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)
+    if probe == "text" or tokens <= EARLY_PROBE_TOKENS:
+        # built now, before the model loads: a text probe is bounded by the text, others are
+        # small here; longer synthetic probes are built after the memory check
+        options = {"paths": text} if text is not None else {}
+        _as_input(make_probe, probe, tokens, batch=batch, seed=seed, tokenizer=tokenizer, **options)
     loaded = (
         load_model(model, preset, random_init=random_init)
         if preset or random_init
@@ -166,6 +197,16 @@ def analyze(
     if out_dir is not None:
         path = result.save(out_dir, force=force)
         console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+
+
+def check_destination(target: Path, **rules) -> None:
+    """:func:`fidelity.destinations.check_destination`, its messages in command-line terms."""
+    from fidelity.destinations import check_destination as check
+
+    try:
+        check(target, **rules)
+    except FileExistsError as error:
+        raise FileExistsError(str(error).replace("force=True (CLI: --force)", "--force")) from None
 
 
 def _chunk_option(value: str) -> int | str | None:
@@ -260,13 +301,20 @@ def compare(
 ) -> None:
     """Overlay the forgetting curves of several runs and tabulate their differences."""
     from fidelity.analysis import compare as run_compare
+    from fidelity.results import LEGACY_COMPARISON
 
     for run in runs:
         if not run.is_dir():
             _fail(f"run directory {run} does not exist")
+    if len(runs) < 2:
+        _fail(f"compare needs at least two run directories, got {len(runs)}")
     label_list = _split(labels)
     if label_list is not None and len(label_list) != len(runs):
         _fail(f"--labels gave {len(label_list)} labels for {len(runs)} runs")
+    if out_dir is not None:
+        check_destination(
+            out_dir, kind="comparison", force=force, inputs=runs, legacy=LEGACY_COMPARISON
+        )
     comparison = run_compare(runs, label_list)
     for warning in comparison.warnings:
         console.print(f"[yellow]warning[/]: {warning}")
@@ -317,10 +365,11 @@ def _difference(row, column: str) -> str:
 def report(
     run: Annotated[Path, typer.Argument(help="A run directory written by analyze --out.")],
 ) -> None:
-    """Rebuild the figures and report.html of a saved run."""
-    from fidelity.results import FidelityResult
+    """Rebuild the figures and report.html of a saved run (other files in RUN are kept)."""
+    from fidelity.results import LEGACY_RESULT, FidelityResult
 
     result = FidelityResult.load(run)
+    check_destination(run, kind="result", force=True, legacy=LEGACY_RESULT)
     path = result.save(run, force=True)
     console.print(f"rebuilt {path / 'report.html'}")
 
@@ -376,8 +425,9 @@ def train(
         TimeRemainingColumn,
     )
 
+    from fidelity.devices import resolve_device
     from fidelity.models.registry import build_config
-    from fidelity.train import TrainConfig
+    from fidelity.train import TrainConfig, check_run_directory, checkpoint_dirs
     from fidelity.train import train as run_train
 
     config = TrainConfig(
@@ -396,22 +446,30 @@ def train(
     )
     config.validate()
     build_config(model, preset, **config.overrides)  # unknown or invalid fields fail here
-    with Progress(
+    resolve_device(device)
+    check_run_directory(out_dir, resume=resume, force=force)
+    if resume and not (out_dir.is_dir() and checkpoint_dirs(out_dir)):
+        console.print(f"note: no complete checkpoint to resume in {out_dir}; starting at step 0")
+    bar = Progress(
         TextColumn("training"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.0f} tok/s"),
         TimeRemainingColumn(),
         console=console,
-    ) as bar:
-        task_id = bar.add_task("train", total=steps, loss=float("nan"), speed=0.0)
+    )
+    task_id = bar.add_task("train", total=steps, loss=float("nan"), speed=0.0)
 
-        def report_step(info: dict) -> None:
-            bar.update(
-                task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"]
-            )
+    def report_step(info: dict) -> None:
+        if not bar.live.is_started:  # shown from the first step: checks print alone
+            bar.start()
+        bar.update(task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"])
 
+    try:
         summary = run_train(config, out_dir, resume=resume, force=force, progress=report_step)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     console.print(
         f"trained {summary.steps} steps ({format_length(summary.tokens)} tokens) in "
         f"{summary.wall_time_s:.0f} s; final loss {summary.final_loss:.4f}; checkpoints in "
@@ -441,6 +499,7 @@ def sweep(
 
     from rich.markup import escape
 
+    from fidelity.destinations import check_writable
     from fidelity.sweep import load_sweep_config, run_sweep
 
     if executor not in ("local", "ray"):
@@ -452,6 +511,7 @@ def sweep(
     if ray_address is not None and executor != "ray":
         _fail("--ray-address needs --executor ray")
     plan = load_sweep_config(config)
+    check_writable(plan.out)
     total = len(plan.runs)
     console.print(f"[bold]sweep[/]: {total} runs into {plan.out} ({executor})")
     ended = []
@@ -575,7 +635,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, turning user errors into one line and exit 2.
+    """Console entry point: run the app; user errors become one line and exit 2, bugs one
+    "internal error" line and exit 1, Ctrl-C and SIGTERM exit 130.
 
     ``--debug`` may appear anywhere on the command line."""
     global _debug
@@ -583,6 +644,15 @@ def main(argv: list[str] | None = None) -> int:
     _debug = "--debug" in argv
     if _debug:
         argv.remove("--debug")
+    previous = _handle_sigterm()
+    try:
+        return _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> int:
     try:
         status = app(args=argv, standalone_mode=False)
         if status == 130:  # typer turns Ctrl-C into exit status 130
@@ -601,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         if message:  # empty when the help was shown for a bare `fidelity`
             print(f"error: {message}", file=sys.stderr)
         return 2
-    except (UserError, *USER_ERRORS) as error:
+    except USER_ERRORS as error:
         if _debug:
             raise
         message = str(error).replace("\n", " ") or type(error).__name__
@@ -610,7 +680,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if _debug:
+            raise
+        print(_internal_error(error), file=sys.stderr)
+        return 1
     return 0
+
+
+def _handle_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt (as Ctrl-C does); returns the previous handler,
+    None when handlers cannot be set here (not the main thread)."""
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
+
+
+def _internal_error(error: Exception) -> str:
+    """One line for a bug, naming the file its traceback went to."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix=f"fidelity-traceback-{stamp}-", suffix=".txt", delete=False
+        ) as handle:
+            handle.write(text)
+        where = f"traceback in {handle.name}"
+    except OSError:
+        where = "rerun with --debug to see the traceback"
+    message = str(error).replace("\n", " ")
+    return (
+        f"internal error (a bug in fidelity, not in your input): {type(error).__name__}: "
+        f"{message} ({where}; please report it)"
+    )
 
 
 def entry_point() -> None:

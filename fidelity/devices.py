@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fidelity.errors import InputError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -12,11 +14,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+        raise InputError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
+        raise InputError(
             "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
         )
     return torch.device(device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from fidelity.errors import InputError
+
 ACCEPTED_FORMS = (
     "a positive whole number of tokens, optionally with a k (thousand) or M (million) suffix, "
     "e.g. 512, 8k, 1.5k, 60k, 400000, 2M"
@@ -25,7 +27,7 @@ def parse_length(text: str | int) -> int:
         raise TypeError(f"length must be a string or int, got bool; expected {ACCEPTED_FORMS}")
     if isinstance(text, int):
         if text <= 0:
-            raise ValueError(f"length must be positive, got {text}; expected {ACCEPTED_FORMS}")
+            raise InputError(f"length must be positive, got {text}; expected {ACCEPTED_FORMS}")
         return text
     if not isinstance(text, str):
         raise TypeError(
@@ -33,17 +35,17 @@ def parse_length(text: str | int) -> int:
         )
     match = _LENGTH_PATTERN.match(text.strip())
     if match is None:
-        raise ValueError(f"invalid length {text!r}: expected {ACCEPTED_FORMS}")
+        raise InputError(f"invalid length {text!r}: expected {ACCEPTED_FORMS}")
     number, suffix = match["number"], match["suffix"].lower()
     multiplier = _MULTIPLIERS[suffix]
     whole, _, fraction = number.partition(".")
     numerator = int(whole + fraction) * multiplier
     denominator = 10 ** len(fraction)
     if numerator % denominator:
-        raise ValueError(f"invalid length {text!r}: not a whole number of tokens")
+        raise InputError(f"invalid length {text!r}: not a whole number of tokens")
     tokens = numerator // denominator
     if tokens <= 0:
-        raise ValueError(f"invalid length {text!r}: must be positive; expected {ACCEPTED_FORMS}")
+        raise InputError(f"invalid length {text!r}: must be positive; expected {ACCEPTED_FORMS}")
     return tokens
 
 

@@ -39,14 +39,17 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fidelity.destinations import Legacy
+from fidelity.errors import InputError
 from fidelity.reports import html, plots
 from fidelity.results_io import (
     RESULT_FILES,
-    atomic_result_directory,
+    check_complete,
     check_meta,
     check_table,
     read_meta,
     read_table,
+    result_directory,
     write_table,
 )
 
@@ -156,6 +159,18 @@ _PLOTTERS: dict[str, Callable[..., Figure]] = {
 
 _PNG_DPI = 150
 
+_FIGURE_FILES = frozenset(
+    f"{kind}.{suffix}"
+    for kind in (*PLOT_KINDS, *COMPARISON_PLOT_KINDS)
+    for suffix in ("png", "svg")
+)
+LEGACY_RESULT = Legacy(RESULT_FILES, frozenset({*RESULT_FILES, "report.html", *_FIGURE_FILES}))
+"""How a result directory written before manifests is recognised (and which files are ours)."""
+LEGACY_COMPARISON = Legacy(
+    ("comparison.csv", "summary.csv"),
+    frozenset({"comparison.csv", "summary.csv", "report.html", *_FIGURE_FILES}),
+)
+
 
 def _write_figures(figures: Mapping[str, Figure], directory: Path) -> dict[str, bytes]:
     """``<name>.png`` and ``<name>.svg`` per figure; returns the PNG bytes (for the report)."""
@@ -198,7 +213,7 @@ class FidelityResult:
         repeated = self.summary.duplicated(["model", "checkpoint", "layer"])
         if repeated.any():
             first = self.summary.loc[repeated, ["model", "checkpoint", "layer"]].iloc[0].to_dict()
-            raise ValueError(f"summary has several rows for {first}; expected one per layer")
+            raise InputError(f"summary has several rows for {first}; expected one per layer")
         self.meta = check_meta(self.meta)
 
     @property
@@ -240,9 +255,9 @@ class FidelityResult:
         ``kind``, naming the metrics it does hold.
         """
         if kind not in PLOT_KINDS:
-            raise ValueError(f"unknown plot kind {kind!r}; choose one of {list(PLOT_KINDS)}")
+            raise InputError(f"unknown plot kind {kind!r}; choose one of {list(PLOT_KINDS)}")
         if kind not in self.plot_kinds():
-            raise ValueError(
+            raise InputError(
                 f"this result has no rows for the {kind!r} plot (needs metric "
                 f"{' or '.join(map(repr, PLOT_KINDS[kind]))}); it holds metrics: "
                 f"{', '.join(self.metrics) or 'none'}"
@@ -260,11 +275,13 @@ class FidelityResult:
         """Write the result to ``directory`` atomically; returns its path.
 
         Files: ``results.csv``, ``summary.csv``, ``meta.json``, ``<kind>.png`` and
-        ``<kind>.svg`` per available figure, and a self-contained ``report.html``. An
-        existing directory raises FileExistsError unless ``force=True``; with force it is
-        replaced only once the new one is complete (and only if it holds a saved result).
+        ``<kind>.svg`` per available figure, a self-contained ``report.html`` and the
+        manifest listing them (:mod:`fidelity.destinations`). An existing directory raises
+        FileExistsError unless ``force=True``; with force only the files fidelity wrote there
+        are replaced, once the new ones are complete (and only in a result directory fidelity
+        wrote; other files in it are kept).
         """
-        with atomic_result_directory(directory, force) as staging:
+        with result_directory(directory, force, "result", LEGACY_RESULT) as staging:
             write_table(self.frame, staging / "results.csv")
             write_table(self.summary, staging / "summary.csv")
             text = json.dumps(self.meta, indent=2, allow_nan=False)
@@ -286,6 +303,7 @@ class FidelityResult:
             raise FileNotFoundError(f"no result directory at {path}")
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is a file; expected a result directory")
+        check_complete(path)
         frame = read_table(path / "results.csv", FRAME_COLUMNS, extra_numeric=False)
         summary = _read_summary(path / "summary.csv")
         return cls(frame=frame, summary=summary, meta=read_meta(path / "meta.json"))
@@ -361,7 +379,7 @@ class Comparison:
     def __init__(self, results: Sequence[FidelityResult], labels: Sequence[str] | None = None):
         results = list(results)
         if not results:
-            raise ValueError("a comparison needs at least one result")
+            raise InputError("a comparison needs at least one result")
         for index, result in enumerate(results):
             if not isinstance(result, FidelityResult):
                 raise TypeError(
@@ -372,10 +390,12 @@ class Comparison:
             labels = [result.label for result in results]
         labels = list(labels)
         if len(labels) != len(results) or not all(isinstance(x, str) for x in labels):
-            raise ValueError(
+            raise InputError(
                 f"labels must be {len(results)} strings (one per result), got {labels!r}"
             )
         self.results = results
+        self.sources: list[Path] = []
+        """Run directories the results were read from (see :meth:`from_runs`)."""
         self.labels = _unique_labels(labels)
         self.frame = pd.concat(
             [r.frame.assign(run=label) for r, label in zip(results, self.labels, strict=True)],
@@ -391,17 +411,20 @@ class Comparison:
         labels: Sequence[str] | None = None,
     ) -> Comparison:
         """Comparison of results and/or saved run directories (loaded with ``load``)."""
-        results = []
+        results, sources = [], []
         for run in runs:
             if isinstance(run, FidelityResult):
                 results.append(run)
             elif isinstance(run, str | os.PathLike):
                 results.append(FidelityResult.load(run))
+                sources.append(Path(run))
             else:
                 raise TypeError(
                     f"a run must be a FidelityResult or a run directory, got {type(run).__name__}"
                 )
-        return cls(results, labels)
+        comparison = cls(results, labels)
+        comparison.sources = sources
+        return comparison
 
     def build_summary(self) -> pd.DataFrame:
         """Per run and layer: the summary statistics with intervals, and differences.
@@ -467,13 +490,13 @@ class Comparison:
         :func:`~fidelity.reports.plots.comparison_summary`.
         """
         if kind not in COMPARISON_PLOT_KINDS:
-            raise ValueError(
+            raise InputError(
                 f"unknown comparison plot kind {kind!r}; "
                 f"choose one of {list(COMPARISON_PLOT_KINDS)}"
             )
         if kind not in self.plot_kinds():
             held = ", ".join(sorted(set(self.frame["metric"]))) or "none"
-            raise ValueError(f"no rows for the {kind!r} comparison plot; runs hold metrics: {held}")
+            raise InputError(f"no rows for the {kind!r} comparison plot; runs hold metrics: {held}")
         if kind == "forgetting":
             return plots.comparison_overlay(self.frame, **options)
         if kind == "depth":
@@ -487,9 +510,12 @@ class Comparison:
     def save(self, directory: str | os.PathLike[str], force: bool = False) -> Path:
         """Write ``comparison.csv``, ``summary.csv``, figures and ``report.html`` atomically.
 
-        Same overwrite rules as :meth:`FidelityResult.save`.
+        Same overwrite rules as :meth:`FidelityResult.save`; never into a run directory the
+        comparison was read from.
         """
-        with atomic_result_directory(directory, force) as staging:
+        with result_directory(
+            directory, force, "comparison", LEGACY_COMPARISON, inputs=self.sources
+        ) as staging:
             write_table(self.frame, staging / "comparison.csv")
             write_table(self.summary, staging / "summary.csv")
             images = _write_figures(self.figures(), staging)

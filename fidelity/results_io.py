@@ -4,8 +4,9 @@ Tables are checked against a schema (column names, order and kinds: ``str``, ``i
 ``float``) both when a result is built in memory and when it is read back, so a saved result
 reloads exactly (dtypes included). Reading errors name the file, column, line and value.
 
-Saving is atomic: files are written to a hidden sibling directory that is renamed into place
-only once complete, so an interrupted save never leaves a directory that looks finished.
+Saving is atomic: files are written to a hidden sibling directory and moved into place only
+once complete, so an interrupted save never leaves a directory that looks finished; only the
+files fidelity wrote are ever replaced (see :mod:`fidelity.destinations`).
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import csv
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fidelity.atomic import atomic_directory
+from fidelity.atomic import is_incomplete
+from fidelity.destinations import Legacy, owned_directory
+from fidelity.errors import InputError
 
 RESULT_FILES = ("results.csv", "summary.csv", "meta.json")
 """Files :meth:`~fidelity.results.FidelityResult.load` needs."""
-
-_SAVED_MARKERS = ("meta.json", "results.csv", "comparison.csv", "report.html")
-"""A directory holding one of these was written by ``save`` and may be replaced with force."""
 
 
 # ----------------------------------------------------------------------------- table schema
@@ -90,18 +90,18 @@ def check_table(
         raise TypeError(f"{name} must be a pandas DataFrame, got {type(table).__name__}")
     missing = [c for c in schema if c not in table.columns]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{name} is missing columns {missing}; expected columns {list(schema)}"
             + (" followed by numeric columns such as 'etmf_norm@64'" if extra_numeric else "")
         )
     if not table.columns.is_unique:
-        raise ValueError(f"{name} has duplicate column names: {list(table.columns)}")
+        raise InputError(f"{name} has duplicate column names: {list(table.columns)}")
     extra = [c for c in table.columns if c not in schema]
     if extra and not extra_numeric:
-        raise ValueError(f"{name} has unexpected columns {extra}; expected {list(schema)}")
+        raise InputError(f"{name} has unexpected columns {extra}; expected {list(schema)}")
     bad_names = [c for c in extra if not isinstance(c, str)]
     if bad_names:
-        raise ValueError(f"{name}: column names must be strings, got {bad_names}")
+        raise InputError(f"{name}: column names must be strings, got {bad_names}")
     columns = {c: _CONVERTERS[kind](table[c], name, c) for c, kind in schema.items()}
     columns |= {c: _as_floats(table[c], name, c) for c in extra}
     return pd.DataFrame({c: s.reset_index(drop=True) for c, s in columns.items()})
@@ -165,7 +165,7 @@ def _parse_column(
             values.append(parse(text))
         except ValueError:
             expected = "an integer" if kind == "int" else "a number or an empty field"
-            raise ValueError(
+            raise InputError(
                 f"{path} is corrupt: column {column!r}, line {line} holds {text!r}, "
                 f"expected {expected}"
             ) from None
@@ -181,19 +181,19 @@ def _read_records(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
             reader = csv.reader(handle, strict=True)
             header = next(reader, None)
             if not header:
-                raise ValueError(f"{path} is empty; expected a CSV header line")
+                raise InputError(f"{path} is empty; expected a CSV header line")
             for record in reader:
                 if not record:
                     continue  # blank line
                 if len(record) != len(header):
-                    raise ValueError(
+                    raise InputError(
                         f"{path} is corrupt: line {reader.line_num} has {len(record)} fields, "
                         f"expected {len(header)} ({', '.join(header)})"
                     )
                 records.append(record)
                 lines.append(reader.line_num)
     except (csv.Error, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable CSV table: {error}") from None
+        raise InputError(f"{path} is not a readable CSV table: {error}") from None
     return header, records, lines
 
 
@@ -202,9 +202,9 @@ def read_table(path: Path, schema: Mapping[str, str], extra_numeric: bool) -> pd
     header, records, lines = _read_records(path)
     missing = [c for c in schema if c not in header]
     if missing:
-        raise ValueError(f"{path} is missing columns {missing}; expected {list(schema)}")
+        raise InputError(f"{path} is missing columns {missing}; expected {list(schema)}")
     if len(set(header)) != len(header):
-        raise ValueError(f"{path} has duplicate column names: {header}")
+        raise InputError(f"{path} has duplicate column names: {header}")
     columns = {
         name: _parse_column([r[i] for r in records], lines, schema.get(name, "float"), path, name)
         for i, name in enumerate(header)
@@ -212,7 +212,7 @@ def read_table(path: Path, schema: Mapping[str, str], extra_numeric: bool) -> pd
     try:
         return check_table(pd.DataFrame(columns), str(path), schema, extra_numeric)
     except ValueError as error:
-        raise ValueError(f"{path} is not a valid table: {error}") from None
+        raise InputError(f"{path} is not a valid table: {error}") from None
 
 
 def _require_file(path: Path) -> None:
@@ -229,36 +229,34 @@ def read_meta(path: Path) -> dict[str, object]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise InputError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+        raise InputError(f"{path} must hold a JSON object, got {type(meta).__name__}")
     return meta
 
 
 # ----------------------------------------------------------------------------- atomic save
 
 
-def _check_target(target: Path, force: bool) -> None:
-    """Refuse to overwrite without ``force``, and never replace what ``save`` did not write."""
-    if not target.exists() and not target.is_symlink():
-        return
-    if not target.is_dir() or target.is_symlink():
-        raise FileExistsError(f"{target} exists and is not a result directory; choose another")
-    if not force:
-        raise FileExistsError(
-            f"{target} already exists; pass force=True (CLI: --force) to replace it"
-        )
-    looks_saved = any((target / marker).exists() for marker in _SAVED_MARKERS)
-    if not looks_saved and any(target.iterdir()):
-        raise FileExistsError(
-            f"{target} is not empty and holds no saved result ({', '.join(_SAVED_MARKERS)}); "
-            "refusing to replace it even with force=True"
-        )
-
-
-def atomic_result_directory(directory: str | os.PathLike[str], force: bool):
-    """:func:`fidelity.atomic.atomic_directory` with the rules for result directories: an
-    existing one is replaced only with ``force``, and only if ``save`` wrote it."""
+def result_directory(
+    directory: str | os.PathLike[str],
+    force: bool,
+    kind: str,
+    legacy: Legacy,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+):
+    """:func:`fidelity.destinations.owned_directory` for a result or comparison: an existing
+    directory is written only with ``force``, only if fidelity wrote it, and only its files
+    are replaced; never one of ``inputs``."""
     if not isinstance(directory, str | os.PathLike):
         raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
-    return atomic_directory(Path(directory), lambda target: _check_target(target, force))
+    return owned_directory(directory, kind=kind, force=force, inputs=inputs, legacy=legacy)
+
+
+def check_complete(path: Path) -> None:
+    """InputError for a directory left by an interrupted save (or a staging directory)."""
+    if is_incomplete(path):
+        raise InputError(
+            f"{path} is an incomplete save (interrupted while being written); rerun the command "
+            "that writes it"
+        )

@@ -5,10 +5,14 @@ language modelling, passkey retrieval, multi-key key-value retrieval or a mix of
 :func:`fidelity.probes.tasks.training_batch`). Every ``save_every`` steps it writes
 ``out/ckpt-<step>/``, a checkpoint directory that :func:`fidelity.load_model` and
 ``fidelity analyze`` accept (so ``fidelity compare`` can follow forgetting across training),
-plus the optimizer state needed to resume. ``train_log.csv`` gets a row every ``log_every``
-steps. After a kill, ``resume=True`` continues from the newest complete checkpoint, losing at
-most ``save_every`` steps; because batches are a pure function of (seed, step), a resumed run
-sees exactly the batches an uninterrupted one would.
+plus the optimizer state needed to resume (``trainer_state.safetensors`` for its tensors and
+``trainer_state.json`` for the rest: no pickle, so resuming someone else's run cannot run code).
+``train_log.csv`` gets a row every ``log_every`` steps. After a kill, ``resume=True`` continues
+from the newest complete checkpoint, losing at most ``save_every`` steps; because batches are a
+pure function of (seed, step), a resumed run sees exactly the batches an uninterrupted one would.
+
+The run directory's manifest (:mod:`fidelity.destinations`) lists every file training wrote;
+``force=True`` deletes only those, and only in a directory that holds a training run's manifest.
 
 Loss: next-token cross-entropy over the positions the task marks, averaged per row first and
 then over rows, so a retrieval row (a handful of answer tokens) weighs as much as a text row.
@@ -20,7 +24,6 @@ import csv
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,14 +31,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from fidelity.destinations import (
+    MANIFEST,
+    check_writable,
+    clear_owned,
+    owned_files,
+    record_files,
+)
 from fidelity.devices import resolve_device
+from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
 from fidelity.models.registry import build_model, model_names, preset_names
 from fidelity.probes.tasks import TRAINING_TASKS, training_batch
 
-TRAINER_STATE = "trainer_state.pt"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+LEGACY_STATE = "trainer_state.pt"
+"""Trainer state of older versions: a pickle, never loaded (unpickling can run code)."""
+STATE_FORMAT = 1
+RUN_KIND = "training"
 LOG_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
 
 
@@ -63,17 +81,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.model not in model_names():
-            raise ValueError(f"unknown model {self.model!r}; choose from {model_names()}")
+            raise InputError(f"unknown model {self.model!r}; choose from {model_names()}")
         if self.preset not in preset_names():
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {preset_names()}")
+            raise InputError(f"unknown preset {self.preset!r}; choose from {preset_names()}")
         if self.task not in TRAINING_TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose from {list(TRAINING_TASKS)}")
+            raise InputError(f"unknown task {self.task!r}; choose from {list(TRAINING_TASKS)}")
         for name in ("length", "batch_size", "steps", "save_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InputError(f"lr must be positive, got {self.lr}")
 
 
 @dataclass
@@ -139,10 +157,8 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     found = []
     for path in Path(out).glob("ckpt-*"):
         suffix = path.name.removeprefix("ckpt-")
-        if (
-            suffix.isdigit()
-            and (path / TRAINER_STATE).is_file()
-            and (path / "config.json").is_file()
+        if suffix.isdigit() and all(
+            (path / name).is_file() for name in (STATE_JSON, STATE_TENSORS, "config.json")
         ):
             found.append((int(suffix), path))
     return [path for _, path in sorted(found)]
@@ -163,38 +179,35 @@ def train(
     """
     config.validate()
     out = Path(out)
-    existing = checkpoint_dirs(out) if out.exists() else []
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise FileExistsError(
-            f"{out} already holds a run; pass resume=True (--resume) to continue it or "
-            "force=True (--force) to start over"
-        )
-    if force and not resume and out.exists():
-        _clear_run(out)
-        existing = []
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    existing = _prepare_out(out, resume=resume, force=force)
     torch.manual_seed(config.seed)
 
     if resume and existing:
-        saved = json.loads((out / "train_config.json").read_text())
+        saved = _read_json(out / "train_config.json")
         if saved != _config_json(config):
-            raise ValueError(
+            raise InputError(
                 f"--resume needs the same settings as the run in {out}; it was trained with {saved}"
             )
         model = load_checkpoint(existing[-1]).to(device)
-        state = torch.load(existing[-1] / TRAINER_STATE, map_location=device, weights_only=False)
+        state = load_trainer_state(existing[-1])
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
         model = build_model(config.model, config.preset, seed=config.seed, **config.overrides)
         model = model.to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
+        record_files(out, RUN_KIND, ["train_config.json", "train_log.csv"])
         (out / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95)
     )
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(
+                f"the trainer state in {existing[-1]} does not fit this model's optimizer: {error}"
+            ) from None
     log_path = out / "train_log.csv"
     _truncate_log(log_path, start_step)
 
@@ -292,17 +305,155 @@ def _save(model, optimizer, config, out, step, tokens, elapsed, loss) -> Path:
             "seed": config.seed,
         }
     }
+    names = [*CHECKPOINT_FILES, STATE_TENSORS + ".tmp", STATE_JSON + ".tmp"]
+    record_files(out, RUN_KIND, [f"{directory.name}/{name}" for name in names])
     save_checkpoint(model, directory, meta=meta, overwrite=True)
-    state = {
+    save_trainer_state(directory, optimizer, step=step, tokens=tokens, elapsed_s=elapsed)
+    return directory
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", STATE_TENSORS, STATE_JSON)
+"""What training writes into each ``ckpt-<step>`` directory."""
+
+
+def save_trainer_state(
+    directory: Path, optimizer: torch.optim.Optimizer, *, step: int, tokens: int, elapsed_s: float
+) -> None:
+    """``optimizer``'s state and the loop counters in ``directory``: tensors (named
+    ``<parameter index>.<key>``) in :data:`STATE_TENSORS`, everything else in :data:`STATE_JSON`
+    (written last: a checkpoint is complete once it exists)."""
+    optimizer_state = optimizer.state_dict()
+    tensors, slots = {}, {}
+    for index, values in optimizer_state["state"].items():
+        slot = {"tensors": [], "values": {}}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                slot["tensors"].append(key)
+            else:
+                slot["values"][key] = value
+        slots[str(index)] = slot
+    header = {
+        "format_version": STATE_FORMAT,
         "step": step,
         "tokens": tokens,
-        "elapsed_s": elapsed,
-        "optimizer": optimizer.state_dict(),
+        "elapsed_s": elapsed_s,
+        "optimizer": {"state": slots, "param_groups": optimizer_state["param_groups"]},
     }
-    temporary = directory / (TRAINER_STATE + ".tmp")
-    torch.save(state, temporary)
-    temporary.replace(directory / TRAINER_STATE)
-    return directory
+    temporary = directory / (STATE_TENSORS + ".tmp")
+    save_file(tensors, str(temporary))
+    temporary.replace(directory / STATE_TENSORS)
+    temporary = directory / (STATE_JSON + ".tmp")
+    temporary.write_text(json.dumps(header, indent=1))
+    temporary.replace(directory / STATE_JSON)
+
+
+def load_trainer_state(directory: Path) -> dict:
+    """What :func:`save_trainer_state` wrote: ``step``, ``tokens``, ``elapsed_s`` and
+    ``optimizer`` (a state dict for ``load_state_dict``). InputError for a corrupt state."""
+    header = _read_json(directory / STATE_JSON)
+    try:
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except (SafetensorError, OSError) as error:
+        raise InputError(
+            f"{directory / STATE_TENSORS} is not a readable tensor file: {error}"
+        ) from None
+    try:
+        if header["format_version"] != STATE_FORMAT:
+            raise InputError(
+                f"{directory / STATE_JSON} has format version {header['format_version']!r}; "
+                f"this version reads {STATE_FORMAT}"
+            )
+        counters = {key: header[key] for key in ("step", "tokens", "elapsed_s")}
+        if not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in counters.values()
+        ):
+            raise TypeError("step, tokens and elapsed_s must be numbers")
+        state = {}
+        for index, slot in header["optimizer"]["state"].items():
+            values = dict(slot["values"])
+            for key in slot["tensors"]:
+                values[key] = tensors[f"{index}.{key}"]
+            state[int(index)] = values
+        groups = [
+            {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+            for group in header["optimizer"]["param_groups"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(
+            f"{directory / STATE_JSON} is not a valid trainer state ({type(error).__name__}: "
+            f"{error}); resume from another checkpoint or start over with --force"
+        ) from None
+    return {**counters, "optimizer": {"state": state, "param_groups": groups}}
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing; the run directory is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON: {error}") from None
+
+
+def check_run_directory(out: str | Path, *, resume: bool, force: bool) -> None:
+    """Raise unless ``train(..., out, resume=resume, force=force)`` may write ``out``: a new or
+    empty directory, or a training run fidelity wrote (continued with ``resume``, cleared of
+    fidelity's files with ``force``), writable, with no pickled trainer state to resume."""
+    out = Path(out)
+    if out.exists() and (out.is_symlink() or not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if resume:
+        legacy = sorted(
+            p.parent.name
+            for p in out.glob(f"ckpt-*/{LEGACY_STATE}")
+            if not (p.parent / STATE_JSON).exists()
+        )
+        if legacy:
+            raise InputError(
+                f"{out}/{legacy[-1]} holds its trainer state as a pickle ({LEGACY_STATE}, older "
+                "versions), which fidelity does not load because unpickling can run code; "
+                "train into another --out"
+            )
+    if out.is_dir() and any(out.iterdir()):
+        if owned_files(out, RUN_KIND) is None:
+            raise FileExistsError(
+                f"{out} is not empty and holds no training run written by fidelity (no {MANIFEST}"
+                " of kind 'training'); refusing to write there, even with --force: choose "
+                "another --out"
+            )
+        if not (resume or force):
+            raise FileExistsError(
+                f"{out} already holds a run; pass resume=True (--resume) to continue it or "
+                "force=True (--force) to start over"
+            )
+        owned = set(owned_files(out, RUN_KIND) or [])
+        foreign = sorted(
+            p.relative_to(out).as_posix()
+            for p in out.glob("ckpt-*/*")
+            if p.relative_to(out).as_posix() not in owned
+        )
+        if foreign:
+            raise FileExistsError(
+                f"{out / foreign[0]} was not written by fidelity, and checkpoint directories are "
+                "replaced whole; move it out of the run directory first"
+            )
+    check_writable(out)
+
+
+def _prepare_out(out: Path, *, resume: bool, force: bool) -> list[Path]:
+    """Check ``out`` (:func:`check_run_directory`) and make it ready: the checkpoints to resume
+    from, or an empty start (fidelity's files of an old run deleted)."""
+    check_run_directory(out, resume=resume, force=force)
+    existing = checkpoint_dirs(out) if resume and out.is_dir() else []
+    if existing:
+        return existing
+    if out.is_dir() and any(out.iterdir()):
+        clear_owned(out, RUN_KIND)
+    out.mkdir(parents=True, exist_ok=True)
+    return []
 
 
 def _append_log(path: Path, row: dict) -> None:
@@ -323,11 +474,3 @@ def _truncate_log(path: Path, step: int) -> None:
     path.unlink()
     for row in rows:
         _append_log(path, row)
-
-
-def _clear_run(out: Path) -> None:
-    for path in out.iterdir():
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()

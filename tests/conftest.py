@@ -1,4 +1,5 @@
-"""Test-wide settings: Triton's interpreter for the CPU-only suite, and deterministic seeds.
+"""Test-wide settings: Triton's interpreter for the CPU-only suite, deterministic seeds, and
+derandomized property tests in CI.
 
 ``TRITON_INTERPRET=1`` must be set before anything imports Triton: Triton decides between
 interpreter and compiler when a function is decorated, and its own standard library
@@ -12,6 +13,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the property tests on a fixed sequence of examples (set CI=1, as .ci/run does): a
+# failure there is reproducible and never depends on the draw. Locally they explore freely.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

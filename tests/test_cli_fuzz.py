@@ -1,4 +1,5 @@
-"""Random command lines never end in a traceback: exit 0, or 2 with exactly one line.
+"""Random command lines never end in a traceback: exit 0, or 2 with exactly one line (never 1:
+that is a bug, see ``fidelity.cli.main``). Derandomized in CI (tests/conftest.py).
 
 The fuzzer mixes real commands, options and values with garbage. It always bounds the work a
 valid command could do (tiny presets, lengths of a few hundred tokens, a few training steps),
@@ -89,5 +90,4 @@ def test_random_command_lines_never_show_a_traceback(data, tmp_path, capsys):
     assert "Traceback" not in err, argv
     assert code in (0, 2), (argv, code, err)
     if code == 2:
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(lines) <= 1, (argv, err)
+        assert err.count("\n") == 1 and err.startswith("error: "), (argv, err)

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from fixtures_results import synthetic_frame, synthetic_meta, synthetic_result, synthetic_summary
 
+from fidelity.destinations import MANIFEST
 from fidelity.reports import html
 from fidelity.results import (
     FRAME_COLUMNS,
@@ -196,7 +197,8 @@ def test_save_writes_every_file_and_round_trips_exactly(small, tmp_path):
     assert path == tmp_path / "run"
     names = sorted(p.name for p in path.iterdir())
     figures = [f"{kind}.{ext}" for kind in small.plot_kinds() for ext in ("png", "svg")]
-    assert names == sorted(["results.csv", "summary.csv", "meta.json", "report.html", *figures])
+    expected = ["results.csv", "summary.csv", "meta.json", "report.html", MANIFEST, *figures]
+    assert names == sorted(expected)
     assert (path / "forgetting.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert b"<svg" in (path / "depth.svg").read_bytes()[:2000]
     assert json.loads((path / "meta.json").read_text()) == small.meta
@@ -242,15 +244,34 @@ def test_existing_directory_is_refused_without_force(small, tmp_path):
         small.save(tmp_path / "file", force=True)
 
 
-def test_force_replaces_only_after_completion(small, tmp_path):
+def test_force_replaces_only_the_files_fidelity_wrote(small, tmp_path):
     target = tmp_path / "run"
-    small.save(target)
-    (target / "stale.txt").write_text("from the old run")
-    other = synthetic_result(n_layer=1, length=64, retrieval=False, decay=False, influence=False)
+    first = synthetic_result(n_layer=1, length=64)
+    first.save(target)
+    (target / "notes.txt").write_text("the user's own file")
+    other = small
+    dropped = set(first.plot_kinds()) - set(other.plot_kinds())
+    assert dropped
     other.save(target, force=True)
-    assert not (target / "stale.txt").exists()
+    assert (target / "notes.txt").read_text() == "the user's own file"
+    for kind in dropped:  # figures of the old run that the new one lacks are gone
+        assert not (target / f"{kind}.png").exists()
     _assert_same(FidelityResult.load(target), other)
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_report_keeps_extra_files_and_refuses_foreign_names(small, tmp_path):
+    target = tmp_path / "run"
+    small.save(target)
+    (target / "notes.txt").write_text("mine")
+    FidelityResult.load(target).save(target, force=True)  # what `fidelity report` does
+    assert (target / "notes.txt").read_text() == "mine"
+    small.save(tmp_path / "b")
+    (tmp_path / "b" / "retrieval.png").write_text("the user's own figure")
+    with pytest.raises(FileExistsError, match="did not write"):
+        synthetic_result(n_layer=1, length=64).save(tmp_path / "b", force=True)
+    assert (tmp_path / "b" / "retrieval.png").read_text() == "the user's own figure"
+    _assert_same(FidelityResult.load(tmp_path / "b"), small)
 
 
 def test_force_refuses_a_directory_that_holds_no_saved_result(small, tmp_path):
@@ -476,7 +497,7 @@ def test_comparison_from_directories_and_save(small, tmp_path):
     target = comparison.save(tmp_path / "cmp")
     names = sorted(p.name for p in target.iterdir())
     figures = [f"{k}.{e}" for k in ("forgetting", "depth", "summary") for e in ("png", "svg")]
-    assert names == sorted(["comparison.csv", "summary.csv", "report.html", *figures])
+    assert names == sorted(["comparison.csv", "summary.csv", "report.html", MANIFEST, *figures])
     written = pd.read_csv(target / "comparison.csv", keep_default_na=False)
     assert list(written["run"].unique()) == comparison.labels
     with pytest.raises(FileExistsError):

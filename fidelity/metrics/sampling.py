@@ -14,6 +14,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
+from fidelity.errors import InputError
 from fidelity.probes.capture_types import Capture
 
 DEFAULT_ANCHORS = 512
@@ -30,7 +31,7 @@ def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+        raise InputError(f"{name} must be a positive integer, got {value}")
     return int(value)
 
 
@@ -40,11 +41,11 @@ def _check_positions(name: str, positions: torch.Tensor, length: int) -> torch.T
             f"{name} must be a torch.Tensor of positions, got {type(positions).__name__}"
         )
     if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
-        raise ValueError(
+        raise InputError(
             f"{name} must be a 1-D integer tensor, got {positions.dim()}-D {positions.dtype}"
         )
     if positions.numel() and (positions.min() < 0 or positions.max() >= length):
-        raise ValueError(
+        raise InputError(
             f"{name} must lie in [0, {length}), got range [{positions.min()}, {positions.max()}]"
         )
     return positions.long()
@@ -113,11 +114,11 @@ def required_positions(anchors: torch.Tensor, distances: torch.Tensor, length: i
     if not isinstance(distances, torch.Tensor):
         distances = torch.as_tensor(distances)
     if distances.dim() != 1 or distances.dtype.is_floating_point:
-        raise ValueError(
+        raise InputError(
             f"distances must be a 1-D integer tensor, got {distances.dim()}-D {distances.dtype}"
         )
     if distances.numel() and distances.min() < 0:
-        raise ValueError(f"distances must be non-negative, got minimum {distances.min()}")
+        raise InputError(f"distances must be non-negative, got minimum {distances.min()}")
     shifted = anchors[:, None] + distances.long()[None, :]  # (n_anchors, n_dist)
     kept = torch.cat([anchors, shifted[shifted < length]])
     return torch.unique(kept)
@@ -132,7 +133,7 @@ def estimate_positions(length: int, n_anchors: int, n_dist: int) -> int:
     length = _check_positive_int("length", length)
     n_anchors = _check_positive_int("n_anchors", n_anchors)
     if isinstance(n_dist, bool) or not isinstance(n_dist, Integral) or n_dist < 0:
-        raise ValueError(f"n_dist must be a non-negative int, got {n_dist!r}")
+        raise InputError(f"n_dist must be a non-negative int, got {n_dist!r}")
     return min(length, min(n_anchors, length) * (int(n_dist) + 1))
 
 
@@ -149,7 +150,7 @@ def assign_folds(
     n_anchors = _check_positive_int("n_anchors", n_anchors)
     n_folds = _check_positive_int("n_folds", n_folds)
     if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2 for cross-fitting, got {n_folds}")
+        raise InputError(f"n_folds must be at least 2 for cross-fitting, got {n_folds}")
     n_groups = -(-n_anchors // n_folds)
     keys = torch.rand(n_groups, n_folds, generator=generator, dtype=torch.float64)
     labels = keys.argsort(dim=1)  # (n_groups, n_folds): a permutation of fold labels per group
@@ -163,7 +164,7 @@ def seeded_generator(seed: int, *keys: int) -> torch.Generator:
     does not depend on which other layers or distances were computed alongside it.
     """
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise InputError(f"seed must be a non-negative int, got {seed!r}")
     state = np.random.SeedSequence([int(seed), *(int(key) for key in keys)]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -177,9 +178,9 @@ def validate_anchors(anchors: object, cap: Capture) -> torch.Tensor:
         raise TypeError(f"expected a fidelity Capture, got {type(cap).__name__}")
     anchors = _check_positions("anchors", torch.as_tensor(anchors), cap.length)
     if anchors.numel() == 0:
-        raise ValueError("anchors is empty; draw some with sample_anchors(length)")
+        raise InputError("anchors is empty; draw some with sample_anchors(length)")
     if anchors.numel() > 1 and not bool((anchors[1:] > anchors[:-1]).all()):
-        raise ValueError("anchors must be sorted and unique (as sample_anchors returns them)")
+        raise InputError("anchors must be sorted and unique (as sample_anchors returns them)")
     require_kept(cap, anchors)
     return anchors
 
@@ -189,7 +190,7 @@ def require_kept(cap: Capture, positions: torch.Tensor) -> None:
     try:
         cap.index_of(positions)
     except KeyError as missing:
-        raise ValueError(
+        raise InputError(
             f"the capture lacks positions the metric needs ({missing.args[0]}); capture "
             "required_positions(anchors, distances, length)"
         ) from None

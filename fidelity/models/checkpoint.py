@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fidelity.atomic import atomic_directory
+from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.config import ModelConfig
 
@@ -121,7 +122,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
                 f"checkpoint directory {target} already exists; pass overwrite=True to replace it"
             )
         if any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
-            raise ValueError(
+            raise InputError(
                 f"refusing to overwrite {target}: it is neither empty nor a checkpoint "
                 f"directory (no {CONFIG_FILE})"
             )
@@ -177,16 +178,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
-        raise ValueError(f"{path} is a file, not a checkpoint directory")
+        raise InputError(f"{path} is a file, not a checkpoint directory")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; expected {ACCEPTED_FORMATS}")
     try:
         header = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+        raise InputError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(header).__name__}")
+        raise InputError(f"{config_path} must hold a JSON object, got {type(header).__name__}")
     return header
 
 
@@ -197,7 +198,7 @@ def _detect_source(path: Path, header: dict[str, Any]) -> Source:
         return _ours(path, header)
     importer = importer_for(header)
     if importer is None:
-        raise ValueError(
+        raise InputError(
             f"{path / CONFIG_FILE} is in no known checkpoint format (keys found: "
             f"{sorted(header)[:10]}); expected {ACCEPTED_FORMATS}"
         )
@@ -210,7 +211,7 @@ def _model_for(config: ModelConfig, path: Path) -> CausalLM:
     try:
         return model_from_config(config)
     except ImportError as error:
-        raise ValueError(
+        raise InputError(
             f"{path} holds a {config.model_type!r} model, whose module is not available in this "
             f"version of memory-fidelity ({error})"
         ) from None
@@ -237,7 +238,7 @@ def _read_index(file: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(file.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{file} is not a valid shard index (a 'weight_map'): {error}") from None
+        raise InputError(f"{file} is not a valid shard index (a 'weight_map'): {error}") from None
     return weight_map
 
 
@@ -251,11 +252,11 @@ def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ValueError(f"could not read weights file {file}: {reason}") from None
+        raise InputError(f"could not read weights file {file}: {reason}") from None
     if not isinstance(state, Mapping) or not all(
         isinstance(value, torch.Tensor) for value in state.values()
     ):
-        raise ValueError(f"{file} must hold a state dict (name -> tensor)")
+        raise InputError(f"{file} must hold a state dict (name -> tensor)")
     return dict(state)
 
 
@@ -282,7 +283,7 @@ def _load_weights(
         unexpected.remove(head)
         embedding = found.get("embedding.weight")
         if embedding is not None and not torch.equal(weights[head], embedding):
-            raise ValueError(
+            raise InputError(
                 f"{path}: the config ties the LM head to the embedding, but the stored "
                 f"{head!r} differs from the embedding"
             )
@@ -300,7 +301,7 @@ def _load_weights(
     if mismatched:
         problems.append(f"shape mismatches {_first(mismatched)}")
     if problems:
-        raise ValueError(
+        raise InputError(
             f"weights in {path} do not fit the {type(model).__name__} its config describes: "
             + "; ".join(problems)
         )
@@ -335,7 +336,7 @@ def renamer(rules: list[tuple[str, str]], ignored: str | None = None) -> Callabl
 def require_keys(header: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
     missing = [key for key in keys if key not in header]
     if missing:
-        raise ValueError(f"{what} config.json lacks {missing}")
+        raise InputError(f"{what} config.json lacks {missing}")
 
 
 # -- our format --------------------------------------------------------------------------------
@@ -343,23 +344,33 @@ def _ours(path: Path, header: dict[str, Any]) -> Source:
     from fidelity.models.registry import config_from_dict
 
     if header["library"] != LIBRARY:
-        raise ValueError(
+        raise InputError(
             f"{path / CONFIG_FILE} was written by {header['library']!r}, not {LIBRARY!r}"
         )
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(
+            f"{path / CONFIG_FILE}: 'format_version' must be a whole number such as "
+            f"{FORMAT_VERSION} (not a string), got {version!r}"
+        )
+    if version > FORMAT_VERSION:
+        raise InputError(
             f"{path} has checkpoint format version {version!r}; this version of memory-fidelity "
             f"reads versions up to {FORMAT_VERSION}"
         )
     require_keys(header, ("config",), "memory-fidelity")
+    if not isinstance(header["config"], dict):
+        raise InputError(
+            f"{path / CONFIG_FILE}: 'config' must be a JSON object of model settings (with "
+            f"'model_type'), got {type(header['config']).__name__} {header['config']!r:.60}"
+        )
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
-        raise ValueError(f"{path / CONFIG_FILE}: 'meta' must be a JSON object")
+        raise InputError(f"{path / CONFIG_FILE}: 'meta' must be a JSON object")
     try:
         config = config_from_dict(header["config"])
     except ImportError as error:
-        raise ValueError(
+        raise InputError(
             f"{path} holds a {header.get('model_type')!r} model, whose module is not available "
             f"in this version of memory-fidelity ({error})"
         ) from None

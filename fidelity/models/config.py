@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from fidelity.errors import InputError
+
 
 @dataclass
 class ModelConfig:
@@ -38,11 +40,11 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown {cls.__name__} fields {unknown}; accepted fields: {sorted(known)}"
             )
         config = cls(**values)
-        config.validate()
+        config.checked()
         return config
 
     def replace(self, **overrides: Any) -> ModelConfig:
@@ -50,18 +52,28 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown {type(self).__name__} options {unknown}; accepted: {sorted(known)}"
             )
         config = dataclasses.replace(self, **overrides)
-        config.validate()
+        config.checked()
         return config
+
+    def checked(self) -> None:
+        """:meth:`validate`, with a value of the wrong type (a list for a number, ...) also
+        reported as :class:`~fidelity.errors.InputError` naming the config class."""
+        try:
+            self.validate()
+        except (ValueError, TypeError) as error:
+            if isinstance(error, InputError):
+                raise
+            raise InputError(f"invalid {type(self).__name__} settings: {error}") from None
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.norm_epsilon > 0:
-            raise ValueError(f"norm_epsilon must be positive, got {self.norm_epsilon!r}")
+            raise InputError(f"norm_epsilon must be positive, got {self.norm_epsilon!r}")

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from fidelity.errors import InputError
 from fidelity.models.checkpoint import WEIGHTS_FILE, Source, renamer, require_keys
 
 
@@ -51,16 +52,22 @@ _MAMBA_SSM_RULES = [
 
 def _mamba_ssm(header: dict[str, Any]) -> Source:
     if header.get("rms_norm", True) is not True:
-        raise ValueError("mamba_ssm checkpoints with LayerNorm (rms_norm=false) are not supported")
+        raise InputError("mamba_ssm checkpoints with LayerNorm (rms_norm=false) are not supported")
     if header.get("d_intermediate", 0) or header.get("attn_layer_idx"):
-        raise ValueError(
+        raise InputError(
             "mamba_ssm checkpoints with MLP (d_intermediate > 0) or attention layers "
             "(attn_layer_idx) are not supported"
         )
     unknown = sorted(set(header) - _MAMBA_SSM_KNOWN)
     if unknown:
         warnings.warn(f"ignoring unknown mamba_ssm config keys {unknown}", stacklevel=3)
-    ssm_cfg = dict(header.get("ssm_cfg") or {})
+    ssm_cfg = header.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise InputError(
+            f"mamba_ssm config.json: 'ssm_cfg' must be a JSON object (e.g. "
+            f'{{"layer": "Mamba1", "d_state": 16}}), got {ssm_cfg!r}'
+        )
+    ssm_cfg = dict(ssm_cfg)
     layer = ssm_cfg.get("layer", "Mamba1")
     ssm = {key: value for key, value in ssm_cfg.items() if key not in _MAMBA_SSM_INIT_ONLY}
     if layer == "Mamba1":
@@ -73,17 +80,17 @@ def _mamba_ssm(header: dict[str, Any]) -> Source:
         try:
             from fidelity.models.mamba2 import Mamba2Config
         except ImportError:
-            raise ValueError(
+            raise InputError(
                 "this mamba_ssm checkpoint uses Mamba-2 layers (ssm_cfg.layer = 'Mamba2'), but "
                 "fidelity.models.mamba2 is not available in this version"
             ) from None
         config_class = Mamba2Config
         ssm = _mamba2_options(ssm, header["d_model"])
     else:
-        raise ValueError(f"unknown mamba_ssm ssm_cfg.layer {layer!r}; accepted: Mamba1, Mamba2")
+        raise InputError(f"unknown mamba_ssm ssm_cfg.layer {layer!r}; accepted: Mamba1, Mamba2")
     unsupported = sorted(set(ssm) - set(config_class.__dataclass_fields__))
     if unsupported:
-        raise ValueError(
+        raise InputError(
             f"mamba_ssm ssm_cfg keys {unsupported} have no counterpart in {config_class.__name__}"
         )
     config = config_class(
@@ -95,7 +102,7 @@ def _mamba_ssm(header: dict[str, Any]) -> Source:
         norm_epsilon=header.get("norm_epsilon", 1e-5),
         **ssm,
     )
-    config.validate()
+    config.checked()
     return Source(
         config=config,
         rename=renamer(_MAMBA_SSM_RULES),
@@ -110,12 +117,12 @@ def _mamba2_options(ssm: dict[str, Any], d_model: int) -> dict[str, Any]:
     ssm = dict(ssm)
     dt_limit = ssm.pop("dt_limit", (0.0, float("inf")))
     if list(dt_limit) != [0.0, float("inf")]:
-        raise ValueError(f"mamba_ssm Mamba2 with dt_limit {dt_limit} is not supported (no clamp)")
+        raise InputError(f"mamba_ssm Mamba2 with dt_limit {dt_limit} is not supported (no clamp)")
     if ssm.pop("D_has_hdim", False):
-        raise ValueError("mamba_ssm Mamba2 with D_has_hdim=True is not supported")
+        raise InputError("mamba_ssm Mamba2 with D_has_hdim=True is not supported")
     d_ssm = ssm.pop("d_ssm", None)
     if d_ssm is not None and d_ssm != ssm.get("expand", 2) * d_model:
-        raise ValueError(f"mamba_ssm Mamba2 with d_ssm={d_ssm} < d_inner is not supported")
+        raise InputError(f"mamba_ssm Mamba2 with d_ssm={d_ssm} < d_inner is not supported")
     if "A_init_range" in ssm:
         ssm["A_init_min"], ssm["A_init_max"] = ssm.pop("A_init_range")
     return ssm
@@ -139,14 +146,14 @@ def _huggingface_mamba(header: dict[str, Any]) -> Source:
 
     require_keys(header, ("hidden_size", "num_hidden_layers", "vocab_size"), "Hugging Face Mamba")
     if header.get("hidden_act", "silu") != "silu":
-        raise ValueError(
+        raise InputError(
             f"Hugging Face Mamba with hidden_act {header['hidden_act']!r} is not "
             "supported (only 'silu')"
         )
     expand = header.get("expand", 2)
     intermediate = header.get("intermediate_size", expand * header["hidden_size"])
     if intermediate != expand * header["hidden_size"]:
-        raise ValueError(
+        raise InputError(
             f"intermediate_size {intermediate} != expand * hidden_size "
             f"({expand} * {header['hidden_size']}); not supported"
         )
@@ -168,7 +175,7 @@ def _huggingface_mamba(header: dict[str, Any]) -> Source:
         conv_bias=header.get("use_conv_bias", True),
         bias=header.get("use_bias", False),
     )
-    config.validate()
+    config.checked()
     return Source(
         config=config,
         rename=renamer(_HF_MAMBA_RULES),
@@ -204,12 +211,12 @@ def _huggingface_gpt_neox(header: dict[str, Any]) -> Source:
     )
     activation = header.get("hidden_act", "gelu")
     if activation not in _GELU_NAMES:
-        raise ValueError(
+        raise InputError(
             f"GPT-NeoX hidden_act {activation!r} is not supported; accepted: {sorted(_GELU_NAMES)}"
         )
     rope = header.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or header.get("rope_scaling"):
-        raise ValueError(
+        raise InputError(
             "GPT-NeoX checkpoints with scaled RoPE (rope_type / rope_scaling) are "
             "not supported; only the default RoPE"
         )
@@ -228,7 +235,7 @@ def _huggingface_gpt_neox(header: dict[str, Any]) -> Source:
         use_parallel_residual=header.get("use_parallel_residual", True),
         attention_bias=header.get("attention_bias", True),
     )
-    config.validate()
+    config.checked()
     return Source(
         config=config,
         rename=renamer(_GPT_NEOX_RULES, _GPT_NEOX_IGNORED),

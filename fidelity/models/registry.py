@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.config import ModelConfig
 
@@ -181,7 +182,7 @@ def build_config(name: str, preset: str = DEFAULT_PRESET, **overrides: Any) -> M
     """The config of model ``name`` at size ``preset`` with ``overrides`` applied."""
     spec = _spec(name)
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available presets: {preset_names()}")
+        raise InputError(f"unknown preset {preset!r}; available presets: {preset_names()}")
     config_class = spec.config_class
     fields = {f.name for f in dataclasses.fields(config_class)}
     shared = {key: value for key, value in PRESETS[preset].items() if key in fields}
@@ -241,23 +242,28 @@ def load_model(
     """
     from fidelity.models.checkpoint import load_checkpoint
 
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(
+            "load_model takes a registered model name (one of "
+            f"{', '.join(model_names())}) or a checkpoint directory, got {name_or_path!r}"
+        )
     path = Path(name_or_path)
     text = str(name_or_path)
     if text in MODELS:  # a registered name wins over a same-named folder (use ./name for it)
         model = _load_named(text, preset, random_init, overrides)
     elif path.is_dir():
         if preset is not None or random_init or overrides:
-            raise ValueError(
+            raise InputError(
                 "preset, random_init and config overrides apply to model names, not to a "
                 f"checkpoint directory ({text})"
             )
         model = load_checkpoint(path)
     elif path.exists():
-        raise ValueError(f"{text} is a file, not a checkpoint directory")
+        raise InputError(f"{text} is a file, not a checkpoint directory")
     elif "/" in text or "\\" in text or text.startswith("."):
         raise FileNotFoundError(f"checkpoint directory {text} does not exist")
     else:
-        raise ValueError(
+        raise InputError(
             f"unknown model {text!r}: give a registered name ({', '.join(model_names())}) "
             "or a checkpoint directory"
         )
@@ -316,5 +322,5 @@ def _shipped_preset(directory: Path) -> str:
 
 def _spec(name: str | None) -> ModelSpec:
     if name not in MODELS:
-        raise ValueError(f"unknown model type {name!r}; registered models: {model_names()}")
+        raise InputError(f"unknown model type {name!r}; registered models: {model_names()}")
     return MODELS[name]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.decimamba import Decimation, TokenDecimation
 from fidelity.models.memmamba import MemMambaLM
@@ -47,13 +48,15 @@ BLOCK_LOCATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-class NonFiniteHiddenStateError(RuntimeError):
-    """A hidden state held NaN or Inf; ``layer`` and ``position`` say where it first appeared."""
+class NonFiniteHiddenStateError(InputError):
+    """A hidden state held NaN or Inf; ``layer`` and ``position`` say where it first appeared.
+
+    An input error: the model's weights (or the input) produce it, not the toolkit's code."""
 
     def __init__(self, layer: int, position: int, row: int) -> None:
         super().__init__(
             f"non-finite hidden state (NaN or Inf) at layer {layer}, position {position} "
-            f"(batch row {row})"
+            f"(batch row {row}); the model's weights or inputs hold NaN/Inf or overflow"
         )
         self.layer = layer
         self.position = position
@@ -66,7 +69,7 @@ def find_blocks(model: nn.Module, module_names: Sequence[str] | None = None) -> 
         modules = dict(model.named_modules())
         missing = [name for name in module_names if name not in modules]
         if missing:
-            raise ValueError(f"modules not found in the model: {missing}")
+            raise InputError(f"modules not found in the model: {missing}")
         return [modules[name] for name in module_names]
     if isinstance(model, CausalLM):
         return list(model.layers)
@@ -75,7 +78,7 @@ def find_blocks(model: nn.Module, module_names: Sequence[str] | None = None) -> 
         blocks = _attribute(model, path)
         if isinstance(blocks, nn.ModuleList) and fragment in class_name:
             return list(blocks)
-    raise ValueError(
+    raise InputError(
         f"cannot find the blocks of a {class_name}; pass module_names=[...] with the names of "
         "its residual blocks in order (see model.named_modules())"
     )
@@ -101,7 +104,7 @@ def resolve_layers(selection: LayerSelection, n_layers: int) -> list[int]:
     layers = sorted({int(layer) for layer in selection})
     bad = [layer for layer in layers if not 0 <= layer <= n_layers]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"layer indices {bad} out of range: this model has layers 0..{n_layers} "
             "(0 = embeddings, i = output of block i)"
         )
@@ -113,7 +116,7 @@ def _as_positions(positions: torch.Tensor | Sequence[int] | None, length: int) -
         return torch.arange(length)
     positions = torch.as_tensor(positions, dtype=torch.long).flatten().unique(sorted=True)
     if len(positions) and (positions[0] < 0 or positions[-1] >= length):
-        raise ValueError(
+        raise InputError(
             f"positions must lie in [0, {length}); got range "
             f"[{int(positions[0])}, {int(positions[-1])}]"
         )
@@ -319,7 +322,7 @@ def capturing(
         yield result
         consumed = recorder.consumed
         if consumed != length:
-            raise ValueError(
+            raise InputError(
                 f"the capture expected one sequence of {length} tokens but the model consumed "
                 f"{consumed}"
             )
@@ -373,12 +376,23 @@ def capture(
     cross-token attention fired, and attention weights at ``attention_positions``). Hooks are
     always removed.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            "input_ids must be a torch.Tensor of token ids shaped (batch, length), e.g. "
+            f"torch.tensor([[1, 2, 3]]); got {type(input_ids).__name__}"
+        )
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
+        raise InputError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise InputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     length = input_ids.shape[1]
     device = _model_device(model)
     if chunk_size is not None and not isinstance(model, CausalLM):
-        raise ValueError("chunk_size needs one of our models (they carry a recurrent cache)")
+        raise InputError("chunk_size needs one of our models (they carry a recurrent cache)")
     with contextlib.ExitStack() as stack:
         result = stack.enter_context(
             capturing(
@@ -422,7 +436,7 @@ def run_with_capture(
     DeciMamba's logits cover only the positions that survive decimation: ``(batch, n_out,
     vocab)``, at ``model(input_ids).positions``."""
     if capture_options.get("chunk_size") is not None:
-        raise ValueError("run_with_capture runs one pass; use capture(..., chunk_size=...)")
+        raise InputError("run_with_capture runs one pass; use capture(..., chunk_size=...)")
     length = input_ids.shape[1]
     options = {k: v for k, v in capture_options.items() if k != "chunk_size"}
     with torch.no_grad(), capturing(model, length, **options) as result:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from fidelity.errors import InputError
 from fidelity.probes.corpus import load_corpus, tokenize_corpus
 from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
 
@@ -109,7 +110,7 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise InputError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
 
 
@@ -120,7 +121,7 @@ def _check_depth(depth: object) -> float | None:
     if isinstance(depth, bool) or not isinstance(depth, numbers.Real):
         raise TypeError(f"depth must be a number in [0, 1] or None, got {depth!r}")
     if not 0.0 <= float(depth) <= 1.0:  # also rejects NaN
-        raise ValueError(f"depth must be in [0, 1] (0: needle first, 1: last), got {depth}")
+        raise InputError(f"depth must be in [0, 1] (0: needle first, 1: last), got {depth}")
     return float(depth)
 
 
@@ -228,7 +229,7 @@ def passkey_probe(
         fixed += answer_ids.shape[0] if with_answer else 0
         n_filler = length - fixed
         if n_filler < 0:
-            raise ValueError(
+            raise InputError(
                 f"passkey needs length >= {fixed} tokens with tokenizer {tokenizer.name!r} "
                 f"(the prompt without filler), got {length}"
             )
@@ -318,13 +319,13 @@ def _kv_row(
     queried_line = _encode(tokenizer, KV_LINE.format(key=queried_key, value=queried_value))
     used = queried_line.shape[0] + newline.shape[0]
     if used > budget:
-        raise ValueError(
+        raise InputError(
             f"kv needs length >= {length - budget + used} tokens with tokenizer "
             f"{tokenizer.name!r} (one pair and the question), got {length}"
         )
     others, used = _other_lines(queried_key, n_pairs, budget, used, rng, tokenizer, newline)
     if n_pairs is not None and len(others) + 1 < n_pairs:
-        raise ValueError(
+        raise InputError(
             f"n_pairs={n_pairs} does not fit in length {length}: at most about "
             f"{len(others) + 1} pairs fit with tokenizer {tokenizer.name!r}"
         )
@@ -402,7 +403,7 @@ def text_probe(
     tokenizer = as_tokenizer(tokenizer)
     corpus = tokenize_corpus(load_corpus(paths, split=split, text_field=text_field), tokenizer)
     if length > len(corpus):
-        raise ValueError(
+        raise InputError(
             f"length {length} exceeds the text available: {corpus.description} holds "
             f"{len(corpus)} tokens"
         )
@@ -463,7 +464,7 @@ def make_probe(
     not take.
     """
     if task not in _PROBES:
-        raise ValueError(f"unknown probe task {task!r}; expected one of {', '.join(TASKS)}")
+        raise InputError(f"unknown probe task {task!r}; expected one of {', '.join(TASKS)}")
     probe = _PROBES[task]
     accepted = [
         name for name in inspect.signature(probe).parameters if name not in _COMMON_ARGUMENTS
@@ -540,7 +541,7 @@ def training_batch(
     Needle depths, keys and text windows vary per row, all from ``seed``.
     """
     if task not in TRAINING_TASKS:
-        raise ValueError(
+        raise InputError(
             f"unknown training task {task!r}; expected one of {', '.join(TRAINING_TASKS)}"
         )
     length, batch, seed = _check_common(length, batch, seed)

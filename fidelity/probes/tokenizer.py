@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from fidelity.errors import InputError, MissingDependencyError
+
 BYTE_VOCAB_SIZE = 256
 
 
@@ -39,7 +41,7 @@ def _as_int_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
         ids = ids.tolist()
     values = list(ids)
     if any(isinstance(value, list) for value in values):
-        raise ValueError("decode takes a flat sequence of token ids, got a nested sequence")
+        raise InputError("decode takes a flat sequence of token ids, got a nested sequence")
     return values
 
 
@@ -66,7 +68,7 @@ class ByteTokenizer:
         try:
             data = bytes(values)
         except (ValueError, TypeError) as err:
-            raise ValueError(
+            raise InputError(
                 f"byte token ids must be ints in [0, {BYTE_VOCAB_SIZE}); got {err}"
             ) from err
         return data.decode("utf-8", errors="replace")
@@ -117,21 +119,21 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
         raise TypeError(f"tokenizer path must be a str, Path or None, got {type(path).__name__}")
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise ValueError(
+        raise InputError(
             f"tokenizer path {str(path)!r} is not a directory; expected None (byte-level "
             "tokenizer) or a local Hugging Face tokenizer directory"
         )
     try:
         from transformers import AutoTokenizer
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "loading a Hugging Face tokenizer needs the 'transformers' package; install it "
             "with `pip install memory-fidelity[hf]`, or pass no tokenizer to use bytes"
         ) from err
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
+        raise InputError(
             f"could not load a Hugging Face tokenizer from {str(directory)!r}: {err}"
         ) from err
     return HuggingFaceTokenizer(hf_tokenizer, name=str(directory.resolve()))

@@ -18,6 +18,7 @@ from typing import Any
 from fidelity.analysis import DEFAULT_METRICS, check_metrics
 from fidelity.budget import parse_bytes
 from fidelity.devices import DEVICES
+from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
 from fidelity.models.checkpoint import CONFIG_FILE
 from fidelity.models.registry import MODELS, PRESETS, model_names
@@ -108,11 +109,11 @@ def load_sweep_config(path: str | os.PathLike[str]) -> SweepConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
+        raise InputError(f"{path} is not valid TOML: {error}") from None
     try:
         return parse_sweep_config(data)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise InputError(f"{path}: {error}") from None
 
 
 def parse_sweep_config(data: Mapping[str, Any]) -> SweepConfig:
@@ -126,10 +127,10 @@ def parse_sweep_config(data: Mapping[str, Any]) -> SweepConfig:
     _reject_unknown(data, ("sweep", "run"), "top level (tables)")
     sweep = data.get("sweep")
     if not isinstance(sweep, Mapping):
-        raise ValueError('missing [sweep] table; it needs at least out = "DIR"')
+        raise InputError('missing [sweep] table; it needs at least out = "DIR"')
     _reject_unknown(sweep, SWEEP_KEYS, "[sweep]")
     if "out" not in sweep or not isinstance(sweep["out"], str) or not sweep["out"].strip():
-        raise ValueError(f"[sweep] out must be a directory path string, got {sweep.get('out')!r}")
+        raise InputError(f"[sweep] out must be a directory path string, got {sweep.get('out')!r}")
     defaults = _analysis_options(sweep, AnalysisOptions(), "[sweep]")
     probe = _probe(sweep.get("probe", "text"), "[sweep] probe")
     seed = check_integer(sweep.get("seed", 0), "[sweep] seed", minimum=0)
@@ -137,18 +138,18 @@ def parse_sweep_config(data: Mapping[str, Any]) -> SweepConfig:
         data.get("run", []), defaults, probe, seed
     )
     if not runs:
-        raise ValueError(
+        raise InputError(
             "no runs: give a grid in [sweep] (models = [...], lengths = [...]) or [[run]] tables"
         )
     names = [run.name for run in runs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(
+        raise InputError(
             f"run names {repeated} occur more than once; give [[run]] tables distinct names"
         )
     out = Path(sweep["out"]).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"[sweep] out: {out} is a file; expected a directory")
+        raise InputError(f"[sweep] out: {out} is a file; expected a directory")
     return SweepConfig(out, tuple(runs))
 
 
@@ -156,7 +157,7 @@ def _reject_unknown(table: Mapping[str, Any], accepted: Iterable[str], where: st
     accepted = tuple(accepted)
     unknown = [key for key in table if key not in accepted]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown key {unknown[0]!r} in {where}; accepted keys: {', '.join(accepted)}"
         )
 
@@ -164,56 +165,56 @@ def _reject_unknown(table: Mapping[str, Any], accepted: Iterable[str], where: st
 def check_integer(value: Any, where: str, minimum: int) -> int:
     """``value`` when it is an integer >= ``minimum``; ValueError naming ``where`` otherwise."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{where} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{where} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _integers(value: Any, where: str, minimum: int) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where} must be a non-empty list of integers, got {value!r}")
+        raise InputError(f"{where} must be a non-empty list of integers, got {value!r}")
     return tuple(check_integer(item, f"{where}[{i}]", minimum) for i, item in enumerate(value))
 
 
 def _string_list(table: Mapping[str, Any], key: str, where: str) -> list[Any]:
     value = table[key]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where} {key} must be a non-empty list, got {value!r}")
+        raise InputError(f"{where} {key} must be a non-empty list, got {value!r}")
     repeated = [item for i, item in enumerate(value) if item in value[:i]]
     if repeated:
-        raise ValueError(f"{where} {key} lists {repeated[0]!r} more than once")
+        raise InputError(f"{where} {key} lists {repeated[0]!r} more than once")
     return value
 
 
 def _length(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f'{where} must be a length like "8k" or 8000, got {value!r}')
+        raise InputError(f'{where} must be a length like "8k" or 8000, got {value!r}')
     try:
         return parse_length(value)
     except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise InputError(f"{where}: {error}") from None
 
 
 def _probe(value: Any, where: str) -> str:
     if value not in TASKS:
-        raise ValueError(f"{where}: unknown probe {value!r}; choose from {', '.join(TASKS)}")
+        raise InputError(f"{where}: unknown probe {value!r}; choose from {', '.join(TASKS)}")
     return value
 
 
 def _model(value: Any, where: str) -> str:
     """A registered name as is, or a checkpoint directory made absolute."""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where} must be a model name or checkpoint directory, got {value!r}")
+        raise InputError(f"{where} must be a model name or checkpoint directory, got {value!r}")
     path = Path(value).expanduser()
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
-            raise ValueError(
+            raise InputError(
                 f"{where}: {value} has no {CONFIG_FILE}; expected a checkpoint directory "
                 "(written by fidelity train, or a mamba_ssm / Hugging Face checkpoint)"
             )
         return str(path.resolve())
     if value in MODELS:
         return value
-    raise ValueError(
+    raise InputError(
         f"{where}: {value!r} is neither a registered model ({', '.join(model_names())}) "
         "nor an existing checkpoint directory"
     )
@@ -221,7 +222,7 @@ def _model(value: Any, where: str) -> str:
 
 def _path(value: Any, where: str) -> str:
     if not isinstance(value, str) or not Path(value).expanduser().exists():
-        raise ValueError(f"{where} must be an existing file or directory, got {value!r}")
+        raise InputError(f"{where} must be an existing file or directory, got {value!r}")
     return str(Path(value).expanduser().resolve())
 
 
@@ -233,7 +234,7 @@ def _chunk_size(value: Any, where: str) -> int | str | None:
     try:
         return _length(value, where)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f'{where} must be "auto", "none" or a token count like 4096, got {value!r}'
         ) from None
 
@@ -242,28 +243,28 @@ def _memory(value: Any, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return check_integer(value, where, minimum=1)
     if not isinstance(value, str):
-        raise ValueError(f'{where} must be a size like "4GB" or a byte count, got {value!r}')
+        raise InputError(f'{where} must be a size like "4GB" or a byte count, got {value!r}')
     try:
         return parse_bytes(value)
     except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise InputError(f"{where}: {error}") from None
 
 
 def _metrics(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         value = ",".join(value)
     if not isinstance(value, str):
-        raise ValueError(f"{where} must be a list of metric names, got {value!r}")
+        raise InputError(f"{where} must be a list of metric names, got {value!r}")
     try:
         return tuple(check_metrics(value))
     except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise InputError(f"{where}: {error}") from None
 
 
 def _device(value: Any, where: str) -> str:
     """The device's form only: whether it exists is checked where the runs will run."""
     if not isinstance(value, str) or not (value in DEVICES or re.fullmatch(r"cuda:\d+", value)):
-        raise ValueError(
+        raise InputError(
             f"{where}: unknown device {value!r}; choose from {', '.join(DEVICES)} or cuda:N"
         )
     return value
@@ -271,13 +272,13 @@ def _device(value: Any, where: str) -> str:
 
 def _preset(value: Any, where: str) -> str:
     if value not in PRESETS:
-        raise ValueError(f"{where}: unknown preset {value!r}; choose from {', '.join(PRESETS)}")
+        raise InputError(f"{where}: unknown preset {value!r}; choose from {', '.join(PRESETS)}")
     return value
 
 
 def _boolean(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{where} must be true or false, got {value!r}")
+        raise InputError(f"{where} must be true or false, got {value!r}")
     return value
 
 
@@ -316,7 +317,7 @@ def _grid_runs(
     if not given:
         return []
     if "models" not in sweep or "lengths" not in sweep:
-        raise ValueError(
+        raise InputError(
             f"[sweep] has {', '.join(given)} but a grid needs both models and lengths "
             "(probes and seeds are optional)"
         )
@@ -329,7 +330,7 @@ def _grid_runs(
         for i, v in enumerate(_string_list(sweep, "lengths", "[sweep]"))
     ]
     if len(set(lengths)) < len(lengths):
-        raise ValueError(f"[sweep] lengths name the same length twice: {sweep['lengths']}")
+        raise InputError(f"[sweep] lengths name the same length twice: {sweep['lengths']}")
     probes = [
         _probe(p, f"[sweep] probes[{i}]")
         for i, p in enumerate(
@@ -338,7 +339,7 @@ def _grid_runs(
     ]
     seeds = list(_integers(sweep["seeds"], "[sweep] seeds", 0)) if "seeds" in sweep else [seed]
     if len(set(seeds)) < len(seeds):
-        raise ValueError(f"[sweep] seeds lists a seed twice: {seeds}")
+        raise InputError(f"[sweep] seeds lists a seed twice: {seeds}")
     labels = _model_labels(models)
     return [
         RunSpec(_run_name(labels[m], n, p, s), m, n, p, s, options)
@@ -348,14 +349,14 @@ def _grid_runs(
 
 def _explicit_runs(tables: Any, defaults: AnalysisOptions, probe: str, seed: int) -> list[RunSpec]:
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
-        raise ValueError("run must be an array of tables ([[run]] sections)")
+        raise InputError("run must be an array of tables ([[run]] sections)")
     runs = []
     for index, table in enumerate(tables):
         where = f"[[run]] #{index + 1}"
         _reject_unknown(table, (*RUN_KEYS, *ANALYSIS_KEYS), where)
         for key in ("model", "length"):
             if key not in table:
-                raise ValueError(f"{where} needs {key} = ...")
+                raise InputError(f"{where} needs {key} = ...")
         model = _model(table["model"], f"{where} model")
         length = _length(table["length"], f"{where} length")
         run_probe = _probe(table.get("probe", probe), f"{where} probe")
@@ -365,7 +366,7 @@ def _explicit_runs(tables: Any, defaults: AnalysisOptions, probe: str, seed: int
         if name is None:
             name = _run_name(_model_labels([model])[model], length, run_probe, run_seed)
         elif not isinstance(name, str) or not _RUN_NAME.match(name) or name in TABLES:
-            raise ValueError(
+            raise InputError(
                 f"{where} name must be letters, digits, '.', '_' or '-' (not starting with "
                 f"'.' or '-', and none of {', '.join(TABLES)}), got {name!r}"
             )

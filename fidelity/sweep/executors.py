@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fidelity.devices import resolve_device
+from fidelity.errors import InputError, MissingDependencyError
 from fidelity.results import FidelityResult
 from fidelity.sweep.config import META_KEY, RunSpec, SweepConfig
 
@@ -97,7 +98,7 @@ def check_devices(config: SweepConfig, executor: str) -> None:
     """Local runs: every device must exist here. Ray tasks ask for CPUs only, so no cuda."""
     for device in sorted({spec.options.device for spec in config.runs}):
         if executor == "ray" and device.startswith("cuda"):
-            raise ValueError(
+            raise InputError(
                 f"device {device!r}: executor 'ray' runs analyses on CPUs only (its tasks ask "
                 "for no GPU); set device = \"cpu\" or use executor 'local'"
             )
@@ -105,7 +106,7 @@ def check_devices(config: SweepConfig, executor: str) -> None:
             try:
                 resolve_device(device)
             except ValueError as error:
-                raise ValueError(f"device {device!r} of the sweep: {error}") from None
+                raise InputError(f"device {device!r} of the sweep: {error}") from None
 
 
 def available_cpus() -> int:
@@ -139,7 +140,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "executor 'ray' needs Ray, which is not installed; pip install ray"
         ) from None
     return ray

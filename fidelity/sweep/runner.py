@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from fidelity.destinations import check_writable
+from fidelity.errors import InputError
 from fidelity.results import RESULT_FILES, FidelityResult
 from fidelity.sweep.config import (
     META_KEY,
@@ -95,14 +97,15 @@ def run_sweep(
             parse_sweep_config(config) if isinstance(config, Mapping) else load_sweep_config(config)
         )
     if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+        raise InputError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     if workers is not None:
         check_integer(workers, "workers", minimum=1)
     if cpus_per_run is not None:
         check_integer(cpus_per_run, "cpus_per_run", minimum=1)
     if ray_address is not None and executor != "ray":
-        raise ValueError("ray_address applies to executor='ray' only")
+        raise InputError("ray_address applies to executor='ray' only")
     check_devices(config, executor)
+    check_writable(config.out)
     done = _existing_runs(config, force)
     ray = import_ray() if executor == "ray" else None
     progress = progress or (lambda outcome: None)
@@ -155,7 +158,7 @@ def _existing_runs(config: SweepConfig, force: bool) -> dict[str, FidelityResult
         if not directory.exists():
             continue
         if not all((directory / name).is_file() for name in RESULT_FILES):
-            raise ValueError(
+            raise InputError(
                 f"{directory} exists but holds no saved result ({', '.join(RESULT_FILES)}); "
                 "remove it or choose another out"
             )
@@ -165,7 +168,7 @@ def _existing_runs(config: SweepConfig, force: bool) -> dict[str, FidelityResult
         stored = result.meta.get(META_KEY)
         if stored != spec.identity():
             differs = _differences(stored, spec.identity())
-            raise ValueError(
+            raise InputError(
                 f"{directory} holds a run made with different settings ({differs}); pass "
                 "force=True (CLI: --force) to rerun it, or choose another out"
             )
