@@ -284,7 +284,9 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory for checkpoints.")],
     model: Annotated[str, typer.Option(help="Registered model name.")] = "memmamba",
     preset: Annotated[str, typer.Option(help="Size preset.")] = "mini",
-    task: Annotated[str, typer.Option(help="text | passkey | kv | mix")] = "mix",
+    task: Annotated[
+        str, typer.Option(help="text | passkey | kv | mix | induction | selective_copy | mqar")
+    ] = "mix",
     length: Annotated[str, typer.Option(help="Tokens per training sequence.")] = "2k",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
@@ -298,6 +300,10 @@ def train(
     set_options: Annotated[
         list[str] | None,
         typer.Option("--set", help="Model config override, e.g. --set pool_policy=fifo."),
+    ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Memory-task option, e.g. --task-option n_pairs=16."),
     ] = None,
 ) -> None:
     """Train a model from scratch and write loadable checkpoints every --save-every steps."""
@@ -326,9 +332,13 @@ def train(
         device=device,
         text=text,
         overrides=_overrides(set_options or []),
+        task_options=_overrides(task_option or []),
     )
-    config.validate()
-    build_config(model, preset, **config.overrides)  # unknown or invalid fields fail here
+    try:
+        config.validate()
+    except ValueError as error:
+        _fail(str(error))
+    build_config(model, preset, **config.model_overrides())  # unknown or invalid fields fail here
     with Progress(
         TextColumn("training"),
         BarColumn(),

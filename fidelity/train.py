@@ -33,6 +33,7 @@ from fidelity.devices import resolve_device
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
 from fidelity.models.registry import build_model, model_names, preset_names
+from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task, task_vocab_size
 from fidelity.probes.tasks import TRAINING_TASKS, training_batch
 
 TRAINER_STATE = "trainer_state.pt"
@@ -45,7 +46,7 @@ class TrainConfig:
 
     model: str = "memmamba"  # registered model name
     preset: str = "mini"  # size preset (see fidelity.models.registry.PRESETS)
-    task: str = "mix"  # text | passkey | kv | mix
+    task: str = "mix"  # text | passkey | kv | mix | induction | selective_copy | mqar
     length: int = 2048  # tokens per training sequence
     batch_size: int = 8  # sequences per step
     steps: int = 1000  # optimizer steps
@@ -60,6 +61,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     text: str | None = None  # text files/directory for "text" rows (default: stdlib corpus)
     overrides: dict = dataclasses.field(default_factory=dict)  # model config overrides
+    task_options: dict = dataclasses.field(default_factory=dict)  # memory-task options
 
     def validate(self) -> None:
         if self.model not in model_names():
@@ -74,6 +76,26 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.task in MEMORY_TASKS:
+            try:  # bad options or a length the task cannot fill fail here, before training
+                make_memory_task(self.task, self.length, batch=1, **self.task_options)
+            except TypeError as error:
+                raise ValueError(str(error)) from None
+            vocab = self.model_overrides()["vocab_size"]
+            if vocab < task_vocab_size(self.task, self.task_options):
+                raise ValueError(
+                    f"vocab_size={vocab} is smaller than the {self.task} vocabulary "
+                    f"({task_vocab_size(self.task, self.task_options)})"
+                )
+        elif self.task_options:
+            raise ValueError(f"task {self.task!r} takes no task options")
+
+    def model_overrides(self) -> dict:
+        """``overrides``, plus the task's vocabulary for a memory task (unless overridden)."""
+        if self.task in MEMORY_TASKS:
+            vocab = task_vocab_size(self.task, self.task_options)
+            return {"vocab_size": vocab, **self.overrides}
+        return dict(self.overrides)
 
 
 @dataclass
@@ -186,7 +208,9 @@ def train(
         state = torch.load(existing[-1] / TRAINER_STATE, map_location=device, weights_only=False)
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
-        model = build_model(config.model, config.preset, seed=config.seed, **config.overrides)
+        model = build_model(
+            config.model, config.preset, seed=config.seed, **config.model_overrides()
+        )
         model = model.to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
         (out / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
@@ -212,6 +236,7 @@ def train(
             seed=_batch_seed(config.seed, step),
             split="train",
             paths=config.text,
+            task_options=config.task_options,
         )
         input_ids, mask = input_ids.to(device), mask.to(device)
         rate = learning_rate(config, step)
@@ -288,6 +313,7 @@ def _save(model, optimizer, config, out, step, tokens, elapsed, loss) -> Path:
             "loss": loss,
             "wall_time_s": round(elapsed, 1),
             "task": config.task,
+            "task_options": config.task_options,
             "length": config.length,
             "seed": config.seed,
         }
