@@ -261,21 +261,40 @@ def report(
 @app.command()
 def models() -> None:
     """List the registered models, their presets and shipped checkpoints."""
-    from fidelity.models.registry import DERIVED_DEFAULTS, MODELS, PRESETS, shipped_checkpoint
+    from fidelity.models.registry import (
+        DATA_DIR,
+        DERIVED_DEFAULTS,
+        MODELS,
+        PRESETS,
+        shipped_checkpoint,
+        shipped_task_checkpoints,
+        training_description,
+    )
 
     table = Table(title="models")
-    for column in ("name", "description", "shipped default"):
+    for column in ("name", "description", "shipped default", "trained on"):
         table.add_column(column)
     for name in sorted(MODELS):
         shipped = shipped_checkpoint(name)
+        trained_on = "-"
         if shipped is not None:
             default = f"fidelity/data/{shipped.name}"
+            trained_on = training_description(shipped)
         elif name in DERIVED_DEFAULTS and shipped_checkpoint(DERIVED_DEFAULTS[name]):
             default = f"from {DERIVED_DEFAULTS[name]}'s"
         else:
             default = "-"
-        table.add_row(name, MODELS[name].description, default)
+        table.add_row(name, MODELS[name].description, default, trained_on)
     out.print(table)
+    extra = shipped_task_checkpoints()
+    if extra:
+        tasks = Table(title="further shipped checkpoints (load by name)")
+        for column in ("name", "model", "trained on"):
+            tasks.add_column(column)
+        for name in extra:
+            config = json.loads((DATA_DIR / name / "config.json").read_text())
+            tasks.add_row(name, config["model_type"], training_description(DATA_DIR / name))
+        out.print(tasks)
     out.print(f"presets: {', '.join(PRESETS)}")
 
 

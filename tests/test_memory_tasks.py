@@ -49,6 +49,20 @@ def test_induction_answer_is_the_follower_of_the_first_trigger(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_induction_with_several_queries(seed):
+    task = induction(100, batch=8, seed=seed, n_queries=5)
+    for row in range(8):
+        ids = task.input_ids[row]
+        where = (ids == 15).nonzero().flatten().tolist()
+        assert len(where) == 6 and where[-1] == 98
+        answers = task.answer_positions[row].tolist()
+        assert answers == [p + 1 for p in where[1:]]
+        assert task.cue_positions[row].tolist() == [where[0] + 1] * 5
+        assert set(ids[answers].tolist()) == {int(ids[where[0] + 1])}
+    assert task.loss_mask.sum().item() == 8 * 5
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_selective_copy_answers_are_the_data_in_order(seed):
     task = selective_copy(100, batch=8, seed=seed, vocab_size=16, n_data=16)
     region = 100 - 16 - 1
@@ -101,6 +115,8 @@ def test_options_and_validation():
     assert make_memory_task("mqar", 256, n_pairs=16, vocab_size=128).answers.shape == (1, 16)
     with pytest.raises(TypeError, match="does not take"):
         make_memory_task("induction", 64, n_pairs=3)
+    with pytest.raises(ValueError, match="length"):
+        induction(20, n_queries=10)
     with pytest.raises(ValueError, match="length"):
         selective_copy(20, n_data=16)
     with pytest.raises(ValueError, match="vocab_size"):
@@ -160,3 +176,66 @@ def test_training_on_a_memory_task_builds_the_task_vocabulary(tmp_path):
         TrainConfig(task="induction", length=64, task_options={"n_pairs": 2}).validate()
     with pytest.raises(ValueError, match="no task options"):
         TrainConfig(task="text", task_options={"n_pairs": 2}).validate()
+
+
+def test_shipped_task_checkpoint_loads_by_name_and_is_described(tmp_path, monkeypatch, capsys):
+    from fidelity.cli import main
+    from fidelity.models import registry
+    from fidelity.models.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    model = build_model("mamba", "tiny", vocab_size=16)
+    training = {"task": "induction", "task_options": {"n_queries": 16}, "length": 256}
+    save_checkpoint(model, data / "mamba-induction", meta={"training": {**training, "steps": 7}})
+    monkeypatch.setattr(registry, "DATA_DIR", data)
+    assert registry.shipped_task_checkpoints() == ["mamba-induction"]
+    loaded = registry.load_model("mamba-induction")
+    assert loaded.config.vocab_size == 16 and loaded.provenance["name"] == "mamba-induction"
+    with pytest.raises(ValueError, match="shipped checkpoint"):
+        registry.load_model("mamba-induction", preset="tiny")
+    assert main(["models"]) == 0
+    printed = capsys.readouterr().out
+    assert "mamba-induction" in printed and "n_queries=16" in printed and "7 steps" in printed
+
+
+def test_cli_trains_and_analyzes_a_memory_task(tmp_path, capsys):
+    from fidelity.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--model", "mamba2", "--preset", "tiny"]
+    argv += ["--task", "induction", "--task-option", "n_queries=4", "--length", "64"]
+    assert main([*argv, "--steps", "1", "--batch-size", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "bad"),
+                "--task",
+                "mqar",
+                "--task-option",
+                "n_queries=4",
+                "--length",
+                "64",
+            ]
+        )
+        == 2
+    )
+    assert "does not take" in capsys.readouterr().err
+    status = main(
+        [
+            "analyze",
+            "--model",
+            str(out / "ckpt-1"),
+            "--length",
+            "128",
+            "--probe",
+            "induction",
+            "--anchors",
+            "16",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert status == 0
