@@ -15,11 +15,17 @@ per length shrinks with the length to bound the tokens per length (``--tokens-pe
     python benchmarks/induction.py                        # the shipped models, writes
                                                           # benchmarks/results/induction.md
     python benchmarks/induction.py --model mamba=runs/ind/mamba/ckpt-1000 --max-length 4k
+
+Each model's results are also kept in ``--cache`` (``runs/induction-eval/LABEL.json``), so
+models can be evaluated in parallel processes and one last run writes the table from the
+cache (a cached model is reused when its checkpoint and the settings match).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import time
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--min-rows", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=16384)
     parser.add_argument("--out", type=Path, default=RESULTS / "induction.md")
+    parser.add_argument("--cache", type=Path, default=Path("runs/induction-eval"))
     args = parser.parse_args()
     models = dict(SHIPPED)
     if args.model:
@@ -88,7 +95,20 @@ def main() -> None:
     results: dict[str, dict[int, TaskAccuracy]] = {}
     seconds: dict[str, float] = {}
     described: dict[str, str] = {}
+    settings = {
+        key: str(getattr(args, key))
+        for key in ("max_length", "transformer_max", "tokens_per_length", "max_rows", "min_rows")
+    }
+    args.cache.mkdir(parents=True, exist_ok=True)
     for label, source in models.items():
+        cached = args.cache / f"{label}.json"
+        if cached.is_file():
+            saved = json.loads(cached.read_text())
+            if saved["source"] == source and saved["settings"] == settings:
+                results[label] = {r["length"]: TaskAccuracy(**r) for r in saved["results"]}
+                seconds[label], described[label] = saved["seconds"], saved["described"]
+                print(f"{label}: reused {cached}")
+                continue
         model = fidelity.load_model(source)
         is_attention = model.config.model_type == "transformer"
         training = model.provenance.get("training", {})
@@ -114,6 +134,14 @@ def main() -> None:
             results[label][length] = result
             print(f"{label:12s} {format_length(length):>6s} {cell(result)}", flush=True)
         seconds[label] = time.perf_counter() - started
+        record = {
+            "source": source,
+            "settings": settings,
+            "seconds": seconds[label],
+            "described": described[label],
+            "results": [dataclasses.asdict(r) for r in results[label].values()],
+        }
+        cached.write_text(json.dumps(record))
     write_report(args, lengths, results, seconds, described, transformer_max)
 
 
