@@ -78,9 +78,11 @@ class MemoryTask:
 
 def _count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{name} must be an int >= {min(minimum, 1)}, got {value!r}")
+    if value < min(minimum, 1):
+        raise ValueError(f"{name} must be an int >= {min(minimum, 1)}, got {value}")
     if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum} here (the task's minimum), got {value}")
     return int(value)
 
 
