@@ -18,7 +18,7 @@ per length shrinks with the length to bound the tokens per length (``--tokens-pe
 
 Each model's results are also kept in ``--cache`` (``runs/induction-eval/LABEL.json``), so
 models can be evaluated in parallel processes and one last run writes the table from the
-cache (a cached model is reused when its checkpoint and the settings match).
+cache (a model's cached lengths are reused when its checkpoint and the settings match).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], help="label=checkpoint")
     parser.add_argument("--min-length", default="64")
-    parser.add_argument("--max-length", default="1M")
-    parser.add_argument("--transformer-max", default="16k")
+    parser.add_argument("--max-length", default=str(2**20))
+    parser.add_argument("--transformer-max", default=str(2**13))
     parser.add_argument("--tokens-per-length", default="4M")
     parser.add_argument("--max-rows", type=int, default=200)
     parser.add_argument("--min-rows", type=int, default=4)
@@ -96,19 +96,20 @@ def main() -> None:
     seconds: dict[str, float] = {}
     described: dict[str, str] = {}
     settings = {
-        key: str(getattr(args, key))
-        for key in ("max_length", "transformer_max", "tokens_per_length", "max_rows", "min_rows")
+        key: str(getattr(args, key)) for key in ("tokens_per_length", "max_rows", "min_rows")
     }
     args.cache.mkdir(parents=True, exist_ok=True)
     for label, source in models.items():
         cached = args.cache / f"{label}.json"
+        results[label], seconds[label] = {}, 0.0
         if cached.is_file():
             saved = json.loads(cached.read_text())
-            if saved["source"] == source and saved["settings"] == settings:
+            if saved["source"] == source and all(
+                saved["settings"].get(key) == value for key, value in settings.items()
+            ):
                 results[label] = {r["length"]: TaskAccuracy(**r) for r in saved["results"]}
                 seconds[label], described[label] = saved["seconds"], saved["described"]
-                print(f"{label}: reused {cached}")
-                continue
+                print(f"{label}: reusing {len(results[label])} lengths from {cached}")
         model = fidelity.load_model(source)
         is_attention = model.config.model_type == "transformer"
         training = model.provenance.get("training", {})
@@ -116,11 +117,12 @@ def main() -> None:
             f"`{source}` ({model.config.model_type}, {model.num_parameters():,} parameters, "
             f"step {training.get('step', '?')}, trained at length {training.get('length', '?')})"
         )
-        results[label] = {}
         started = time.perf_counter()
         for length in lengths:
             if is_attention and length > transformer_max:
                 break
+            if length in results[label]:
+                continue
             rows = rows_for(length, budget, args.max_rows, args.min_rows)
             result = task_accuracy(
                 model,
@@ -133,7 +135,7 @@ def main() -> None:
             )
             results[label][length] = result
             print(f"{label:12s} {format_length(length):>6s} {cell(result)}", flush=True)
-        seconds[label] = time.perf_counter() - started
+        seconds[label] += time.perf_counter() - started
         record = {
             "source": source,
             "settings": settings,
@@ -167,15 +169,32 @@ def write_report(args, lengths, results, seconds, described, transformer_max) ->
     for label, by_length in results.items():
         cells = [cell(by_length.get(length)) for length in lengths]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Chance is 1/15 = {100 / 15:.1f}% (the answer is one of 15 data tokens). Longest test "
+        "length at which each model keeps at least 90% accuracy, and its accuracy at the "
+        "longest length tested:",
+        "",
+    ]
+    for label, by_length in results.items():
+        held = [n for n, r in by_length.items() if r.accuracy >= 0.9]
+        longest = max(by_length)
+        lines.append(
+            f"- {label}: >= 90% up to {format_length(max(held)) if held else 'no length'}; "
+            f"{cell(by_length[longest])} at {format_length(longest)}"
+        )
     lines += ["", "Models:", ""]
     for label, text in described.items():
         lines.append(f"- {label}: {text}, evaluated in {seconds[label]:.0f} s")
     lines += [
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, load average "
-        f"{load} at the end (shared machine). Command: `python benchmarks/induction.py "
-        f"--max-length {args.max_length} --transformer-max {args.transformer_max} "
-        f"--tokens-per-length {args.tokens_per_length}`.",
+        f"{load} at the end (shared machine; the models were evaluated in parallel "
+        "processes, so the times are pessimistic). Command: `python benchmarks/induction.py "
+        + " ".join(f"--model {spec}" for spec in args.model)
+        + f" --max-length {args.max_length} --transformer-max {args.transformer_max} "
+        f"--tokens-per-length {args.tokens_per_length} --min-rows {args.min_rows} "
+        f"--max-rows {args.max_rows}`.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.out.with_suffix(".tmp")
