@@ -60,6 +60,12 @@ def rows_for(length: int, tokens_per_length: int, max_rows: int, min_rows: int) 
     return max(min_rows, min(max_rows, tokens_per_length // length))
 
 
+def power(length: int) -> str:
+    """``2^k`` for a power of two, else the length."""
+    exponent = length.bit_length() - 1
+    return f"2^{exponent}" if length == 2**exponent else str(length)
+
+
 def cell(result: TaskAccuracy | None) -> str:
     if result is None:
         return "-"
@@ -75,9 +81,9 @@ def main() -> None:
     parser.add_argument("--min-length", default="64")
     parser.add_argument("--max-length", default=str(2**20))
     parser.add_argument("--transformer-max", default=str(2**13))
-    parser.add_argument("--tokens-per-length", default="4M")
-    parser.add_argument("--max-rows", type=int, default=200)
-    parser.add_argument("--min-rows", type=int, default=4)
+    parser.add_argument("--tokens-per-length", default="128k")
+    parser.add_argument("--max-rows", type=int, default=100)
+    parser.add_argument("--min-rows", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=16384)
     parser.add_argument("--out", type=Path, default=RESULTS / "induction.md")
     parser.add_argument("--cache", type=Path, default=Path("runs/induction-eval"))
@@ -149,7 +155,7 @@ def main() -> None:
 
 def write_report(args, lengths, results, seconds, described, transformer_max) -> None:
     load = " ".join(f"{value:.1f}" for value in os.getloadavg())
-    header = "| model | " + " | ".join(f"2^{length.bit_length() - 1}" for length in lengths)
+    header = "| model | " + " | ".join(power(length) for length in lengths)
     lines = [
         "# Induction heads: length extrapolation (the Mamba paper's Table 2, reproduced small)",
         "",
@@ -161,7 +167,10 @@ def write_report(args, lengths, results, seconds, described, transformer_max) ->
         "the paper's form of the task (vocabulary 16, one earlier trigger). Trained at length "
         "256 = 2^8. '-': not tested (the Transformer stops at "
         f"{format_length(transformer_max)} tokens: its attention over the KV cache costs "
-        "O(length^2) time, hours per row at 1M on this CPU).",
+        "O(length^2) time, hours per row at 1M on this CPU). Rows per length: "
+        f"{args.tokens_per_length} tokens' worth, between {args.min_rows} and {args.max_rows}; "
+        f"with {args.min_rows} rows a cell's interval is wide (0 of 2 is [0, 66]): such a cell "
+        "says only whether the model is reliably right, not how often.",
         "",
         header + " |",
         "|---|" + "---|" * len(lengths),
@@ -180,8 +189,8 @@ def write_report(args, lengths, results, seconds, described, transformer_max) ->
         held = [n for n, r in by_length.items() if r.accuracy >= 0.9]
         longest = max(by_length)
         lines.append(
-            f"- {label}: >= 90% up to {format_length(max(held)) if held else 'no length'}; "
-            f"{cell(by_length[longest])} at {format_length(longest)}"
+            f"- {label}: >= 90% up to {power(max(held)) if held else 'no length'}; "
+            f"{cell(by_length[longest])} at {power(longest)}"
         )
     lines += ["", "Models:", ""]
     for label, text in described.items():
