@@ -76,7 +76,10 @@ def _split(values: str | None, cast=str) -> list | None:
 def analyze(
     model: Annotated[str, typer.Option(help="Registered model name or checkpoint directory.")],
     length: Annotated[str, typer.Option(help="Tokens per sequence, e.g. 8k, 60k, 400000.")],
-    probe: Annotated[str, typer.Option(help="text | passkey | kv | random")] = "text",
+    probe: Annotated[
+        str,
+        typer.Option(help="text | passkey | kv | random | induction | selective_copy | mqar"),
+    ] = "text",
     text: Annotated[
         Path | None, typer.Option(help="Text file or directory for the text probe.")
     ] = None,
