@@ -259,7 +259,8 @@ def analyze(
 
     ``model``: one of our models, a Hugging Face causal LM, a registered name or a checkpoint
     directory. ``length``: tokens per sequence (``"60k"``). ``probe``: text | passkey | kv |
-    random (``text`` reads ``text`` files, else the default standard-library corpus).
+    random | induction | selective_copy | mqar (``text`` reads ``text`` files, else the
+    default standard-library corpus; the memory tasks use their default options).
     ``metrics``: any of etmf, eclmf, ssm_decay (from the capture), influence, retrieval
     (passkey and key-value accuracy at doubling context lengths up to ``length``), perplexity.
     ``anchors`` positions are sampled (seeded) and scored at log-spaced ``distances``;

@@ -93,7 +93,10 @@ def _split(values: str | None, cast=str) -> list | None:
 def analyze(
     model: Annotated[str, typer.Option(help="Registered model name or checkpoint directory.")],
     length: Annotated[str, typer.Option(help="Tokens per sequence, e.g. 8k, 60k, 400000.")],
-    probe: Annotated[str, typer.Option(help="text | passkey | kv | random")] = "text",
+    probe: Annotated[
+        str,
+        typer.Option(help="text | passkey | kv | random | induction | selective_copy | mqar"),
+    ] = "text",
     text: Annotated[
         Path | None, typer.Option(help="Text file or directory for the text probe.")
     ] = None,
@@ -377,21 +380,40 @@ def report(
 @app.command()
 def models() -> None:
     """List the registered models, their presets and shipped checkpoints."""
-    from fidelity.models.registry import DERIVED_DEFAULTS, MODELS, PRESETS, shipped_checkpoint
+    from fidelity.models.registry import (
+        DATA_DIR,
+        DERIVED_DEFAULTS,
+        MODELS,
+        PRESETS,
+        shipped_checkpoint,
+        shipped_task_checkpoints,
+        training_description,
+    )
 
     table = Table(title="models")
-    for column in ("name", "description", "shipped default"):
+    for column in ("name", "description", "shipped default", "trained on"):
         table.add_column(column)
     for name in sorted(MODELS):
         shipped = shipped_checkpoint(name)
+        trained_on = "-"
         if shipped is not None:
             default = f"fidelity/data/{shipped.name}"
+            trained_on = training_description(shipped)
         elif name in DERIVED_DEFAULTS and shipped_checkpoint(DERIVED_DEFAULTS[name]):
             default = f"from {DERIVED_DEFAULTS[name]}'s"
         else:
             default = "-"
-        table.add_row(name, MODELS[name].description, default)
+        table.add_row(name, MODELS[name].description, default, trained_on)
     out.print(table)
+    extra = shipped_task_checkpoints()
+    if extra:
+        tasks = Table(title="further shipped checkpoints (load by name)")
+        for column in ("name", "model", "trained on"):
+            tasks.add_column(column)
+        for name in extra:
+            config = json.loads((DATA_DIR / name / "config.json").read_text())
+            tasks.add_row(name, config["model_type"], training_description(DATA_DIR / name))
+        out.print(tasks)
     out.print(f"presets: {', '.join(PRESETS)}")
 
 
@@ -400,7 +422,9 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory for checkpoints.")],
     model: Annotated[str, typer.Option(help="Registered model name.")] = "memmamba",
     preset: Annotated[str, typer.Option(help="Size preset.")] = "mini",
-    task: Annotated[str, typer.Option(help="text | passkey | kv | mix")] = "mix",
+    task: Annotated[
+        str, typer.Option(help="text | passkey | kv | mix | induction | selective_copy | mqar")
+    ] = "mix",
     length: Annotated[str, typer.Option(help="Tokens per training sequence.")] = "2k",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
@@ -414,6 +438,10 @@ def train(
     set_options: Annotated[
         list[str] | None,
         typer.Option("--set", help="Model config override, e.g. --set pool_policy=fifo."),
+    ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Memory-task option, e.g. --task-option n_pairs=16."),
     ] = None,
 ) -> None:
     """Train a model from scratch and write loadable checkpoints every --save-every steps."""
@@ -443,9 +471,10 @@ def train(
         device=device,
         text=text,
         overrides=_overrides(set_options or []),
+        task_options=_overrides(task_option or []),
     )
     config.validate()
-    build_config(model, preset, **config.overrides)  # unknown or invalid fields fail here
+    build_config(model, preset, **config.model_overrides())  # unknown or invalid fields fail here
     resolve_device(device)
     check_run_directory(out_dir, resume=resume, force=force)
     if resume and not (out_dir.is_dir() and checkpoint_dirs(out_dir)):

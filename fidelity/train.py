@@ -46,6 +46,7 @@ from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
 from fidelity.models.registry import build_model, model_names, preset_names
+from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task, task_vocab_size
 from fidelity.probes.tasks import TRAINING_TASKS, training_batch
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -63,7 +64,7 @@ class TrainConfig:
 
     model: str = "memmamba"  # registered model name
     preset: str = "mini"  # size preset (see fidelity.models.registry.PRESETS)
-    task: str = "mix"  # text | passkey | kv | mix
+    task: str = "mix"  # text | passkey | kv | mix | induction | selective_copy | mqar
     length: int = 2048  # tokens per training sequence
     batch_size: int = 8  # sequences per step
     steps: int = 1000  # optimizer steps
@@ -78,6 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     text: str | None = None  # text files/directory for "text" rows (default: stdlib corpus)
     overrides: dict = dataclasses.field(default_factory=dict)  # model config overrides
+    task_options: dict = dataclasses.field(default_factory=dict)  # memory-task options
 
     def validate(self) -> None:
         if self.model not in model_names():
@@ -92,6 +94,26 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise InputError(f"lr must be positive, got {self.lr}")
+        if self.task in MEMORY_TASKS:
+            try:  # bad options or a length the task cannot fill fail here, before training
+                make_memory_task(self.task, self.length, batch=1, **self.task_options)
+            except TypeError as error:
+                raise InputError(str(error)) from None
+            vocab = self.model_overrides()["vocab_size"]
+            if vocab < task_vocab_size(self.task, self.task_options):
+                raise InputError(
+                    f"vocab_size={vocab} is smaller than the {self.task} vocabulary "
+                    f"({task_vocab_size(self.task, self.task_options)})"
+                )
+        elif self.task_options:
+            raise InputError(f"task {self.task!r} takes no task options")
+
+    def model_overrides(self) -> dict:
+        """``overrides``, plus the task's vocabulary for a memory task (unless overridden)."""
+        if self.task in MEMORY_TASKS:
+            vocab = task_vocab_size(self.task, self.task_options)
+            return {"vocab_size": vocab, **self.overrides}
+        return dict(self.overrides)
 
 
 @dataclass
@@ -193,7 +215,9 @@ def train(
         state = load_trainer_state(existing[-1])
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
-        model = build_model(config.model, config.preset, seed=config.seed, **config.overrides)
+        model = build_model(
+            config.model, config.preset, seed=config.seed, **config.model_overrides()
+        )
         model = model.to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
         record_files(out, RUN_KIND, ["train_config.json", "train_log.csv"])
@@ -225,6 +249,7 @@ def train(
             seed=_batch_seed(config.seed, step),
             split="train",
             paths=config.text,
+            task_options=config.task_options,
         )
         input_ids, mask = input_ids.to(device), mask.to(device)
         rate = learning_rate(config, step)
@@ -301,6 +326,7 @@ def _save(model, optimizer, config, out, step, tokens, elapsed, loss) -> Path:
             "loss": loss,
             "wall_time_s": round(elapsed, 1),
             "task": config.task,
+            "task_options": config.task_options,
             "length": config.length,
             "seed": config.seed,
         }

@@ -35,6 +35,8 @@ def train_command(config: dict, out: str) -> str:
         f"--lr {config['lr']}",
         f"--save-every {config['save_every']}",
         f"--seed {config['seed']}",
+        *(f"--set {key}={value}" for key, value in config.get("overrides", {}).items()),
+        *(f"--task-option {key}={value}" for key, value in config.get("task_options", {}).items()),
         f"--out {out}",
     ]
     return " ".join(parts)
@@ -44,15 +46,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("name")
+    parser.add_argument("--step", type=int, help="ship ckpt-STEP instead of the last one")
     args = parser.parse_args()
     checkpoints = checkpoint_dirs(args.run)
     if not checkpoints:
         raise SystemExit(f"no complete checkpoint in {args.run}")
-    final = checkpoints[-1]
+    final = checkpoints[-1] if args.step is None else args.run / f"ckpt-{args.step}"
+    if final not in checkpoints:
+        raise SystemExit(f"{final} is not a complete checkpoint of {args.run}")
     model = load_checkpoint(final)
     config = json.loads((args.run / "train_config.json").read_text())
+    step = model.provenance.get("training", {}).get("step", int(final.name.split("-")[1]))
     with (args.run / "train_log.csv").open() as handle:
-        log = list(csv.DictReader(handle))
+        log = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
     last = log[-1]
     meta = {
         "shipped_default": True,

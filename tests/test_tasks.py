@@ -18,6 +18,7 @@ from fidelity.probes.corpus import (
     clear_corpus_cache,
     load_corpus,
 )
+from fidelity.probes.memory_tasks import MEMORY_TASKS
 from fidelity.probes.tasks import (
     KV_QUESTION,
     PASSKEY_INTRO,
@@ -341,8 +342,9 @@ def answer_mask_ok(ids: torch.Tensor, mask: torch.Tensor) -> bool:
     return marked == expected and re.fullmatch(r" \d{5}", targets) is not None
 
 
-@pytest.mark.parametrize("task", TRAINING_TASKS)
+@pytest.mark.parametrize("task", [t for t in TRAINING_TASKS if t not in MEMORY_TASKS])
 def test_training_batch(task: str) -> None:
+    """Text and retrieval rows (memory tasks: tests/test_memory_tasks.py)."""
     input_ids, loss_mask = training_batch(task, 1024, 16, seed=5)
     assert input_ids.shape == loss_mask.shape == (16, 1024)
     assert input_ids.dtype == torch.long and loss_mask.dtype == torch.bool

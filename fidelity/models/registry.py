@@ -220,6 +220,32 @@ def shipped_checkpoint(name: str) -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
+def shipped_task_checkpoints() -> list[str]:
+    """Names of the further checkpoints shipped in ``fidelity/data/`` (folders that are not a
+    registered model's default, e.g. ``mamba-induction``), sorted; load them by name."""
+    return sorted(
+        path.name
+        for path in DATA_DIR.iterdir()
+        if path.name not in MODELS and (path / "config.json").is_file()
+    )
+
+
+def training_description(directory: Path) -> str:
+    """What the checkpoint in ``directory`` was trained on, from its recorded meta."""
+    meta = json.loads((directory / "config.json").read_text()).get("meta", {})
+    training = meta.get("training", {})
+    if not training:
+        return "-"
+    options = training.get("task_options") or {}
+    task = training.get("task", "?")
+    if options:
+        task += " (" + ", ".join(f"{key}={value}" for key, value in options.items()) + ")"
+    return (
+        f"{task}, length {training.get('length', '?')}, {training.get('steps', '?')} steps, "
+        f"seed {training.get('seed', '?')}"
+    )
+
+
 def load_model(
     name_or_path: str | Path,
     preset: str | None = None,
@@ -235,7 +261,9 @@ def load_model(
       :func:`fidelity.models.checkpoint.load_checkpoint`);
     - a name with ``preset`` or ``random_init=True``: an untrained model of that size
       (``preset`` defaults to the shipped default's size when there is one, else ``small``);
-    - a bare name: its shipped default checkpoint (trained; see fidelity/data/TRAINING.md).
+    - a bare name: its shipped default checkpoint (trained; see fidelity/data/TRAINING.md),
+      or a further shipped checkpoint (:func:`shipped_task_checkpoints`, e.g.
+      ``mamba-induction``).
 
     ``overrides`` change config fields of untrained models (e.g. ``pool_size=10``). The model
     is returned in eval mode, with ``model.provenance`` saying what it is.
@@ -251,6 +279,11 @@ def load_model(
     text = str(name_or_path)
     if text in MODELS:  # a registered name wins over a same-named folder (use ./name for it)
         model = _load_named(text, preset, random_init, overrides)
+    elif text in shipped_task_checkpoints() and not path.exists():
+        if preset is not None or random_init or overrides:
+            raise InputError(f"{text} is a shipped checkpoint; preset and overrides do not apply")
+        model = load_checkpoint(DATA_DIR / text)
+        model.provenance = {**model.provenance, "name": text, "shipped_default": True}
     elif path.is_dir():
         if preset is not None or random_init or overrides:
             raise InputError(

@@ -26,10 +26,11 @@ import torch
 
 from fidelity.errors import InputError
 from fidelity.probes.corpus import load_corpus, tokenize_corpus
+from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task
 from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
 
-TASKS = ("text", "passkey", "kv", "random")
-TRAINING_TASKS = ("text", "passkey", "kv", "mix")
+TASKS = ("text", "passkey", "kv", "random", *MEMORY_TASKS)
+TRAINING_TASKS = ("text", "passkey", "kv", "mix", *MEMORY_TASKS)
 MIX_PROPORTIONS = {"text": 0.5, "passkey": 0.25, "kv": 0.25}
 
 PASSKEY_INTRO = (
@@ -68,6 +69,9 @@ class ProbeInput:
       and with ``with_answer=True`` ``answer_spans``, the answer's span at the end of the row.
     - text: ``sources`` the names of the documents the window touches and ``offsets`` the
       window's start within the first of them, in tokens.
+    - induction / selective_copy / mqar (:mod:`fidelity.probes.memory_tasks`, always
+      teacher-forced): ``answer_positions`` the positions holding the answers,
+      ``cue_positions`` where each answer was shown first, ``answer_ids`` the answers.
     """
 
     input_ids: torch.Tensor
@@ -82,6 +86,8 @@ class ProbeInput:
     depths: tuple[float, ...] = ()
     sources: tuple[tuple[str, ...], ...] = ()
     offsets: tuple[int, ...] = ()
+    answer_positions: tuple[tuple[int, ...], ...] = ()
+    cue_positions: tuple[tuple[int, ...], ...] = ()
 
     @property
     def batch(self) -> int:
@@ -442,6 +448,32 @@ def random_probe(
     return ProbeInput(input_ids=input_ids, task="random", seed=seed, tokenizer_name=tokenizer.name)
 
 
+def memory_probe(
+    task: str,
+    length: int,
+    *,
+    batch: int = 1,
+    seed: int = 0,
+    tokenizer: Tokenizer | str | Path | None = None,
+    **options: object,
+) -> ProbeInput:
+    """A memory task (induction, selective_copy, mqar) as a :class:`ProbeInput`; these tasks
+    have their own small vocabulary, so ``tokenizer`` must be None."""
+    if tokenizer is not None:
+        raise ValueError(f"task {task!r} uses its own vocabulary; it takes no tokenizer")
+    built = make_memory_task(task, length, batch=batch, seed=seed, **options)
+    return ProbeInput(
+        input_ids=built.input_ids,
+        task=task,
+        seed=seed,
+        tokenizer_name=f"{task} vocabulary ({built.vocab_size} tokens)",
+        with_answer=True,
+        answer_ids=tuple(tuple(row) for row in built.answers.tolist()),
+        answer_positions=tuple(tuple(row) for row in built.answer_positions.tolist()),
+        cue_positions=tuple(tuple(row) for row in built.cue_positions.tolist()),
+    )
+
+
 _PROBES = {"text": text_probe, "passkey": passkey_probe, "kv": kv_probe, "random": random_probe}
 _COMMON_ARGUMENTS = ("length", "batch", "seed", "tokenizer")
 
@@ -459,10 +491,14 @@ def make_probe(
 
     ``task_options`` go to the task's function: text: ``paths``, ``split``, ``text_field``;
     passkey: ``depth``, ``with_answer``; kv: ``n_pairs``, ``depth``, ``with_answer``; random:
-    ``vocab_size``.
-    Raises ``ValueError`` for an unknown task and ``TypeError`` for an option the task does
-    not take.
+    ``vocab_size``; induction: ``vocab_size``; selective_copy: ``vocab_size``, ``n_data``;
+    mqar: ``vocab_size``, ``n_pairs``. Raises ``InputError`` for an unknown task and
+    ``TypeError`` for an option the task does not take.
     """
+    if task in MEMORY_TASKS:
+        return memory_probe(
+            task, length, batch=batch, seed=seed, tokenizer=tokenizer, **task_options
+        )
     if task not in _PROBES:
         raise InputError(f"unknown probe task {task!r}; expected one of {', '.join(TASKS)}")
     probe = _PROBES[task]
@@ -518,6 +554,7 @@ def training_batch(
     *,
     paths: str | Path | Sequence[str | Path] | None = None,
     text_field: str = "text",
+    task_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch: ``input_ids`` `(batch, length)` long, ``loss_mask`` `(batch, length)` bool.
 
@@ -538,6 +575,11 @@ def training_batch(
     - "mix": each row independently "text" (50%), "passkey" (25%) or "kv" (25%)
       (:data:`MIX_PROPORTIONS`), chosen from ``seed``.
 
+    - "induction" / "selective_copy" / "mqar" (:mod:`fidelity.probes.memory_tasks`, with
+      ``task_options``): only the positions predicting answers are marked. Every other
+      token of these tasks is uniform noise or a fixed filler (nothing to learn, as above),
+      and the answers are what the task measures; MQAR still has ``n_pairs`` answers a row.
+
     Needle depths, keys and text windows vary per row, all from ``seed``.
     """
     if task not in TRAINING_TASKS:
@@ -545,6 +587,11 @@ def training_batch(
             f"unknown training task {task!r}; expected one of {', '.join(TRAINING_TASKS)}"
         )
     length, batch, seed = _check_common(length, batch, seed)
+    if task in MEMORY_TASKS:
+        built = make_memory_task(task, length, batch=batch, seed=seed, **(task_options or {}))
+        return built.input_ids, built.loss_mask
+    if task_options:
+        raise TypeError(f"task {task!r} takes no task options, got {sorted(task_options)}")
     tokenizer = as_tokenizer(tokenizer)
     if task != "mix":
         return _task_rows(task, length, batch, seed, tokenizer, split, paths, text_field)
