@@ -234,8 +234,8 @@ class PoolView:
     block's candidates each query sees), ``positions`` and ``layers`` `(batch, n_blocks,
     n_candidates)` (where each note came from: token position and block index; position -1
     for an empty slot), ``query_positions`` `(n_blocks, n_queries)` (-1 for padding queries
-    past the chunk's end, which see no candidate). Positions and layers are not used by the arithmetic; they let
-    observers (forward hooks) name what was attended."""
+    past the chunk's end, which see no candidate). Positions and layers are not used by the
+    arithmetic; they let observers (forward hooks) name what was attended."""
 
     values: torch.Tensor
     member: torch.Tensor
