@@ -1,50 +1,231 @@
-"""Forward time of MemMamba against Mamba of the same width and depth (issue: <= 1.5x at 8k).
+"""MemMamba against Mamba of the same width and depth: forward and training time, one run.
 
-    python benchmarks/bench_models.py --preset small --length 8k [--repeats 3]
+    python benchmarks/bench_models.py [--presets mini,small] [--lengths 8k,60k] [--repeats 3]
+        [--out benchmarks/results/models_cpu.md]
 
-Both models are timed in the same process, alternately, best of ``--repeats``; the ratio is
-MemMamba / Mamba. Prints a markdown table.
+For every preset and length, in one process, alternating the two models (so that background
+load hits both alike), best of ``--repeats``:
+
+- ``forward, one pass``: ``model(ids)`` over the whole sequence, no gradients;
+- ``forward, chunked``: the same tokens in chunks of ``--chunk`` through the recurrent cache
+  (how ``fidelity analyze`` runs long inputs);
+- ``training``: forward + backward of the language-model loss (plus MemMamba's write-rate
+  term) over the whole sequence, batch 1.
+
+The ratio is MemMamba / Mamba. Then a breakdown of MemMamba's one-pass forward into its
+components (mixer, note block, pool, attention, fusion, the rest), timed with wall clocks
+around each part (best run). Untrained models (random init, seed 0); the shipped checkpoints
+have the same shapes, and the pool's cost depends on how many positions write notes, which
+the untrained scorer's bias sets to about the trained rate (2% against 5%). The machine's load
+average is printed with every row: on a shared machine, compare ratios, not seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
-from fidelity.bench import time_forward
 from fidelity.lengths import parse_length
+from fidelity.models import memmamba as memmamba_module
+from fidelity.models.base import CausalLM
 from fidelity.models.registry import build_model
+
+COMPONENTS = ("mixer", "note block", "pool", "attention", "fusion")
+
+
+def load() -> str:
+    """The 1-minute load average, formatted."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def forward_one_pass(model: CausalLM, ids: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    return run
+
+
+def forward_chunked(model: CausalLM, ids: torch.Tensor, chunk: int) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            cache = model.init_cache(ids.shape[0])
+            for start in range(0, ids.shape[1], chunk):
+                model(ids[:, start : start + chunk], cache=cache)
+
+    return run
+
+
+def training_step(model: CausalLM, ids: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        output = model(ids)
+        logits = output.logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+        if output.aux_loss is not None:
+            loss = loss + output.aux_loss
+        loss.backward()
+
+    return run
+
+
+def timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Best wall time of each run, after one warm-up each, alternating between them."""
+    for run in runs.values():
+        run()
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run))
+    return best
+
+
+@contextlib.contextmanager
+def component_clock(model: CausalLM) -> Iterator[dict[str, float]]:
+    """Accumulate wall time per MemMamba component while the context is open."""
+    totals: dict[str, float] = defaultdict(float)
+    originals = []
+
+    def wrap(owner: object, attribute: str, component: str) -> None:
+        original = getattr(owner, attribute)
+
+        def clocked(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[component] += time.perf_counter() - start
+
+        originals.append((owner, attribute, original, attribute in vars(owner)))
+        setattr(owner, attribute, clocked)
+
+    wrap(memmamba_module, "pool_blocks", "pool")
+    for layer in model.layers:
+        wrap(layer.mixer, "forward", "mixer")
+        wrap(layer.note_block, "forward", "note block")
+        wrap(layer, "_attend", "attention")
+        wrap(layer.fusion, "forward", "fusion")
+        if layer.trigger is not None:
+            wrap(layer.trigger, "forward", "attention")
+    try:
+        yield totals
+    finally:
+        for owner, attribute, original, own in reversed(originals):
+            if own:
+                setattr(owner, attribute, original)
+            else:
+                delattr(owner, attribute)
+
+
+def breakdown(model: CausalLM, ids: torch.Tensor, repeats: int) -> tuple[float, dict[str, float]]:
+    """MemMamba's one-pass forward: (total seconds, seconds per component) of the best run."""
+    run = forward_one_pass(model, ids)
+    run()
+    best_total, best_parts = float("inf"), {}
+    for _ in range(repeats):
+        with component_clock(model) as parts:
+            total = timed(run)
+        if total < best_total:
+            best_total, best_parts = total, dict(parts)
+    return best_total, best_parts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--length", default="8k")
+    parser.add_argument("--presets", default="mini,small")
+    parser.add_argument("--lengths", default="8k,60k")
+    parser.add_argument("--chunk", default="8k", help="chunk length of the cached forward")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default="mamba,memmamba")
+    parser.add_argument("--modes", default="one pass,chunked,training", help="which timings to run")
+    parser.add_argument("--note-block", default="on", choices=("on", "off"))
+    parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = parser.parse_args()
-    length = parse_length(args.length)
-    names = args.models.split(",")
-    models = {name: build_model(name, args.preset).eval() for name in names}
-    times = {name: float("inf") for name in names}
-    for _ in range(args.repeats):  # alternate so that background load hits both alike
-        for name, model in models.items():
-            times[name] = min(times[name], time_forward(model, length, repeats=1))
-    base = times[names[0]]
-    print(
-        f"preset {args.preset}, length {length}, batch 1, float32, {torch.get_num_threads()} "
-        f"threads, {platform.processor() or platform.machine()}"
-    )
-    print("| model | parameters | forward (s) | tokens/s | ratio |")
-    print("|---|---|---|---|---|")
-    for name in names:
-        params = models[name].num_parameters()
-        print(
-            f"| {name} | {params / 1e6:.2f}M | {times[name]:.3f} | {length / times[name]:,.0f} "
-            f"| {times[name] / base:.2f}x |"
-        )
+    presets = args.presets.split(",")
+    lengths = [parse_length(text) for text in args.lengths.split(",")]
+    chunk = parse_length(args.chunk)
+    modes = [mode.strip() for mode in args.modes.split(",")]
+    unknown = set(modes) - {"one pass", "chunked", "training"}
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}")
+    overrides = {} if args.note_block == "on" else {"use_note_block": False}
+    lines = [
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
+        f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating.",
+        "",
+        "| preset | length | mode | Mamba (s) | MemMamba (s) | ratio | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    parts_lines = [
+        "",
+        "MemMamba one-pass forward by component (seconds of the best run; share of the total):",
+        "",
+        "| preset | length | total | " + " | ".join(COMPONENTS) + " | rest | load |",
+        "|---|---|---|" + "---|" * len(COMPONENTS) + "---|---|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for preset in presets:
+        models = {
+            "mamba": build_model("mamba", preset).eval(),
+            "memmamba": build_model("memmamba", preset, **overrides).eval(),
+        }
+        for length in lengths:
+            ids = torch.randint(
+                0, models["mamba"].config.vocab_size, (1, length), generator=generator
+            )
+            for mode in modes:
+                if mode == "one pass":
+                    runs = {name: forward_one_pass(m, ids) for name, m in models.items()}
+                elif mode == "chunked":
+                    runs = {name: forward_chunked(m, ids, chunk) for name, m in models.items()}
+                else:
+                    for m in models.values():
+                        m.train()
+                    runs = {name: training_step(m, ids) for name, m in models.items()}
+                times = alternate(runs, args.repeats)
+                for m in models.values():
+                    m.eval()
+                row = (
+                    f"| {preset} | {length} | {mode} | {times['mamba']:.3f} | "
+                    f"{times['memmamba']:.3f} | {times['memmamba'] / times['mamba']:.2f}x | "
+                    f"{load()} |"
+                )
+                lines.append(row)
+                print(row, flush=True)
+            total, parts = breakdown(models["memmamba"], ids, args.repeats)
+            rest = total - sum(parts.values())
+            cells = [
+                f"{parts.get(c, 0.0):.3f} ({parts.get(c, 0.0) / total:.0%})" for c in COMPONENTS
+            ]
+            parts_lines.append(
+                f"| {preset} | {length} | {total:.3f} | "
+                + " | ".join(cells)
+                + f" | {rest:.3f} ({rest / total:.0%}) | {load()} |"
+            )
+    print("\n".join(parts_lines), flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n".join(lines + parts_lines) + "\n"
+        temporary = args.out.with_suffix(args.out.suffix + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(args.out)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,39 @@ res = fidelity.analyze(model, length="8k")               # ETMF, ECLMF, SSM deca
 res.plot(); res.summary; res.save("runs/mm8k")
 cmp = fidelity.compare([res, "runs/other"]); cmp.plot()
 cap = fidelity.capture(model, input_ids, layers=[0, 3], positions=idx)
+
+The names below are imported on first use (module ``__getattr__``), so ``import fidelity``
+and ``import fidelity.models...`` stay cheap: the analysis side (pandas, matplotlib, reports)
+loads only when asked for.
 """
 
-from fidelity import kernels
-from fidelity.analysis import analyze, compare, plan_analysis
-from fidelity.lengths import format_length, parse_length
-from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-from fidelity.models.registry import build_model, load_model, model_names
-from fidelity.probes.capture import capture, capturing, run_with_capture
-from fidelity.probes.capture_types import Capture
-from fidelity.probes.tasks import make_probe
-from fidelity.results import Comparison, FidelityResult
-from fidelity.train import TrainConfig, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Capture": "fidelity.probes.capture_types",
+    "Comparison": "fidelity.results",
+    "FidelityResult": "fidelity.results",
+    "TrainConfig": "fidelity.train",
+    "analyze": "fidelity.analysis",
+    "build_model": "fidelity.models.registry",
+    "capture": "fidelity.probes.capture",
+    "capturing": "fidelity.probes.capture",
+    "compare": "fidelity.analysis",
+    "format_length": "fidelity.lengths",
+    "kernels": "fidelity.kernels",
+    "load_checkpoint": "fidelity.models.checkpoint",
+    "load_model": "fidelity.models.registry",
+    "make_probe": "fidelity.probes.tasks",
+    "model_names": "fidelity.models.registry",
+    "parse_length": "fidelity.lengths",
+    "plan_analysis": "fidelity.analysis",
+    "run_with_capture": "fidelity.probes.capture",
+    "save_checkpoint": "fidelity.models.checkpoint",
+    "train": "fidelity.train",
+}
 
 __all__ = [
     "Capture",
@@ -41,3 +62,31 @@ __all__ = [
     "save_checkpoint",
     "train",
 ]
+
+if TYPE_CHECKING:
+    from fidelity import kernels
+    from fidelity.analysis import analyze, compare, plan_analysis
+    from fidelity.lengths import format_length, parse_length
+    from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
+    from fidelity.models.registry import build_model, load_model, model_names
+    from fidelity.probes.capture import capture, capturing, run_with_capture
+    from fidelity.probes.capture_types import Capture
+    from fidelity.probes.tasks import make_probe
+    from fidelity.results import Comparison, FidelityResult
+    from fidelity.train import TrainConfig, train
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name on first use (and keep it as a module attribute)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fidelity' has no attribute {name!r}")
+    value = importlib.import_module(module)
+    if name != "kernels":
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -47,7 +47,7 @@ from fidelity.models.mamba import (
     MambaMixer,
     init_lm_weights,
 )
-from fidelity.models.state_pool import POOL_POLICIES, PoolBlock, StatePool, pool_blocks
+from fidelity.models.state_pool import POOL_POLICIES, PoolBlocks, StatePool, pool_blocks
 
 POOLINGS = ("max", "mean")
 FUSIONS = ("weighted", "residual", "gated")
@@ -78,6 +78,14 @@ class MemMambaConfig(MambaConfig):
     use_cross_token: bool = True  # False: no cross-token attention (ablation)
     use_cross_layer: bool = True  # False: no cross-layer attention (ablation)
     block_size: int = 512  # queries per block in the parallel pool computation (speed only)
+
+    def query_block_size(self) -> int:
+        """Queries per block of the parallel pool computation: ``block_size``, or at most
+        twice the pool size without the note block, where every position writes a note and a
+        block's candidates (pool + block) would otherwise outgrow the pool many times."""
+        if self.use_note_block:
+            return self.block_size
+        return min(self.block_size, 2 * self.pool_size)
 
     def validate(self) -> None:
         super().validate()
@@ -221,11 +229,13 @@ class StateTrigger(nn.Module):
 
 @dataclass
 class PoolView:
-    """Candidates some queries attend over: ``values`` `(batch, n_candidates, summary_dim)`,
-    ``member`` `(batch, n_queries, n_candidates)` (which candidates each query sees),
-    ``positions`` and ``layers`` `(batch, n_candidates)` (where each note came from: token
-    position and block index), ``query_positions`` `(n_queries,)`. Positions and layers are
-    not used by the arithmetic; they let observers (forward hooks) name what was attended."""
+    """Candidates blocks of queries attend over: ``values`` `(batch, n_blocks, n_candidates,
+    summary_dim)`, ``member`` `(batch, n_blocks, n_queries, n_candidates)` (which of its
+    block's candidates each query sees), ``positions`` and ``layers`` `(batch, n_blocks,
+    n_candidates)` (where each note came from: token position and block index; position -1
+    for an empty slot), ``query_positions`` `(n_blocks, n_queries)` (-1 for padding queries
+    past the chunk's end, which see no candidate). Positions and layers are not used by the
+    arithmetic; they let observers (forward hooks) name what was attended."""
 
     values: torch.Tensor
     member: torch.Tensor
@@ -236,8 +246,9 @@ class PoolView:
 
 @dataclass
 class PoolAttentionOutput:
-    """``output`` `(batch, n_queries, d_model)`; ``weights`` `(batch, n_heads, n_queries,
-    n_candidates)` (zero outside each query's pool; all zero for an empty pool)."""
+    """``output`` `(batch, n_blocks, n_queries, d_model)`; ``weights`` `(batch, n_blocks,
+    n_heads, n_queries, n_candidates)` (zero outside each query's pool; all zero for an empty
+    pool)."""
 
     output: torch.Tensor
     weights: torch.Tensor
@@ -245,7 +256,8 @@ class PoolAttentionOutput:
 
 class PoolAttention(nn.Module):
     """Multi-head attention of positions over pool notes (no positional encoding: a pool is a
-    set). Queries ``normed`` `(batch, n_queries, d_model)`, candidates from a ``PoolView``."""
+    set). Queries ``normed`` `(batch, n_blocks, n_queries, d_model)`, candidates from a
+    ``PoolView``; all blocks at once."""
 
     def __init__(self, config: MemMambaConfig) -> None:
         super().__init__()
@@ -258,18 +270,17 @@ class PoolAttention(nn.Module):
             self.o_proj.weight.normal_(std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, normed: torch.Tensor, view: PoolView) -> PoolAttentionOutput:
-        batch, n_queries, _ = normed.shape
-        n_candidates = view.values.shape[1]
         heads = self.n_heads
-        q = self.q_proj(normed).view(batch, n_queries, heads, -1).transpose(1, 2)
-        k = self.k_proj(view.values).view(batch, n_candidates, heads, -1).transpose(1, 2)
-        v = self.v_proj(view.values).view(batch, n_candidates, heads, -1).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (batch, heads, queries, cands)
-        member = view.member[:, None]  # (batch, 1, queries, candidates)
+        # (batch, blocks, heads, queries or candidates, head width)
+        q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
+        k = self.k_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
+        v = self.v_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (..., queries, candidates)
+        member = view.member[:, :, None]  # (batch, blocks, 1, queries, candidates)
         nonempty = member.any(dim=-1, keepdim=True)
         scores = scores.masked_fill(~member, float("-inf")).masked_fill(~nonempty, 0.0)
         weights = torch.softmax(scores, dim=-1) * nonempty
-        context = (weights @ v).transpose(1, 2).reshape(batch, n_queries, -1)
+        context = (weights @ v).transpose(2, 3).flatten(-2)  # (batch, blocks, queries, width)
         return PoolAttentionOutput(self.o_proj(context), weights)
 
 
@@ -347,9 +358,9 @@ class MemMambaBlock(nn.Module):
         self,
         x: torch.Tensor,
         cache: MemMambaLayerCache | None,
-        sources: list[tuple[int, list[PoolBlock]]],
+        sources: list[tuple[int, PoolBlocks]],
         start_position: int,
-    ) -> tuple[torch.Tensor, list[PoolBlock], torch.Tensor]:
+    ) -> tuple[torch.Tensor, PoolBlocks, torch.Tensor]:
         """``x`` `(batch, length, d_model)` starting at absolute ``start_position`` -> (block
         output `(batch, length, d_model)`, this layer's pool blocks, token-importance logits
         `(batch, length)`). ``sources`` are the pool blocks of the layers cross-layer attention
@@ -366,7 +377,7 @@ class MemMambaBlock(nn.Module):
             notes.importance,
             notes.written,
             start_position,
-            config.block_size,
+            config.query_block_size(),
             inclusive=self.pool_is_read_by_later_layers,
         )
         contexts = []
@@ -380,14 +391,10 @@ class MemMambaBlock(nn.Module):
                 dim=1,
             )
             gate = straight_through(previous > config.tau2, previous)
-            attended = self._attend(
-                self.cross_token, normed, [(self.layer, blocks)], start_position, inclusive=False
-            )
+            attended = self._attend(self.cross_token, normed, [(self.layer, blocks)], False)
             contexts.append(gate[..., None] * attended)
         if self.cross_layer is not None and sources:
-            contexts.append(
-                self._attend(self.cross_layer, normed, sources, start_position, inclusive=True)
-            )
+            contexts.append(self._attend(self.cross_layer, normed, sources, inclusive=True))
         out = self.fusion(h, contexts)
         if cache is not None:
             cache.pool = final_pool
@@ -401,34 +408,29 @@ class MemMambaBlock(nn.Module):
         self,
         attention: PoolAttention,
         normed: torch.Tensor,
-        sources: list[tuple[int, list[PoolBlock]]],
-        start_position: int,
+        sources: list[tuple[int, PoolBlocks]],
         inclusive: bool,
     ) -> torch.Tensor:
-        """Run ``attention`` block by block over the union of the ``sources``' pools;
-        ``normed`` `(batch, length, d_model)` starts at absolute ``start_position``."""
-        outputs = []
-        for block_index, first in enumerate(sources[0][1]):
-            parts = [blocks[block_index] for _, blocks in sources]
-            view = PoolView(
-                values=torch.cat([part.values for part in parts], dim=1),
-                member=torch.cat(
-                    [part.member_inclusive if inclusive else part.member for part in parts], -1
-                ),
-                positions=torch.cat([part.positions for part in parts], dim=1),
-                layers=torch.cat(
-                    [
-                        torch.full_like(part.positions, layer)
-                        for (layer, _), part in zip(sources, parts, strict=True)
-                    ],
-                    dim=1,
-                ),
-                query_positions=torch.arange(first.start, first.end, device=normed.device),
-            )
-            offset = first.start - start_position
-            queries = normed[:, offset : offset + first.end - first.start]
-            outputs.append(attention(queries, view).output)
-        return torch.cat(outputs, dim=1)
+        """Run ``attention``, all query blocks at once, over the union of the ``sources``'
+        pools: ``normed`` `(batch, length, d_model)` -> `(batch, length, d_model)`."""
+        batch, length, width = normed.shape
+        n_blocks, block_size = sources[0][1].query_positions.shape
+        view = PoolView(
+            values=torch.cat([blocks.values for _, blocks in sources], dim=2),
+            member=torch.cat(
+                [blocks.member_inclusive if inclusive else blocks.member for _, blocks in sources],
+                dim=-1,
+            ),
+            positions=torch.cat([blocks.positions for _, blocks in sources], dim=2),
+            layers=torch.cat(
+                [torch.full_like(blocks.positions, layer) for layer, blocks in sources], dim=2
+            ),
+            query_positions=sources[0][1].query_positions,
+        )
+        queries = F.pad(normed, (0, 0, 0, n_blocks * block_size - length))
+        queries = queries.view(batch, n_blocks, block_size, width)
+        output = attention(queries, view).output
+        return output.view(batch, n_blocks * block_size, -1)[:, :length]
 
     def step(
         self,
@@ -449,9 +451,9 @@ class MemMambaBlock(nn.Module):
             previous = cache.previous_state_importance.to(h.dtype)
             gate = (previous > config.tau2).to(h.dtype)
             attended = self.cross_token(
-                normed, _explicit_view([(self.layer, cache.pool)], position, inclusive=False)
+                normed[:, None], _explicit_view([(self.layer, cache.pool)], position, False)
             )
-            contexts.append(gate[:, None] * attended.output[:, 0])
+            contexts.append(gate[:, None] * attended.output[:, 0, 0])
             cache.previous_state_importance = self.trigger(normed)[:, 0]
         cache.pool.write(
             notes.summaries[:, 0], notes.importance[:, 0], position, notes.written[:, 0]
@@ -460,9 +462,9 @@ class MemMambaBlock(nn.Module):
         cache.note_prefix = carried[:, 1:]
         if self.cross_layer is not None and source_pools:
             attended = self.cross_layer(
-                normed, _explicit_view(source_pools, position, inclusive=True)
+                normed[:, None], _explicit_view(source_pools, position, inclusive=True)
             )
-            contexts.append(attended.output[:, 0])
+            contexts.append(attended.output[:, 0, 0])
         return self.fusion(h, contexts)
 
     def init_cache(self, batch_size: int, device, dtype) -> MemMambaLayerCache:
@@ -482,14 +484,17 @@ class MemMambaBlock(nn.Module):
 
 
 def _explicit_view(pools: list[tuple[int, StatePool]], position: int, inclusive: bool) -> PoolView:
-    """A one-query view over explicit pools: the notes written before ``position`` (or up to
-    it, with ``inclusive``)."""
+    """A one-block, one-query view over explicit pools: the notes written before
+    ``position`` (or up to it, with ``inclusive``)."""
+    member = torch.cat([pool.visible(position, inclusive) for _, pool in pools], dim=1)
     return PoolView(
-        values=torch.cat([pool.values for _, pool in pools], dim=1),
-        member=torch.cat([pool.visible(position, inclusive) for _, pool in pools], dim=1)[:, None],
-        positions=torch.cat([pool.positions for _, pool in pools], dim=1),
-        layers=torch.cat([torch.full_like(pool.positions, layer) for layer, pool in pools], 1),
-        query_positions=torch.tensor([position], device=pools[0][1].values.device),
+        values=torch.cat([pool.values for _, pool in pools], dim=1)[:, None],
+        member=member[:, None, None],
+        positions=torch.cat([pool.positions for _, pool in pools], dim=1)[:, None],
+        layers=torch.cat([torch.full_like(pool.positions, layer) for layer, pool in pools], 1)[
+            :, None
+        ],
+        query_positions=torch.tensor([[position]], device=pools[0][1].values.device),
     )
 
 
@@ -509,7 +514,7 @@ class MemMambaLM(CausalLM):
 
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0
-        pool_blocks_by_layer: dict[int, list[PoolBlock]] = {}
+        pool_blocks_by_layer: dict[int, PoolBlocks] = {}
         write_logits = []
         last_reader = {}  # source layer -> last layer that reads its pool
         for reader in range(self.config.n_layer):

@@ -13,9 +13,11 @@ Both rules keep, at every moment, the ``size`` best notes written so far under a
 become one of the best again. The parallel form uses exactly that: the pool seen by query ``t``
 is the top-``size`` of the notes written before ``t``. Queries are processed in blocks; a
 block's candidates are the pool at the block start plus the notes written inside the block
-(compacted to the written ones), and a boolean membership mask `(batch, n_queries,
-n_candidates)` says which candidates each query sees. Memory is O(length * (size + block)),
-never O(length^2).
+(compacted to the written ones, sorted best-first), and a boolean membership mask `(batch,
+n_blocks, block_size, n_candidates)` says which candidates each query sees: the first
+``size`` candidates written before it. Only the merge of the pool with each block's new notes
+runs block after block; the rest is computed for all blocks at once. Memory is
+O(length * (size + block)), never O(length^2).
 """
 
 from __future__ import annotations
@@ -117,23 +119,25 @@ def rank_order(
 
 
 @dataclass
-class PoolBlock:
-    """The pool as a block of queries sees it.
+class PoolBlocks:
+    """The pool as every query of a chunk sees it, for all query blocks at once.
 
-    Queries are the positions ``start .. end - 1``; candidates `(batch, n_candidates, ...)`
-    are the pool at ``start`` followed by the notes written inside the block; ``member``
-    `(batch, end - start, n_candidates)` marks the candidates in each query's pool (notes of
-    earlier positions), ``member_inclusive`` (when computed) the pool just after the query
-    position wrote its own note.
+    The chunk's queries are cut into ``n_blocks`` blocks of ``block_size`` positions (the last
+    one padded); query ``j`` of block ``i`` is at absolute position ``query_positions[i, j]``
+    (-1 for padding past the chunk's end: it sees nothing). A block's candidates `(batch,
+    n_blocks, n_candidates, ...)` are the pool at the block start followed by the notes written
+    inside the block, sorted best-first (invalid candidates last); ``member`` `(batch, n_blocks,
+    block_size, n_candidates)` marks the candidates in each query's pool (notes of earlier
+    positions), ``member_inclusive`` (when computed) the pool just after the query position
+    wrote its own note. ``positions`` is -1 for invalid candidates.
     """
 
-    start: int
-    end: int
     values: torch.Tensor
     importance: torch.Tensor
     positions: torch.Tensor
     member: torch.Tensor
     member_inclusive: torch.Tensor | None
+    query_positions: torch.Tensor
 
 
 def pool_blocks(
@@ -144,7 +148,7 @@ def pool_blocks(
     start_position: int,
     block_size: int,
     inclusive: bool = False,
-) -> tuple[list[PoolBlock], StatePool]:
+) -> tuple[PoolBlocks, StatePool]:
     """The pool seen by every position of a chunk, block by block, and the pool after it.
 
     ``initial`` is the pool before the chunk; ``values`` `(batch, length, summary_dim)`,
@@ -152,71 +156,133 @@ def pool_blocks(
     chunk's tokens write; ``start_position`` is the absolute position of the chunk's first
     token. With ``inclusive`` the blocks also carry ``member_inclusive``. Gradients flow
     through ``values`` (and ``initial.values``) into the blocks.
+
+    Cost: one short loop over blocks that merges the pool (``size`` notes) with the block's
+    new notes on (key, index) pairs only, O(size + new notes) per block; everything else (the
+    candidates' values, the membership masks) is computed for all blocks at once.
     """
-    length = values.shape[1]
+    batch, length = written.shape
     size = initial.size
     device = values.device
-    pool_values, pool_importance = initial.values, initial.importance
-    pool_positions, pool_valid = initial.positions, initial.valid
-    blocks = []
-    for block_start in range(0, length, block_size):
-        block_end = min(block_start + block_size, length)
-        block_written = written[:, block_start:block_end]  # (batch, block)
-        n_new = int(block_written.sum(dim=1).max())
-        # Compact the block's written notes to the front, keeping their order.
-        order = torch.argsort((~block_written).int(), dim=1, stable=True)[:, :n_new]
-        new_valid = block_written.gather(1, order)  # (batch, n_new)
-        new_positions = (order + start_position + block_start).masked_fill(~new_valid, -1)
-        new_values = values[:, block_start:block_end].gather(
-            1, order[..., None].expand(-1, -1, values.shape[-1])
-        )
-        new_importance = importance[:, block_start:block_end].gather(1, order)
+    n_blocks = -(-length // block_size)
+    pad = n_blocks * block_size - length
+    # Notes table: the initial pool (best-first) in rows 0 .. size - 1, the chunk's positions
+    # (padded to whole blocks) after it. Candidates are indices into this table.
+    first = rank_order(initial.importance, initial.positions, initial.valid, initial.policy)
+    table_values = torch.cat(
+        [
+            initial.values.gather(1, first[..., None].expand(-1, -1, initial.values.shape[-1])).to(
+                values.dtype
+            ),
+            values,
+            values.new_zeros(batch, pad, values.shape[-1]),
+        ],
+        dim=1,
+    )
+    importance = importance.detach()
+    table_importance = torch.cat(
+        [
+            initial.importance.gather(1, first).to(importance.dtype),
+            importance,
+            importance.new_zeros(batch, pad),
+        ],
+        dim=1,
+    )
+    chunk_positions = torch.arange(start_position, start_position + length + pad, device=device)
+    table_valid = torch.cat(
+        [initial.valid.gather(1, first), written, written.new_zeros(batch, pad)], dim=1
+    )
+    table_positions = torch.cat(
+        [initial.positions.gather(1, first), chunk_positions.expand(batch, -1)], dim=1
+    ).masked_fill(~table_valid, -1)
+    # The sort key, best first in descending order; invalid entries get the lowest key.
+    if initial.policy == "fifo":
+        table_key = table_positions
+    else:
+        table_key = table_importance.masked_fill(~table_valid, float("-inf"))
 
-        cand_values = torch.cat([pool_values.to(values.dtype), new_values], dim=1)
-        cand_importance = torch.cat([pool_importance.to(importance.dtype), new_importance], 1)
-        cand_positions = torch.cat([pool_positions, new_positions], dim=1)
-        cand_valid = torch.cat([pool_valid, new_valid], dim=1)  # (batch, n_candidates)
+    # Each block's written notes, compacted to the front, in best-first order (their
+    # positions descend, so a stable sort on the key breaks ties towards the newer note).
+    block_written = table_valid[:, size:].view(batch, n_blocks, block_size)
+    n_new = int(block_written.sum(dim=2).max()) if length else 0
+    newest_first = torch.arange(block_size - 1, -1, -1, device=device)
+    by_position = torch.argsort(
+        (~block_written[..., newest_first]).to(torch.int8), dim=2, stable=True
+    )[..., :n_new]
+    new_index = (
+        size
+        + block_size
+        - 1
+        - by_position
+        + torch.arange(n_blocks, device=device)[:, None] * block_size
+    )  # (batch, n_blocks, n_new) table rows
+    new_key = table_key.gather(1, new_index.flatten(1)).view(batch, n_blocks, n_new)
+    best = torch.argsort(new_key, dim=2, descending=True, stable=True)
+    new_index = new_index.gather(2, best)
+    new_key = new_key.gather(2, best)
 
-        query_positions = torch.arange(
-            start_position + block_start, start_position + block_end, device=device
+    # The pools at block starts: merge the (best-first) pool with the block's (best-first)
+    # new notes; new notes go first so that the stable sort prefers them on equal keys (they
+    # are newer than every pool note).
+    pool_index = torch.arange(size, device=device).expand(batch, size)
+    pool_key = table_key[:, :size]
+    candidates = []
+    for block in range(n_blocks):
+        merged_index = torch.cat([new_index[:, block], pool_index], dim=1)
+        merged_key = torch.cat([new_key[:, block], pool_key], dim=1)
+        order = torch.argsort(merged_key, dim=1, descending=True, stable=True)
+        merged_index = merged_index.gather(1, order)
+        candidates.append(merged_index)
+        pool_index = merged_index[:, :size]
+        pool_key = merged_key.gather(1, order[:, :size])
+    index = torch.stack(candidates, dim=1)  # (batch, n_blocks, n_candidates), best-first
+    n_candidates = index.shape[2]
+    flat = index.flatten(1)
+    cand_values = table_values.gather(
+        1, flat[..., None].expand(-1, -1, table_values.shape[-1])
+    ).view(batch, n_blocks, n_candidates, -1)
+    cand_importance = table_importance.gather(1, flat).view(batch, n_blocks, n_candidates)
+    cand_positions = table_positions.gather(1, flat).view(batch, n_blocks, n_candidates)
+    cand_valid = table_valid.gather(1, flat).view(batch, n_blocks, n_candidates)
+    query_positions = chunk_positions.masked_fill(chunk_positions >= start_position + length, -1)
+    query_positions = query_positions.view(n_blocks, block_size)  # padding queries: -1
+    member = _top_members(cand_valid, cand_positions, query_positions, size, inclusive=False)
+    member_inclusive = None
+    if inclusive:
+        member_inclusive = _top_members(
+            cand_valid, cand_positions, query_positions, size, inclusive=True
         )
-        best_first = rank_order(
-            cand_importance.detach(), cand_positions, cand_valid, initial.policy
-        )
-        earlier = cand_positions[:, None, :] < query_positions[None, :, None]
-        member = _top_members(cand_valid[:, None, :] & earlier, best_first, size)
-        member_inclusive = None
-        if inclusive:
-            through = cand_positions[:, None, :] <= query_positions[None, :, None]
-            member_inclusive = _top_members(cand_valid[:, None, :] & through, best_first, size)
-        blocks.append(
-            PoolBlock(
-                start=start_position + block_start,
-                end=start_position + block_end,
-                values=cand_values,
-                importance=cand_importance,
-                positions=cand_positions,
-                member=member,
-                member_inclusive=member_inclusive,
-            )
-        )
-        # The pool after the block: the best `size` valid candidates, in best-first order.
-        top = best_first[:, :size]
-        pool_values = cand_values.gather(1, top[..., None].expand(-1, -1, cand_values.shape[-1]))
-        pool_importance = cand_importance.gather(1, top)
-        pool_positions = cand_positions.gather(1, top)
-        pool_valid = cand_valid.gather(1, top)
-    final = StatePool(pool_values, pool_importance, pool_positions, pool_valid, initial.policy)
+    blocks = PoolBlocks(
+        cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
+    )
+    last = pool_index
+    final = StatePool(
+        table_values.gather(1, last[..., None].expand(-1, -1, table_values.shape[-1])),
+        table_importance.gather(1, last),
+        table_positions.gather(1, last),
+        table_valid.gather(1, last),
+        initial.policy,
+    )
     return blocks, final
 
 
-def _top_members(visible: torch.Tensor, best_first: torch.Tensor, size: int) -> torch.Tensor:
-    """Keep, per query, the ``size`` best visible candidates.
+def _top_members(
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    size: int,
+    inclusive: bool,
+) -> torch.Tensor:
+    """Keep, per query, the ``size`` best candidates written before it (or at it, with
+    ``inclusive``).
 
-    ``visible`` `(batch, n_queries, n_candidates)`, ``best_first`` `(batch, n_candidates)`
-    (from :func:`rank_order`) -> `(batch, n_queries, n_candidates)` bool.
+    ``valid``, ``positions`` `(batch, n_blocks, n_candidates)` (best-first),
+    ``query_positions`` `(n_blocks, block_size)` -> `(batch, n_blocks, block_size,
+    n_candidates)` bool.
     """
-    gather_index = best_first[:, None, :].expand_as(visible)
-    visible_sorted = visible.gather(-1, gather_index)
-    kept_sorted = visible_sorted & (visible_sorted.cumsum(-1) <= size)
-    return torch.zeros_like(visible).scatter(-1, gather_index, kept_sorted)
+    if inclusive:
+        seen = positions[:, :, None, :] <= query_positions[None, :, :, None]
+    else:
+        seen = positions[:, :, None, :] < query_positions[None, :, :, None]
+    visible = seen & valid[:, :, None, :]
+    return visible & (visible.cumsum(-1, dtype=torch.int32) <= size)

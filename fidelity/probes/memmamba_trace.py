@@ -163,23 +163,29 @@ def _trigger_hook(log: _LayerLog, tau2: float):
 def _attention_hook(trace: MemMambaTrace, layer: int, kind: str, wanted: set[int]):
     def hook(_module, args, output: PoolAttentionOutput) -> None:
         view: PoolView = args[1]
-        queries = view.query_positions.tolist()
-        chosen = [(i, q) for i, q in enumerate(queries) if q in wanted]
+        queries = view.query_positions.tolist()  # (n_blocks, n_queries)
+        chosen = [
+            (block, index, position)
+            for block, positions in enumerate(queries)
+            for index, position in enumerate(positions)
+            if position in wanted
+        ]
         if not chosen:
             return
         fired = _fired_lookup(trace, layer) if kind == "token" else None
-        for query_index, position in chosen:
+        for block, query_index, position in chosen:
             for row in range(view.values.shape[0]):
-                members = view.member[row, query_index]
+                members = view.member[row, block, query_index]
+                weights = output.weights[row, block, :, query_index, members]
                 trace.attention.append(
                     AttentionRecord(
                         layer=layer,
                         kind=kind,
                         row=row,
                         query_position=position,
-                        note_positions=view.positions[row, members].cpu(),
-                        note_layers=view.layers[row, members].cpu(),
-                        weights=output.weights[row, :, query_index, members].detach().cpu(),
+                        note_positions=view.positions[row, block, members].cpu(),
+                        note_layers=view.layers[row, block, members].cpu(),
+                        weights=weights.detach().cpu(),
                         fired=True if fired is None else (row, position) in fired,
                     )
                 )
