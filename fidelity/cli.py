@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -39,8 +38,20 @@ USER_ERRORS = (
     MemoryBudgetError,
     ImportError,
 )
-# Typer 0.29 ships its own copy of click: its usage errors derive from TyperException.
-COMMAND_LINE_ERRORS = (click.UsageError, getattr(typer, "TyperException", click.UsageError))
+
+
+def _click_class(name: str) -> type[Exception]:
+    """The exception class ``name`` of the click that typer runs on: click itself for typer
+    < 0.2x, typer's own copy of it (``typer._click``) since; found through the bases of
+    ``typer.BadParameter``, which both expose, so click need not be installed."""
+    for base in typer.BadParameter.__mro__:
+        if base.__name__ == name:
+            return base
+    raise ImportError(f"typer {typer.__version__} has no click {name}")
+
+
+# Errors in the command line itself (unknown option or command, missing or bad value).
+COMMAND_LINE_ERRORS = _click_class("ClickException")
 _debug = False
 
 
@@ -522,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
         if isinstance(status, int) and not isinstance(status, bool):
             return status
-    except (typer.Exit, click.exceptions.Exit) as stop:
+    except typer.Exit as stop:
         return stop.exit_code
-    except (typer.Abort, click.exceptions.Abort):
+    except typer.Abort:
         console.print("aborted")
         return 130
     except COMMAND_LINE_ERRORS as error:
