@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -89,8 +90,10 @@ def analyze(
     length: Annotated[str, typer.Option(help="Tokens per sequence, e.g. 8k, 60k, 400000.")],
     probe: Annotated[str, typer.Option(help="text | passkey | kv | random")] = "text",
     text: Annotated[
-        Path | None, typer.Option(help="Text file or directory for the text probe.")
+        Path | None,
+        typer.Option(help="Text file or directory for the text probe (.txt, .md, .jsonl)."),
     ] = None,
+    text_field: Annotated[str, typer.Option(help="The text field of .jsonl records.")] = "text",
     metrics: Annotated[
         str,
         typer.Option(
@@ -101,7 +104,12 @@ def analyze(
     layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 0,3,6.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences analyzed together.")] = 1,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Directory for results, figures, report.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory for results, figures, report "
+            "(default: a new runs/MODEL-LENGTH-YYYYMMDD-HHMMSS).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -127,6 +135,7 @@ def analyze(
     from fidelity.analysis import analyze as run_analysis
     from fidelity.analysis import check_metrics, plan_analysis
     from fidelity.models.registry import load_model
+    from fidelity.probes.corpus import load_corpus
     from fidelity.probes.tasks import TASKS
 
     tokens = parse_length(length)
@@ -136,10 +145,14 @@ def analyze(
     chunk = _chunk_option(chunk_size)
     limit = parse_bytes(max_memory) if max_memory is not None else None
     layer_list = _split(layers, int)
-    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not force:
+    if out_dir is None:
+        out_dir = _default_out(model, tokens)
+    elif out_dir.exists() and any(out_dir.iterdir()) and not force:
         _fail(f"{out_dir} already exists; pass --force to replace it")
     if text is not None and not text.exists():
         _fail(f"text path {text} does not exist")
+    if text is not None and probe == "text":
+        load_corpus(text, text_field=text_field)  # empty or binary files fail here, not later
     loaded = (
         load_model(model, preset, random_init=random_init)
         if preset or random_init
@@ -168,15 +181,27 @@ def analyze(
         progress=progress,
         batch=batch,
         text=text,
+        text_field=text_field,
         tokenizer=tokenizer,
         chunk_size=chunk,
         max_memory=limit,
         name=None,
     )
     _print_summary(result)
-    if out_dir is not None:
-        path = result.save(out_dir, force=force)
-        console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+    path = result.save(out_dir, force=force)
+    console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+
+
+def _default_out(model: str, tokens: int) -> Path:
+    """A new directory ``runs/<model>-<length>-<YYYYMMDD-HHMMSS>`` (``-2``, ``-3``, ... added
+    when one started in the same second exists) for an ``analyze`` without ``--out``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{Path(model).name or 'model'}-{format_length(tokens)}-{stamp}"
+    path, number = base, 1
+    while path.exists():
+        number += 1
+        path = base.with_name(f"{base.name}-{number}")
+    return path
 
 
 def _chunk_option(value: str) -> int | str | None:
