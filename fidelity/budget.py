@@ -26,16 +26,24 @@ from torch import nn
 from fidelity.models.base import CausalLM
 
 # Activation floats a forward holds per token in flight, in units of a block's widest
-# dimension (d_inner for SSMs, mlp width for attention models): inputs, projections, scan
+# dimension (d_inner for SSMs, the MLP's width for attention models): inputs, projections, scan
 # inputs and outputs, gates, their temporaries, and the ssm_decay metric's recomputation.
-ACTIVATION_FLOATS_PER_TOKEN = 32
+# Calibrated on 8k-token analyses of the shipped models (peak resident growth over the
+# process, kept states subtracted): Mamba-1 blocks (Mamba, MemMamba, DeciMamba) 45-47, Mamba-2
+# 26, attention models 2-5 (their MLP; attention on CPU runs fused, holding no score matrix);
+# rounded up so that the estimate stays above the measured peak.
+ACTIVATION_FLOATS_PER_TOKEN = {"ssm": 50, "mamba2": 30, "attention": 7}
+# An attention cache holds its keys and values and, while a chunk's keys are concatenated
+# onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
+# twice its 6 KB of keys and values per token).
+KEY_VALUE_COPIES = 2
 # Bytes per token of the buffers as long as the input, whatever the chunking: the anchor
 # draw's permutation of every position (int64, once) and, per sequence, the probe's token ids
 # (int64) with the copy made while building them.
 PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
-# Bytes per attention score of one query block: the scores, their softmax and the mask.
-SCORE_BYTES = 9
+# Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
+SCORE_BYTES = 8
 
 
 class MemoryBudgetError(ValueError):
@@ -127,6 +135,14 @@ def _is_attention(model: nn.Module) -> bool:
     return any(key in name for key in ("transformer", "gptneox", "gpt2", "llama", "compressive"))
 
 
+def _block_kind(model: nn.Module) -> str:
+    """Which activation calibration applies: "attention", "mamba2" or "ssm"."""
+    if _is_attention(model):
+        return "attention"
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return "mamba2" if model_type == "mamba2" else "ssm"
+
+
 def attention_span(model: nn.Module, length: int) -> int:
     """How many keys one query sees at most: the length for full attention, the window or
     memory size for bounded models, 0 for attention-free models."""
@@ -175,15 +191,18 @@ def estimate_run(
     tokens_in_flight = min(length, chunk_size) if chunk_size else length
     compute_bytes = 4
     vocab = getattr(config, "vocab_size", 0) or 0
-    per_token = widest * ACTIVATION_FLOATS_PER_TOKEN + 2 * d_model + vocab  # + streams, logits
+    floats = ACTIVATION_FLOATS_PER_TOKEN[_block_kind(model)]
+    per_token = widest * floats + 2 * d_model + vocab  # + the residual streams and the logits
     activations = batch * tokens_in_flight * per_token * compute_bytes
     span = attention_span(model, length)
     attention = 0
     if span:
-        n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)
         keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
-        block = attention_block(model, tokens_in_flight)
-        attention = keys_values + batch * n_heads * block * span * SCORE_BYTES
+        attention = KEY_VALUE_COPIES * keys_values
+        if not isinstance(model, CausalLM):  # eager attention builds the scores
+            n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)
+            block = attention_block(model, tokens_in_flight)
+            attention += batch * n_heads * block * span * SCORE_BYTES
     length_buffers = length * PERMUTATION_BYTES_PER_TOKEN + batch * length * PROBE_BYTES_PER_TOKEN
     kept = batch * n_positions * n_layers_kept * d_model * store_bytes
     device = next(model.parameters()).device
