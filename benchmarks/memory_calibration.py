@@ -123,7 +123,8 @@ def table_row(measured: dict, estimate: dict) -> str:
         return f"{head} estimate failed | - | - | - | ({estimate['note']}) |"
     guess = format_bytes(estimate["estimate"])
     if measured["status"] != "ran":
-        return f"{head} {guess} | not run: {measured['status']} | - | - | ({measured['note']}) |"
+        why = f"{measured['note']}, load {measured['load']}" if measured["note"] else ""
+        return f"{head} {guess} | not run: {measured['status']} | - | - | {why} |"
     peak = int(measured["peak"])
     ratio = estimate["estimate"] / peak
     ok = "yes" if abs(ratio - 1) <= TOLERANCE else "**no**"
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--small", default="memmamba", help="models also run untrained, small")
     parser.add_argument("--max-seconds", type=float, default=1200.0)
     parser.add_argument("--remeasure", action="store_true")
+    parser.add_argument("--no-measure", action="store_true", help="table from stored rows only")
     parser.add_argument("--workers", type=int, default=1, help="measurements run at once")
     args = parser.parse_args()
     lengths = [parse_length(value) for value in args.lengths.split(",")]
@@ -151,7 +153,7 @@ def main() -> None:
         (name, weights, length)
         for length in lengths
         for name, weights in jobs
-        if (name, weights, length) not in measured or args.remeasure
+        if ((name, weights, length) not in measured or args.remeasure) and not args.no_measure
     ]
     with ThreadPoolExecutor(args.workers) as pool:  # each measurement is its own process
         running = {pool.submit(measure, *key, args.max_seconds): key for key in todo}
@@ -164,14 +166,14 @@ def main() -> None:
         "| measured in |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, weights in jobs:
-        for length in lengths:
-            row = measured.get((name, weights, length))
-            if row is None:
-                row = {"model": name, "weights": weights, "status": "not measured", "note": ""}
-            row = dict(row, length=length)
-            estimate = _worker("estimate", name, weights, length, args.max_seconds)
-            lines.append(table_row(row, estimate))
+    keys = [(name, weights, length) for name, weights in jobs for length in lengths]
+    with ThreadPoolExecutor(args.workers) as pool:
+        estimates = list(pool.map(lambda key: _worker("estimate", *key, args.max_seconds), keys))
+    for (name, weights, length), estimate in zip(keys, estimates, strict=True):
+        row = measured.get((name, weights, length))
+        if row is None:
+            row = {"model": name, "weights": weights, "status": "not measured", "note": ""}
+        lines.append(table_row(dict(row, length=length), estimate))
     command = " ".join(["python benchmarks/memory_calibration.py", *sys.argv[1:]])
     text = (
         "# Memory estimate vs measured peak resident memory\n\n"

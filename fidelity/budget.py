@@ -29,10 +29,11 @@ from fidelity.models.base import CausalLM
 # dimension (d_inner for SSMs, the MLP's width for attention models): inputs, projections, scan
 # inputs and outputs, gates, their temporaries, and the ssm_decay metric's recomputation.
 # Calibrated on 8k-token analyses of the shipped models (peak resident growth over the
-# process, kept states subtracted): Mamba-1 blocks (Mamba, MemMamba, DeciMamba) 45-47, Mamba-2
-# 26, attention models 2-5 (their MLP; attention on CPU runs fused, holding no score matrix);
-# rounded up so that the estimate stays above the measured peak.
-ACTIVATION_FLOATS_PER_TOKEN = {"ssm": 50, "mamba2": 30, "attention": 7}
+# process, kept states subtracted): Mamba-1 blocks (Mamba, MemMamba) 45-47, DeciMamba 32 (the
+# ssm_decay metric skips its layers after the first decimation), Mamba-2 26, attention models
+# 2-5 (their MLP; attention on CPU runs fused, holding no score matrix); rounded up so that
+# the estimate stays above the measured peak.
+ACTIVATION_FLOATS_PER_TOKEN = {"ssm": 50, "decimamba": 36, "mamba2": 30, "attention": 7}
 # An attention cache holds its keys and values and, while a chunk's keys are concatenated
 # onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
 # twice its 6 KB of keys and values per token).
@@ -136,11 +137,11 @@ def _is_attention(model: nn.Module) -> bool:
 
 
 def _block_kind(model: nn.Module) -> str:
-    """Which activation calibration applies: "attention", "mamba2" or "ssm"."""
+    """Which activation calibration applies: "attention", "mamba2", "decimamba" or "ssm"."""
     if _is_attention(model):
         return "attention"
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return "mamba2" if model_type == "mamba2" else "ssm"
+    return model_type if model_type in ("mamba2", "decimamba") else "ssm"
 
 
 def attention_span(model: nn.Module, length: int) -> int:
