@@ -45,6 +45,7 @@ from fidelity.lengths import format_length, parse_length
 from fidelity.metrics.eclmf import eclmf
 from fidelity.metrics.etmf import etmf_frame, etmf_per_anchor, etmf_summary
 from fidelity.metrics.sampling import (
+    DEFAULT_DISTANCES_PER_OCTAVE,
     default_distances,
     required_positions,
     sample_anchors,
@@ -72,6 +73,8 @@ uncentred cosine of DESIGN.md lets a mean direction shared by all embeddings dom
 predictions and understates half-lives by 15-30% on a linear recurrence with known decay."""
 KEY_DISTANCES = (1, 16, 256, 4096, 65536)
 """Distances whose normalized ETMF the summary lists (those within the run's range)."""
+MAX_LENGTH = 2**62
+"""Longest input: positions are int64 tensors (a longer one is refused with one line)."""
 AUTO_CHUNK = 8192
 """Our models are fed in chunks of this many tokens when the input is longer."""
 MIN_LENGTH = 16
@@ -152,6 +155,12 @@ def _input_embedding(model: nn.Module) -> torch.Tensor | None:
     return module.weight.detach() if module is not None else None
 
 
+def _most_default_distances(length: int) -> int:
+    """An upper bound on ``len(default_distances(length, ...))`` that builds no tensor: 0 plus
+    at most ``per_octave`` distances per octave up to ``length``."""
+    return 1 + DEFAULT_DISTANCES_PER_OCTAVE * (length.bit_length() + 1)
+
+
 def plan_analysis(
     model: nn.Module,
     length: int | str,
@@ -185,14 +194,6 @@ def plan_analysis(
     bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
     if bad:
         raise InputError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
-    anchor_positions = sample_anchors(length, anchors, seeded_generator(seed, 1))
-    if distances is None:
-        distance_tensor = default_distances(length, len(anchor_positions))
-    else:
-        distance_tensor = torch.as_tensor(list(distances), dtype=torch.long).unique(sorted=True)
-        if distance_tensor.numel() == 0 or distance_tensor[0] < 0 or distance_tensor[-1] >= length:
-            raise InputError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
-    positions = required_positions(anchor_positions, distance_tensor, length)
     if chunk_size == "auto":
         # DeciMamba decimates each forward call on its own: read the context in one pass.
         chunked = isinstance(model, CausalLM) and not isinstance(model, DeciMambaLM)
@@ -203,6 +204,31 @@ def plan_analysis(
         )
     if chunk_size is not None and not isinstance(model, CausalLM):
         raise InputError("chunked processing needs one of our models; use chunk_size=None")
+    if length > MAX_LENGTH:
+        raise InputError(f"length {length} is beyond the longest input, {MAX_LENGTH} tokens")
+    # Refuse before anything as long as the input is allocated (the anchor draw permutes every
+    # position), with at most every anchor at every distance kept.
+    n_distances = len(distances) if distances is not None else _most_default_distances(length)
+    early = estimate_run(
+        model,
+        length,
+        batch=batch,
+        n_positions=min(length, min(anchors, length) * (n_distances + 1)),
+        n_layers_kept=len(chosen_layers),
+        store_bytes=4,
+        chunk_size=chunk_size,
+    )
+    if early.kept_states > STORE_FLOAT16_ABOVE:
+        early.kept_states //= 2
+    check_fits(early, max_memory)
+    anchor_positions = sample_anchors(length, anchors, seeded_generator(seed, 1))
+    if distances is None:
+        distance_tensor = default_distances(length, len(anchor_positions))
+    else:
+        distance_tensor = torch.as_tensor(list(distances), dtype=torch.long).unique(sorted=True)
+        if distance_tensor.numel() == 0 or distance_tensor[0] < 0 or distance_tensor[-1] >= length:
+            raise InputError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
+    positions = required_positions(anchor_positions, distance_tensor, length)
     estimate = estimate_run(
         model,
         length,
@@ -249,6 +275,7 @@ def analyze(
     *,
     batch: int = 1,
     text: str | Path | Sequence[str | Path] | None = None,
+    text_field: str = "text",
     tokenizer: str | Path | None = None,
     chunk_size: int | str | None = "auto",
     max_memory: int | None = None,
@@ -259,8 +286,9 @@ def analyze(
 
     ``model``: one of our models, a Hugging Face causal LM, a registered name or a checkpoint
     directory. ``length``: tokens per sequence (``"60k"``). ``probe``: text | passkey | kv |
-    random | induction | selective_copy | mqar (``text`` reads ``text`` files, else the
-    default standard-library corpus; the memory tasks use their default options).
+    random | induction | selective_copy | mqar (``text`` reads all of the ``text`` files or
+    directories, ``.jsonl`` records' field ``text_field``; else the held-out default
+    standard-library corpus; the memory tasks use their default options).
     ``metrics``: any of etmf, eclmf, ssm_decay (from the capture), influence, retrieval
     (passkey and key-value accuracy at doubling context lengths up to ``length``), perplexity.
     ``anchors`` positions are sampled (seeded) and scored at log-spaced ``distances``;
@@ -293,7 +321,9 @@ def analyze(
             max_memory=max_memory,
             time_it=False,
         )
-        probe_options = {"paths": text} if probe == "text" and text is not None else {}
+        probe_options = {}
+        if probe == "text" and text is not None:
+            probe_options = {"paths": text, "text_field": text_field}
         if probe == "random" and _vocabulary_size(model) is not None:
             probe_options["vocab_size"] = _vocabulary_size(model)  # draw what the model reads
         probe_input = make_probe(

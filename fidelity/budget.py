@@ -1,13 +1,16 @@
 """Memory and time estimates made before a run, and the refusal when it will not fit.
 
-The memory estimate adds up what an analysis holds at its peak: the model's parameters, the
-hidden states the capture keeps (positions x captured layers x d_model), and the activations of
-one block's forward over one chunk (the forward runs chunk by chunk through the recurrent cache
-for our models, so this does not grow with the length; for a model without a cache or for full
-attention it grows with the whole length, and quadratically for attention scores). The figures
-are deliberately pessimistic multiples of the tensors each block builds, not measurements; the
-time estimate is measured: a short forward pass, extrapolated linearly in the length (and
-quadratically for full attention).
+The memory estimate adds up what an analysis holds at its peak, on top of what the process
+holds when it is made (interpreter, libraries, the loaded model): the hidden states the capture
+keeps (positions x captured layers x d_model); the activations of one block's forward over one
+chunk (our models run chunk by chunk through their recurrent cache, so this does not grow with
+the length; a model read in one pass, such as DeciMamba, holds the whole length); the keys and
+values an attention cache keeps (every earlier position for full attention) and one block of
+attention scores; and the buffers as long as the whole input (the probe's token ids, the
+anchor draw's permutation of all positions). The per-token factors are calibrated against the
+measured peak resident memory of real runs (``benchmarks/memory_calibration.py``, table in
+``benchmarks/results/memory_calibration.md``). The time estimate is measured: a short forward
+pass, extrapolated linearly in the length (quadratically for full attention).
 """
 
 from __future__ import annotations
@@ -20,13 +23,29 @@ import psutil
 import torch
 from torch import nn
 
+from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 
-# Activation floats a forward holds per token, in units of a block's widest dimension (d_inner
-# for SSMs, 4 * d_model for Transformer MLPs): inputs, projections, scan inputs and outputs,
-# gates and their temporaries. Measured: 25 for the mini MemMamba and Mamba at 8192-token
-# chunks (peak resident growth / (tokens * d_inner * 4 bytes)); 32 leaves headroom.
-ACTIVATION_FLOATS_PER_TOKEN = 32
+# Activation floats a forward holds per token in flight, in units of a block's widest
+# dimension (d_inner for SSMs, the MLP's width for attention models): inputs, projections, scan
+# inputs and outputs, gates, their temporaries, and the ssm_decay metric's recomputation.
+# Calibrated on 8k-token analyses of the shipped models (peak resident growth over the
+# process, kept states subtracted): Mamba-1 blocks (Mamba, MemMamba) 45-47, DeciMamba 32 (the
+# ssm_decay metric skips its layers after the first decimation), Mamba-2 26, attention models
+# 2-5 (their MLP; attention on CPU runs fused, holding no score matrix); rounded up so that
+# the estimate stays above the measured peak.
+ACTIVATION_FLOATS_PER_TOKEN = {"ssm": 50, "decimamba": 36, "mamba2": 30, "attention": 7}
+# An attention cache holds its keys and values and, while a chunk's keys are concatenated
+# onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
+# twice its 6 KB of keys and values per token).
+KEY_VALUE_COPIES = 2
+# Bytes per token of the buffers as long as the input, whatever the chunking: the anchor
+# draw's permutation of every position (int64, once) and, per sequence, the probe's token ids
+# (int64) with the copy made while building them.
+PERMUTATION_BYTES_PER_TOKEN = 8
+PROBE_BYTES_PER_TOKEN = 16
+# Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
+SCORE_BYTES = 8
 
 
 class MemoryBudgetError(ValueError):
@@ -41,7 +60,8 @@ class RunEstimate:
     parameters: int
     kept_states: int
     activations: int
-    attention_scores: int
+    attention: int
+    length_buffers: int
     available: int
 
     @property
@@ -51,16 +71,18 @@ class RunEstimate:
 
     @property
     def added(self) -> int:
-        """What the run adds to the process."""
-        return self.parameters + self.kept_states + self.activations + self.attention_scores
+        """What the run adds to the process (the model counts when it is not in the
+        baseline: on a GPU)."""
+        model = self.parameters if self.baseline == 0 else 0
+        return model + self.kept_states + self.activations + self.attention + self.length_buffers
 
     def describe(self) -> str:
         return (
             f"~{format_bytes(self.total)} peak (process now {format_bytes(self.baseline)}, "
             f"model {format_bytes(self.parameters)}, kept states "
             f"{format_bytes(self.kept_states)}, activations "
-            f"{format_bytes(self.activations + self.attention_scores)}); "
-            f"{format_bytes(self.available)} available"
+            f"{format_bytes(self.activations + self.attention)}, inputs "
+            f"{format_bytes(self.length_buffers)}); {format_bytes(self.available)} available"
         )
 
 
@@ -79,10 +101,10 @@ def parse_bytes(text: str) -> int:
     """``"4GB"`` -> 4294967296; accepts B, KB, MB, GB, TB (binary multiples, any case)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(text), flags=re.IGNORECASE)
     if match is None:
-        raise ValueError(f"invalid memory size {text!r}: expected a number with a unit, e.g. 4GB")
+        raise InputError(f"invalid memory size {text!r}: expected a number with a unit, e.g. 4GB")
     value = float(match[1]) * _BYTE_UNITS[match[2].lower()]
     if value <= 0:
-        raise ValueError(f"invalid memory size {text!r}: must be positive")
+        raise InputError(f"invalid memory size {text!r}: must be positive")
     return int(value)
 
 
@@ -115,6 +137,14 @@ def _is_attention(model: nn.Module) -> bool:
     return any(key in name for key in ("transformer", "gptneox", "gpt2", "llama", "compressive"))
 
 
+def _block_kind(model: nn.Module) -> str:
+    """Which activation calibration applies: "attention", "mamba2", "decimamba" or "ssm"."""
+    if _is_attention(model):
+        return "attention"
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return model_type if model_type in ("mamba2", "decimamba") else "ssm"
+
+
 def attention_span(model: nn.Module, length: int) -> int:
     """How many keys one query sees at most: the length for full attention, the window or
     memory size for bounded models, 0 for attention-free models."""
@@ -125,7 +155,20 @@ def attention_span(model: nn.Module, length: int) -> int:
         window = getattr(config, name, None)
         if window:
             return min(int(window), length)
+    memories = ("segment_length", "memory_length", "compressed_memory_length")
+    if all(getattr(config, name, None) for name in memories):  # Compressive Transformer
+        return min(sum(int(getattr(config, name)) for name in memories), length)
     return length
+
+
+def attention_block(model: nn.Module, tokens_in_flight: int) -> int:
+    """Queries whose scores are held at once: the model's attention block or segment."""
+    config = getattr(model, "config", None)
+    for name in ("attention_block_size", "segment_length"):
+        block = getattr(config, name, None)
+        if block:
+            return min(int(block), tokens_in_flight)
+    return tokens_in_flight
 
 
 def estimate_run(
@@ -139,27 +182,41 @@ def estimate_run(
     chunk_size: int | None = None,
 ) -> RunEstimate:
     """Estimate the peak memory of running ``model`` over ``batch x length`` tokens while
-    keeping ``n_positions`` positions of ``n_layers_kept`` layers at ``store_bytes`` each."""
-    d_model, widest, _ = model_width(model)
+    keeping ``n_positions`` positions of ``n_layers_kept`` layers at ``store_bytes`` each.
+
+    Python integers throughout: an absurd ``length`` gives an absurd estimate, not an
+    overflow."""
+    d_model, widest, n_layer = model_width(model)
+    config = getattr(model, "config", None)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     parameter_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     tokens_in_flight = min(length, chunk_size) if chunk_size else length
     compute_bytes = 4
-    activations = batch * tokens_in_flight * widest * ACTIVATION_FLOATS_PER_TOKEN * compute_bytes
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-    activations += (
-        batch * tokens_in_flight * (2 * d_model + vocab) * compute_bytes
-    )  # streams, logits
+    vocab = getattr(config, "vocab_size", 0) or 0
+    floats = ACTIVATION_FLOATS_PER_TOKEN[_block_kind(model)]
+    per_token = widest * floats + 2 * d_model + vocab  # + the residual streams and the logits
+    activations = batch * tokens_in_flight * per_token * compute_bytes
     span = attention_span(model, length)
-    n_heads = getattr(getattr(model, "config", None), "n_heads", None) or getattr(
-        getattr(model, "config", None), "num_attention_heads", 1
-    )
-    scores = batch * n_heads * tokens_in_flight * span * compute_bytes if span else 0
+    attention = 0
+    if span:
+        keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
+        attention = KEY_VALUE_COPIES * keys_values
+        if not isinstance(model, CausalLM):  # eager attention builds the scores
+            n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)
+            block = attention_block(model, tokens_in_flight)
+            attention += batch * n_heads * block * span * SCORE_BYTES
+    length_buffers = length * PERMUTATION_BYTES_PER_TOKEN + batch * length * PROBE_BYTES_PER_TOKEN
     kept = batch * n_positions * n_layers_kept * d_model * store_bytes
     device = next(model.parameters()).device
     baseline = psutil.Process().memory_info().rss if device.type == "cpu" else 0
     return RunEstimate(
-        baseline, parameter_bytes, kept, activations, scores, available_memory(device)
+        baseline,
+        parameter_bytes,
+        kept,
+        activations,
+        attention,
+        length_buffers,
+        available_memory(device),
     )
 
 

@@ -14,12 +14,12 @@ import json
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -48,8 +48,20 @@ USER_ERRORS = (
     PermissionError,
 )
 """Errors that mean bad input or a bad destination: exit 2, one line. Anything else is a bug."""
-# Typer 0.29 ships its own copy of click: its usage errors derive from TyperException.
-COMMAND_LINE_ERRORS = (click.UsageError, getattr(typer, "TyperException", click.UsageError))
+
+
+def _click_class(name: str) -> type[Exception]:
+    """The exception class ``name`` of the click that typer runs on: click itself for typer
+    < 0.2x, typer's own copy of it (``typer._click``) since; found through the bases of
+    ``typer.BadParameter``, which both expose, so click need not be installed."""
+    for base in typer.BadParameter.__mro__:
+        if base.__name__ == name:
+            return base
+    raise ImportError(f"typer {typer.__version__} has no click {name}")
+
+
+# Errors in the command line itself (unknown option or command, missing or bad value).
+COMMAND_LINE_ERRORS = _click_class("ClickException")
 _debug = False
 EARLY_PROBE_TOKENS = 1 << 20
 """Synthetic probes up to this length are built (and checked) before the model loads."""
@@ -98,8 +110,10 @@ def analyze(
         typer.Option(help="text | passkey | kv | random | induction | selective_copy | mqar"),
     ] = "text",
     text: Annotated[
-        Path | None, typer.Option(help="Text file or directory for the text probe.")
+        Path | None,
+        typer.Option(help="Text file or directory for the text probe (.txt, .md, .jsonl)."),
     ] = None,
+    text_field: Annotated[str, typer.Option(help="The text field of .jsonl records.")] = "text",
     metrics: Annotated[
         str,
         typer.Option(
@@ -110,7 +124,12 @@ def analyze(
     layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 0,3,6.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences analyzed together.")] = 1,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Directory for results, figures, report.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory for results, figures, report "
+            "(default: a new runs/MODEL-LENGTH-YYYYMMDD-HHMMSS).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -152,16 +171,18 @@ def analyze(
         _fail(f"text path {text} does not exist")
     if text is not None and probe != "text":
         _fail(f"--text applies to --probe text only (got --probe {probe})")
-    if out_dir is not None:
-        inputs = [p for p in (Path(model), text, tokenizer) if p is not None and p.exists()]
-        check_destination(out_dir, kind="result", force=force, inputs=inputs, legacy=LEGACY_RESULT)
+    if out_dir is None:
+        out_dir = _default_out(model, tokens)
+    inputs = [p for p in (Path(model), text, tokenizer) if p is not None and p.exists()]
+    check_destination(out_dir, kind="result", force=force, inputs=inputs, legacy=LEGACY_RESULT)
     resolve_device(device)
     if tokenizer is not None:
         load_tokenizer(tokenizer)
     if probe == "text" or tokens <= EARLY_PROBE_TOKENS:
-        # built now, before the model loads: a text probe is bounded by the text, others are
-        # small here; longer synthetic probes are built after the memory check
-        options = {"paths": text} if text is not None else {}
+        # built now, before the model loads: a text probe is bounded by the text (empty or
+        # binary files fail here), others are small here; longer synthetic probes are built
+        # after the memory check
+        options = {"paths": text, "text_field": text_field} if text is not None else {}
         _as_input(make_probe, probe, tokens, batch=batch, seed=seed, tokenizer=tokenizer, **options)
     loaded = (
         load_model(model, preset, random_init=random_init)
@@ -191,15 +212,27 @@ def analyze(
         progress=progress,
         batch=batch,
         text=text,
+        text_field=text_field,
         tokenizer=tokenizer,
         chunk_size=chunk,
         max_memory=limit,
         name=None,
     )
     _print_summary(result)
-    if out_dir is not None:
-        path = result.save(out_dir, force=force)
-        console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+    path = result.save(out_dir, force=force)
+    console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+
+
+def _default_out(model: str, tokens: int) -> Path:
+    """A new directory ``runs/<model>-<length>-<YYYYMMDD-HHMMSS>`` (``-2``, ``-3``, ... added
+    when one started in the same second exists) for an ``analyze`` without ``--out``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{Path(model).name or 'model'}-{format_length(tokens)}-{stamp}"
+    path, number = base, 1
+    while path.exists():
+        number += 1
+        path = base.with_name(f"{base.name}-{number}")
+    return path
 
 
 def check_destination(target: Path, **rules) -> None:
@@ -688,9 +721,9 @@ def _run(argv: list[str]) -> int:
             print("interrupted", file=sys.stderr)
         if isinstance(status, int) and not isinstance(status, bool):
             return status
-    except (typer.Exit, click.exceptions.Exit) as stop:
+    except typer.Exit as stop:
         return stop.exit_code
-    except (typer.Abort, click.exceptions.Abort):
+    except typer.Abort:
         console.print("aborted")
         return 130
     except COMMAND_LINE_ERRORS as error:

@@ -83,7 +83,8 @@ def flatten(parts) -> list[str]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
-def test_random_command_lines_never_show_a_traceback(data, tmp_path, capsys):
+def test_random_command_lines_never_show_a_traceback(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # analyze without --out saves under ./runs
     parts = data.draw(st.one_of(analyze_args(), train_args(tmp_path), other_args()))
     argv = flatten(parts)
     code = main(argv)

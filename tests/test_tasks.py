@@ -29,6 +29,7 @@ from fidelity.probes.tasks import (
     kv_probe,
     make_probe,
     passkey_probe,
+    text_probe,
     training_batch,
 )
 from fidelity.probes.tokenizer import ByteTokenizer
@@ -236,6 +237,46 @@ def test_user_splits_are_disjoint(tmp_path: Path) -> None:
     assert len(train.doc_names) + len(heldout.doc_names) == 40
 
 
+def test_user_text_is_used_whole(tmp_path: Path) -> None:
+    """The held-out split is the default corpus's: a user's files and directories are read
+    whole unless a split is asked for."""
+    names = [f"doc{index:02d}.txt" for index in range(40)]
+    for name in names:
+        (tmp_path / name).write_text(f"{name} " * 20)
+    assert load_corpus(tmp_path).doc_names == tuple(names)
+    in_train = next(name for name in names if assign_split(name) == "train")
+    probe = text_probe(100, paths=tmp_path / in_train)
+    assert probe.sources == ((in_train,),)
+    records = [{"body": "first " * 30}, {"body": "second " * 30}]
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("\n".join(json.dumps(record) for record in records))
+    assert load_corpus(notes, text_field="body").doc_names == ("notes.jsonl:1", "notes.jsonl:2")
+
+
+def test_empty_and_binary_user_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.txt is empty"):
+        load_corpus(tmp_path / "empty.txt")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl holds no record"):
+        load_corpus(tmp_path / "empty.jsonl")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ValueError, match=r"image.png looks binary \(a NUL byte at offset 8\)"):
+        load_corpus(tmp_path / "image.png")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt looks binary \(byte 3 is not UTF-8"):
+        load_corpus(tmp_path / "latin1.txt")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "good.txt").write_text("fine text " * 10)
+    (folder / "blank.txt").write_text("")  # found in a directory: skipped
+    assert load_corpus(folder).doc_names == ("good.txt",)
+    (folder / "bad.txt").write_bytes(b"\x00\x01\x02" * 10)
+    clear_corpus_cache()
+    with pytest.raises(ValueError, match=r"bad\.txt looks binary"):
+        load_corpus(folder)
+
+
 def test_text_probe_reads_files_again_after_cache_clear(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("one " * 20)
     assert len(load_corpus(tmp_path, split="all")) == 80 + 2
@@ -312,7 +353,7 @@ def test_bad_text_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no text files"):
         make_probe("text", 10, paths=tmp_path, split="all")
     (tmp_path / "blank.txt").write_text("  \n")
-    with pytest.raises(ValueError, match="corpus is empty"):
+    with pytest.raises(ValueError, match=r"blank\.txt is empty"):
         make_probe("text", 10, paths=[tmp_path / "blank.txt"], split="all")
     (tmp_path / "small.txt").write_text("x" * 40)
     with pytest.raises(ValueError, match="holds 42 tokens"):

@@ -8,6 +8,8 @@ Splits: every file is assigned to "train" or "heldout" by a hash of its path rel
 directory it was found in (a file named directly: its file name), so the assignment does not
 depend on the machine or on where the directory lives, and train and heldout text never
 overlap. About :data:`HELDOUT_FRACTION` of the files are held out; "all" takes every file.
+Without a split, the default corpus is read held out and the user's files whole: text a user
+names is the user's data. A user's file that is empty or not UTF-8 text (binary) is an error.
 
 The default corpus, used when no paths are given, is the Python standard library's own ``.py``
 sources (``sysconfig.get_paths()["stdlib"]``), which exist on every Python installation: all
@@ -28,12 +30,13 @@ import json
 import sys
 import sysconfig
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fidelity.errors import InputError
 from fidelity.probes.tokenizer import ByteTokenizer, Tokenizer
 
 SPLITS = ("train", "heldout", "all")
@@ -122,15 +125,15 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[tuple[str, 
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number} is not valid JSON: {err}") from err
+                raise InputError(f"{path}:{line_number} is not valid JSON: {err}") from err
             if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{line_number} has no field {text_field!r}; every jsonl record "
-                    "needs one (choose the field with text_field=...)"
+                    "needs one (choose the field with --text-field, or text_field=... in Python)"
                 )
             text = record[text_field]
             if not isinstance(text, str):
-                raise ValueError(
+                raise InputError(
                     f"{path}:{line_number}: field {text_field!r} must be a string, "
                     f"got {type(text).__name__}"
                 )
@@ -139,22 +142,51 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[tuple[str, 
     return documents
 
 
-def _read_documents(files: Sequence[tuple[str, Path]], text_field: str) -> list[tuple[str, bytes]]:
+def _read_documents(
+    files: Sequence[tuple[str, Path]], text_field: str, named: Collection[Path] | None
+) -> list[tuple[str, bytes]]:
     """(name, bytes) of every non-empty document in ``files``; unreadable files are skipped
-    with a warning."""
+    with a warning. ``named``: the user's files named directly (``None`` for the default
+    corpus): every user file must be UTF-8 text, and a named file must not be blank
+    (``InputError``); blank files found in a directory are skipped."""
     documents = []
     for name, path in files:
         try:
             if path.suffix.lower() == ".jsonl":
-                documents.extend(_jsonl_documents(path, name, text_field))
+                found = _jsonl_documents(path, name, text_field)
+                if named is not None and path in named and not found:
+                    raise InputError(f"text file {path} holds no record with text")
+                documents.extend(found)
                 continue
             data = path.read_bytes()
         except OSError as err:
             warnings.warn(f"skipping unreadable text file {path}: {err}", stacklevel=3)
             continue
+        if named is not None:
+            _check_text(path, data, blank_allowed=path not in named)
         if data.strip():
             documents.append((name, data))
     return documents
+
+
+def _check_text(path: Path, data: bytes, blank_allowed: bool) -> None:
+    """Raise ``InputError`` unless ``data`` (the contents of ``path``) is UTF-8 text, and
+    non-blank unless ``blank_allowed``."""
+    if not data.strip() and not blank_allowed:
+        raise InputError(f"text file {path} is empty")
+    reason = None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        reason = f"a NUL byte at offset {nul}"
+    else:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            reason = f"byte {err.start} is not UTF-8"
+    if reason is not None:
+        raise InputError(
+            f"text file {path} looks binary ({reason}); text must be UTF-8 (.txt, .md, .jsonl)"
+        )
 
 
 def _build(documents: Sequence[tuple[str, bytes]], description: str, key: tuple) -> Corpus:
@@ -178,20 +210,23 @@ def _load_cached(resolved_paths: tuple[str, ...] | None, split: str, text_field:
         files = _user_files([Path(path) for path in resolved_paths])
         source = ", ".join(resolved_paths)
     if not files:
-        raise ValueError(
+        raise InputError(
             f"no text files under {source}: directories are searched recursively for "
             f"{', '.join(TEXT_SUFFIXES)} files"
         )
     chosen = [item for item in files if split == "all" or assign_split(item[0]) == split]
     if not chosen:
-        raise ValueError(
+        raise InputError(
             f"none of the {len(files)} text file(s) under {source} falls in the {split!r} split "
             f"(files are assigned by a hash of their relative path, about "
             f"{HELDOUT_FRACTION:.0%} held out); pass split='all' to use every file"
         )
-    documents = _read_documents(chosen, text_field)
+    named = None
+    if resolved_paths is not None:
+        named = {Path(path) for path in resolved_paths if Path(path).is_file()}
+    documents = _read_documents(chosen, text_field, named)
     if not documents:
-        raise ValueError(
+        raise InputError(
             f"the corpus is empty: the {len(chosen)} file(s) of the {split!r} split under "
             f"{source} are unreadable or hold no text"
         )
@@ -202,19 +237,22 @@ def _load_cached(resolved_paths: tuple[str, ...] | None, split: str, text_field:
 def load_corpus(
     paths: str | Path | Sequence[str | Path] | None = None,
     *,
-    split: str = "heldout",
+    split: str | None = None,
     text_field: str = "text",
 ) -> Corpus:
     """The byte corpus of the files under ``paths`` (default corpus when ``None``).
 
     ``paths``: files or directories (``.txt``, ``.md``, ``.jsonl`` found recursively in
     directories; a directly named file is read whatever its suffix, as jsonl if it ends in
-    ``.jsonl``); ``split``: one of :data:`SPLITS`; ``text_field``: the jsonl field holding
-    the text. Cached per process. Raises ``ValueError`` for a missing path, an unknown split
-    and an empty corpus.
+    ``.jsonl``); ``split``: one of :data:`SPLITS`, or ``None`` for "heldout" of the default
+    corpus and "all" of ``paths``; ``text_field``: the jsonl field holding the text. Cached
+    per process. Raises ``ValueError`` for a missing path, an unknown split, an empty
+    corpus, and a file of ``paths`` that is empty or not UTF-8 text.
     """
+    if split is None:
+        split = "heldout" if paths is None else "all"
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if not isinstance(text_field, str) or not text_field:
         raise TypeError(f"text_field must be a non-empty string, got {text_field!r}")
     if paths is None:
@@ -222,13 +260,13 @@ def load_corpus(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
-        raise ValueError("paths is empty; give files or directories, or None for the default")
+        raise InputError("paths is empty; give files or directories, or None for the default")
     resolved = []
     for path in paths:
         if not isinstance(path, (str, Path)):
             raise TypeError(f"text paths must be str or Path, got {type(path).__name__}")
         if not Path(path).expanduser().exists():
-            raise ValueError(f"text path does not exist: {str(path)!r}")
+            raise InputError(f"text path does not exist: {str(path)!r}")
         resolved.append(str(Path(path).expanduser().resolve()))
     return _load_cached(tuple(resolved), split, text_field)
 

@@ -391,15 +391,16 @@ def text_probe(
     seed: int = 0,
     tokenizer: Tokenizer | str | Path | None = None,
     paths: str | Path | Sequence[str | Path] | None = None,
-    split: str = "heldout",
+    split: str | None = None,
     text_field: str = "text",
 ) -> ProbeInput:
     """Windows of real text: ``batch`` windows of ``length`` tokens at random offsets.
 
     ``paths``: ``.txt`` / ``.md`` / ``.jsonl`` (field ``text_field``) files or directories
     (searched recursively); ``None`` takes the default corpus, the Python standard library's
-    ``.py`` sources (see :mod:`fidelity.probes.corpus`). ``split``: "heldout" (default),
-    "train" or "all"; the splits hold disjoint files. Rows are distinct windows whenever the
+    ``.py`` sources (see :mod:`fidelity.probes.corpus`). ``split``: "heldout", "train" or
+    "all" (the splits hold disjoint files); default "heldout" for the default corpus and
+    "all" for ``paths`` (the user's text is used whole). Rows are distinct windows whenever the
     corpus has at least ``batch`` of them; windows may span document boundaries (documents
     are separated by a blank line). Returns a :class:`ProbeInput` with ``input_ids``
     `(batch, length)`, ``sources`` and ``offsets``. Raises ``ValueError`` when ``length``
