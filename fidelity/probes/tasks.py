@@ -461,7 +461,7 @@ def memory_probe(
     """A memory task (induction, selective_copy, mqar) as a :class:`ProbeInput`; these tasks
     have their own small vocabulary, so ``tokenizer`` must be None."""
     if tokenizer is not None:
-        raise ValueError(f"task {task!r} uses its own vocabulary; it takes no tokenizer")
+        raise InputError(f"task {task!r} uses its own vocabulary; it takes no tokenizer")
     built = make_memory_task(task, length, batch=batch, seed=seed, **options)
     return ProbeInput(
         input_ids=built.input_ids,
