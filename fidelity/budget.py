@@ -223,11 +223,12 @@ def estimate_run(
     kept = batch * n_positions * n_layers_kept * d_model * store_bytes
     device = next(model.parameters()).device
     if device.type == "cpu" and isinstance(model, CausalLM) and _block_kind(model) != "attention":
-        # the run loads the fused scan (and what it imports) at its first forward: load it
-        # now, so that "the process now" includes it (and a first compile says so up front)
-        from fidelity.kernels import cpu_fused
+        # the run loads its scan backend (the fused kernel and what it imports) at its first
+        # forward: resolve it now, so that "the process now" includes it (and a first compile
+        # says so up front); a model or FIDELITY_SCAN_BACKEND set to chunked compiles nothing
+        from fidelity.kernels import resolve_backend
 
-        cpu_fused.load_extension()
+        resolve_backend(getattr(config, "scan_backend", "auto"), device, has_initial_state=False)
     baseline = psutil.Process().memory_info().rss if device.type == "cpu" else 0
     return RunEstimate(
         baseline,
