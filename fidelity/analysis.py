@@ -16,8 +16,9 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -51,22 +52,18 @@ from fidelity.metrics.sampling import (
     sample_anchors,
     seeded_generator,
 )
+from fidelity.metrics.toolkit import resolve_chunk_size
 from fidelity.models.base import CausalLM
-from fidelity.models.decimamba import DeciMambaLM
 from fidelity.models.registry import load_model
 from fidelity.probes.capture import capture, find_blocks
+from fidelity.probes.capture_types import Capture
 from fidelity.probes.tasks import TASKS, make_probe
 from fidelity.progress import ProgressReporter, as_reporter
-from fidelity.results import SUMMARY_COLUMNS, SUMMARY_STATISTICS, Comparison, FidelityResult
+from fidelity.results import Comparison, FidelityResult
+from fidelity.schema import SUMMARY_COLUMNS
 
-CAPTURE_METRICS = ("etmf", "eclmf", "ssm_decay")
-"""Metrics computed from the single captured forward pass."""
-EXTRA_METRICS = ("influence", "retrieval", "perplexity")
-"""Metrics that run forward passes of their own (opt-in: they cost more than the capture)."""
 RETRIEVAL_TRIALS = 5
 """Prompts per (task, length, depth) cell of the ``retrieval`` metric."""
-METRICS = CAPTURE_METRICS + EXTRA_METRICS
-DEFAULT_METRICS = ("etmf", "eclmf", "ssm_decay")
 CENTERED = True
 """Read-out cosines are taken about the read-out's intercept (see README, "Metrics"): the
 uncentred cosine of DESIGN.md lets a mean direction shared by all embeddings dominate far
@@ -75,8 +72,6 @@ KEY_DISTANCES = (1, 16, 256, 4096, 65536)
 """Distances whose normalized ETMF the summary lists (those within the run's range)."""
 MAX_LENGTH = 2**62
 """Longest input: positions are int64 tensors (a longer one is refused with one line)."""
-AUTO_CHUNK = 8192
-"""Our models are fed in chunks of this many tokens when the input is longer."""
 MIN_LENGTH = 16
 """Shortest analysis: as many positions as the fewest anchors allowed (ECLMF needs 8 or more)."""
 STORE_FLOAT16_ABOVE = 1 << 30
@@ -107,6 +102,166 @@ class AnalysisPlan:
             f"{len(self.positions)} positions x {len(self.layers)} layers kept; "
             f"{self.estimate.describe()}{seconds}"
         )
+
+
+# -- metrics: one runner per metric ------------------------------------------------------------
+@dataclass
+class MetricContext:
+    """What a metric's runner gets inside :func:`analyze`.
+
+    ``input_ids`` `(batch, length)` is the probe input; ``capture`` holds every layer in
+    ``plan.layers`` at ``plan.positions`` (None until the forward pass has run); ``observed``
+    holds what each metric's ``observe`` hook returned, by metric name; a runner that has a
+    per-layer summary sets ``summary``; ``notes`` collects lines for the run's ``meta``.
+    """
+
+    model: nn.Module
+    input_ids: torch.Tensor
+    plan: AnalysisPlan
+    seed: int
+    n_boot: int
+    reporter: ProgressReporter
+    notes: list[str] = field(default_factory=list)
+    capture: Capture | None = None
+    observed: dict[str, object] = field(default_factory=dict)
+    summary: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class MetricRunner:
+    """How :func:`analyze` runs one metric.
+
+    ``compute(context)`` returns the metric's tidy frames (columns
+    :data:`~fidelity.schema.TIDY_COLUMNS`, optionally ``length`` and ``depth``) once the
+    captured forward pass has run. ``observe(model, plan)``, when given, returns a context
+    manager entered around that forward pass (hooks that see it, as ``ssm_decay``'s); what it
+    yields is ``context.observed[name]``; a ``TypeError`` from it (an unsupported model) skips
+    the metric with a note. ``from_capture``: False for metrics that run forward passes of
+    their own (opt-in: they cost more than the capture). ``default``: computed when the user
+    names no metrics.
+    """
+
+    compute: Callable[[MetricContext], list[pd.DataFrame]]
+    observe: Callable[[nn.Module, AnalysisPlan], AbstractContextManager] | None = None
+    from_capture: bool = True
+    default: bool = False
+
+
+def _run_etmf(context: MetricContext) -> list[pd.DataFrame]:
+    step = context.reporter.start("ETMF read-outs", 1)
+    per_anchor = etmf_per_anchor(
+        context.capture,
+        context.plan.anchors,
+        context.plan.distances,
+        context.plan.layers,
+        _input_embedding(context.model),
+        seed=context.seed,
+        centered=CENTERED,
+    )
+    frame = etmf_frame(per_anchor, n_boot=context.n_boot, seed=context.seed)
+    context.summary = _summary(
+        etmf_summary(per_anchor, n_boot=context.n_boot, seed=context.seed), frame
+    )
+    step.update(1)
+    return [frame]
+
+
+def _run_eclmf(context: MetricContext) -> list[pd.DataFrame]:
+    step = context.reporter.start("ECLMF read-outs", 1)
+    frame = eclmf(
+        context.capture,
+        context.plan.anchors,
+        n_boot=context.n_boot,
+        seed=context.seed,
+        centered=CENTERED,
+    )
+    step.update(1)
+    return [frame]
+
+
+def _observe_ssm_decay(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
+    from fidelity.metrics.ssm_decay import collect_ssm_decay
+
+    return collect_ssm_decay(model, plan.anchors, plan.distances, plan.length, plan.layers)
+
+
+def _run_ssm_decay(context: MetricContext) -> list[pd.DataFrame]:
+    collector = context.observed["ssm_decay"]
+    frame = collector.frame(n_boot=context.n_boot, seed=context.seed)
+    context.notes.extend(collector.notes)
+    return [frame]
+
+
+def _run_influence(context: MetricContext) -> list[pd.DataFrame]:
+    from fidelity.metrics.influence import influence
+
+    plan = context.plan
+    step = context.reporter.start("influence (perturbations)", 1)
+    try:
+        frame = influence(
+            context.model,
+            context.input_ids,
+            plan.anchors,
+            plan.distances,
+            plan.layers,
+            seed=context.seed,
+            n_boot=context.n_boot,
+        )
+    except TypeError as error:
+        context.notes.append(f"influence skipped: {error}")
+        return []
+    step.update(1)
+    return [frame]
+
+
+def _run_retrieval(context: MetricContext) -> list[pd.DataFrame]:
+    """Passkey and key-value retrieval at doubling context lengths up to the analysis length."""
+    from fidelity.metrics.retrieval import retrieval_accuracy
+
+    frames = []
+    for task in ("passkey", "kv"):
+        step = context.reporter.start(f"{task} retrieval", 1)
+        frames.append(
+            retrieval_accuracy(
+                context.model,
+                task,
+                lengths=context_lengths(context.plan.length),
+                trials=RETRIEVAL_TRIALS,
+                seed=context.seed,
+                n_boot=context.n_boot,
+            )
+        )
+        step.update(1)
+    return frames
+
+
+def _run_perplexity(context: MetricContext) -> list[pd.DataFrame]:
+    """Held-out perplexity at doubling context lengths up to the analysis length."""
+    from fidelity.metrics.perplexity import perplexity
+
+    step = context.reporter.start("perplexity", 1)
+    lengths = context_lengths(context.plan.length)
+    frame = perplexity(context.model, lengths, seed=context.seed, n_boot=context.n_boot)
+    step.update(1)
+    return [frame]
+
+
+METRIC_RUNNERS: dict[str, MetricRunner] = {
+    "etmf": MetricRunner(_run_etmf, default=True),
+    "eclmf": MetricRunner(_run_eclmf, default=True),
+    "ssm_decay": MetricRunner(_run_ssm_decay, observe=_observe_ssm_decay, default=True),
+    "influence": MetricRunner(_run_influence, from_capture=False),
+    "retrieval": MetricRunner(_run_retrieval, from_capture=False),
+    "perplexity": MetricRunner(_run_perplexity, from_capture=False),
+}
+"""Every metric :func:`analyze` knows, in the order it computes them (and its frame lists
+them); adding a metric is one module under :mod:`fidelity.metrics` plus one entry here."""
+METRICS = tuple(METRIC_RUNNERS)
+CAPTURE_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if runner.from_capture)
+"""Metrics computed from the single captured forward pass."""
+EXTRA_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if not runner.from_capture)
+"""Metrics that run forward passes of their own (opt-in: they cost more than the capture)."""
+DEFAULT_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if runner.default)
 
 
 def _resolve_model(model: nn.Module | str | Path) -> nn.Module:
@@ -194,16 +349,7 @@ def plan_analysis(
     bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
     if bad:
         raise InputError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
-    if chunk_size == "auto":
-        # DeciMamba decimates each forward call on its own: read the context in one pass.
-        chunked = isinstance(model, CausalLM) and not isinstance(model, DeciMambaLM)
-        chunk_size = AUTO_CHUNK if chunked and length > AUTO_CHUNK else None
-    elif chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InputError(
-            f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
-        )
-    if chunk_size is not None and not isinstance(model, CausalLM):
-        raise InputError("chunked processing needs one of our models; use chunk_size=None")
+    chunk_size = resolve_chunk_size(model, chunk_size, length)
     if length > MAX_LENGTH:
         raise InputError(f"length {length} is beyond the longest input, {MAX_LENGTH} tokens")
     # Refuse before anything as long as the input is allocated (the anchor draw permutes every
@@ -330,11 +476,11 @@ def analyze(
             probe, plan.length, batch=batch, seed=seed, tokenizer=tokenizer, **probe_options
         )
         _check_vocabulary(model, probe_input.input_ids)
-        notes = []
+        context = MetricContext(model, probe_input.input_ids, plan, seed, n_boot, reporter)
         forward = reporter.start("forward pass", plan.length)
         with contextlib.ExitStack() as stack:
-            collectors = _open_collectors(stack, model, plan, metrics, notes)
-            cap = capture(
+            _observe(stack, context, metrics)
+            context.capture = capture(
                 model,
                 probe_input.input_ids,
                 layers=plan.layers,
@@ -345,15 +491,15 @@ def analyze(
             )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            frames, summary = _compute_metrics(
-                cap, model, plan, metrics, collectors, probe_input, seed, n_boot, reporter, notes
-            )
+            frames = _compute_metrics(context, metrics)
+        notes = context.notes
         notes.extend(sorted({str(w.message) for w in caught}))
     finally:
         reporter.close()
     model_name = name or _model_name(model)
     checkpoint = _checkpoint_label(_provenance(model))
     frame = _finish_frame(frames, model_name, checkpoint, plan.length)
+    summary = context.summary if context.summary is not None else _empty_summary(plan.layers)
     summary.insert(0, "checkpoint", checkpoint)
     summary.insert(0, "model", model_name)
     meta = _meta(model, model_name, checkpoint, probe, plan, metrics, seed, target, notes)
@@ -362,39 +508,28 @@ def analyze(
     return FidelityResult(frame, summary, meta)
 
 
-def _compute_metrics(
-    cap, model, plan, metrics, collectors, probe_input, seed, n_boot, reporter, notes
-) -> tuple[list[pd.DataFrame], pd.DataFrame]:
-    """Every metric from the capture (and influence's own passes): (metric frames, per-layer
-    summary)."""
+def _observe(stack: contextlib.ExitStack, context: MetricContext, metrics: list[str]) -> None:
+    """Enter the ``observe`` hooks of the chosen metrics around the captured forward pass."""
+    for name in metrics:
+        runner = METRIC_RUNNERS[name]
+        if runner.observe is None:
+            continue
+        try:
+            context.observed[name] = stack.enter_context(
+                runner.observe(context.model, context.plan)
+            )
+        except TypeError as error:
+            context.notes.append(f"{name} skipped: {error}")
+
+
+def _compute_metrics(context: MetricContext, metrics: list[str]) -> list[pd.DataFrame]:
+    """The frames of the chosen metrics, in :data:`METRIC_RUNNERS` order (a metric whose
+    ``observe`` hook refused the model is left out)."""
     frames = []
-    summary = _empty_summary(plan.layers)
-    if "etmf" in metrics:
-        step = reporter.start("ETMF read-outs", 1)
-        per_anchor = etmf_per_anchor(
-            cap,
-            plan.anchors,
-            plan.distances,
-            plan.layers,
-            _input_embedding(model),
-            seed=seed,
-            centered=CENTERED,
-        )
-        frames.append(etmf_frame(per_anchor, n_boot=n_boot, seed=seed))
-        summary = _summary(etmf_summary(per_anchor, n_boot=n_boot, seed=seed), frames[-1])
-        step.update(1)
-    if "eclmf" in metrics:
-        step = reporter.start("ECLMF read-outs", 1)
-        frames.append(eclmf(cap, plan.anchors, n_boot=n_boot, seed=seed, centered=CENTERED))
-        step.update(1)
-    for collector in collectors:
-        frames.append(collector.frame(n_boot=n_boot, seed=seed))
-        notes.extend(collector.notes)
-    if "influence" in metrics:
-        frames.append(_influence(model, probe_input.input_ids, plan, seed, n_boot, reporter, notes))
-    if "retrieval" in metrics or "perplexity" in metrics:
-        frames.extend(_long_context_metrics(model, plan.length, metrics, seed, n_boot, reporter))
-    return frames, summary
+    for name, runner in METRIC_RUNNERS.items():
+        if name in metrics and (runner.observe is None or name in context.observed):
+            frames.extend(runner.compute(context))
+    return frames
 
 
 def peak_memory_bytes() -> int:
@@ -406,66 +541,10 @@ def peak_memory_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _open_collectors(stack, model, plan, metrics, notes) -> list:
-    """Hook-based metrics that observe the capture's forward pass."""
-    collectors = []
-    if "ssm_decay" in metrics:
-        from fidelity.metrics.ssm_decay import collect_ssm_decay
-
-        try:
-            collectors.append(
-                stack.enter_context(
-                    collect_ssm_decay(model, plan.anchors, plan.distances, plan.length, plan.layers)
-                )
-            )
-        except TypeError as error:
-            notes.append(f"ssm_decay skipped: {error}")
-    return collectors
-
-
-def _influence(model, input_ids, plan, seed, n_boot, reporter, notes) -> pd.DataFrame:
-    from fidelity.metrics.influence import influence
-
-    step = reporter.start("influence (perturbations)", 1)
-    try:
-        frame = influence(
-            model, input_ids, plan.anchors, plan.distances, plan.layers, seed=seed, n_boot=n_boot
-        )
-    except TypeError as error:
-        notes.append(f"influence skipped: {error}")
-        return pd.DataFrame()
-    step.update(1)
-    return frame
-
-
 def context_lengths(length: int) -> list[int]:
     """Doubling context lengths from 1024 up to ``length`` (``length`` itself included)."""
     lengths = [n for n in (1024 * 2**k for k in range(12)) if n < length]
     return [*lengths, length]
-
-
-def _long_context_metrics(model, length, metrics, seed, n_boot, reporter) -> list[pd.DataFrame]:
-    """Passkey and key-value retrieval and held-out perplexity at doubling context lengths
-    up to the analysis length (their own forward passes)."""
-    from fidelity.metrics.perplexity import perplexity
-    from fidelity.metrics.retrieval import retrieval_accuracy
-
-    lengths = context_lengths(length)
-    frames = []
-    if "retrieval" in metrics:
-        for task in ("passkey", "kv"):
-            step = reporter.start(f"{task} retrieval", 1)
-            frames.append(
-                retrieval_accuracy(
-                    model, task, lengths=lengths, trials=RETRIEVAL_TRIALS, seed=seed, n_boot=n_boot
-                )
-            )
-            step.update(1)
-    if "perplexity" in metrics:
-        step = reporter.start("perplexity", 1)
-        frames.append(perplexity(model, lengths, seed=seed, n_boot=n_boot))
-        step.update(1)
-    return frames
 
 
 def _empty_summary(layers: list[int]) -> pd.DataFrame:
@@ -524,15 +603,10 @@ def _finish_frame(
 
 
 def _summary(curves: pd.DataFrame, etmf_rows: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer summary in the results schema, with normalized ETMF at key distances."""
-    summary = pd.DataFrame({"layer": curves["layer"]})
-    for column in SUMMARY_STATISTICS:
-        summary[column] = curves[column].astype(float)
-        summary[f"{column}_low"] = curves[f"{column}_ci_low"]
-        summary[f"{column}_high"] = curves[f"{column}_ci_high"]
-    summary["peak_value"] = curves["peak_value"]
-    summary["half_life_r2"] = curves["half_life_r2"]
-    summary = summary[[c for c in SUMMARY_COLUMNS if c in summary]]
+    """The results' per-layer summary: the :data:`~fidelity.schema.SUMMARY_COLUMNS` of ETMF's
+    curve summary (its fit parameters left out), with normalized ETMF at key distances."""
+    columns = [c for c in SUMMARY_COLUMNS if c in curves.columns]
+    summary = curves[columns].astype({c: float for c in columns if SUMMARY_COLUMNS[c] == "float"})
     normalized = etmf_rows[etmf_rows["metric"] == "etmf_norm"]
     for distance in KEY_DISTANCES:
         at = normalized[normalized["distance"] == distance].set_index("layer")["value"]

@@ -8,6 +8,7 @@ import torch
 
 import fidelity.analysis as analysis
 from fidelity.budget import MemoryBudgetError
+from fidelity.models.base import AUTO_CHUNK_SIZE
 from fidelity.models.registry import build_model
 from fidelity.probes.capture import NonFiniteHiddenStateError
 from fidelity.results import FRAME_COLUMNS, FidelityResult
@@ -64,7 +65,7 @@ def test_memory_estimate_refuses_what_will_not_fit():
 def test_plan_keeps_only_sampled_positions_and_chunks_long_inputs():
     model = build_model("mamba", "tiny")
     plan = analysis.plan_analysis(model, "60k", anchors=128, time_it=False)
-    assert plan.chunk_size == analysis.AUTO_CHUNK
+    assert plan.chunk_size == AUTO_CHUNK_SIZE
     assert len(plan.positions) < 128 * (len(plan.distances) + 1)
     assert plan.estimate.kept_states == len(plan.positions) * len(plan.layers) * 32 * 4
     assert "60k tokens" in plan.describe()

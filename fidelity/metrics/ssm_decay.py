@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
-from fidelity.metrics.etmf import TIDY_COLUMNS
+from fidelity.metrics.toolkit import tidy_frame
 from fidelity.models.base import causal_conv1d
 from fidelity.models.decimamba import DeciMambaBlock
 from fidelity.models.mamba import MambaMixer
@@ -399,8 +399,7 @@ class SsmDecayCollector:
                 value, low, high = mean_with_interval(values[j, :valid].numpy(), counts, level)
                 n = batch[layer] * valid
                 rows.append((METRIC, layer, distance, value, low, high, n, layer))
-        frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
-        return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+        return tidy_frame(rows)
 
 
 def _check_positions(name: str, values: object, upper: int | None) -> torch.Tensor:

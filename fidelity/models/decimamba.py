@@ -270,6 +270,13 @@ class DeciMambaLM(MambaLM):
 
     config: DeciMambaConfig
 
+    # Run policy: which rows survive is a global top-k over each forward call's input, so a
+    # later token can change earlier logits, a context must be read in one call (each chunk
+    # would be decimated on its own), and the logits cover the kept positions only.
+    causal = False
+    chunkable = False
+    all_positions = False
+
     def __init__(self, config: DeciMambaConfig) -> None:
         # MambaLM.__init__ would build plain blocks; build ours in the same order (the same
         # random draws, so a seed gives the weights Mamba gets from it).
