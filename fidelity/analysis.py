@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+from numbers import Integral
 from pathlib import Path
 
 try:
@@ -52,7 +53,7 @@ from fidelity.metrics.sampling import (
     sample_anchors,
     seeded_generator,
 )
-from fidelity.metrics.toolkit import resolve_chunk_size
+from fidelity.metrics.toolkit import check_chunk_size, resolve_chunk_size
 from fidelity.models.base import CausalLM
 from fidelity.models.registry import load_model
 from fidelity.probes.capture import capture, find_blocks
@@ -109,17 +110,18 @@ class AnalysisPlan:
 class MetricContext:
     """What a metric's runner gets inside :func:`analyze`.
 
-    ``input_ids`` `(batch, length)` is the probe input; ``capture`` holds every layer in
-    ``plan.layers`` at ``plan.positions`` (None until the forward pass has run); ``observed``
-    holds what each metric's ``observe`` hook returned, by metric name; a runner that has a
-    per-layer summary sets ``summary``; ``notes`` collects lines for the run's ``meta``.
+    ``input_ids`` `(batch, length)` is the probe input; ``options`` the run's definition
+    (``seed``, ``n_boot``, ...), ``plan`` its anchors, distances and layers; ``capture`` holds
+    every layer in ``plan.layers`` at ``plan.positions`` (None until the forward pass has run);
+    ``observed`` holds what each metric's ``observe`` hook returned, by metric name; a runner
+    that has a per-layer summary sets ``summary``; ``notes`` collects lines for the run's
+    ``meta``.
     """
 
     model: nn.Module
     input_ids: torch.Tensor
+    options: AnalysisOptions
     plan: AnalysisPlan
-    seed: int
-    n_boot: int
     reporter: ProgressReporter
     notes: list[str] = field(default_factory=list)
     capture: Capture | None = None
@@ -155,12 +157,12 @@ def _run_etmf(context: MetricContext) -> list[pd.DataFrame]:
         context.plan.distances,
         context.plan.layers,
         _input_embedding(context.model),
-        seed=context.seed,
+        seed=context.options.seed,
         centered=CENTERED,
     )
-    frame = etmf_frame(per_anchor, n_boot=context.n_boot, seed=context.seed)
+    frame = etmf_frame(per_anchor, n_boot=context.options.n_boot, seed=context.options.seed)
     context.summary = _summary(
-        etmf_summary(per_anchor, n_boot=context.n_boot, seed=context.seed), frame
+        etmf_summary(per_anchor, n_boot=context.options.n_boot, seed=context.options.seed), frame
     )
     step.update(1)
     return [frame]
@@ -171,8 +173,8 @@ def _run_eclmf(context: MetricContext) -> list[pd.DataFrame]:
     frame = eclmf(
         context.capture,
         context.plan.anchors,
-        n_boot=context.n_boot,
-        seed=context.seed,
+        n_boot=context.options.n_boot,
+        seed=context.options.seed,
         centered=CENTERED,
     )
     step.update(1)
@@ -187,7 +189,7 @@ def _observe_ssm_decay(model: nn.Module, plan: AnalysisPlan) -> AbstractContextM
 
 def _run_ssm_decay(context: MetricContext) -> list[pd.DataFrame]:
     collector = context.observed["ssm_decay"]
-    frame = collector.frame(n_boot=context.n_boot, seed=context.seed)
+    frame = collector.frame(n_boot=context.options.n_boot, seed=context.options.seed)
     context.notes.extend(collector.notes)
     return [frame]
 
@@ -204,8 +206,8 @@ def _run_influence(context: MetricContext) -> list[pd.DataFrame]:
             plan.anchors,
             plan.distances,
             plan.layers,
-            seed=context.seed,
-            n_boot=context.n_boot,
+            seed=context.options.seed,
+            n_boot=context.options.n_boot,
         )
     except TypeError as error:
         context.notes.append(f"influence skipped: {error}")
@@ -227,8 +229,8 @@ def _run_retrieval(context: MetricContext) -> list[pd.DataFrame]:
                 task,
                 lengths=context_lengths(context.plan.length),
                 trials=RETRIEVAL_TRIALS,
-                seed=context.seed,
-                n_boot=context.n_boot,
+                seed=context.options.seed,
+                n_boot=context.options.n_boot,
             )
         )
         step.update(1)
@@ -241,7 +243,9 @@ def _run_perplexity(context: MetricContext) -> list[pd.DataFrame]:
 
     step = context.reporter.start("perplexity", 1)
     lengths = context_lengths(context.plan.length)
-    frame = perplexity(context.model, lengths, seed=context.seed, n_boot=context.n_boot)
+    frame = perplexity(
+        context.model, lengths, seed=context.options.seed, n_boot=context.options.n_boot
+    )
     step.update(1)
     return [frame]
 
@@ -262,6 +266,95 @@ CAPTURE_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if runne
 EXTRA_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if not runner.from_capture)
 """Metrics that run forward passes of their own (opt-in: they cost more than the capture)."""
 DEFAULT_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if runner.default)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """One run's definition: everything :func:`analyze` needs beside the model, validated on
+    construction (``InputError``, exit 2 on the command line; ``TypeError`` for a wrong type).
+
+    The CLI, the notebook API (:func:`analyze`'s keyword arguments) and sweeps
+    (:class:`fidelity.sweep.RunSpec`) all build one and pass it to :func:`run_analysis`.
+    ``length`` in tokens (``"60k"`` accepted, stored as an int); ``probe`` one of
+    :data:`fidelity.probes.tasks.TASKS`; ``metrics`` names from :data:`METRICS` (a list or a
+    comma-separated string, stored as a tuple); ``anchors`` sampled positions (>= 16, seeded);
+    ``distances`` (None: log-spaced up to the length) and ``layers`` (None: all; 0 is always
+    kept) stored as tuples; ``seed`` for the probe, anchors and bootstraps; ``batch`` sequences;
+    ``device`` "auto", "cpu", "cuda" or "cuda:N"; ``text`` files or directories for the text
+    probe, ``text_field`` of ``.jsonl`` records; ``tokenizer`` a local Hugging Face tokenizer
+    directory; ``chunk_size`` "auto", None or a token count; ``max_memory`` bytes overriding the
+    available-memory check; ``n_boot`` bootstrap replicates (0: no intervals).
+    """
+
+    length: int | str = "8k"
+    probe: str = "text"
+    metrics: Sequence[str] | str = DEFAULT_METRICS
+    anchors: int = 512
+    distances: Sequence[int] | None = None
+    layers: Sequence[int] | None = None
+    seed: int = 0
+    batch: int = 1
+    device: str = "auto"
+    text: str | Path | Sequence[str | Path] | None = None
+    text_field: str = "text"
+    tokenizer: str | Path | None = None
+    chunk_size: int | str | None = "auto"
+    max_memory: int | None = None
+    n_boot: int = 200
+
+    def __post_init__(self) -> None:
+        length = check_length(self.length)
+        if length > MAX_LENGTH:
+            raise InputError(f"length {length} is beyond the longest input, {MAX_LENGTH} tokens")
+        if self.probe not in TASKS:
+            raise InputError(f"unknown probe {self.probe!r}; choose from {', '.join(TASKS)}")
+        _check_int("anchors", self.anchors, 16)
+        _check_int("batch", self.batch, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("n_boot", self.n_boot, 0)
+        if self.layers is not None and (
+            isinstance(self.layers, str | bytes)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
+        ):
+            raise TypeError(
+                f"layers must be a list of layer indices such as [0, 3] (or None for all), got "
+                f"{self.layers!r}"
+            )
+        distances = None
+        if self.distances is not None:
+            distances = tuple(int(d) for d in self.distances)
+            if not distances or min(distances) < 0 or max(distances) >= length:
+                raise InputError(
+                    f"distances must lie in [0, {length}), got {sorted(set(distances))}"
+                )
+        check_chunk_size(self.chunk_size)
+        if self.max_memory is not None:
+            _check_int("max_memory", self.max_memory, 1)
+        text = self.text
+        if text is not None and not isinstance(text, str | Path):
+            text = tuple(text)
+        normalized = {
+            "length": length,
+            "metrics": tuple(check_metrics(self.metrics)),
+            "distances": distances,
+            "layers": None if self.layers is None else tuple(self.layers),
+            "text": text,
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    def probe_options(self) -> dict[str, object]:
+        """Keyword arguments of :func:`~fidelity.probes.tasks.make_probe` beyond the length,
+        batch, seed and tokenizer."""
+        if self.probe == "text" and self.text is not None:
+            return {"paths": self.text, "text_field": self.text_field}
+        return {}
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InputError(f"{name} must be {wanted}, got {value!r}")
 
 
 def _resolve_model(model: nn.Module | str | Path) -> nn.Module:
@@ -329,29 +422,34 @@ def plan_analysis(
     max_memory: int | None = None,
     time_it: bool = True,
 ) -> AnalysisPlan:
-    """Decide anchors, distances, kept positions, chunking and storage, estimate memory and
-    time, and refuse (``MemoryBudgetError``) when the run will not fit."""
-    length = check_length(length)
-    if not isinstance(anchors, int) or isinstance(anchors, bool) or anchors < 16:
-        raise InputError(f"anchors must be an integer >= 16, got {anchors!r}")
-    if not isinstance(batch, int) or batch < 1:
-        raise InputError(f"batch must be a positive integer, got {batch!r}")
-    if layers is not None and (
-        isinstance(layers, str | bytes)
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-    ):
-        raise TypeError(
-            f"layers must be a list of layer indices such as [0, 3] (or None for all), got "
-            f"{layers!r}"
-        )
+    """:func:`plan_run` for the :class:`AnalysisOptions` these arguments make."""
+    if isinstance(distances, torch.Tensor):
+        distances = distances.tolist()
+    options = AnalysisOptions(
+        length,
+        anchors=anchors,
+        distances=distances,
+        layers=layers,
+        batch=batch,
+        seed=seed,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+    )
+    return plan_run(model, options, time_it=time_it)
+
+
+def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True) -> AnalysisPlan:
+    """Decide anchors, distances, kept positions, chunking and storage for ``options`` on
+    ``model``, estimate memory and time, and refuse (``MemoryBudgetError``) when the run will
+    not fit."""
+    length, anchors, layers, batch = options.length, options.anchors, options.layers, options.batch
+    distances, max_memory = options.distances, options.max_memory
     n_layers = _n_layers(model)
     chosen_layers = sorted(set(range(n_layers + 1) if layers is None else layers) | {0})
     bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
     if bad:
         raise InputError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
-    chunk_size = resolve_chunk_size(model, chunk_size, length)
-    if length > MAX_LENGTH:
-        raise InputError(f"length {length} is beyond the longest input, {MAX_LENGTH} tokens")
+    chunk_size = resolve_chunk_size(model, options.chunk_size, length)
     # Refuse before anything as long as the input is allocated (the anchor draw permutes every
     # position), with at most every anchor at every distance kept.
     n_distances = len(distances) if distances is not None else _most_default_distances(length)
@@ -367,13 +465,11 @@ def plan_analysis(
     if early.kept_states > STORE_FLOAT16_ABOVE:
         early.kept_states //= 2
     check_fits(early, max_memory)
-    anchor_positions = sample_anchors(length, anchors, seeded_generator(seed, 1))
+    anchor_positions = sample_anchors(length, anchors, seeded_generator(options.seed, 1))
     if distances is None:
         distance_tensor = default_distances(length, len(anchor_positions))
     else:
-        distance_tensor = torch.as_tensor(list(distances), dtype=torch.long).unique(sorted=True)
-        if distance_tensor.numel() == 0 or distance_tensor[0] < 0 or distance_tensor[-1] >= length:
-            raise InputError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
+        distance_tensor = torch.tensor(distances, dtype=torch.long).unique(sorted=True)
     positions = required_positions(anchor_positions, distance_tensor, length)
     estimate = estimate_run(
         model,
@@ -443,43 +539,64 @@ def analyze(
     available-memory check. The result's ``frame`` is tidy (see :mod:`fidelity.results`),
     ``summary`` has per-layer statistics of the normalized ETMF curve (farthest distance at or
     above 0.5, peak distance, memory mass, contiguous length, half-life with its fit's R^2;
-    see :data:`fidelity.results.SUMMARY_COLUMNS`), ``meta`` records everything needed to
-    reproduce the run.
+    see :data:`fidelity.schema.SUMMARY_COLUMNS`), ``meta`` records everything needed to
+    reproduce the run. The arguments make an :class:`AnalysisOptions` (validated before the
+    model is loaded), run by :func:`run_analysis`.
     """
+    options = AnalysisOptions(
+        length,
+        probe,
+        metrics,
+        anchors,
+        distances,
+        layers,
+        seed,
+        batch=batch,
+        device=device,
+        text=text,
+        text_field=text_field,
+        tokenizer=tokenizer,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+        n_boot=n_boot,
+    )
+    return run_analysis(model, options, progress=progress, name=name)
+
+
+def run_analysis(
+    model: nn.Module | str | Path,
+    options: AnalysisOptions,
+    *,
+    progress: bool | ProgressReporter = True,
+    name: str | None = None,
+) -> FidelityResult:
+    """Run the analysis ``options`` defines on ``model`` (see :func:`analyze`); ``name``
+    labels the model in the result (default: its registered name or class)."""
+    if not isinstance(options, AnalysisOptions):
+        raise TypeError(f"options must be AnalysisOptions, got {type(options).__name__}")
     started = time.perf_counter()
-    metrics = check_metrics(metrics)
-    if probe not in TASKS:
-        raise InputError(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
-    target = resolve_device(device)
+    target = resolve_device(options.device)
     model = _resolve_model(model)
     model = model.to(target).eval()
     reporter = as_reporter(progress)
     try:
-        plan = plan_analysis(
-            model,
-            length,
-            anchors=anchors,
-            distances=distances,
-            layers=layers,
-            batch=batch,
-            seed=seed,
-            chunk_size=chunk_size,
-            max_memory=max_memory,
-            time_it=False,
-        )
-        probe_options = {}
-        if probe == "text" and text is not None:
-            probe_options = {"paths": text, "text_field": text_field}
-        if probe == "random" and _vocabulary_size(model) is not None:
+        plan = plan_run(model, options, time_it=False)
+        probe_options = options.probe_options()
+        if options.probe == "random" and _vocabulary_size(model) is not None:
             probe_options["vocab_size"] = _vocabulary_size(model)  # draw what the model reads
         probe_input = make_probe(
-            probe, plan.length, batch=batch, seed=seed, tokenizer=tokenizer, **probe_options
+            options.probe,
+            plan.length,
+            batch=options.batch,
+            seed=options.seed,
+            tokenizer=options.tokenizer,
+            **probe_options,
         )
         _check_vocabulary(model, probe_input.input_ids)
-        context = MetricContext(model, probe_input.input_ids, plan, seed, n_boot, reporter)
+        context = MetricContext(model, probe_input.input_ids, options, plan, reporter)
         forward = reporter.start("forward pass", plan.length)
         with contextlib.ExitStack() as stack:
-            _observe(stack, context, metrics)
+            _observe(stack, context)
             context.capture = capture(
                 model,
                 probe_input.input_ids,
@@ -491,7 +608,7 @@ def analyze(
             )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            frames = _compute_metrics(context, metrics)
+            frames = _compute_metrics(context)
         notes = context.notes
         notes.extend(sorted({str(w.message) for w in caught}))
     finally:
@@ -502,15 +619,15 @@ def analyze(
     summary = context.summary if context.summary is not None else _empty_summary(plan.layers)
     summary.insert(0, "checkpoint", checkpoint)
     summary.insert(0, "model", model_name)
-    meta = _meta(model, model_name, checkpoint, probe, plan, metrics, seed, target, notes)
+    meta = _meta(model, model_name, checkpoint, options, plan, target, notes)
     meta["wall_time_s"] = round(time.perf_counter() - started, 2)
     meta["peak_memory_bytes"] = peak_memory_bytes()
     return FidelityResult(frame, summary, meta)
 
 
-def _observe(stack: contextlib.ExitStack, context: MetricContext, metrics: list[str]) -> None:
+def _observe(stack: contextlib.ExitStack, context: MetricContext) -> None:
     """Enter the ``observe`` hooks of the chosen metrics around the captured forward pass."""
-    for name in metrics:
+    for name in context.options.metrics:
         runner = METRIC_RUNNERS[name]
         if runner.observe is None:
             continue
@@ -522,12 +639,13 @@ def _observe(stack: contextlib.ExitStack, context: MetricContext, metrics: list[
             context.notes.append(f"{name} skipped: {error}")
 
 
-def _compute_metrics(context: MetricContext, metrics: list[str]) -> list[pd.DataFrame]:
+def _compute_metrics(context: MetricContext) -> list[pd.DataFrame]:
     """The frames of the chosen metrics, in :data:`METRIC_RUNNERS` order (a metric whose
     ``observe`` hook refused the model is left out)."""
     frames = []
     for name, runner in METRIC_RUNNERS.items():
-        if name in metrics and (runner.observe is None or name in context.observed):
+        chosen = name in context.options.metrics
+        if chosen and (runner.observe is None or name in context.observed):
             frames.extend(runner.compute(context))
     return frames
 
@@ -628,7 +746,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _meta(model, model_name, checkpoint, probe, plan, metrics, seed, device, notes) -> dict:
+def _meta(
+    model: nn.Module,
+    model_name: str,
+    checkpoint: str,
+    options: AnalysisOptions,
+    plan: AnalysisPlan,
+    device: torch.device,
+    notes: list[str],
+) -> dict:
+    """The result's ``meta``: the model, the run's options as planned, versions, notes."""
     provenance = _provenance(model)
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
@@ -642,14 +769,14 @@ def _meta(model, model_name, checkpoint, probe, plan, metrics, seed, device, not
         "preset": provenance.get("preset"),
         "model_config": config_dict,
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "probe": probe,
+        "probe": options.probe,
         "length": plan.length,
         "batch": plan.batch,
-        "seed": seed,
+        "seed": options.seed,
         "anchors": len(plan.anchors),
         "distances": plan.distances.tolist(),
         "layers": plan.layers,
-        "metrics": metrics,
+        "metrics": list(options.metrics),
         "chunk_size": plan.chunk_size,
         "centered_readout": CENTERED,
         "device": str(device),

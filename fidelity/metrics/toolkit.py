@@ -36,6 +36,7 @@ __all__ = [
     "MIN_ANCHORS_PER_CELL",
     "TIDY_COLUMNS",
     "captured_states",
+    "check_chunk_size",
     "enough_anchors",
     "is_causal",
     "per_anchor_mean",
@@ -172,6 +173,16 @@ def per_anchor_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor
 
 
 # -- run policy -------------------------------------------------------------------------------
+def check_chunk_size(chunk_size: object) -> None:
+    """Refuse a ``chunk_size`` that is not ``"auto"``, None or a positive int."""
+    if chunk_size in ("auto", None):
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral) or chunk_size < 1:
+        raise InputError(
+            f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
+        )
+
+
 def resolve_chunk_size(
     model: nn.Module,
     chunk_size: int | str | None,
@@ -184,14 +195,11 @@ def resolve_chunk_size(
     None is one call, an int is checked (positive, and only for our models, whose recurrent
     cache carries the state between chunks; ``ignore_without_cache=True`` returns None for
     other models instead of refusing)."""
+    check_chunk_size(chunk_size)
     if chunk_size == "auto":
         return model.auto_chunk_size(length) if isinstance(model, CausalLM) else None
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral) or chunk_size < 1:
-        raise InputError(
-            f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
-        )
     if not isinstance(model, CausalLM):
         if ignore_without_cache:
             return None
