@@ -391,7 +391,7 @@ def check_length(length: int | str) -> int:
     return length
 
 
-def _n_layers(model: nn.Module) -> int:
+def _n_blocks(model: nn.Module) -> int:
     return len(find_blocks(model))
 
 
@@ -444,11 +444,11 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
     not fit."""
     length, anchors, layers, batch = options.length, options.anchors, options.layers, options.batch
     distances, max_memory = options.distances, options.max_memory
-    n_layers = _n_layers(model)
-    chosen_layers = sorted(set(range(n_layers + 1) if layers is None else layers) | {0})
-    bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
+    n_blocks = _n_blocks(model)
+    chosen_layers = sorted(set(range(n_blocks + 1) if layers is None else layers) | {0})
+    bad = [layer for layer in chosen_layers if not 0 <= layer <= n_blocks]
     if bad:
-        raise InputError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
+        raise InputError(f"layers {bad} out of range: this model has layers 0..{n_blocks}")
     chunk_size = resolve_chunk_size(model, options.chunk_size, length)
     # Refuse before anything as long as the input is allocated (the anchor draw permutes every
     # position), with at most every anchor at every distance kept.

@@ -1,7 +1,8 @@
 """Vertical memory fidelity: how much of layer ``l`` survives into layer ``l + m``.
 
-Notation: ``h[l][t]`` is the residual stream after block ``l`` at position ``t`` (layer 0: token
-embeddings). For each (source ``l``, target ``l + m``) pair, over the anchors ``t``:
+Notation: ``h[l][t]`` is the residual stream at layer ``l`` (the output of block ``l - 1``;
+layer 0: token embeddings) at position ``t``. For each (source ``l``, target ``l + m``) pair,
+over the anchors ``t``:
 
 - ``eclmf``: ``ECLMF(l -> l + m) = mean_t cos(h[l][t], R(h[l + m][t]))`` where ``R`` is a ridge
   read-out from the target layer back to the source layer, cross-fitted over two anchor folds.

@@ -1,6 +1,7 @@
 """Horizontal memory fidelity: how much of token ``t`` layer ``l`` still holds at ``t + d``.
 
-Notation: ``h[l][t]`` is the residual stream after block ``l`` at position ``t`` and
+Notation: ``h[l][t]`` is the residual stream at layer ``l`` (the output of block ``l - 1``) at
+position ``t``, and
 ``e[t] = h[0][t]`` the token embedding. For each layer ``l`` and distance ``d``, over the
 anchors ``t`` with ``t + d < length``:
 
@@ -56,13 +57,13 @@ from fidelity.metrics.readout import rowwise_cosine
 from fidelity.metrics.sampling import assign_folds, seeded_generator
 from fidelity.metrics.toolkit import (
     MIN_ANCHORS_PER_CELL,
+    captured_layers,
     captured_states,
     enough_anchors,
     per_anchor_mean,
     pooled_readout_scores,
     present_samples,
     require_kept,
-    resolve_layers,
     tidy_frame,
     validate_anchors,
 )
@@ -178,7 +179,7 @@ def etmf_per_anchor(
     """
     anchors = validate_anchors(anchors, cap)
     distances = _validate_distances(distances)
-    layers = resolve_layers(cap, layers)
+    layers = captured_layers(cap, layers)
     if 0 not in cap:
         raise ValueError("ETMF needs layer 0 (the token embeddings e[t]) in the capture")
     targets = captured_states(cap, 0, anchors)  # (batch, n_anchors, d_model)

@@ -5,12 +5,13 @@ uniformly (seeded), the model is run on the perturbed sequence, and
 
     influence(l, d) = ||h'[l][t + d] - h[l][t + d]|| / ||h'[l][t] - h[l][t]||
 
-(``h`` clean, ``h'`` perturbed, the residual stream after block ``l``). It is 1 at ``d = 0``
-and measures the causal reach of a token, whatever path carries it (the scan, MemMamba's pool,
-attention). The metric ``influence`` is the mean over anchors (ratios averaged over the
-sequences of the batch first; a zero denominator, a token the layer ignores, gives no sample)
-with a percentile bootstrap interval over anchors. Layer 0 (the embeddings) is not reported:
-there the change is confined to ``t`` by construction (0 for every ``d > 0``).
+(``h`` clean, ``h'`` perturbed, the residual stream at layer ``l``: the output of block
+``l - 1``). It is 1 at ``d = 0`` and measures the causal reach of a token, whatever path carries
+it (the scan, MemMamba's pool, attention). The metric ``influence`` is the mean over anchors
+(ratios averaged over the sequences of the batch first; a zero denominator, a token the layer
+ignores, gives no sample) with a percentile bootstrap interval over anchors. Layer 0 (the
+embeddings) is not reported: there the change is confined to ``t`` by construction (0 for every
+``d > 0``).
 
 Causal models never need ``d < 0``, and only positions up to ``t + max(distances)`` are run.
 Two strategies give the same numbers (tested):
@@ -251,13 +252,13 @@ def influence(
     distances = _check_positions("distances", distances, length)
     distances = torch.cat([torch.zeros(1, dtype=torch.long), distances[distances > 0]])
     distances = distances[distances <= max_distance]
-    n_layers = len(find_blocks(model))
-    chosen = list(range(1, n_layers + 1)) if layers is None else sorted(set(layers) - {0})
-    bad = [layer for layer in chosen if not 0 < layer <= n_layers]
+    n_blocks = len(find_blocks(model))
+    chosen = list(range(1, n_blocks + 1)) if layers is None else sorted(set(layers) - {0})
+    bad = [layer for layer in chosen if not 0 < layer <= n_blocks]
     if bad or not chosen:
         raise ValueError(
             f"layers {bad or list(layers)} cannot be measured: this model has layers "
-            f"1..{n_layers} (layer 0, the embeddings, is not reported)"
+            f"1..{n_blocks} (layer 0, the embeddings, is not reported)"
         )
     strategy = _resolve_strategy(model, strategy)
     chunk = resolve_chunk_size(model, chunk_size)

@@ -35,6 +35,7 @@ from fidelity.schema import TIDY_COLUMNS, TIDY_INTEGER_COLUMNS
 __all__ = [
     "MIN_ANCHORS_PER_CELL",
     "TIDY_COLUMNS",
+    "captured_layers",
     "captured_states",
     "check_chunk_size",
     "enough_anchors",
@@ -44,7 +45,6 @@ __all__ = [
     "present_samples",
     "require_kept",
     "resolve_chunk_size",
-    "resolve_layers",
     "returns_all_positions",
     "tidy_frame",
     "validate_anchors",
@@ -76,7 +76,7 @@ def captured_states(cap: Capture, layer: int, positions: torch.Tensor) -> torch.
     return cap.at(layer, positions).detach().to(device="cpu", dtype=torch.float64)
 
 
-def resolve_layers(cap: Capture, layers: Sequence[int] | None) -> list[int]:
+def captured_layers(cap: Capture, layers: Sequence[int] | None) -> list[int]:
     """``layers`` checked against the capture (None: every captured layer), ascending."""
     if layers is None:
         return cap.layers
