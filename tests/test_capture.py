@@ -249,17 +249,17 @@ def test_memmamba_internals_writes_pools_and_attention():
             assert torch.equal(trace.pool_at(layer, cut), explicit)
     # Attention records: weights over each query's own pool, summing to one per head.
     token_records = [r for r in trace.attention if r.kind == "token"]
-    assert {(r.layer, r.query_position) for r in token_records} == {
+    assert {(r.block, r.query_position) for r in token_records} == {
         (layer, q) for layer in range(4) for q in (20, 63)
     }
     for record in token_records:
         assert torch.equal(
-            record.note_positions.sort().values, trace.pool_at(record.layer, record.query_position)
+            record.note_positions.sort().values, trace.pool_at(record.block, record.query_position)
         )
         torch.testing.assert_close(record.weights.sum(-1), torch.ones(record.weights.shape[0]))
     layer_records = [r for r in trace.attention if r.kind == "layer"]
-    assert {r.layer for r in layer_records} == {1, 3}
-    assert all(set(r.note_layers.tolist()) <= {0, 1, 2} for r in layer_records)
+    assert {r.block for r in layer_records} == {1, 3}
+    assert all(set(r.note_blocks.tolist()) <= {0, 1, 2} for r in layer_records)
 
 
 MEMORY_SCRIPT = r"""
