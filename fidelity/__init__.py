@@ -31,7 +31,7 @@ _EXPORTS = {
     "format_length": "fidelity.lengths",
     "kernels": "fidelity.kernels",
     "load_checkpoint": "fidelity.models.checkpoint",
-    "load_model": "fidelity.models.registry",
+    "load_model": "fidelity.models.loading",
     "make_probe": "fidelity.probes.tasks",
     "model_names": "fidelity.models.registry",
     "parse_length": "fidelity.lengths",
@@ -72,7 +72,8 @@ if TYPE_CHECKING:
     from fidelity.analysis import AnalysisOptions, analyze, compare, plan_analysis, run_analysis
     from fidelity.lengths import format_length, parse_length
     from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-    from fidelity.models.registry import build_model, load_model, model_names
+    from fidelity.models.loading import load_model
+    from fidelity.models.registry import build_model, model_names
     from fidelity.probes.capture import capture, capturing, run_with_capture
     from fidelity.probes.capture_types import Capture
     from fidelity.probes.tasks import make_probe

@@ -55,7 +55,7 @@ from fidelity.metrics.sampling import (
 )
 from fidelity.metrics.toolkit import check_chunk_size, resolve_chunk_size
 from fidelity.models.base import CausalLM
-from fidelity.models.registry import load_model
+from fidelity.models.loading import load_model
 from fidelity.probes.capture import capture, find_blocks
 from fidelity.probes.capture_types import Capture
 from fidelity.probes.tasks import TASKS, make_probe

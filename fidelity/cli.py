@@ -154,7 +154,7 @@ def analyze(
     """Measure forgetting on one probe and print a per-layer summary."""
     from fidelity.analysis import AnalysisOptions, plan_run, run_analysis
     from fidelity.devices import resolve_device
-    from fidelity.models.registry import load_model
+    from fidelity.models.loading import load_model
     from fidelity.probes.tasks import make_probe
     from fidelity.probes.tokenizer import load_tokenizer
     from fidelity.results import LEGACY_RESULT

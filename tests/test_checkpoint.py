@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from fidelity.models import checkpoint
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-from fidelity.models.registry import MODELS, build_model, load_model, model_names
+from fidelity.models.loading import load_model
+from fidelity.models.registry import MODELS, build_model, model_names
 
 # models whose modules ship with this version: their round trip must run, never skip
 REQUIRED_MODELS = {"mamba", "memmamba", "transformer"}

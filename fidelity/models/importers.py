@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fidelity.errors import InputError
-from fidelity.models.checkpoint import WEIGHTS_FILE, Source, renamer, require_keys
+from fidelity.models.checkpoint_format import WEIGHTS_FILE, Source, renamer, require_keys
 
 
 def importer_for(header: dict[str, Any]) -> Callable[[dict[str, Any]], Source] | None:

@@ -45,7 +45,7 @@ def execute_run(spec: RunSpec, threads: int | None = None) -> RunReport:
     import torch
 
     from fidelity.analysis import run_analysis
-    from fidelity.models.registry import load_model
+    from fidelity.models.loading import load_model
 
     started = time.perf_counter()
     if threads is not None:
