@@ -66,9 +66,11 @@ from fidelity.schema import SUMMARY_COLUMNS
 RETRIEVAL_TRIALS = 5
 """Prompts per (task, length, depth) cell of the ``retrieval`` metric."""
 CENTERED = True
-"""Read-out cosines are taken about the read-out's intercept (see README, "Metrics"): the
-uncentred cosine of DESIGN.md lets a mean direction shared by all embeddings dominate far
-predictions and understates half-lives by 15-30% on a linear recurrence with known decay."""
+""":func:`analyze` takes read-out cosines about the read-out's intercept (``centered=True`` of
+the ETMF and ECLMF functions, whose own default is DESIGN.md's uncentred formula; see README,
+"What is measured"): the uncentred cosine lets a mean direction shared by all embeddings
+dominate far predictions and understates half-lives by 15-30% on a linear recurrence with known
+decay."""
 KEY_DISTANCES = (1, 16, 256, 4096, 65536)
 """Distances whose normalized ETMF the summary lists (those within the run's range)."""
 MAX_LENGTH = 2**62

@@ -265,7 +265,7 @@ def _sweep(tmp_path: Path, **keys) -> dict:
         ({"max_memory": "lots"}, "invalid memory size 'lots'"),
         ({"text": "no/such/file.txt"}, "text must be an existing file"),
         ({"lengths": [9]}, r"\[sweep\]: length 9 is too short"),  # refused before any run
-        ({"distances": [0, 2000]}, r"\[sweep\]: distances must lie in \[0, 1024\)"),
+        ({"distances": [0, 2000]}, r"\[sweep\]: distances must lie in \[0, 1000\)"),
     ],
 )
 def test_bad_sweep_keys_are_named_with_what_is_accepted(tmp_path, keys, message):

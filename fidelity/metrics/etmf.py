@@ -27,7 +27,8 @@ are left out, ``n`` counts the samples used, and a cell with fewer than
 :data:`MIN_ANCHORS_PER_CELL` such anchors (or fewer than half that in a fold) is skipped with a
 warning. Without missing samples this is exactly the computation above.
 
-``centered=True`` (not the default, which keeps the formula above) measures the read-out
+``centered=True`` (what :func:`fidelity.analyze` uses; this module's default, False, keeps
+DESIGN.md's formula above) measures the read-out
 cosines about the read-out's intercept, ``cos(e[t] - mu, R(h) - mu)`` with ``mu`` the mean
 embedding of the fitting anchors. Uncentred, a mean direction shared by the embeddings enters
 every prediction, and its weight grows as the read-out shrinks with distance: on a linear

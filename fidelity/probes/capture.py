@@ -405,17 +405,27 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def run_with_capture(
-    model: nn.Module, input_ids: torch.Tensor, **capture_options
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layers: LayerSelection = None,
+    positions: torch.Tensor | Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    module_names: Sequence[str] | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, Capture]:
     """Like TransformerLens' ``run_with_cache``: ``(logits (batch, length, vocab), Capture)``
-    from one forward pass (``capture_options`` as for :func:`capture`, without chunking).
-    DeciMamba's logits cover only the positions that survive decimation: ``(batch, n_out,
-    vocab)``, at ``model(input_ids).positions``."""
-    if capture_options.get("chunk_size") is not None:
-        raise InputError("run_with_capture runs one pass; use capture(..., chunk_size=...)")
+    from one forward pass over ``input_ids`` `(batch, length)`; ``layers``, ``positions``,
+    ``dtype``, ``module_names`` and ``check_finite`` as for :func:`capture` (no chunking,
+    internals or progress: use :func:`capture` for those). DeciMamba's logits cover only the
+    positions that survive decimation: ``(batch, n_out, vocab)``, at
+    ``model(input_ids).positions``."""
     length = input_ids.shape[1]
-    options = {k: v for k, v in capture_options.items() if k != "chunk_size"}
-    with torch.no_grad(), capturing(model, length, **options) as result:
+    options = {"module_names": module_names, "check_finite": check_finite}
+    with (
+        torch.no_grad(),
+        capturing(model, length, layers, positions, dtype, **options) as result,
+    ):
         output = model(input_ids.to(_model_device(model)))
     result.tokens = input_ids[:, result.positions].cpu()
     logits = output if isinstance(output, torch.Tensor) else output.logits
