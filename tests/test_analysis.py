@@ -216,5 +216,5 @@ def test_analysis_options_refuse_bad_runs_before_any_model_loads(options, messag
 
 def test_analysis_options_normalize_what_they_are_given():
     options = analysis.AnalysisOptions("1k", metrics="etmf, eclmf", layers=[2, 0], distances=[4])
-    assert options.length == 1024 and options.metrics == ("etmf", "eclmf")
+    assert options.length == 1000 and options.metrics == ("etmf", "eclmf")
     assert options.layers == (2, 0) and options.distances == (4,)
