@@ -115,7 +115,7 @@ def component_clock(model: CausalLM) -> Iterator[dict[str, float]]:
         originals.append((owner, attribute, original, attribute in vars(owner)))
         setattr(owner, attribute, clocked)
 
-    wrap(memmamba_module, "pool_blocks", "pool")
+    wrap(memmamba_module, "pool_segments", "pool")
     for layer in model.layers:
         wrap(layer.mixer, "forward", "mixer")
         wrap(layer.note_block, "forward", "note block")

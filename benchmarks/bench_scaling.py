@@ -32,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 WORKER = r"""
 import json, resource, sys, time, torch
-from fidelity.models.registry import build_model, load_model, shipped_checkpoint
+from fidelity.models.loading import load_model
+from fidelity.models.registry import build_model, shipped_checkpoint
 name, preset, length, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model = load_model(name) if preset == "shipped" else build_model(name, preset)
 model.eval()

@@ -45,7 +45,8 @@ import json, sys
 import psutil
 from fidelity.analysis import analyze, peak_memory_bytes, plan_analysis
 from fidelity.budget import MemoryBudgetError, estimate_seconds, seconds_per_token
-from fidelity.models.registry import build_model, load_model
+from fidelity.models.loading import load_model
+from fidelity.models.registry import build_model
 mode, name, weights, length, max_seconds = sys.argv[1:6]
 length, max_seconds = int(length), float(max_seconds)
 model = (load_model(name) if weights == "shipped" else build_model(name, weights)).eval()

@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "AnalysisOptions": "fidelity.analysis",
     "Capture": "fidelity.probes.capture_types",
     "Comparison": "fidelity.results",
     "FidelityResult": "fidelity.results",
@@ -30,17 +31,19 @@ _EXPORTS = {
     "format_length": "fidelity.lengths",
     "kernels": "fidelity.kernels",
     "load_checkpoint": "fidelity.models.checkpoint",
-    "load_model": "fidelity.models.registry",
+    "load_model": "fidelity.models.loading",
     "make_probe": "fidelity.probes.tasks",
     "model_names": "fidelity.models.registry",
     "parse_length": "fidelity.lengths",
     "plan_analysis": "fidelity.analysis",
+    "run_analysis": "fidelity.analysis",
     "run_with_capture": "fidelity.probes.capture",
     "save_checkpoint": "fidelity.models.checkpoint",
     "train": "fidelity.train",
 }
 
 __all__ = [
+    "AnalysisOptions",
     "Capture",
     "Comparison",
     "FidelityResult",
@@ -58,6 +61,7 @@ __all__ = [
     "model_names",
     "parse_length",
     "plan_analysis",
+    "run_analysis",
     "run_with_capture",
     "save_checkpoint",
     "train",
@@ -65,10 +69,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from fidelity import kernels
-    from fidelity.analysis import analyze, compare, plan_analysis
+    from fidelity.analysis import AnalysisOptions, analyze, compare, plan_analysis, run_analysis
     from fidelity.lengths import format_length, parse_length
     from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-    from fidelity.models.registry import build_model, load_model, model_names
+    from fidelity.models.loading import load_model
+    from fidelity.models.registry import build_model, model_names
     from fidelity.probes.capture import capture, capturing, run_with_capture
     from fidelity.probes.capture_types import Capture
     from fidelity.probes.tasks import make_probe

@@ -16,10 +16,12 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+from numbers import Integral
 from pathlib import Path
 
 try:
@@ -51,32 +53,28 @@ from fidelity.metrics.sampling import (
     sample_anchors,
     seeded_generator,
 )
+from fidelity.metrics.toolkit import check_chunk_size, resolve_chunk_size
 from fidelity.models.base import CausalLM
-from fidelity.models.decimamba import DeciMambaLM
-from fidelity.models.registry import load_model
+from fidelity.models.loading import load_model
 from fidelity.probes.capture import capture, find_blocks
+from fidelity.probes.capture_types import Capture
 from fidelity.probes.tasks import TASKS, make_probe
 from fidelity.progress import ProgressReporter, as_reporter
-from fidelity.results import SUMMARY_COLUMNS, SUMMARY_STATISTICS, Comparison, FidelityResult
+from fidelity.results import Comparison, FidelityResult
+from fidelity.schema import SUMMARY_COLUMNS
 
-CAPTURE_METRICS = ("etmf", "eclmf", "ssm_decay")
-"""Metrics computed from the single captured forward pass."""
-EXTRA_METRICS = ("influence", "retrieval", "perplexity")
-"""Metrics that run forward passes of their own (opt-in: they cost more than the capture)."""
 RETRIEVAL_TRIALS = 5
 """Prompts per (task, length, depth) cell of the ``retrieval`` metric."""
-METRICS = CAPTURE_METRICS + EXTRA_METRICS
-DEFAULT_METRICS = ("etmf", "eclmf", "ssm_decay")
 CENTERED = True
-"""Read-out cosines are taken about the read-out's intercept (see README, "Metrics"): the
-uncentred cosine of DESIGN.md lets a mean direction shared by all embeddings dominate far
-predictions and understates half-lives by 15-30% on a linear recurrence with known decay."""
+""":func:`analyze` takes read-out cosines about the read-out's intercept (``centered=True`` of
+the ETMF and ECLMF functions, whose own default is DESIGN.md's uncentred formula; see README,
+"What is measured"): the uncentred cosine lets a mean direction shared by all embeddings
+dominate far predictions and understates half-lives by 15-30% on a linear recurrence with known
+decay."""
 KEY_DISTANCES = (1, 16, 256, 4096, 65536)
 """Distances whose normalized ETMF the summary lists (those within the run's range)."""
 MAX_LENGTH = 2**62
 """Longest input: positions are int64 tensors (a longer one is refused with one line)."""
-AUTO_CHUNK = 8192
-"""Our models are fed in chunks of this many tokens when the input is longer."""
 MIN_LENGTH = 16
 """Shortest analysis: as many positions as the fewest anchors allowed (ECLMF needs 8 or more)."""
 STORE_FLOAT16_ABOVE = 1 << 30
@@ -107,6 +105,258 @@ class AnalysisPlan:
             f"{len(self.positions)} positions x {len(self.layers)} layers kept; "
             f"{self.estimate.describe()}{seconds}"
         )
+
+
+# -- metrics: one runner per metric ------------------------------------------------------------
+@dataclass
+class MetricContext:
+    """What a metric's runner gets inside :func:`analyze`.
+
+    ``input_ids`` `(batch, length)` is the probe input; ``options`` the run's definition
+    (``seed``, ``n_boot``, ...), ``plan`` its anchors, distances and layers; ``capture`` holds
+    every layer in ``plan.layers`` at ``plan.positions`` (None until the forward pass has run);
+    ``observed`` holds what each metric's ``observe`` hook returned, by metric name; a runner
+    that has a per-layer summary sets ``summary``; ``notes`` collects lines for the run's
+    ``meta``.
+    """
+
+    model: nn.Module
+    input_ids: torch.Tensor
+    options: AnalysisOptions
+    plan: AnalysisPlan
+    reporter: ProgressReporter
+    notes: list[str] = field(default_factory=list)
+    capture: Capture | None = None
+    observed: dict[str, object] = field(default_factory=dict)
+    summary: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class MetricRunner:
+    """How :func:`analyze` runs one metric.
+
+    ``compute(context)`` returns the metric's tidy frames (columns
+    :data:`~fidelity.schema.TIDY_COLUMNS`, optionally ``length`` and ``depth``) once the
+    captured forward pass has run. ``observe(model, plan)``, when given, returns a context
+    manager entered around that forward pass (hooks that see it, as ``ssm_decay``'s); what it
+    yields is ``context.observed[name]``; a ``TypeError`` from it (an unsupported model) skips
+    the metric with a note. ``from_capture``: False for metrics that run forward passes of
+    their own (opt-in: they cost more than the capture). ``default``: computed when the user
+    names no metrics.
+    """
+
+    compute: Callable[[MetricContext], list[pd.DataFrame]]
+    observe: Callable[[nn.Module, AnalysisPlan], AbstractContextManager] | None = None
+    from_capture: bool = True
+    default: bool = False
+
+
+def _run_etmf(context: MetricContext) -> list[pd.DataFrame]:
+    step = context.reporter.start("ETMF read-outs", 1)
+    per_anchor = etmf_per_anchor(
+        context.capture,
+        context.plan.anchors,
+        context.plan.distances,
+        context.plan.layers,
+        _input_embedding(context.model),
+        seed=context.options.seed,
+        centered=CENTERED,
+    )
+    frame = etmf_frame(per_anchor, n_boot=context.options.n_boot, seed=context.options.seed)
+    context.summary = _summary(
+        etmf_summary(per_anchor, n_boot=context.options.n_boot, seed=context.options.seed), frame
+    )
+    step.update(1)
+    return [frame]
+
+
+def _run_eclmf(context: MetricContext) -> list[pd.DataFrame]:
+    step = context.reporter.start("ECLMF read-outs", 1)
+    frame = eclmf(
+        context.capture,
+        context.plan.anchors,
+        n_boot=context.options.n_boot,
+        seed=context.options.seed,
+        centered=CENTERED,
+    )
+    step.update(1)
+    return [frame]
+
+
+def _observe_ssm_decay(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
+    from fidelity.metrics.ssm_decay import collect_ssm_decay
+
+    return collect_ssm_decay(model, plan.anchors, plan.distances, plan.length, plan.layers)
+
+
+def _run_ssm_decay(context: MetricContext) -> list[pd.DataFrame]:
+    collector = context.observed["ssm_decay"]
+    frame = collector.frame(n_boot=context.options.n_boot, seed=context.options.seed)
+    context.notes.extend(collector.notes)
+    return [frame]
+
+
+def _run_influence(context: MetricContext) -> list[pd.DataFrame]:
+    from fidelity.metrics.influence import influence
+
+    plan = context.plan
+    step = context.reporter.start("influence (perturbations)", 1)
+    try:
+        frame = influence(
+            context.model,
+            context.input_ids,
+            plan.anchors,
+            plan.distances,
+            plan.layers,
+            seed=context.options.seed,
+            n_boot=context.options.n_boot,
+        )
+    except TypeError as error:
+        context.notes.append(f"influence skipped: {error}")
+        return []
+    step.update(1)
+    return [frame]
+
+
+def _run_retrieval(context: MetricContext) -> list[pd.DataFrame]:
+    """Passkey and key-value retrieval at doubling context lengths up to the analysis length."""
+    from fidelity.metrics.retrieval import retrieval_accuracy
+
+    frames = []
+    for task in ("passkey", "kv"):
+        step = context.reporter.start(f"{task} retrieval", 1)
+        frames.append(
+            retrieval_accuracy(
+                context.model,
+                task,
+                lengths=context_lengths(context.plan.length),
+                trials=RETRIEVAL_TRIALS,
+                seed=context.options.seed,
+                n_boot=context.options.n_boot,
+            )
+        )
+        step.update(1)
+    return frames
+
+
+def _run_perplexity(context: MetricContext) -> list[pd.DataFrame]:
+    """Held-out perplexity at doubling context lengths up to the analysis length."""
+    from fidelity.metrics.perplexity import perplexity
+
+    step = context.reporter.start("perplexity", 1)
+    lengths = context_lengths(context.plan.length)
+    frame = perplexity(
+        context.model, lengths, seed=context.options.seed, n_boot=context.options.n_boot
+    )
+    step.update(1)
+    return [frame]
+
+
+METRIC_RUNNERS: dict[str, MetricRunner] = {
+    "etmf": MetricRunner(_run_etmf, default=True),
+    "eclmf": MetricRunner(_run_eclmf, default=True),
+    "ssm_decay": MetricRunner(_run_ssm_decay, observe=_observe_ssm_decay, default=True),
+    "influence": MetricRunner(_run_influence, from_capture=False),
+    "retrieval": MetricRunner(_run_retrieval, from_capture=False),
+    "perplexity": MetricRunner(_run_perplexity, from_capture=False),
+}
+"""Every metric :func:`analyze` knows, in the order it computes them (and its frame lists
+them); adding a metric is one module under :mod:`fidelity.metrics` plus one entry here."""
+METRICS = tuple(METRIC_RUNNERS)
+CAPTURE_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if runner.from_capture)
+"""Metrics computed from the single captured forward pass."""
+EXTRA_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if not runner.from_capture)
+"""Metrics that run forward passes of their own (opt-in: they cost more than the capture)."""
+DEFAULT_METRICS = tuple(name for name, runner in METRIC_RUNNERS.items() if runner.default)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """One run's definition: everything :func:`analyze` needs beside the model, validated on
+    construction (``InputError``, exit 2 on the command line; ``TypeError`` for a wrong type).
+
+    The CLI, the notebook API (:func:`analyze`'s keyword arguments) and sweeps
+    (:class:`fidelity.sweep.RunSpec`) all build one and pass it to :func:`run_analysis`.
+    ``length`` in tokens (``"60k"`` accepted, stored as an int); ``probe`` one of
+    :data:`fidelity.probes.tasks.TASKS`; ``metrics`` names from :data:`METRICS` (a list or a
+    comma-separated string, stored as a tuple); ``anchors`` sampled positions (>= 16, seeded);
+    ``distances`` (None: log-spaced up to the length) and ``layers`` (None: all; 0 is always
+    kept) stored as tuples; ``seed`` for the probe, anchors and bootstraps; ``batch`` sequences;
+    ``device`` "auto", "cpu", "cuda" or "cuda:N"; ``text`` files or directories for the text
+    probe, ``text_field`` of ``.jsonl`` records; ``tokenizer`` a local Hugging Face tokenizer
+    directory; ``chunk_size`` "auto", None or a token count; ``max_memory`` bytes overriding the
+    available-memory check; ``n_boot`` bootstrap replicates (0: no intervals).
+    """
+
+    length: int | str = "8k"
+    probe: str = "text"
+    metrics: Sequence[str] | str = DEFAULT_METRICS
+    anchors: int = 512
+    distances: Sequence[int] | None = None
+    layers: Sequence[int] | None = None
+    seed: int = 0
+    batch: int = 1
+    device: str = "auto"
+    text: str | Path | Sequence[str | Path] | None = None
+    text_field: str = "text"
+    tokenizer: str | Path | None = None
+    chunk_size: int | str | None = "auto"
+    max_memory: int | None = None
+    n_boot: int = 200
+
+    def __post_init__(self) -> None:
+        length = check_length(self.length)
+        if length > MAX_LENGTH:
+            raise InputError(f"length {length} is beyond the longest input, {MAX_LENGTH} tokens")
+        if self.probe not in TASKS:
+            raise InputError(f"unknown probe {self.probe!r}; choose from {', '.join(TASKS)}")
+        _check_int("anchors", self.anchors, 16)
+        _check_int("batch", self.batch, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("n_boot", self.n_boot, 0)
+        if self.layers is not None and (
+            isinstance(self.layers, str | bytes)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
+        ):
+            raise TypeError(
+                f"layers must be a list of layer indices such as [0, 3] (or None for all), got "
+                f"{self.layers!r}"
+            )
+        distances = None
+        if self.distances is not None:
+            distances = tuple(int(d) for d in self.distances)
+            if not distances or min(distances) < 0 or max(distances) >= length:
+                raise InputError(
+                    f"distances must lie in [0, {length}), got {sorted(set(distances))}"
+                )
+        check_chunk_size(self.chunk_size)
+        if self.max_memory is not None:
+            _check_int("max_memory", self.max_memory, 1)
+        text = self.text
+        if text is not None and not isinstance(text, str | Path):
+            text = tuple(text)
+        normalized = {
+            "length": length,
+            "metrics": tuple(check_metrics(self.metrics)),
+            "distances": distances,
+            "layers": None if self.layers is None else tuple(self.layers),
+            "text": text,
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    def probe_options(self) -> dict[str, object]:
+        """Keyword arguments of :func:`~fidelity.probes.tasks.make_probe` beyond the length,
+        batch, seed and tokenizer."""
+        if self.probe == "text" and self.text is not None:
+            return {"paths": self.text, "text_field": self.text_field}
+        return {}
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InputError(f"{name} must be {wanted}, got {value!r}")
 
 
 def _resolve_model(model: nn.Module | str | Path) -> nn.Module:
@@ -143,7 +393,7 @@ def check_length(length: int | str) -> int:
     return length
 
 
-def _n_layers(model: nn.Module) -> int:
+def _n_blocks(model: nn.Module) -> int:
     return len(find_blocks(model))
 
 
@@ -174,38 +424,34 @@ def plan_analysis(
     max_memory: int | None = None,
     time_it: bool = True,
 ) -> AnalysisPlan:
-    """Decide anchors, distances, kept positions, chunking and storage, estimate memory and
-    time, and refuse (``MemoryBudgetError``) when the run will not fit."""
-    length = check_length(length)
-    if not isinstance(anchors, int) or isinstance(anchors, bool) or anchors < 16:
-        raise InputError(f"anchors must be an integer >= 16, got {anchors!r}")
-    if not isinstance(batch, int) or batch < 1:
-        raise InputError(f"batch must be a positive integer, got {batch!r}")
-    if layers is not None and (
-        isinstance(layers, str | bytes)
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-    ):
-        raise TypeError(
-            f"layers must be a list of layer indices such as [0, 3] (or None for all), got "
-            f"{layers!r}"
-        )
-    n_layers = _n_layers(model)
-    chosen_layers = sorted(set(range(n_layers + 1) if layers is None else layers) | {0})
-    bad = [layer for layer in chosen_layers if not 0 <= layer <= n_layers]
+    """:func:`plan_run` for the :class:`AnalysisOptions` these arguments make."""
+    if isinstance(distances, torch.Tensor):
+        distances = distances.tolist()
+    options = AnalysisOptions(
+        length,
+        anchors=anchors,
+        distances=distances,
+        layers=layers,
+        batch=batch,
+        seed=seed,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+    )
+    return plan_run(model, options, time_it=time_it)
+
+
+def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True) -> AnalysisPlan:
+    """Decide anchors, distances, kept positions, chunking and storage for ``options`` on
+    ``model``, estimate memory and time, and refuse (``MemoryBudgetError``) when the run will
+    not fit."""
+    length, anchors, layers, batch = options.length, options.anchors, options.layers, options.batch
+    distances, max_memory = options.distances, options.max_memory
+    n_blocks = _n_blocks(model)
+    chosen_layers = sorted(set(range(n_blocks + 1) if layers is None else layers) | {0})
+    bad = [layer for layer in chosen_layers if not 0 <= layer <= n_blocks]
     if bad:
-        raise InputError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
-    if chunk_size == "auto":
-        # DeciMamba decimates each forward call on its own: read the context in one pass.
-        chunked = isinstance(model, CausalLM) and not isinstance(model, DeciMambaLM)
-        chunk_size = AUTO_CHUNK if chunked and length > AUTO_CHUNK else None
-    elif chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InputError(
-            f"chunk_size must be a positive integer, 'auto' or None; got {chunk_size!r}"
-        )
-    if chunk_size is not None and not isinstance(model, CausalLM):
-        raise InputError("chunked processing needs one of our models; use chunk_size=None")
-    if length > MAX_LENGTH:
-        raise InputError(f"length {length} is beyond the longest input, {MAX_LENGTH} tokens")
+        raise InputError(f"layers {bad} out of range: this model has layers 0..{n_blocks}")
+    chunk_size = resolve_chunk_size(model, options.chunk_size, length)
     # Refuse before anything as long as the input is allocated (the anchor draw permutes every
     # position), with at most every anchor at every distance kept.
     n_distances = len(distances) if distances is not None else _most_default_distances(length)
@@ -221,13 +467,11 @@ def plan_analysis(
     if early.kept_states > STORE_FLOAT16_ABOVE:
         early.kept_states //= 2
     check_fits(early, max_memory)
-    anchor_positions = sample_anchors(length, anchors, seeded_generator(seed, 1))
+    anchor_positions = sample_anchors(length, anchors, seeded_generator(options.seed, 1))
     if distances is None:
         distance_tensor = default_distances(length, len(anchor_positions))
     else:
-        distance_tensor = torch.as_tensor(list(distances), dtype=torch.long).unique(sorted=True)
-        if distance_tensor.numel() == 0 or distance_tensor[0] < 0 or distance_tensor[-1] >= length:
-            raise InputError(f"distances must lie in [0, {length}), got {distance_tensor.tolist()}")
+        distance_tensor = torch.tensor(distances, dtype=torch.long).unique(sorted=True)
     positions = required_positions(anchor_positions, distance_tensor, length)
     estimate = estimate_run(
         model,
@@ -297,44 +541,65 @@ def analyze(
     available-memory check. The result's ``frame`` is tidy (see :mod:`fidelity.results`),
     ``summary`` has per-layer statistics of the normalized ETMF curve (farthest distance at or
     above 0.5, peak distance, memory mass, contiguous length, half-life with its fit's R^2;
-    see :data:`fidelity.results.SUMMARY_COLUMNS`), ``meta`` records everything needed to
-    reproduce the run.
+    see :data:`fidelity.schema.SUMMARY_COLUMNS`), ``meta`` records everything needed to
+    reproduce the run. The arguments make an :class:`AnalysisOptions` (validated before the
+    model is loaded), run by :func:`run_analysis`.
     """
+    options = AnalysisOptions(
+        length,
+        probe,
+        metrics,
+        anchors,
+        distances,
+        layers,
+        seed,
+        batch=batch,
+        device=device,
+        text=text,
+        text_field=text_field,
+        tokenizer=tokenizer,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+        n_boot=n_boot,
+    )
+    return run_analysis(model, options, progress=progress, name=name)
+
+
+def run_analysis(
+    model: nn.Module | str | Path,
+    options: AnalysisOptions,
+    *,
+    progress: bool | ProgressReporter = True,
+    name: str | None = None,
+) -> FidelityResult:
+    """Run the analysis ``options`` defines on ``model`` (see :func:`analyze`); ``name``
+    labels the model in the result (default: its registered name or class)."""
+    if not isinstance(options, AnalysisOptions):
+        raise TypeError(f"options must be AnalysisOptions, got {type(options).__name__}")
     started = time.perf_counter()
-    metrics = check_metrics(metrics)
-    if probe not in TASKS:
-        raise InputError(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
-    target = resolve_device(device)
+    target = resolve_device(options.device)
     model = _resolve_model(model)
     model = model.to(target).eval()
     reporter = as_reporter(progress)
     try:
-        plan = plan_analysis(
-            model,
-            length,
-            anchors=anchors,
-            distances=distances,
-            layers=layers,
-            batch=batch,
-            seed=seed,
-            chunk_size=chunk_size,
-            max_memory=max_memory,
-            time_it=False,
-        )
-        probe_options = {}
-        if probe == "text" and text is not None:
-            probe_options = {"paths": text, "text_field": text_field}
-        if probe == "random" and _vocabulary_size(model) is not None:
+        plan = plan_run(model, options, time_it=False)
+        probe_options = options.probe_options()
+        if options.probe == "random" and _vocabulary_size(model) is not None:
             probe_options["vocab_size"] = _vocabulary_size(model)  # draw what the model reads
         probe_input = make_probe(
-            probe, plan.length, batch=batch, seed=seed, tokenizer=tokenizer, **probe_options
+            options.probe,
+            plan.length,
+            batch=options.batch,
+            seed=options.seed,
+            tokenizer=options.tokenizer,
+            **probe_options,
         )
         _check_vocabulary(model, probe_input.input_ids)
-        notes = []
+        context = MetricContext(model, probe_input.input_ids, options, plan, reporter)
         forward = reporter.start("forward pass", plan.length)
         with contextlib.ExitStack() as stack:
-            collectors = _open_collectors(stack, model, plan, metrics, notes)
-            cap = capture(
+            _observe(stack, context)
+            context.capture = capture(
                 model,
                 probe_input.input_ids,
                 layers=plan.layers,
@@ -345,56 +610,46 @@ def analyze(
             )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            frames, summary = _compute_metrics(
-                cap, model, plan, metrics, collectors, probe_input, seed, n_boot, reporter, notes
-            )
+            frames = _compute_metrics(context)
+        notes = context.notes
         notes.extend(sorted({str(w.message) for w in caught}))
     finally:
         reporter.close()
     model_name = name or _model_name(model)
     checkpoint = _checkpoint_label(_provenance(model))
     frame = _finish_frame(frames, model_name, checkpoint, plan.length)
+    summary = context.summary if context.summary is not None else _empty_summary(plan.layers)
     summary.insert(0, "checkpoint", checkpoint)
     summary.insert(0, "model", model_name)
-    meta = _meta(model, model_name, checkpoint, probe, plan, metrics, seed, target, notes)
+    meta = _meta(model, model_name, checkpoint, options, plan, target, notes)
     meta["wall_time_s"] = round(time.perf_counter() - started, 2)
     meta["peak_memory_bytes"] = peak_memory_bytes()
     return FidelityResult(frame, summary, meta)
 
 
-def _compute_metrics(
-    cap, model, plan, metrics, collectors, probe_input, seed, n_boot, reporter, notes
-) -> tuple[list[pd.DataFrame], pd.DataFrame]:
-    """Every metric from the capture (and influence's own passes): (metric frames, per-layer
-    summary)."""
+def _observe(stack: contextlib.ExitStack, context: MetricContext) -> None:
+    """Enter the ``observe`` hooks of the chosen metrics around the captured forward pass."""
+    for name in context.options.metrics:
+        runner = METRIC_RUNNERS[name]
+        if runner.observe is None:
+            continue
+        try:
+            context.observed[name] = stack.enter_context(
+                runner.observe(context.model, context.plan)
+            )
+        except TypeError as error:
+            context.notes.append(f"{name} skipped: {error}")
+
+
+def _compute_metrics(context: MetricContext) -> list[pd.DataFrame]:
+    """The frames of the chosen metrics, in :data:`METRIC_RUNNERS` order (a metric whose
+    ``observe`` hook refused the model is left out)."""
     frames = []
-    summary = _empty_summary(plan.layers)
-    if "etmf" in metrics:
-        step = reporter.start("ETMF read-outs", 1)
-        per_anchor = etmf_per_anchor(
-            cap,
-            plan.anchors,
-            plan.distances,
-            plan.layers,
-            _input_embedding(model),
-            seed=seed,
-            centered=CENTERED,
-        )
-        frames.append(etmf_frame(per_anchor, n_boot=n_boot, seed=seed))
-        summary = _summary(etmf_summary(per_anchor, n_boot=n_boot, seed=seed), frames[-1])
-        step.update(1)
-    if "eclmf" in metrics:
-        step = reporter.start("ECLMF read-outs", 1)
-        frames.append(eclmf(cap, plan.anchors, n_boot=n_boot, seed=seed, centered=CENTERED))
-        step.update(1)
-    for collector in collectors:
-        frames.append(collector.frame(n_boot=n_boot, seed=seed))
-        notes.extend(collector.notes)
-    if "influence" in metrics:
-        frames.append(_influence(model, probe_input.input_ids, plan, seed, n_boot, reporter, notes))
-    if "retrieval" in metrics or "perplexity" in metrics:
-        frames.extend(_long_context_metrics(model, plan.length, metrics, seed, n_boot, reporter))
-    return frames, summary
+    for name, runner in METRIC_RUNNERS.items():
+        chosen = name in context.options.metrics
+        if chosen and (runner.observe is None or name in context.observed):
+            frames.extend(runner.compute(context))
+    return frames
 
 
 def peak_memory_bytes() -> int:
@@ -406,66 +661,10 @@ def peak_memory_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _open_collectors(stack, model, plan, metrics, notes) -> list:
-    """Hook-based metrics that observe the capture's forward pass."""
-    collectors = []
-    if "ssm_decay" in metrics:
-        from fidelity.metrics.ssm_decay import collect_ssm_decay
-
-        try:
-            collectors.append(
-                stack.enter_context(
-                    collect_ssm_decay(model, plan.anchors, plan.distances, plan.length, plan.layers)
-                )
-            )
-        except TypeError as error:
-            notes.append(f"ssm_decay skipped: {error}")
-    return collectors
-
-
-def _influence(model, input_ids, plan, seed, n_boot, reporter, notes) -> pd.DataFrame:
-    from fidelity.metrics.influence import influence
-
-    step = reporter.start("influence (perturbations)", 1)
-    try:
-        frame = influence(
-            model, input_ids, plan.anchors, plan.distances, plan.layers, seed=seed, n_boot=n_boot
-        )
-    except TypeError as error:
-        notes.append(f"influence skipped: {error}")
-        return pd.DataFrame()
-    step.update(1)
-    return frame
-
-
 def context_lengths(length: int) -> list[int]:
     """Doubling context lengths from 1024 up to ``length`` (``length`` itself included)."""
     lengths = [n for n in (1024 * 2**k for k in range(12)) if n < length]
     return [*lengths, length]
-
-
-def _long_context_metrics(model, length, metrics, seed, n_boot, reporter) -> list[pd.DataFrame]:
-    """Passkey and key-value retrieval and held-out perplexity at doubling context lengths
-    up to the analysis length (their own forward passes)."""
-    from fidelity.metrics.perplexity import perplexity
-    from fidelity.metrics.retrieval import retrieval_accuracy
-
-    lengths = context_lengths(length)
-    frames = []
-    if "retrieval" in metrics:
-        for task in ("passkey", "kv"):
-            step = reporter.start(f"{task} retrieval", 1)
-            frames.append(
-                retrieval_accuracy(
-                    model, task, lengths=lengths, trials=RETRIEVAL_TRIALS, seed=seed, n_boot=n_boot
-                )
-            )
-            step.update(1)
-    if "perplexity" in metrics:
-        step = reporter.start("perplexity", 1)
-        frames.append(perplexity(model, lengths, seed=seed, n_boot=n_boot))
-        step.update(1)
-    return frames
 
 
 def _empty_summary(layers: list[int]) -> pd.DataFrame:
@@ -524,15 +723,10 @@ def _finish_frame(
 
 
 def _summary(curves: pd.DataFrame, etmf_rows: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer summary in the results schema, with normalized ETMF at key distances."""
-    summary = pd.DataFrame({"layer": curves["layer"]})
-    for column in SUMMARY_STATISTICS:
-        summary[column] = curves[column].astype(float)
-        summary[f"{column}_low"] = curves[f"{column}_ci_low"]
-        summary[f"{column}_high"] = curves[f"{column}_ci_high"]
-    summary["peak_value"] = curves["peak_value"]
-    summary["half_life_r2"] = curves["half_life_r2"]
-    summary = summary[[c for c in SUMMARY_COLUMNS if c in summary]]
+    """The results' per-layer summary: the :data:`~fidelity.schema.SUMMARY_COLUMNS` of ETMF's
+    curve summary (its fit parameters left out), with normalized ETMF at key distances."""
+    columns = [c for c in SUMMARY_COLUMNS if c in curves.columns]
+    summary = curves[columns].astype({c: float for c in columns if SUMMARY_COLUMNS[c] == "float"})
     normalized = etmf_rows[etmf_rows["metric"] == "etmf_norm"]
     for distance in KEY_DISTANCES:
         at = normalized[normalized["distance"] == distance].set_index("layer")["value"]
@@ -554,7 +748,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _meta(model, model_name, checkpoint, probe, plan, metrics, seed, device, notes) -> dict:
+def _meta(
+    model: nn.Module,
+    model_name: str,
+    checkpoint: str,
+    options: AnalysisOptions,
+    plan: AnalysisPlan,
+    device: torch.device,
+    notes: list[str],
+) -> dict:
+    """The result's ``meta``: the model, the run's options as planned, versions, notes."""
     provenance = _provenance(model)
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
@@ -568,14 +771,14 @@ def _meta(model, model_name, checkpoint, probe, plan, metrics, seed, device, not
         "preset": provenance.get("preset"),
         "model_config": config_dict,
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "probe": probe,
+        "probe": options.probe,
         "length": plan.length,
         "batch": plan.batch,
-        "seed": seed,
+        "seed": options.seed,
         "anchors": len(plan.anchors),
         "distances": plan.distances.tolist(),
         "layers": plan.layers,
-        "metrics": metrics,
+        "metrics": list(options.metrics),
         "chunk_size": plan.chunk_size,
         "centered_readout": CENTERED,
         "device": str(device),

@@ -152,21 +152,29 @@ def analyze(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Measure forgetting on one probe and print a per-layer summary."""
-    from fidelity.analysis import analyze as run_analysis
-    from fidelity.analysis import check_length, check_metrics, plan_analysis
+    from fidelity.analysis import AnalysisOptions, plan_run, run_analysis
     from fidelity.devices import resolve_device
-    from fidelity.models.registry import load_model
-    from fidelity.probes.tasks import TASKS, make_probe
+    from fidelity.models.loading import load_model
+    from fidelity.probes.tasks import make_probe
     from fidelity.probes.tokenizer import load_tokenizer
     from fidelity.results import LEGACY_RESULT
 
-    tokens = check_length(length)
-    if probe not in TASKS:
-        _fail(f"unknown probe {probe!r}; choose from {', '.join(TASKS)}")
-    check_metrics(metrics)
-    chunk = _chunk_option(chunk_size)
-    limit = _as_input(parse_bytes, max_memory) if max_memory is not None else None
-    layer_list = _split(layers, int)
+    options = AnalysisOptions(
+        length,
+        probe,
+        metrics,
+        anchors,
+        layers=_split(layers, int),
+        seed=seed,
+        batch=batch,
+        device=device,
+        text=text,
+        text_field=text_field,
+        tokenizer=tokenizer,
+        chunk_size=_chunk_option(chunk_size),
+        max_memory=_as_input(parse_bytes, max_memory) if max_memory is not None else None,
+    )
+    tokens = options.length
     if text is not None and not text.exists():
         _fail(f"text path {text} does not exist")
     if text is not None and probe != "text":
@@ -182,42 +190,23 @@ def analyze(
         # built now, before the model loads: a text probe is bounded by the text (empty or
         # binary files fail here), others are small here; longer synthetic probes are built
         # after the memory check
-        options = {"paths": text, "text_field": text_field} if text is not None else {}
-        _as_input(make_probe, probe, tokens, batch=batch, seed=seed, tokenizer=tokenizer, **options)
+        _as_input(
+            make_probe,
+            probe,
+            tokens,
+            batch=batch,
+            seed=seed,
+            tokenizer=tokenizer,
+            **options.probe_options(),
+        )
     loaded = (
         load_model(model, preset, random_init=random_init)
         if preset or random_init
         else load_model(model)
     )
-    plan = plan_analysis(
-        loaded,
-        tokens,
-        anchors=anchors,
-        layers=layer_list,
-        batch=batch,
-        seed=seed,
-        chunk_size=chunk,
-        max_memory=limit,
-    )
+    plan = plan_run(loaded, options)
     console.print(f"[bold]plan[/]: {plan.describe()}")
-    result = run_analysis(
-        loaded,
-        tokens,
-        probe=probe,
-        metrics=metrics,
-        anchors=anchors,
-        layers=layer_list,
-        seed=seed,
-        device=device,
-        progress=progress,
-        batch=batch,
-        text=text,
-        text_field=text_field,
-        tokenizer=tokenizer,
-        chunk_size=chunk,
-        max_memory=limit,
-        name=None,
-    )
+    result = run_analysis(loaded, options, progress=progress)
     _print_summary(result)
     path = result.save(out_dir, force=force)
     console.print(f"saved results, figures and report.html to [bold]{path}[/]")

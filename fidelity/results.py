@@ -52,6 +52,7 @@ from fidelity.results_io import (
     result_directory,
     write_table,
 )
+from fidelity.schema import FRAME_COLUMNS, SUMMARY_COLUMNS, SUMMARY_STATISTICS
 
 __all__ = [
     "COMPARISON_PLOT_KINDS",
@@ -63,64 +64,6 @@ __all__ = [
     "Comparison",
     "FidelityResult",
 ]
-
-FRAME_COLUMNS: dict[str, str] = {
-    "model": "str",
-    "checkpoint": "str",
-    "metric": "str",
-    "layer": "int",
-    "source_layer": "int",
-    "distance": "int",
-    "value": "float",
-    "ci_low": "float",
-    "ci_high": "float",
-    "n": "int",
-    "length": "int",
-    "depth": "float",
-}
-"""The tidy frame's columns, in order, with their kind (stored as str, int64, float64)."""
-
-SUMMARY_STATISTICS = (
-    "farthest_distance",
-    "peak_distance",
-    "memory_mass",
-    "contiguous_length",
-    "half_life",
-)
-"""Per-layer statistics of the normalized ETMF curve that carry a bootstrap interval
-(``<name>_low``, ``<name>_high``); see :mod:`fidelity.metrics.curves`."""
-
-SUMMARY_COLUMNS: dict[str, str] = {
-    "model": "str",
-    "checkpoint": "str",
-    "layer": "int",
-    "farthest_distance": "float",
-    "farthest_distance_low": "float",
-    "farthest_distance_high": "float",
-    "peak_distance": "float",
-    "peak_distance_low": "float",
-    "peak_distance_high": "float",
-    "peak_value": "float",
-    "memory_mass": "float",
-    "memory_mass_low": "float",
-    "memory_mass_high": "float",
-    "contiguous_length": "float",
-    "contiguous_length_low": "float",
-    "contiguous_length_high": "float",
-    "half_life": "float",
-    "half_life_low": "float",
-    "half_life_high": "float",
-    "half_life_r2": "float",
-}
-"""The summary's leading columns; further columns (``etmf_norm@{d}``, ...) must be numeric.
-
-``farthest_distance``: the largest distance with normalized ETMF >= 0.5; ``peak_distance``:
-the distance beyond 0 where normalized ETMF is highest, ``peak_value`` its value there;
-``memory_mass``: area under normalized ETMF over log2-distance (doublings); ``contiguous_length``:
-the largest distance up to which normalized ETMF never drops below 0.5; ``half_life``: of an
-exponential fit, NaN unless the curve is an exponential decay; ``half_life_r2``: that fit's
-goodness of fit (NaN without a converged fit). ``_low``/``_high``: bootstrap intervals over anchors.
-"""
 
 LEGACY_SUMMARY_COLUMNS: dict[str, str] = {
     "model": "str",

@@ -8,6 +8,7 @@ import torch
 
 import fidelity.analysis as analysis
 from fidelity.budget import MemoryBudgetError
+from fidelity.models.base import AUTO_CHUNK_SIZE
 from fidelity.models.registry import build_model
 from fidelity.probes.capture import NonFiniteHiddenStateError
 from fidelity.results import FRAME_COLUMNS, FidelityResult
@@ -64,7 +65,7 @@ def test_memory_estimate_refuses_what_will_not_fit():
 def test_plan_keeps_only_sampled_positions_and_chunks_long_inputs():
     model = build_model("mamba", "tiny")
     plan = analysis.plan_analysis(model, "60k", anchors=128, time_it=False)
-    assert plan.chunk_size == analysis.AUTO_CHUNK
+    assert plan.chunk_size == AUTO_CHUNK_SIZE
     assert len(plan.positions) < 128 * (len(plan.distances) + 1)
     assert plan.estimate.kept_states == len(plan.positions) * len(plan.layers) * 32 * 4
     assert "60k tokens" in plan.describe()
@@ -165,3 +166,55 @@ def test_retrieval_and_perplexity_metrics_run_their_own_passes():
     assert sorted(set(retrieval["length"])) == analysis.context_lengths(1500) == [1024, 1500]
     assert (retrieval["n"] == analysis.RETRIEVAL_TRIALS).all()
     assert "retrieval" in result.plot_kinds()
+
+
+def test_a_registered_metric_runs_inside_analyze(monkeypatch):
+    """Adding a metric is one function plus one METRIC_RUNNERS entry (README, "Adding a
+    metric"): the name is then accepted and its rows land in the result's frame."""
+    from fidelity.metrics.toolkit import captured_states, tidy_frame
+
+    def mean_norm(context):
+        rows = []
+        for layer in context.plan.layers:
+            states = captured_states(context.capture, layer, context.plan.anchors)
+            value = float(states.norm(dim=-1).mean())
+            rows.append(("mean_norm", layer, 0, value, float("nan"), float("nan"), 1, layer))
+        return [tidy_frame(rows)]
+
+    runners = {**analysis.METRIC_RUNNERS, "mean_norm": analysis.MetricRunner(mean_norm)}
+    monkeypatch.setattr(analysis, "METRIC_RUNNERS", runners)
+    monkeypatch.setattr(analysis, "METRICS", tuple(runners))
+    model = build_model("mamba", "tiny")
+    result = analysis.analyze(
+        model, 200, probe="random", metrics="mean_norm", anchors=16, progress=False, n_boot=0
+    )
+    rows = result.frame[result.frame["metric"] == "mean_norm"]
+    assert sorted(rows["layer"]) == [0, 1, 2] and (rows["value"] > 0).all()
+    assert result.meta["metrics"] == ["mean_norm"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"length": 8}, "too short"),
+        ({"metrics": "bogus"}, "unknown metrics"),
+        ({"anchors": 8}, "anchors must be an integer >= 16"),
+        ({"batch": 0}, "batch must be a positive integer"),
+        ({"n_boot": -1}, "n_boot must be an integer >= 0"),
+        ({"chunk_size": 0}, "chunk_size must be a positive integer"),
+        ({"length": 100, "distances": [0, 100]}, r"distances must lie in \[0, 100\)"),
+    ],
+)
+def test_analysis_options_refuse_bad_runs_before_any_model_loads(options, message):
+    with pytest.raises(ValueError, match=message):
+        analysis.AnalysisOptions(**options)
+    # the notebook API validates the same way, before it resolves the model name
+    arguments = {"length": 100, **options}
+    with pytest.raises(ValueError, match=message):
+        analysis.analyze("no-such-model", progress=False, **arguments)
+
+
+def test_analysis_options_normalize_what_they_are_given():
+    options = analysis.AnalysisOptions("1k", metrics="etmf, eclmf", layers=[2, 0], distances=[4])
+    assert options.length == 1000 and options.metrics == ("etmf", "eclmf")
+    assert options.layers == (2, 0) and options.distances == (4,)

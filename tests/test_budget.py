@@ -18,7 +18,7 @@ from fidelity.models.registry import build_model
 MEASURE = """
 import json, sys
 from fidelity.analysis import analyze, peak_memory_bytes, plan_analysis
-from fidelity.models.registry import load_model
+from fidelity.models.loading import load_model
 model = load_model(sys.argv[1]).eval()
 estimate = plan_analysis(model, sys.argv[2], time_it=False).estimate.total
 analyze(model, sys.argv[2], progress=False)

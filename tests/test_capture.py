@@ -11,6 +11,7 @@ from fidelity.probes.capture import (
     find_blocks,
     run_with_capture,
 )
+from fidelity.probes.capture_types import block_before, layer_after
 
 
 def tokens(batch, length, seed=0):
@@ -59,6 +60,20 @@ def test_layer_selection_and_dtype():
         capture(model, ids, positions=[40])
     with pytest.raises(KeyError, match="not captured"):
         cap[1]
+
+
+def test_block_output_is_the_layer_after_the_block():
+    model = build_model("mamba", "tiny").eval()
+    ids = tokens(1, 24)
+    cap = capture(model, ids)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # n_blocks + 1 tensors
+    for block in range(len(model.layers)):
+        assert torch.equal(cap.block_output(block), cap[block + 1])
+        torch.testing.assert_close(cap.block_output(block), hidden[block + 1])
+    assert (layer_after(0), block_before(1)) == (1, 0)
+    with pytest.raises(ValueError, match="embeddings"):
+        block_before(0)
 
 
 def test_hooks_are_removed_even_when_the_forward_raises():
@@ -234,17 +249,17 @@ def test_memmamba_internals_writes_pools_and_attention():
             assert torch.equal(trace.pool_at(layer, cut), explicit)
     # Attention records: weights over each query's own pool, summing to one per head.
     token_records = [r for r in trace.attention if r.kind == "token"]
-    assert {(r.layer, r.query_position) for r in token_records} == {
+    assert {(r.block, r.query_position) for r in token_records} == {
         (layer, q) for layer in range(4) for q in (20, 63)
     }
     for record in token_records:
         assert torch.equal(
-            record.note_positions.sort().values, trace.pool_at(record.layer, record.query_position)
+            record.note_positions.sort().values, trace.pool_at(record.block, record.query_position)
         )
         torch.testing.assert_close(record.weights.sum(-1), torch.ones(record.weights.shape[0]))
     layer_records = [r for r in trace.attention if r.kind == "layer"]
-    assert {r.layer for r in layer_records} == {1, 3}
-    assert all(set(r.note_layers.tolist()) <= {0, 1, 2} for r in layer_records)
+    assert {r.block for r in layer_records} == {1, 3}
+    assert all(set(r.note_blocks.tolist()) <= {0, 1, 2} for r in layer_records)
 
 
 MEMORY_SCRIPT = r"""

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from fidelity.metrics.curves import bootstrap_counts
 from fidelity.metrics.eclmf import cka_replicates, eclmf, linear_cka, resolve_pairs
-from fidelity.metrics.etmf import TIDY_COLUMNS
 from fidelity.metrics.readout import readout_scores
 from fidelity.metrics.sampling import assign_folds, seeded_generator
 from fidelity.probes.capture_types import Capture
+from fidelity.schema import TIDY_COLUMNS
 
 
 def _random_orthogonal(d: int, seed: int) -> torch.Tensor:

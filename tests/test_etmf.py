@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from fidelity.metrics.curves import contiguous_length, fit_exponential
 from fidelity.metrics.etmf import (
-    TIDY_COLUMNS,
     etmf,
     etmf_frame,
     etmf_per_anchor,
@@ -29,6 +28,7 @@ from fidelity.metrics.sampling import (
     seeded_generator,
 )
 from fidelity.probes.capture_types import Capture
+from fidelity.schema import TIDY_COLUMNS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -153,11 +153,11 @@ def test_etmf_summary_of_linear_recurrence():
     row = summary.iloc[0]
     assert row.converged and row.decaying and row.half_life_r2 > 0.9
     assert row.n_boot_converged > 40
-    assert row.half_life_ci_low <= row.half_life <= row.half_life_ci_high
+    assert row.half_life_low <= row.half_life <= row.half_life_high
     assert 1.0 < row.half_life < 10.0  # the tail is noise-limited here: only bounds are checked
     assert row.contiguous_length == 0  # normalized ETMF is ~0.4 already at d = 0
     assert row.farthest_distance == 0 and row.peak_distance == 1
-    assert row.memory_mass_ci_low <= row.memory_mass <= row.memory_mass_ci_high
+    assert row.memory_mass_low <= row.memory_mass <= row.memory_mass_high
 
 
 def test_identity_model_reads_token_exactly_at_zero_and_chance_far_away():
@@ -206,12 +206,12 @@ def test_copy_model_peaks_at_the_copy_distance(shift):
     assert others.abs().max() < 0.05
     result = etmf_per_anchor(cap, torch.arange(length), distances, layers=[1], alpha=1e-9)
     row = etmf_summary(result, n_boot=50).iloc[0]
-    assert (row.peak_distance, row.peak_distance_ci_low, row.peak_distance_ci_high) == (
+    assert (row.peak_distance, row.peak_distance_low, row.peak_distance_high) == (
         shift,
         shift,
         shift,
     )
-    assert row.farthest_distance == row.farthest_distance_ci_low == shift
+    assert row.farthest_distance == row.farthest_distance_low == shift
     assert row.peak_value == pytest.approx(1.0, abs=1e-6)
     assert row.contiguous_length == 0 and not row.decaying and math.isnan(row.half_life)
 

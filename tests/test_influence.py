@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from fidelity.metrics.etmf import TIDY_COLUMNS
 from fidelity.metrics.influence import influence, replacement_tokens
 from fidelity.models.base import CausalLM
 from fidelity.models.config import ModelConfig
 from fidelity.models.decimamba import DeciMambaLM
 from fidelity.models.registry import build_model
+from fidelity.schema import TIDY_COLUMNS
 
 DISTANCES = [0, 1, 2, 3, 5, 8, 13]
 

@@ -180,7 +180,7 @@ def test_training_on_a_memory_task_builds_the_task_vocabulary(tmp_path):
 
 def test_shipped_task_checkpoint_loads_by_name_and_is_described(tmp_path, monkeypatch, capsys):
     from fidelity.cli import main
-    from fidelity.models import registry
+    from fidelity.models import loading, registry
     from fidelity.models.checkpoint import save_checkpoint
 
     data = tmp_path / "data"
@@ -189,10 +189,10 @@ def test_shipped_task_checkpoint_loads_by_name_and_is_described(tmp_path, monkey
     save_checkpoint(model, data / "mamba-induction", meta={"training": {**training, "steps": 7}})
     monkeypatch.setattr(registry, "DATA_DIR", data)
     assert registry.shipped_task_checkpoints() == ["mamba-induction"]
-    loaded = registry.load_model("mamba-induction")
+    loaded = loading.load_model("mamba-induction")
     assert loaded.config.vocab_size == 16 and loaded.provenance["name"] == "mamba-induction"
     with pytest.raises(ValueError, match="shipped checkpoint"):
-        registry.load_model("mamba-induction", preset="tiny")
+        loading.load_model("mamba-induction", preset="tiny")
     assert main(["models"]) == 0
     printed = capsys.readouterr().out
     assert "mamba-induction" in printed and "n_queries=16" in printed and "7 steps" in printed

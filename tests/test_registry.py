@@ -6,7 +6,8 @@ import torch
 import fidelity.models.registry as registry
 from fidelity.models.checkpoint import save_checkpoint
 from fidelity.models.decimamba import DeciMambaLM
-from fidelity.models.registry import build_config, build_model, load_model
+from fidelity.models.loading import load_model
+from fidelity.models.registry import build_config, build_model
 
 
 def test_presets_and_overrides_build_untrained_models():

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 import fidelity.analysis
-import fidelity.models.registry
+import fidelity.models.loading
 from fidelity.cli import main
 from fidelity.destinations import MANIFEST
 from fidelity.models.checkpoint import save_checkpoint
-from fidelity.models.registry import build_model, load_model
+from fidelity.models.loading import load_model
+from fidelity.models.registry import build_model
 
 TINY = ["--model", "mamba", "--preset", "tiny", "--length", "300", "--anchors", "16"]
 ANALYZE = ["analyze", *TINY, "--metrics", "etmf", "--no-progress"]
@@ -58,7 +59,7 @@ def no_model_load(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(fidelity.models.registry, "load_model", refuse)
+    monkeypatch.setattr(fidelity.models.loading, "load_model", refuse)
 
 
 @pytest.fixture(scope="module")

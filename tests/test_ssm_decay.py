@@ -10,12 +10,12 @@ import torch
 import fidelity.models.mamba as mamba_module
 import fidelity.models.mamba2 as mamba2_module
 from fidelity.kernels.reference import selective_scan_ref
-from fidelity.metrics.etmf import TIDY_COLUMNS
 from fidelity.metrics.ssm_decay import collect_ssm_decay
 from fidelity.models.decimamba import DeciMambaLM
 from fidelity.models.mamba import MambaConfig, MambaLM
 from fidelity.models.registry import build_model
 from fidelity.probes.capture import capture
+from fidelity.schema import TIDY_COLUMNS
 
 LENGTH = 48
 DISTANCES = torch.tensor([0, 1, 2, 3, 5, 8, 13, 21, 34])

@@ -1,9 +1,9 @@
-"""The parallel pool (all blocks at once) against the explicit pool written one note at a time."""
+"""The parallel pool (all segments at once) against the explicit pool written one note at a time."""
 
 import pytest
 import torch
 
-from fidelity.models.state_pool import StatePool, pool_blocks
+from fidelity.models.state_pool import StatePool, pool_segments
 
 
 def random_notes(batch, length, dim, write_rate, seed, ties=False):
@@ -39,12 +39,12 @@ def note_sets(positions, valid):
 
 
 @pytest.mark.parametrize("policy", ["priority", "fifo"])
-@pytest.mark.parametrize("block_size", [1, 5, 16, 64])
+@pytest.mark.parametrize("segment_size", [1, 5, 16, 64])
 @pytest.mark.parametrize(("write_rate", "ties"), [(0.3, False), (1.0, False), (0.5, True)])
-def test_parallel_pool_membership_matches_explicit_writes(policy, block_size, write_rate, ties):
+def test_parallel_pool_membership_matches_explicit_writes(policy, segment_size, write_rate, ties):
     batch, length, dim, size, start = 3, 53, 4, 6, 20
     values, importance, written = random_notes(
-        batch, length, dim, write_rate, seed=block_size, ties=ties
+        batch, length, dim, write_rate, seed=segment_size, ties=ties
     )
     # An initial pool from earlier writes, in scrambled slot order (as step() leaves it).
     initial = StatePool.empty(batch, size, dim, policy, dtype=torch.float64)
@@ -55,22 +55,22 @@ def test_parallel_pool_membership_matches_explicit_writes(policy, block_size, wr
         )
     before, after, final = explicit_pools(initial, values, importance, written, start)
 
-    blocks, parallel_final = pool_blocks(
-        initial, values, importance, written, start, block_size, inclusive=True
+    segments, parallel_final = pool_segments(
+        initial, values, importance, written, start, segment_size, inclusive=True
     )
-    n_blocks, width = blocks.query_positions.shape
-    assert n_blocks * width >= length and (n_blocks - 1) * width < length
-    for t in range(n_blocks * width):
-        block, query = divmod(t, width)
+    n_segments, width = segments.query_positions.shape
+    assert n_segments * width >= length and (n_segments - 1) * width < length
+    for t in range(n_segments * width):
+        segment, query = divmod(t, width)
         if t >= length:  # padding queries see nothing
-            assert blocks.query_positions[block, query] == -1
-            assert not blocks.member[:, block, query].any()
+            assert segments.query_positions[segment, query] == -1
+            assert not segments.member[:, segment, query].any()
             continue
-        assert blocks.query_positions[block, query] == start + t
-        positions = blocks.positions[:, block]
+        assert segments.query_positions[segment, query] == start + t
+        positions = segments.positions[:, segment]
         for member, (want_positions, want_valid) in (
-            (blocks.member[:, block, query], before[t]),
-            (blocks.member_inclusive[:, block, query], after[t]),
+            (segments.member[:, segment, query], before[t]),
+            (segments.member_inclusive[:, segment, query], after[t]),
         ):
             assert note_sets(positions, member) == note_sets(want_positions, want_valid)
     # The candidates' values are the notes written at those positions (or the initial pool's).
@@ -81,10 +81,10 @@ def test_parallel_pool_membership_matches_explicit_writes(policy, block_size, wr
                 known[row, int(initial.positions[row, slot])] = initial.values[row, slot]
         for t in range(length):
             known[row, start + t] = values[row, t]
-    member_any = blocks.member_inclusive.any(dim=2)  # (batch, n_blocks, n_candidates)
-    for row, block, slot in member_any.nonzero().tolist():
-        position = int(blocks.positions[row, block, slot])
-        torch.testing.assert_close(blocks.values[row, block, slot], known[row, position])
+    member_any = segments.member_inclusive.any(dim=2)  # (batch, n_segments, n_candidates)
+    for row, segment, slot in member_any.nonzero().tolist():
+        position = int(segments.positions[row, segment, slot])
+        torch.testing.assert_close(segments.values[row, segment, slot], known[row, position])
     assert note_sets(parallel_final.positions, parallel_final.valid) == note_sets(
         final.positions, final.valid
     )
@@ -99,7 +99,7 @@ def test_parallel_pool_gradients_reach_the_written_values():
     values, importance, written = random_notes(2, 30, 4, 0.5, seed=3)
     values.requires_grad_(True)
     initial = StatePool.empty(2, 5, 4, "priority", dtype=torch.float64)
-    blocks, _ = pool_blocks(initial, values, importance, written, 0, 8)
-    (blocks.values * blocks.member.any(dim=2)[..., None]).sum().backward()
+    segments, _ = pool_segments(initial, values, importance, written, 0, 8)
+    (segments.values * segments.member.any(dim=2)[..., None]).sum().backward()
     seen = values.grad.abs().sum(-1) > 0
     assert (seen <= written).all() and seen.any()

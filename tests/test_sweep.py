@@ -264,6 +264,8 @@ def _sweep(tmp_path: Path, **keys) -> dict:
         ({"chunk_size": "big"}, r"chunk_size must be \"auto\", \"none\" or a token count"),
         ({"max_memory": "lots"}, "invalid memory size 'lots'"),
         ({"text": "no/such/file.txt"}, "text must be an existing file"),
+        ({"lengths": [9]}, r"\[sweep\]: length 9 is too short"),  # refused before any run
+        ({"distances": [0, 2000]}, r"\[sweep\]: distances must lie in \[0, 1000\)"),
     ],
 )
 def test_bad_sweep_keys_are_named_with_what_is_accepted(tmp_path, keys, message):
@@ -296,7 +298,7 @@ def test_bad_sweep_keys_are_named_with_what_is_accepted(tmp_path, keys, message)
                 "sweep": {"out": "x", "models": ["mamba"], "lengths": [9]},
                 "run": [{"model": "mamba", "length": 9}],
             },
-            r"run names \['mamba-9-text-s0'\] occur more than once",
+            r"run names \['mamba-16-text-s0'\] occur more than once",
         ),
     ],
 )

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fidelity.models.registry import load_model
+from fidelity.models.loading import load_model
 from fidelity.train import TrainConfig, checkpoint_dirs, learning_rate, masked_lm_loss, train
 
 

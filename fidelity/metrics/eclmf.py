@@ -1,7 +1,8 @@
 """Vertical memory fidelity: how much of layer ``l`` survives into layer ``l + m``.
 
-Notation: ``h[l][t]`` is the residual stream after block ``l`` at position ``t`` (layer 0: token
-embeddings). For each (source ``l``, target ``l + m``) pair, over the anchors ``t``:
+Notation: ``h[l][t]`` is the residual stream at layer ``l`` (the output of block ``l - 1``;
+layer 0: token embeddings) at position ``t``. For each (source ``l``, target ``l + m``) pair,
+over the anchors ``t``:
 
 - ``eclmf``: ``ECLMF(l -> l + m) = mean_t cos(h[l][t], R(h[l + m][t]))`` where ``R`` is a ridge
   read-out from the target layer back to the source layer, cross-fitted over two anchor folds.
@@ -11,14 +12,14 @@ embeddings). For each (source ``l``, target ``l + m``) pair, over the anchors ``
 - ``cka``: linear CKA between the two layers' states at the anchors (no read-out).
 - ``eclmf_raw``: ``mean_t cos(h[l][t], h[l + m][t])`` (only when both widths agree).
 
-Rows use the tidy columns of :data:`fidelity.metrics.etmf.TIDY_COLUMNS` with ``layer`` = target,
+Rows use the tidy columns of :data:`fidelity.schema.TIDY_COLUMNS` with ``layer`` = target,
 ``source_layer`` = source and ``distance`` = target - source (in layers).
 
 Missing samples (NaN states: positions absent from a layer, as a DeciMamba capture stores
 positions dropped by decimation): a pair of layers uses the (sequence, anchor) samples present
 in both, for every metric above; an anchor's value is the mean over the sequences that have it,
 anchors with none are left out, ``n`` counts the samples used, and a pair with fewer than
-:data:`~fidelity.metrics.etmf.MIN_ANCHORS_PER_CELL` such anchors (or half that in a fold) is
+:data:`~fidelity.metrics.toolkit.MIN_ANCHORS_PER_CELL` such anchors (or half that in a fold) is
 skipped with a warning. Without missing samples this is exactly the computation above.
 """
 
@@ -40,17 +41,18 @@ from fidelity.metrics.curves import (
     mean_with_interval,
     normalized_with_interval,
 )
-from fidelity.metrics.etmf import (
+from fidelity.metrics.readout import as_float64_matrix, rowwise_cosine
+from fidelity.metrics.sampling import assign_folds, seeded_generator
+from fidelity.metrics.toolkit import (
     MIN_ANCHORS_PER_CELL,
-    TIDY_COLUMNS,
     captured_states,
     enough_anchors,
     per_anchor_mean,
     pooled_readout_scores,
     present_samples,
+    tidy_frame,
+    validate_anchors,
 )
-from fidelity.metrics.readout import as_float64_matrix, rowwise_cosine
-from fidelity.metrics.sampling import assign_folds, seeded_generator, validate_anchors
 from fidelity.probes.capture_types import Capture
 
 PAIR_SETS = ("adjacent", "from_embedding", "all")
@@ -210,7 +212,7 @@ def eclmf(
 
     ``anchors`` `(n_anchors,)` sorted unique positions kept by ``cap``; ``pairs`` as in
     :func:`resolve_pairs`; ``alpha`` fixes the ridge penalty (None: GCV). Returns a tidy frame
-    (:data:`fidelity.metrics.etmf.TIDY_COLUMNS`) with ``n`` = the samples used (batch x
+    (:data:`fidelity.schema.TIDY_COLUMNS`) with ``n`` = the samples used (batch x
     anchors without missing positions; see the module docstring); intervals are percentile
     bootstraps over anchors, except for CKA, whose interval is a normal leave-one-anchor-out
     jackknife (a bootstrap's repeated rows bias CKA upward); ``n_boot=0`` leaves all intervals
@@ -263,12 +265,9 @@ def eclmf(
             (metric, target, target - source, value, low, high, n, source)
             for metric, (value, low, high) in values.items()
         )
-    if missing:
-        warnings.warn(
-            f"ECLMF skipped layer pairs {missing}: fewer than {MIN_ANCHORS_PER_CELL} anchors "
-            f"({MIN_ANCHORS_PER_CELL // 2} per fold) are present in both layers (positions "
-            "missing from the capture, e.g. dropped by DeciMamba's decimation)",
-            stacklevel=2,
-        )
-    frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
-    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+    skipped = (
+        f"ECLMF skipped layer pairs {missing}: fewer than {MIN_ANCHORS_PER_CELL} anchors "
+        f"({MIN_ANCHORS_PER_CELL // 2} per fold) are present in both layers (positions "
+        "missing from the capture, e.g. dropped by DeciMamba's decimation)"
+    )
+    return tidy_frame(rows, skipped=skipped if missing else None)

@@ -1,6 +1,7 @@
 """Horizontal memory fidelity: how much of token ``t`` layer ``l`` still holds at ``t + d``.
 
-Notation: ``h[l][t]`` is the residual stream after block ``l`` at position ``t`` and
+Notation: ``h[l][t]`` is the residual stream at layer ``l`` (the output of block ``l - 1``) at
+position ``t``, and
 ``e[t] = h[0][t]`` the token embedding. For each layer ``l`` and distance ``d``, over the
 anchors ``t`` with ``t + d < length``:
 
@@ -26,7 +27,8 @@ are left out, ``n`` counts the samples used, and a cell with fewer than
 :data:`MIN_ANCHORS_PER_CELL` such anchors (or fewer than half that in a fold) is skipped with a
 warning. Without missing samples this is exactly the computation above.
 
-``centered=True`` (not the default, which keeps the formula above) measures the read-out
+``centered=True`` (what :func:`fidelity.analyze` uses; this module's default, False, keeps
+DESIGN.md's formula above) measures the read-out
 cosines about the read-out's intercept, ``cos(e[t] - mu, R(h) - mu)`` with ``mu`` the mean
 embedding of the fitting anchors. Uncentred, a mean direction shared by the embeddings enters
 every prediction, and its weight grows as the read-out shrinks with distance: on a linear
@@ -52,126 +54,27 @@ from fidelity.metrics.curves import (
     normalized_with_interval,
     summarize_curve,
 )
-from fidelity.metrics.readout import ReadoutScores, readout_scores, rowwise_cosine
-from fidelity.metrics.sampling import (
-    assign_folds,
+from fidelity.metrics.readout import rowwise_cosine
+from fidelity.metrics.sampling import assign_folds, seeded_generator
+from fidelity.metrics.toolkit import (
+    MIN_ANCHORS_PER_CELL,
+    captured_layers,
+    captured_states,
+    enough_anchors,
+    per_anchor_mean,
+    pooled_readout_scores,
+    present_samples,
     require_kept,
-    seeded_generator,
+    tidy_frame,
     validate_anchors,
 )
 from fidelity.probes.capture_types import Capture
-
-TIDY_COLUMNS = ("metric", "layer", "distance", "value", "ci_low", "ci_high", "n", "source_layer")
-"""Columns of every metric frame; for horizontal metrics ``source_layer == layer``."""
-
-MIN_ANCHORS_PER_CELL = 8
-"""A (layer, distance) cell needs this many valid anchors (4 per fold) to be scored."""
-
-SUMMARY_COLUMNS = (
-    "layer",
-    "farthest_distance",
-    "farthest_distance_ci_low",
-    "farthest_distance_ci_high",
-    "peak_distance",
-    "peak_distance_ci_low",
-    "peak_distance_ci_high",
-    "peak_value",
-    "memory_mass",
-    "memory_mass_ci_low",
-    "memory_mass_ci_high",
-    "contiguous_length",
-    "contiguous_length_ci_low",
-    "contiguous_length_ci_high",
-    "half_life",
-    "half_life_ci_low",
-    "half_life_ci_high",
-    "half_life_r2",
-    "decaying",
-    "tau",
-    "amplitude",
-    "offset",
-    "converged",
-    "n_boot_converged",
-)
-"""Columns of :func:`etmf_summary`."""
+from fidelity.schema import CURVE_SUMMARY_COLUMNS, SUMMARY_STATISTICS
 
 MIN_SCORED_DISTANCES = 3
 """A layer's forgetting curve is fitted (``a``, ``tau``, ``c``) only with this many distances."""
 
 _ACCURACY_CHUNK = 4096  # predictions compared with the vocabulary at a time
-
-
-def captured_states(cap: Capture, layer: int, positions: torch.Tensor) -> torch.Tensor:
-    """States of ``layer`` at ``positions`` `(n,)` as CPU float64 `(batch, n, d_model)`."""
-    return cap.at(layer, positions).detach().to(device="cpu", dtype=torch.float64)
-
-
-def present_samples(*states: torch.Tensor) -> torch.Tensor:
-    """Which (sequence, anchor) samples exist in every one of ``states`` `(batch, n, d)`.
-
-    Returns `(batch, n)` bool: False where any of the states holds NaN (a position missing from
-    its layer; see :func:`fidelity.capture`).
-    """
-    present = ~torch.isnan(states[0]).any(dim=-1)
-    for more in states[1:]:
-        present &= ~torch.isnan(more).any(dim=-1)
-    return present
-
-
-def enough_anchors(present: torch.Tensor, folds: torch.Tensor) -> bool:
-    """Whether the anchors with a sample in ``present`` `(batch, n)` can be scored with
-    ``folds`` `(n,)`: at least :data:`MIN_ANCHORS_PER_CELL` of them, half that in every fold."""
-    sampled = present.any(dim=0)  # (n,)
-    if int(sampled.sum()) < MIN_ANCHORS_PER_CELL:
-        return False
-    per_fold = torch.bincount(folds[sampled], minlength=int(folds.max()) + 1)
-    return bool((per_fold >= MIN_ANCHORS_PER_CELL // 2).all())
-
-
-def pooled_readout_scores(
-    states: torch.Tensor,
-    targets: torch.Tensor,
-    present: torch.Tensor,
-    folds: torch.Tensor,
-    alpha: float | None,
-    generator: torch.Generator,
-    centered: bool,
-) -> ReadoutScores:
-    """:func:`~fidelity.metrics.readout.readout_scores` on the present samples only.
-
-    ``states`` `(batch, n, d_in)`, ``targets`` `(batch, n, d_out)`, ``present`` `(batch, n)`
-    bool, ``folds`` `(n,)` anchor folds. The ``m`` present samples, in row-major order, are
-    pooled with their anchors' folds; the result's tensors are `(1, m, ...)`. With every sample
-    present this is exactly ``readout_scores(states, targets, folds, ...)``, flattened.
-    """
-    sample_folds = folds.expand(present.shape[0], -1)[present]  # (m,)
-    return readout_scores(
-        states[present][None], targets[present][None], sample_folds, alpha, generator, centered
-    )
-
-
-def per_anchor_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Average pooled sample ``values`` `(m,)` per anchor.
-
-    ``values`` follow the True entries of ``present`` `(batch, n)` in row-major order (as
-    ``x[present]`` does). Returns `(n,)` float64: the mean over the sequences that have the
-    anchor's sample, NaN for anchors with none.
-    """
-    full = torch.full(present.shape, torch.nan, dtype=torch.float64)  # (batch, n)
-    full[present] = values.to(torch.float64)
-    return full.nanmean(dim=0)
-
-
-def resolve_layers(cap: Capture, layers: Sequence[int] | None) -> list[int]:
-    """``layers`` checked against the capture (None: every captured layer), ascending."""
-    if layers is None:
-        return cap.layers
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise TypeError(f"layers must be a sequence of ints or None, got {type(layers).__name__}")
-    missing = [layer for layer in layers if layer not in cap]
-    if missing:
-        raise ValueError(f"layers {missing} were not captured; captured layers: {cap.layers}")
-    return sorted(set(layers))
 
 
 def _validate_distances(distances: object) -> torch.Tensor:
@@ -277,7 +180,7 @@ def etmf_per_anchor(
     """
     anchors = validate_anchors(anchors, cap)
     distances = _validate_distances(distances)
-    layers = resolve_layers(cap, layers)
+    layers = captured_layers(cap, layers)
     if 0 not in cap:
         raise ValueError("ETMF needs layer 0 (the token embeddings e[t]) in the capture")
     targets = captured_states(cap, 0, anchors)  # (batch, n_anchors, d_model)
@@ -361,7 +264,8 @@ def etmf_per_anchor(
 def etmf_frame(
     result: EtmfPerAnchor, n_boot: int = 200, seed: int = 0, level: float = DEFAULT_LEVEL
 ) -> pd.DataFrame:
-    """Tidy frame (:data:`TIDY_COLUMNS`) of per-anchor ETMF values with bootstrap intervals.
+    """Tidy frame (:data:`~fidelity.schema.TIDY_COLUMNS`) of per-anchor ETMF values with
+    bootstrap intervals.
 
     Metrics ``etmf``, ``etmf_chance``, ``etmf_norm``, ``etmf_acc`` (if computed) and
     ``etmf_raw``; ``n`` = the samples used (batch x valid anchors without missing positions).
@@ -397,8 +301,7 @@ def etmf_frame(
             if n_raw:
                 raw = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
                 rows.append(("etmf_raw", layer, distance, *raw, n_raw, layer))
-    frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
-    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+    return tidy_frame(rows)
 
 
 def etmf(
@@ -426,8 +329,8 @@ def etmf_summary(
 ) -> pd.DataFrame:
     """Per-layer summary of the normalized ETMF curve, one row per layer.
 
-    Columns (:data:`SUMMARY_COLUMNS`; ``_ci_low``/``_ci_high`` bootstrap intervals over
-    anchors): ``farthest_distance`` (largest distance with normalized ETMF >= 0.5),
+    Columns (:data:`~fidelity.schema.CURVE_SUMMARY_COLUMNS`; ``_low``/``_high`` bootstrap
+    intervals over anchors): ``farthest_distance`` (largest distance with normalized ETMF >= 0.5),
     ``peak_distance`` (distance beyond 0 where it is highest) and ``peak_value`` (its value
     there), ``memory_mass`` (area over log2-distance), ``contiguous_length`` (largest distance
     up to which it never drops below 0.5), ``half_life`` (NaN unless ``decaying``),
@@ -459,28 +362,30 @@ def etmf_summary(
             "positions are missing from them",
             stacklevel=2,
         )
-    frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(CURVE_SUMMARY_COLUMNS))
     return frame.astype({"layer": int, "decaying": bool, "converged": bool})
 
 
 def _summary_row(layer: int, summary: CurveSummary) -> dict:
-    """One :data:`SUMMARY_COLUMNS` row from a layer's :class:`CurveSummary`."""
+    """One :data:`~fidelity.schema.CURVE_SUMMARY_COLUMNS` row from a layer's
+    :class:`CurveSummary`."""
+    statistics = {
+        "farthest_distance": summary.farthest,
+        "peak_distance": summary.peak,
+        "memory_mass": summary.mass,
+        "contiguous_length": summary.contiguous,
+    }
     row: dict[str, object] = {"layer": layer}
-    for name, statistic in (
-        ("farthest_distance", summary.farthest),
-        ("peak_distance", summary.peak),
-        ("memory_mass", summary.mass),
-        ("contiguous_length", summary.contiguous),
-    ):
-        row |= {name: statistic.value, f"{name}_ci_low": statistic.low}
-        row[f"{name}_ci_high"] = statistic.high
+    for name in SUMMARY_STATISTICS:
+        if name == "half_life":
+            value, (low, high) = summary.half_life, summary.half_life_ci
+        else:
+            value, low, high = statistics[name].value, statistics[name].low, statistics[name].high
+        row |= {name: value, f"{name}_low": low, f"{name}_high": high}
     fit = summary.fit
     nan = math.nan
     return row | {
         "peak_value": summary.peak_value,
-        "half_life": summary.half_life,
-        "half_life_ci_low": summary.half_life_ci[0],
-        "half_life_ci_high": summary.half_life_ci[1],
         "half_life_r2": summary.r2,
         "decaying": summary.decaying,
         "tau": nan if fit is None else fit.tau,

@@ -5,12 +5,13 @@ uniformly (seeded), the model is run on the perturbed sequence, and
 
     influence(l, d) = ||h'[l][t + d] - h[l][t + d]|| / ||h'[l][t] - h[l][t]||
 
-(``h`` clean, ``h'`` perturbed, the residual stream after block ``l``). It is 1 at ``d = 0``
-and measures the causal reach of a token, whatever path carries it (the scan, MemMamba's pool,
-attention). The metric ``influence`` is the mean over anchors (ratios averaged over the
-sequences of the batch first; a zero denominator, a token the layer ignores, gives no sample)
-with a percentile bootstrap interval over anchors. Layer 0 (the embeddings) is not reported:
-there the change is confined to ``t`` by construction (0 for every ``d > 0``).
+(``h`` clean, ``h'`` perturbed, the residual stream at layer ``l``: the output of block
+``l - 1``). It is 1 at ``d = 0`` and measures the causal reach of a token, whatever path carries
+it (the scan, MemMamba's pool, attention). The metric ``influence`` is the mean over anchors
+(ratios averaged over the sequences of the batch first; a zero denominator, a token the layer
+ignores, gives no sample) with a percentile bootstrap interval over anchors. Layer 0 (the
+embeddings) is not reported: there the change is confined to ``t`` by construction (0 for every
+``d > 0``).
 
 Causal models never need ``d < 0``, and only positions up to ``t + max(distances)`` are run.
 Two strategies give the same numbers (tested):
@@ -43,10 +44,9 @@ import torch
 from torch import nn
 
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
-from fidelity.metrics.etmf import TIDY_COLUMNS
 from fidelity.metrics.sampling import seeded_generator
+from fidelity.metrics.toolkit import is_causal, resolve_chunk_size, tidy_frame
 from fidelity.models.base import CausalLM
-from fidelity.models.decimamba import DeciMambaLM
 from fidelity.probes.capture import capture, capturing, find_blocks
 from fidelity.probes.capture_types import Capture
 
@@ -54,8 +54,6 @@ METRIC = "influence"
 STRATEGIES = ("auto", "full", "branch")
 DEFAULT_MAX_DISTANCE = 4096
 """Distances above this are not measured: a perturbed run costs up to ``max_d`` tokens."""
-AUTO_CHUNK = 8192
-"""With ``chunk_size="auto"``, our models are fed in chunks of this many tokens."""
 _ANCHOR_STREAM, _TOKEN_STREAM = 2, 3  # keys of seeded_generator for the two random draws
 
 
@@ -107,16 +105,6 @@ def _resolve_strategy(model: nn.Module, strategy: str) -> str:
     if strategy == "auto":
         return "branch" if isinstance(model, CausalLM) else "full"
     return strategy
-
-
-def _resolve_chunk(model: nn.Module, chunk_size: int | str | None) -> int | None:
-    if chunk_size == "auto":
-        return AUTO_CHUNK if isinstance(model, CausalLM) else None
-    if chunk_size is None:
-        return None
-    if not isinstance(model, CausalLM):
-        raise ValueError("chunk_size needs one of our models; use chunk_size=None")
-    return _check_int("chunk_size", chunk_size, 1)
 
 
 def replacement_tokens(
@@ -240,15 +228,17 @@ def influence(
     included (the reference change, value 1); ``layers``:
     layer indices (0 is skipped; None: every block's output). ``replacement``: "random" (a
     uniformly drawn different token per row and anchor). ``batch_size``: perturbed copies per
-    forward ("full" strategy). ``chunk_size``: "auto" (our models in chunks of
-    :data:`AUTO_CHUNK`), None (one call) or an int. ``strategy``: "auto", "full" or "branch"
-    (see the module docstring). Columns: ``metric, layer, distance, value, ci_low, ci_high, n,
-    source_layer`` with ``n`` the number of (sequence, anchor) ratios.
+    forward ("full" strategy). ``chunk_size``: "auto" (the model's own chunk length, see
+    :meth:`fidelity.models.base.CausalLM.auto_chunk_size`), None (one call) or an int.
+    ``strategy``: "auto", "full" or "branch" (see the module docstring). Columns: ``metric,
+    layer, distance, value, ci_low, ci_high, n, source_layer`` with ``n`` the number of
+    (sequence, anchor) ratios.
     """
-    if isinstance(model, DeciMambaLM):
+    if not is_causal(model):
         raise TypeError(
-            "influence does not support DeciMamba: decimation is a global top-k over the input, "
-            "so the model is not causal and perturbed runs cannot be truncated or chunked"
+            f"influence does not support {type(model).__name__} (e.g. DeciMamba: decimation is "
+            "a global top-k over the input), a model that is not causal: perturbed runs cannot "
+            "be truncated or chunked"
         )
     if replacement != "random":
         raise ValueError(f"replacement must be 'random', got {replacement!r}")
@@ -262,16 +252,16 @@ def influence(
     distances = _check_positions("distances", distances, length)
     distances = torch.cat([torch.zeros(1, dtype=torch.long), distances[distances > 0]])
     distances = distances[distances <= max_distance]
-    n_layers = len(find_blocks(model))
-    chosen = list(range(1, n_layers + 1)) if layers is None else sorted(set(layers) - {0})
-    bad = [layer for layer in chosen if not 0 < layer <= n_layers]
+    n_blocks = len(find_blocks(model))
+    chosen = list(range(1, n_blocks + 1)) if layers is None else sorted(set(layers) - {0})
+    bad = [layer for layer in chosen if not 0 < layer <= n_blocks]
     if bad or not chosen:
         raise ValueError(
             f"layers {bad or list(layers)} cannot be measured: this model has layers "
-            f"1..{n_layers} (layer 0, the embeddings, is not reported)"
+            f"1..{n_blocks} (layer 0, the embeddings, is not reported)"
         )
     strategy = _resolve_strategy(model, strategy)
-    chunk = _resolve_chunk(model, chunk_size)
+    chunk = resolve_chunk_size(model, chunk_size)
     picked = torch.randperm(len(candidates), generator=seeded_generator(seed, _ANCHOR_STREAM))
     chosen_anchors = candidates[picked[:n_anchors]].sort().values
     tokens = seeded_generator(seed, _TOKEN_STREAM)
@@ -307,5 +297,4 @@ def _frame(
             counts = bootstrap_counts(per_anchor.size, n_boot, [seed, distance]) if n_boot else None
             value, low, high = mean_with_interval(per_anchor, counts, level)
             rows.append((METRIC, layer, distance, value, low, high, int(finite.sum()), layer))
-    frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
-    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+    return tidy_frame(rows)

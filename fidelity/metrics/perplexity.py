@@ -30,14 +30,14 @@ from torch import nn
 
 from fidelity.lengths import parse_length
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, percentile_interval
-from fidelity.metrics.etmf import TIDY_COLUMNS
+from fidelity.metrics.toolkit import resolve_chunk_size, tidy_frame
 from fidelity.models.base import CausalLM
 from fidelity.probes.tasks import make_probe
 from fidelity.probes.tokenizer import ByteTokenizer, Tokenizer, as_tokenizer
+from fidelity.schema import TIDY_COLUMNS
 
-AUTO_CHUNK = 8192
-"""With ``chunk_size="auto"``, our models read windows longer than this in chunks of it."""
 FRAME_COLUMNS = (*TIDY_COLUMNS, "length", "depth")
+"""Columns of the frame: the tidy columns, the window length and ``depth`` (NaN)."""
 _LOSS_SLICE = 1024  # positions whose float64 cross-entropy is computed at a time
 
 
@@ -103,12 +103,6 @@ def _check_count(name: str, value: object) -> int:
     return int(value)
 
 
-def _resolve_chunk(model: nn.Module, chunk_size: int | str | None) -> int | None:
-    if chunk_size == "auto":
-        return AUTO_CHUNK if isinstance(model, CausalLM) else None
-    return None if chunk_size is None else _check_count("chunk_size", chunk_size)
-
-
 def perplexity(
     model: nn.Module,
     lengths: Sequence[int | str] | int | str,
@@ -126,8 +120,9 @@ def perplexity(
 
     ``text``: files or directories (as ``text_probe``'s ``paths``), None for the default
     corpus; ``split``: "heldout", "train" or "all"; ``tokenizer``: None (bytes), a local Hugging
-    Face tokenizer directory or a tokenizer object; ``chunk_size``: "auto" (our models in
-    chunks of :data:`AUTO_CHUNK`), None (one pass) or an int. Windows come from
+    Face tokenizer directory or a tokenizer object; ``chunk_size``: "auto" (the model's own
+    chunk length, see :meth:`fidelity.models.base.CausalLM.auto_chunk_size`), None (one pass) or
+    an int. Windows come from
     ``make_probe("text", length, batch=n_sequences, seed=seed, ...)``. Returns rows with
     columns :data:`FRAME_COLUMNS` (see the module docstring).
     """
@@ -137,7 +132,7 @@ def perplexity(
     if not parsed or min(parsed) < 2:
         raise ValueError(f"lengths must hold at least one length >= 2 tokens, got {lengths!r}")
     n_sequences = _check_count("n_sequences", n_sequences)
-    chunk = _resolve_chunk(model, chunk_size)
+    chunk = resolve_chunk_size(model, chunk_size)
     tokenizer = as_tokenizer(tokenizer)
     is_bytes = isinstance(tokenizer, ByteTokenizer)
     options = {"split": split} if text is None else {"split": split, "paths": text}
@@ -153,8 +148,7 @@ def perplexity(
             rows.extend(_rows(per_token, length, is_bytes, seed, n_boot, level))
     finally:
         model.train(was_training)
-    frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
-    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+    return tidy_frame(rows, columns=FRAME_COLUMNS)
 
 
 def _rows(per_token: np.ndarray, length: int, is_bytes: bool, seed, n_boot, level) -> list:

@@ -38,18 +38,17 @@ from torch import nn
 
 from fidelity.lengths import parse_length
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
-from fidelity.metrics.etmf import TIDY_COLUMNS
+from fidelity.metrics.toolkit import resolve_chunk_size, returns_all_positions, tidy_frame
 from fidelity.models.base import CausalLM
-from fidelity.models.decimamba import DeciMambaLM
 from fidelity.probes.tasks import ProbeInput, make_probe
 from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
+from fidelity.schema import TIDY_COLUMNS
 
 RETRIEVAL_TASKS = ("passkey", "kv")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-AUTO_CHUNK = 8192
-"""With ``chunk_size="auto"``, our models prefill long prompts in chunks of this many tokens."""
 FRAME_COLUMNS = (*TIDY_COLUMNS, "length", "depth")
+"""Columns of the frame: the tidy columns, the context length and the needle depth."""
 
 
 def wilson_interval(successes: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
@@ -82,15 +81,15 @@ def _prefill(model: CausalLM, prompt: torch.Tensor, chunk: int | None):
     position `(batch, vocab)`, cache)."""
     cache = model.init_cache(prompt.shape[0])
     length = prompt.shape[1]
-    if isinstance(model, DeciMambaLM):
+    step = chunk if model.chunkable and chunk else length
+    if not returns_all_positions(model):
         output = model(prompt, cache=cache)
         if int(output.positions[0, -1]) != length - 1:
             raise ValueError(
-                "DeciMamba dropped the prompt's last position, so it has no next-token logits; "
-                "use keep_last_tokens >= 1"
+                f"{type(model).__name__} dropped the prompt's last position, so it has no "
+                "next-token logits; use keep_last_tokens >= 1"
             )
         return output.logits[:, -1], cache
-    step = chunk or length
     for start in range(0, length, step):
         output = model(prompt[:, start : start + step], cache=cache)
     return _logits(output)[:, -1], cache
@@ -183,18 +182,14 @@ def retrieval_accuracy(
     One cell per (length, depth): ``trials`` prompts of exactly ``length`` tokens with the
     needle at ``depth`` in [0, 1] (0: first). ``tokenizer``: None (bytes), a local Hugging
     Face tokenizer directory, or a tokenizer object. ``progress(done, total)`` is called after
-    each cell. ``chunk_size``: "auto" (chunks of :data:`AUTO_CHUNK`), None (one call) or an
-    int, for our models' prefill. Returns rows with columns :data:`FRAME_COLUMNS`: metrics
+    each cell. ``chunk_size``: "auto" (the model's own chunk length, see
+    :meth:`fidelity.models.base.CausalLM.auto_chunk_size`), None (one call) or an int, for our
+    models' prefill. Returns rows with columns :data:`FRAME_COLUMNS`: metrics
     ``{task}_acc`` and ``{task}_digit_acc`` (see the module docstring), ``layer ==
     source_layer == -1``, ``n = trials``.
     """
     lengths, depths, trials = _check_options(task, lengths, depths, trials)
-    if chunk_size == "auto":
-        chunk_size = AUTO_CHUNK
-    elif chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")
+    chunk_size = resolve_chunk_size(model, chunk_size, ignore_without_cache=True)
     tokenizer = as_tokenizer(tokenizer)
     was_training = model.training
     model.eval()
@@ -216,8 +211,7 @@ def retrieval_accuracy(
                     progress(done, total)
     finally:
         model.train(was_training)
-    frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
-    return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+    return tidy_frame(rows, columns=FRAME_COLUMNS)
 
 
 def _score_cell(model, probe: ProbeInput, tokenizer, chunk_size, seed, n_boot, level) -> list:

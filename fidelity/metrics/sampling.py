@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from fidelity.errors import InputError
-from fidelity.probes.capture_types import Capture
 
 DEFAULT_ANCHORS = 512
 """Anchors per run: enough for two-fold read-outs and percentile bootstrap intervals."""
@@ -35,7 +34,8 @@ def _check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def _check_positions(name: str, positions: torch.Tensor, length: int) -> torch.Tensor:
+def check_positions(name: str, positions: torch.Tensor, length: int) -> torch.Tensor:
+    """``positions`` `(n,)` checked to be integer positions in ``[0, length)``, as long."""
     if not isinstance(positions, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor of positions, got {type(positions).__name__}"
@@ -110,7 +110,7 @@ def required_positions(anchors: torch.Tensor, distances: torch.Tensor, length: i
     ``length``.
     """
     length = _check_positive_int("length", length)
-    anchors = _check_positions("anchors", anchors, length)
+    anchors = check_positions("anchors", anchors, length)
     if not isinstance(distances, torch.Tensor):
         distances = torch.as_tensor(distances)
     if distances.dim() != 1 or distances.dtype.is_floating_point:
@@ -167,30 +167,3 @@ def seeded_generator(seed: int, *keys: int) -> torch.Generator:
         raise InputError(f"seed must be a non-negative int, got {seed!r}")
     state = np.random.SeedSequence([int(seed), *(int(key) for key in keys)]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def validate_anchors(anchors: object, cap: Capture) -> torch.Tensor:
-    """Check that ``anchors`` `(n_anchors,)` are sorted, unique and kept by ``cap``.
-
-    Returns them as a long tensor; raises ``TypeError``/``ValueError`` saying what is wrong.
-    """
-    if not isinstance(cap, Capture):
-        raise TypeError(f"expected a fidelity Capture, got {type(cap).__name__}")
-    anchors = _check_positions("anchors", torch.as_tensor(anchors), cap.length)
-    if anchors.numel() == 0:
-        raise InputError("anchors is empty; draw some with sample_anchors(length)")
-    if anchors.numel() > 1 and not bool((anchors[1:] > anchors[:-1]).all()):
-        raise InputError("anchors must be sorted and unique (as sample_anchors returns them)")
-    require_kept(cap, anchors)
-    return anchors
-
-
-def require_kept(cap: Capture, positions: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``cap`` kept every position in ``positions``."""
-    try:
-        cap.index_of(positions)
-    except KeyError as missing:
-        raise InputError(
-            f"the capture lacks positions the metric needs ({missing.args[0]}); capture "
-            "required_positions(anchors, distances, length)"
-        ) from None

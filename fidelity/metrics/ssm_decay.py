@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
-from fidelity.metrics.etmf import TIDY_COLUMNS
+from fidelity.metrics.toolkit import tidy_frame
 from fidelity.models.base import causal_conv1d
-from fidelity.models.decimamba import DeciMambaBlock
 from fidelity.models.mamba import MambaMixer
 from fidelity.models.mamba2 import Mamba2Mixer
 from fidelity.probes.capture import find_blocks
+from fidelity.probes.capture_types import block_before, layer_after
 
 METRIC = "ssm_decay"
 PAIR_BLOCK_ELEMENTS = 1 << 22
@@ -399,8 +399,7 @@ class SsmDecayCollector:
                 value, low, high = mean_with_interval(values[j, :valid].numpy(), counts, level)
                 n = batch[layer] * valid
                 rows.append((METRIC, layer, distance, value, low, high, n, layer))
-        frame = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
-        return frame.astype({"layer": int, "distance": int, "n": int, "source_layer": int})
+        return tidy_frame(rows)
 
 
 def _check_positions(name: str, values: object, upper: int | None) -> torch.Tensor:
@@ -434,7 +433,7 @@ def collect_ssm_decay(
     """Hooks that measure ``ssm_decay`` while ``model`` runs over one sequence of ``length``.
 
     ``anchors`` `(n_anchors,)` sorted unique positions in ``[0, length)``; ``distances``
-    `(n_dist,)` non-negative; ``layers`` the layer indices to measure (block ``i`` is layer
+    `(n_dist,)` non-negative; ``layers`` the layer indices to measure (block ``i`` writes layer
     ``i + 1``; layer 0, the embeddings, has no mixer and is ignored; None: every block). Run
     the model inside the block (in one call, e.g. :func:`fidelity.capture`, or in consecutive
     chunks with a cache), then call ``frame()`` on the yielded collector. Raises ``TypeError``
@@ -452,7 +451,9 @@ def collect_ssm_decay(
     bad = [layer for layer in wanted if not 0 < layer <= len(blocks)]
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has layers 0..{len(blocks)}")
-    readers = {layer: mixer_reader(getattr(blocks[layer - 1], "mixer", None)) for layer in wanted}
+    readers = {
+        layer: mixer_reader(getattr(blocks[block_before(layer)], "mixer", None)) for layer in wanted
+    }
     if wanted and all(reader is None for reader in readers.values()):
         raise TypeError(
             f"ssm_decay needs Mamba mixers: {type(model).__name__} is not a Mamba-family model "
@@ -464,18 +465,18 @@ def collect_ssm_decay(
         raise TypeError(f"layers {unsupported} of {type(model).__name__} have no Mamba mixer")
     watch = _DecimationWatch()
     states = {
-        layer: LayerDecay(reader, layer - 1, anchors, distances, watch)
+        layer: LayerDecay(reader, block_before(layer), anchors, distances, watch)
         for layer, reader in readers.items()
     }
     collector = SsmDecayCollector(states, anchors, distances, int(length))
     handles = []
     try:
-        for layer, state in states.items():
-            block = blocks[layer - 1]
-            if isinstance(block, DeciMambaBlock) and block.decimation is not None:
+        for state in states.values():
+            block = blocks[state.block]
+            if getattr(block, "decimation", None) is not None:
                 handles.append(
                     block.decimation.register_forward_hook(
-                        _decimation_hook(block, layer - 1, state, watch, collector)
+                        _decimation_hook(block, state.block, state, watch, collector)
                     )
                 )
             else:
@@ -488,7 +489,7 @@ def collect_ssm_decay(
                     )
                 )
         for index, block in enumerate(blocks):  # decimating blocks not measured still drop rows
-            if index + 1 not in states and getattr(block, "decimation", None) is not None:
+            if layer_after(index) not in states and getattr(block, "decimation", None) is not None:
                 handles.append(
                     block.decimation.register_forward_hook(
                         _decimation_hook(block, index, None, watch, collector)
@@ -501,7 +502,7 @@ def collect_ssm_decay(
 
 
 def _decimation_hook(
-    block: DeciMambaBlock,
+    block: nn.Module,
     index: int,
     state: LayerDecay | None,
     watch: _DecimationWatch,
@@ -516,8 +517,9 @@ def _decimation_hook(
         if output.index.shape[1] < hidden.shape[1]:
             if watch.first_dropping_block is None:
                 message = (
-                    f"ssm_decay skipped layers {index + 1} and above: DeciMamba decimation in "
-                    f"block {index} dropped rows (the scan then runs over the kept rows only)"
+                    f"ssm_decay skipped layers {layer_after(index)} and above: DeciMamba "
+                    f"decimation in block {index} dropped rows (the scan then runs over the kept "
+                    "rows only)"
                 )
                 collector.notes.append(message)
                 warnings.warn(message, stacklevel=2)

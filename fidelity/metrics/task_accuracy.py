@@ -16,7 +16,7 @@ import torch
 
 from fidelity.errors import InputError
 from fidelity.metrics.retrieval import wilson_interval
-from fidelity.models.base import CausalLM
+from fidelity.models.base import AUTO_CHUNK_SIZE, CausalLM
 from fidelity.probes.memory_tasks import MemoryTask, make_memory_task
 
 
@@ -39,7 +39,9 @@ class TaskAccuracy:
 
 
 @torch.no_grad()
-def answer_hits(model: CausalLM, task: MemoryTask, chunk_size: int | None = 8192) -> torch.Tensor:
+def answer_hits(
+    model: CausalLM, task: MemoryTask, chunk_size: int | None = AUTO_CHUNK_SIZE
+) -> torch.Tensor:
     """`(batch, n_answers)` bool: the model's argmax at each answer's predecessor equals the
     answer. ``chunk_size=None`` runs one parallel forward (no cache)."""
     ids = task.input_ids.to(model.device)
@@ -66,7 +68,7 @@ def task_accuracy(
     trials: int = 100,
     batch: int = 16,
     seed: int = 0,
-    chunk_size: int | None = 8192,
+    chunk_size: int | None = AUTO_CHUNK_SIZE,
     **options: object,
 ) -> TaskAccuracy:
     """Accuracy of ``model`` on ``trials`` rows of ``task`` at ``length`` (rows drawn in

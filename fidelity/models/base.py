@@ -22,6 +22,9 @@ from torch import nn
 
 from fidelity.models.config import ModelConfig
 
+AUTO_CHUNK_SIZE = 8192
+"""Inputs longer than this are fed to a chunkable model in chunks of it ("auto")."""
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (mamba_ssm / Hugging Face Mamba convention), computed in float32.
@@ -75,6 +78,21 @@ class CausalLM(nn.Module):
     """
 
     config: ModelConfig
+
+    # -- run policy: how metrics may run the model (DeciMamba overrides it) ----------------
+    causal: bool = True
+    """Whether position ``t``'s outputs depend on tokens ``<= t`` only."""
+    chunkable: bool = True
+    """Whether feeding a sequence chunk by chunk through the cache gives the one-call result."""
+    all_positions: bool = True
+    """Whether a forward returns logits at every input position."""
+
+    def auto_chunk_size(self, length: int | None = None) -> int | None:
+        """Chunk length for ``chunk_size="auto"``: :data:`AUTO_CHUNK_SIZE` for a chunkable
+        model (None, one call, when ``length`` is given and no longer), else None."""
+        if not self.chunkable or (length is not None and length <= AUTO_CHUNK_SIZE):
+            return None
+        return AUTO_CHUNK_SIZE
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +30,18 @@ from safetensors.torch import load_file, save_file
 from fidelity.atomic import atomic_directory
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
+from fidelity.models.checkpoint_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Source,
+    require_keys,
+)
 from fidelity.models.config import ModelConfig
+from fidelity.models.importers import importer_for
+from fidelity.models.registry import config_from_dict, model_from_config
 
 LIBRARY = "memory-fidelity"
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 ACCEPTED_FORMATS = (
     "a memory-fidelity checkpoint (config.json with a 'library' key), a mamba_ssm "
     "MambaLMHeadModel directory (config.json with d_model, n_layer, ssm_cfg), or a Hugging Face "
@@ -129,17 +133,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
 
 
 # -- loading -----------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """What a checkpoint format contributes: our config, how its weight names map onto ours
-    (``None``: a name to ignore), where its weights are and what to record as provenance."""
-
-    config: ModelConfig
-    rename: Callable[[str], str | None]
-    weight_files: tuple[str, ...]
-    provenance: dict[str, Any]
-
-
 def load_checkpoint(
     directory: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -192,8 +185,6 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _detect_source(path: Path, header: dict[str, Any]) -> Source:
-    from fidelity.models.importers import importer_for
-
     if "library" in header:
         return _ours(path, header)
     importer = importer_for(header)
@@ -206,8 +197,6 @@ def _detect_source(path: Path, header: dict[str, Any]) -> Source:
 
 
 def _model_for(config: ModelConfig, path: Path) -> CausalLM:
-    from fidelity.models.registry import model_from_config
-
     try:
         return model_from_config(config)
     except ImportError as error:
@@ -316,33 +305,8 @@ def _first(items: list[str]) -> str:
     return f"[{shown}{more}] ({len(items)} in all)"
 
 
-def renamer(rules: list[tuple[str, str]], ignored: str | None = None) -> Callable[[str], str]:
-    """Map a source weight name with the first matching ``(pattern, replacement)``; names
-    matching ``ignored`` map to None; unmatched names are kept (and then reported)."""
-    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
-    ignored_pattern = re.compile(ignored) if ignored else None
-
-    def rename(name: str) -> str | None:
-        if ignored_pattern is not None and ignored_pattern.search(name):
-            return None
-        for pattern, replacement in compiled:
-            if pattern.match(name):
-                return pattern.sub(replacement, name, count=1)
-        return name
-
-    return rename
-
-
-def require_keys(header: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
-    missing = [key for key in keys if key not in header]
-    if missing:
-        raise InputError(f"{what} config.json lacks {missing}")
-
-
 # -- our format --------------------------------------------------------------------------------
 def _ours(path: Path, header: dict[str, Any]) -> Source:
-    from fidelity.models.registry import config_from_dict
-
     if header["library"] != LIBRARY:
         raise InputError(
             f"{path / CONFIG_FILE} was written by {header['library']!r}, not {LIBRARY!r}"

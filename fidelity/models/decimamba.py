@@ -191,11 +191,30 @@ class TokenDecimation(nn.Module):
 
 
 @dataclass
-class RowPositions:
-    """Original sequence positions `(batch, rows)` of the rows the next block receives; a
-    decimating block replaces ``positions`` with those of the rows it keeps."""
+class KeptPositions:
+    """Original sequence positions of the rows flowing through blocks that may drop rows.
 
-    positions: torch.Tensor
+    Each forward call (a chunk) enters the first block as consecutive positions
+    ``start .. consumed - 1`` (:meth:`start_chunk`); a decimation keeps some rows
+    (:meth:`keep`) and the blocks after it carry only those: ``positions`` `(batch, n_rows)`,
+    ascending in each batch row. The model follows them through its forward; a capture follows
+    them from outside, with hooks (:mod:`fidelity.probes.capture`).
+    """
+
+    positions: torch.Tensor | None = None
+    start: int = 0
+    consumed: int = 0
+
+    def start_chunk(self, batch: int, n_rows: int, device: torch.device | str) -> None:
+        """The first block receives a chunk of ``n_rows`` new positions for ``batch`` rows."""
+        self.start = self.consumed
+        self.consumed += n_rows
+        positions = torch.arange(self.start, self.consumed, device=device)
+        self.positions = positions.expand(batch, n_rows)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """A decimation kept the rows ``index`` `(batch, n_kept)` of its input."""
+        self.positions = self.positions.gather(1, index.to(self.positions.device))
 
 
 @dataclass
@@ -223,7 +242,7 @@ class DeciMambaBlock(MambaBlock):
         self,
         x: torch.Tensor,
         cache: MambaLayerCache | None = None,
-        rows: RowPositions | None = None,
+        rows: KeptPositions | None = None,
     ) -> torch.Tensor:
         """``x`` `(batch, n, d_model)` -> `(batch, n_kept, d_model)` (``n_kept == n`` in
         layers that do not decimate); ``rows`` (positions of ``x``'s rows, default ``0..n-1``)
@@ -234,9 +253,10 @@ class DeciMambaBlock(MambaBlock):
         inputs = mixer.ssm_inputs(self.norm(x), cache.conv if cache is not None else None)
         step_sizes = F.softplus(inputs["delta"] + mixer.dt_proj.bias[:, None])  # (b, d_in, n)
         if rows is None:
-            rows = RowPositions(torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1))
+            rows = KeptPositions()
+            rows.start_chunk(x.shape[0], x.shape[1], x.device)
         kept = self.decimation(x, step_sizes, rows.positions)
-        rows.positions = kept.positions
+        rows.keep(kept.index)
         gather = kept.index[:, None, :]  # (batch, 1, n_kept), broadcast over channels
 
         def take(t: torch.Tensor) -> torch.Tensor:
@@ -269,6 +289,13 @@ class DeciMambaLM(MambaLM):
     with logits `(batch, n_out, vocab)` at ``positions`` `(batch, n_out)`."""
 
     config: DeciMambaConfig
+
+    # Run policy: which rows survive is a global top-k over each forward call's input, so a
+    # later token can change earlier logits, a context must be read in one call (each chunk
+    # would be decimated on its own), and the logits cover the kept positions only.
+    causal = False
+    chunkable = False
+    all_positions = False
 
     def __init__(self, config: DeciMambaConfig) -> None:
         # MambaLM.__init__ would build plain blocks; build ours in the same order (the same
@@ -339,7 +366,8 @@ class DeciMambaLM(MambaLM):
         and the positions of every layer's rows (``n_layer + 1`` tensors `(batch, n_l)`)."""
         batch, length, _ = x.shape
         start = cache.position if cache is not None else 0
-        rows = RowPositions(torch.arange(start, start + length, device=x.device).expand(batch, -1))
+        rows = KeptPositions(consumed=start)
+        rows.start_chunk(batch, length, x.device)
         layer_positions = [rows.positions]
         for index, layer in enumerate(self.layers):
             x = layer(x, cache.layers[index] if cache is not None else None, rows)

@@ -2,14 +2,14 @@
 
 - a mamba_ssm ``MambaLMHeadModel`` directory (``d_model``, ``n_layer``, ``ssm_cfg``, ...;
   ``pytorch_model.bin``) -> :class:`~fidelity.models.mamba.MambaLM` (``ssm_cfg.layer ==
-  "Mamba2"`` -> ``Mamba2LM`` when :mod:`fidelity.models.mamba2` exists);
+  "Mamba2"`` -> :class:`~fidelity.models.mamba2.Mamba2LM`);
 - a Hugging Face ``MambaForCausalLM`` directory (``"model_type": "mamba"``) -> ``MambaLM``;
 - a Hugging Face ``GPTNeoXForCausalLM`` directory (``"model_type": "gpt_neox"``, e.g. Pythia)
   -> :class:`~fidelity.models.transformer.TransformerLM`.
 
 Each importer turns the foreign config into ours and says how the foreign weight names map onto
-ours (a :class:`~fidelity.models.checkpoint.Source`); reading and checking the weights is left to
-:func:`~fidelity.models.checkpoint.load_checkpoint`. Compute-only flags of the sources
+ours (a :class:`~fidelity.models.checkpoint_format.Source`); reading and checking the weights is
+left to :func:`~fidelity.models.checkpoint.load_checkpoint`. Compute-only flags of the sources
 (``residual_in_fp32``, ``fused_add_norm``) do not change the function a float32 model computes
 and are not carried over.
 """
@@ -21,7 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fidelity.errors import InputError
-from fidelity.models.checkpoint import WEIGHTS_FILE, Source, renamer, require_keys
+from fidelity.models.checkpoint_format import WEIGHTS_FILE, Source, renamer, require_keys
+from fidelity.models.mamba import MambaConfig
+from fidelity.models.mamba2 import Mamba2Config
+from fidelity.models.transformer import TransformerConfig
 
 
 def importer_for(header: dict[str, Any]) -> Callable[[dict[str, Any]], Source] | None:
@@ -71,19 +74,10 @@ def _mamba_ssm(header: dict[str, Any]) -> Source:
     layer = ssm_cfg.get("layer", "Mamba1")
     ssm = {key: value for key, value in ssm_cfg.items() if key not in _MAMBA_SSM_INIT_ONLY}
     if layer == "Mamba1":
-        from fidelity.models.mamba import MambaConfig
-
         config_class = MambaConfig
         if ssm.get("dt_rank") == "auto":
             ssm["dt_rank"] = 0  # our spelling of ceil(d_model / 16)
     elif layer == "Mamba2":
-        try:
-            from fidelity.models.mamba2 import Mamba2Config
-        except ImportError:
-            raise InputError(
-                "this mamba_ssm checkpoint uses Mamba-2 layers (ssm_cfg.layer = 'Mamba2'), but "
-                "fidelity.models.mamba2 is not available in this version"
-            ) from None
         config_class = Mamba2Config
         ssm = _mamba2_options(ssm, header["d_model"])
     else:
@@ -142,8 +136,6 @@ _HF_MAMBA_RULES = [
 
 
 def _huggingface_mamba(header: dict[str, Any]) -> Source:
-    from fidelity.models.mamba import MambaConfig
-
     require_keys(header, ("hidden_size", "num_hidden_layers", "vocab_size"), "Hugging Face Mamba")
     if header.get("hidden_act", "silu") != "silu":
         raise InputError(
@@ -202,8 +194,6 @@ _GPT_NEOX_IGNORED = r"\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$"
 
 
 def _huggingface_gpt_neox(header: dict[str, Any]) -> Source:
-    from fidelity.models.transformer import TransformerConfig
-
     require_keys(
         header,
         ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),

@@ -26,8 +26,8 @@ written note is ``summary * g`` and the attention output is ``context * g`` with
 ``dg/dp == 1`` for the backward pass.
 
 Choices the paper leaves open are configuration (:class:`MemMambaConfig`, each default with its
-reason). The parallel forward is O(length * d): pools are computed block by block
-(:func:`~fidelity.models.state_pool.pool_blocks`), never with a length x length mask. The
+reason). The parallel forward is O(length * d): pools are computed segment by segment of
+queries (:func:`~fidelity.models.state_pool.pool_segments`), never with a length x length mask. The
 recurrent :meth:`MemMambaLM.step` keeps explicit pools; both agree (tested).
 """
 
@@ -47,7 +47,7 @@ from fidelity.models.mamba import (
     MambaMixer,
     init_lm_weights,
 )
-from fidelity.models.state_pool import POOL_POLICIES, PoolBlocks, StatePool, pool_blocks
+from fidelity.models.state_pool import POOL_POLICIES, PoolSegments, StatePool, pool_segments
 
 POOLINGS = ("max", "mean")
 FUSIONS = ("weighted", "residual", "gated")
@@ -77,12 +77,13 @@ class MemMambaConfig(MambaConfig):
     use_note_block: bool = True  # False: every position writes an unpooled note (ablation)
     use_cross_token: bool = True  # False: no cross-token attention (ablation)
     use_cross_layer: bool = True  # False: no cross-layer attention (ablation)
-    block_size: int = 512  # queries per block in the parallel pool computation (speed only)
+    block_size: int = 512  # queries per segment of the parallel pool computation (speed only)
 
-    def query_block_size(self) -> int:
-        """Queries per block of the parallel pool computation: ``block_size``, or at most
-        twice the pool size without the note block, where every position writes a note and a
-        block's candidates (pool + block) would otherwise outgrow the pool many times."""
+    def query_segment_size(self) -> int:
+        """Queries per segment of the parallel pool computation: ``block_size`` (the config
+        key saved checkpoints carry), or at most twice the pool size without the note block,
+        where every position writes a note and a segment's candidates (pool + segment) would
+        otherwise outgrow the pool many times."""
         if self.use_note_block:
             return self.block_size
         return min(self.block_size, 2 * self.pool_size)
@@ -118,17 +119,17 @@ class MemMambaConfig(MambaConfig):
                 f"write_rate_target must lie in [0, 1), got {self.write_rate_target!r}"
             )
 
-    def has_cross_layer(self, layer: int) -> bool:
-        """Whether block ``layer`` (0-based) runs cross-layer attention."""
+    def has_cross_layer(self, block: int) -> bool:
+        """Whether block ``block`` (0-based) runs cross-layer attention."""
         p = self.cross_layer_every
-        return self.use_cross_layer and layer > 0 and (layer + 1) % p == 0
+        return self.use_cross_layer and block > 0 and (block + 1) % p == 0
 
-    def cross_layer_sources(self, layer: int) -> list[int]:
-        """The earlier blocks whose pools block ``layer`` reads (empty without cross-layer)."""
-        if not self.has_cross_layer(layer):
+    def cross_layer_sources(self, block: int) -> list[int]:
+        """The earlier blocks whose pools block ``block`` reads (empty without cross-layer)."""
+        if not self.has_cross_layer(block):
             return []
-        first = 0 if self.cross_layer_scope == "all" else max(0, layer - self.cross_layer_every)
-        return list(range(first, layer))
+        first = 0 if self.cross_layer_scope == "all" else max(0, block - self.cross_layer_every)
+        return list(range(first, block))
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -229,24 +230,25 @@ class StateTrigger(nn.Module):
 
 @dataclass
 class PoolView:
-    """Candidates blocks of queries attend over: ``values`` `(batch, n_blocks, n_candidates,
-    summary_dim)`, ``member`` `(batch, n_blocks, n_queries, n_candidates)` (which of its
-    block's candidates each query sees), ``positions`` and ``layers`` `(batch, n_blocks,
-    n_candidates)` (where each note came from: token position and block index; position -1
-    for an empty slot), ``query_positions`` `(n_blocks, n_queries)` (-1 for padding queries
-    past the chunk's end, which see no candidate). Positions and layers are not used by the
-    arithmetic; they let observers (forward hooks) name what was attended."""
+    """Candidates segments of queries attend over: ``values`` `(batch, n_segments,
+    n_candidates, summary_dim)`, ``member`` `(batch, n_segments, n_queries, n_candidates)`
+    (which of its segment's candidates each query sees), ``positions`` and ``blocks`` `(batch,
+    n_segments, n_candidates)` (where each note came from: token position and the index of the
+    block that wrote it; position -1 for an empty slot), ``query_positions`` `(n_segments,
+    n_queries)` (-1 for padding queries past the chunk's end, which see no candidate).
+    Positions and blocks are not used by the arithmetic; they let observers (forward hooks)
+    name what was attended."""
 
     values: torch.Tensor
     member: torch.Tensor
     positions: torch.Tensor
-    layers: torch.Tensor
+    blocks: torch.Tensor
     query_positions: torch.Tensor
 
 
 @dataclass
 class PoolAttentionOutput:
-    """``output`` `(batch, n_blocks, n_queries, d_model)`; ``weights`` `(batch, n_blocks,
+    """``output`` `(batch, n_segments, n_queries, d_model)`; ``weights`` `(batch, n_segments,
     n_heads, n_queries, n_candidates)` (zero outside each query's pool; all zero for an empty
     pool)."""
 
@@ -256,8 +258,8 @@ class PoolAttentionOutput:
 
 class PoolAttention(nn.Module):
     """Multi-head attention of positions over pool notes (no positional encoding: a pool is a
-    set). Queries ``normed`` `(batch, n_blocks, n_queries, d_model)`, candidates from a
-    ``PoolView``; all blocks at once."""
+    set). Queries ``normed`` `(batch, n_segments, n_queries, d_model)`, candidates from a
+    ``PoolView``; all segments at once."""
 
     def __init__(self, config: MemMambaConfig) -> None:
         super().__init__()
@@ -271,16 +273,16 @@ class PoolAttention(nn.Module):
 
     def forward(self, normed: torch.Tensor, view: PoolView) -> PoolAttentionOutput:
         heads = self.n_heads
-        # (batch, blocks, heads, queries or candidates, head width)
+        # (batch, segments, heads, queries or candidates, head width)
         q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
         k = self.k_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
         v = self.v_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (..., queries, candidates)
-        member = view.member[:, :, None]  # (batch, blocks, 1, queries, candidates)
+        member = view.member[:, :, None]  # (batch, segments, 1, queries, candidates)
         nonempty = member.any(dim=-1, keepdim=True)
         scores = scores.masked_fill(~member, float("-inf")).masked_fill(~nonempty, 0.0)
         weights = torch.softmax(scores, dim=-1) * nonempty
-        context = (weights @ v).transpose(2, 3).flatten(-2)  # (batch, blocks, queries, width)
+        context = (weights @ v).transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
         return PoolAttentionOutput(self.o_proj(context), weights)
 
 
@@ -336,19 +338,19 @@ class MemMambaBlock(nn.Module):
     """One MemMamba block: `(batch, length, d_model)` -> `(batch, length, d_model)` (see the
     module docstring for the five steps)."""
 
-    def __init__(self, config: MemMambaConfig, layer: int) -> None:
+    def __init__(self, config: MemMambaConfig, block: int) -> None:
         super().__init__()
         self.config = config
-        self.layer = layer
+        self.block = block
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
         self.mixer = MambaMixer(config)
         self.memory_norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
         self.note_block = NoteBlock(config)
         self.trigger = StateTrigger(config.d_model) if config.use_cross_token else None
         self.cross_token = CrossTokenAttention(config) if config.use_cross_token else None
-        has_cross_layer = config.has_cross_layer(layer)
-        self.pool_is_read_by_later_layers = any(
-            layer in config.cross_layer_sources(reader) for reader in range(config.n_layer)
+        has_cross_layer = config.has_cross_layer(block)
+        self.pool_is_read_by_later_blocks = any(
+            block in config.cross_layer_sources(reader) for reader in range(config.n_layer)
         )
         self.cross_layer = CrossLayerAttention(config) if has_cross_layer else None
         n_contexts = int(config.use_cross_token) + int(has_cross_layer)
@@ -358,27 +360,27 @@ class MemMambaBlock(nn.Module):
         self,
         x: torch.Tensor,
         cache: MemMambaLayerCache | None,
-        sources: list[tuple[int, PoolBlocks]],
+        sources: list[tuple[int, PoolSegments]],
         start_position: int,
-    ) -> tuple[torch.Tensor, PoolBlocks, torch.Tensor]:
+    ) -> tuple[torch.Tensor, PoolSegments, torch.Tensor]:
         """``x`` `(batch, length, d_model)` starting at absolute ``start_position`` -> (block
-        output `(batch, length, d_model)`, this layer's pool blocks, token-importance logits
-        `(batch, length)`). ``sources`` are the pool blocks of the layers cross-layer attention
-        reads, as (layer index, blocks)."""
+        output `(batch, length, d_model)`, this block's pool segments, token-importance logits
+        `(batch, length)`). ``sources`` are the pool segments of the blocks cross-layer
+        attention reads, as (block index, segments)."""
         config = self.config
         state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
         h = x + self.mixer(self.norm(x), cache)
         normed = self.memory_norm(h)
         n_prefix_valid = min(config.note_window - 1, start_position)
         notes = self.note_block(normed, state.note_prefix, n_prefix_valid)
-        blocks, final_pool = pool_blocks(
+        segments, final_pool = pool_segments(
             state.pool,
             notes.summaries,
             notes.importance,
             notes.written,
             start_position,
-            config.query_block_size(),
-            inclusive=self.pool_is_read_by_later_layers,
+            config.query_segment_size(),
+            inclusive=self.pool_is_read_by_later_blocks,
         )
         contexts = []
         if self.cross_token is not None:
@@ -391,7 +393,7 @@ class MemMambaBlock(nn.Module):
                 dim=1,
             )
             gate = straight_through(previous > config.tau2, previous)
-            attended = self._attend(self.cross_token, normed, [(self.layer, blocks)], False)
+            attended = self._attend(self.cross_token, normed, [(self.block, segments)], False)
             contexts.append(gate[..., None] * attended)
         if self.cross_layer is not None and sources:
             contexts.append(self._attend(self.cross_layer, normed, sources, inclusive=True))
@@ -402,35 +404,35 @@ class MemMambaBlock(nn.Module):
             cache.note_prefix = carried[:, carried.shape[1] - cache.note_prefix.shape[1] :]
             if self.trigger is not None:
                 cache.previous_state_importance = state_importance[:, -1].detach()
-        return out, blocks, notes.rate_logits
+        return out, segments, notes.rate_logits
 
     def _attend(
         self,
         attention: PoolAttention,
         normed: torch.Tensor,
-        sources: list[tuple[int, PoolBlocks]],
+        sources: list[tuple[int, PoolSegments]],
         inclusive: bool,
     ) -> torch.Tensor:
-        """Run ``attention``, all query blocks at once, over the union of the ``sources``'
+        """Run ``attention``, all query segments at once, over the union of the ``sources``'
         pools: ``normed`` `(batch, length, d_model)` -> `(batch, length, d_model)`."""
         batch, length, width = normed.shape
-        n_blocks, block_size = sources[0][1].query_positions.shape
+        n_segments, segment_size = sources[0][1].query_positions.shape
         view = PoolView(
-            values=torch.cat([blocks.values for _, blocks in sources], dim=2),
+            values=torch.cat([segments.values for _, segments in sources], dim=2),
             member=torch.cat(
-                [blocks.member_inclusive if inclusive else blocks.member for _, blocks in sources],
+                [s.member_inclusive if inclusive else s.member for _, s in sources],
                 dim=-1,
             ),
-            positions=torch.cat([blocks.positions for _, blocks in sources], dim=2),
-            layers=torch.cat(
-                [torch.full_like(blocks.positions, layer) for layer, blocks in sources], dim=2
+            positions=torch.cat([segments.positions for _, segments in sources], dim=2),
+            blocks=torch.cat(
+                [torch.full_like(segments.positions, block) for block, segments in sources], dim=2
             ),
             query_positions=sources[0][1].query_positions,
         )
-        queries = F.pad(normed, (0, 0, 0, n_blocks * block_size - length))
-        queries = queries.view(batch, n_blocks, block_size, width)
+        queries = F.pad(normed, (0, 0, 0, n_segments * segment_size - length))
+        queries = queries.view(batch, n_segments, segment_size, width)
         output = attention(queries, view).output
-        return output.view(batch, n_blocks * block_size, -1)[:, :length]
+        return output.view(batch, n_segments * segment_size, -1)[:, :length]
 
     def step(
         self,
@@ -440,7 +442,7 @@ class MemMambaBlock(nn.Module):
         position: int,
     ) -> torch.Tensor:
         """One position ``x`` `(batch, d_model)` at absolute ``position``, with explicit pools;
-        ``source_pools`` are the (already updated) pools of the layers cross-layer reads."""
+        ``source_pools`` are the (already updated) pools of the blocks cross-layer reads."""
         config = self.config
         h = x + self.mixer.step(self.norm(x), cache)
         normed = self.memory_norm(h)[:, None]  # (batch, 1, d_model)
@@ -451,7 +453,7 @@ class MemMambaBlock(nn.Module):
             previous = cache.previous_state_importance.to(h.dtype)
             gate = (previous > config.tau2).to(h.dtype)
             attended = self.cross_token(
-                normed[:, None], _explicit_view([(self.layer, cache.pool)], position, False)
+                normed[:, None], _explicit_view([(self.block, cache.pool)], position, False)
             )
             contexts.append(gate[:, None] * attended.output[:, 0, 0])
             cache.previous_state_importance = self.trigger(normed)[:, 0]
@@ -484,14 +486,14 @@ class MemMambaBlock(nn.Module):
 
 
 def _explicit_view(pools: list[tuple[int, StatePool]], position: int, inclusive: bool) -> PoolView:
-    """A one-block, one-query view over explicit pools: the notes written before
+    """A one-segment, one-query view over explicit pools: the notes written before
     ``position`` (or up to it, with ``inclusive``)."""
     member = torch.cat([pool.visible(position, inclusive) for _, pool in pools], dim=1)
     return PoolView(
         values=torch.cat([pool.values for _, pool in pools], dim=1)[:, None],
         member=member[:, None, None],
         positions=torch.cat([pool.positions for _, pool in pools], dim=1)[:, None],
-        layers=torch.cat([torch.full_like(pool.positions, layer) for layer, pool in pools], 1)[
+        blocks=torch.cat([torch.full_like(pool.positions, block) for block, pool in pools], 1)[
             :, None
         ],
         query_positions=torch.tensor([[position]], device=pools[0][1].values.device),
@@ -508,32 +510,32 @@ class MemMambaLM(CausalLM):
         super().__init__(config)
         self.layers = nn.ModuleList(MemMambaBlock(config, i) for i in range(config.n_layer))
         init_lm_weights(self)
-        for layer in self.layers:  # init_lm_weights zeroes every bias, the scorers' included
-            layer.note_block.reset_scorer()
+        for block in self.layers:  # init_lm_weights zeroes every bias, the scorers' included
+            block.note_block.reset_scorer()
         self._aux_loss: torch.Tensor | None = None
 
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0
-        pool_blocks_by_layer: dict[int, PoolBlocks] = {}
+        segments_by_block: dict[int, PoolSegments] = {}
         write_logits = []
-        last_reader = {}  # source layer -> last layer that reads its pool
+        last_reader = {}  # source block -> last block that reads its pool
         for reader in range(self.config.n_layer):
             for source in self.config.cross_layer_sources(reader):
                 last_reader[source] = reader
-        for index, layer in enumerate(self.layers):
+        for index, block in enumerate(self.layers):
             sources = [
-                (source, pool_blocks_by_layer[source])
+                (source, segments_by_block[source])
                 for source in self.config.cross_layer_sources(index)
             ]
-            x, blocks, logits = layer(
+            x, segments, logits = block(
                 x, cache.layers[index] if cache is not None else None, sources, start
             )
             write_logits.append(logits)
             if index in last_reader:
-                pool_blocks_by_layer[index] = blocks
+                segments_by_block[index] = segments
             for source, _ in sources:
                 if last_reader[source] == index:
-                    del pool_blocks_by_layer[source]
+                    del segments_by_block[source]
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:
@@ -572,11 +574,11 @@ class MemMambaLM(CausalLM):
 
     def _step_blocks(self, x, cache):
         position = cache.position
-        for index, layer in enumerate(self.layers):
+        for index, block in enumerate(self.layers):
             sources = [
                 (source, cache.layers[source].pool)
                 for source in self.config.cross_layer_sources(index)
             ]
-            x = layer.step(x, cache.layers[index], sources, position)
+            x = block.step(x, cache.layers[index], sources, position)
         cache.position += 1
         return x

@@ -1,10 +1,8 @@
-"""Model names, size presets and :func:`load_model`.
+"""The catalogue of models: registered names (their config and model classes), size presets,
+the checkpoints shipped in ``fidelity/data/``, and untrained models built from them.
 
-``load_model("memmamba")`` loads the default checkpoint shipped in ``fidelity/data/``;
-``load_model("memmamba", preset="tiny")`` builds an untrained model of that size;
-``load_model("runs/ckpt-5000")`` loads a checkpoint directory (ours, a mamba_ssm
-``MambaLMHeadModel`` directory or a Hugging Face ``MambaForCausalLM`` / ``GPTNeoXForCausalLM``
-directory).
+Loading (a shipped default, a checkpoint directory) is :mod:`fidelity.models.loading`'s job; this
+module imports no checkpoint code.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,113 +241,6 @@ def training_description(directory: Path) -> str:
         f"{task}, length {training.get('length', '?')}, {training.get('steps', '?')} steps, "
         f"seed {training.get('seed', '?')}"
     )
-
-
-def load_model(
-    name_or_path: str | Path,
-    preset: str | None = None,
-    *,
-    random_init: bool = False,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides: Any,
-) -> CausalLM:
-    """Load a model by registered name or checkpoint directory.
-
-    - a directory: the checkpoint in it (ours, mamba_ssm or Hugging Face; see
-      :func:`fidelity.models.checkpoint.load_checkpoint`);
-    - a name with ``preset`` or ``random_init=True``: an untrained model of that size
-      (``preset`` defaults to the shipped default's size when there is one, else ``small``);
-    - a bare name: its shipped default checkpoint (trained; see fidelity/data/TRAINING.md),
-      or a further shipped checkpoint (:func:`shipped_task_checkpoints`, e.g.
-      ``mamba-induction``).
-
-    ``overrides`` change config fields of untrained models (e.g. ``pool_size=10``). The model
-    is returned in eval mode, with ``model.provenance`` saying what it is.
-    """
-    from fidelity.models.checkpoint import load_checkpoint
-
-    if not isinstance(name_or_path, str | Path):
-        raise TypeError(
-            "load_model takes a registered model name (one of "
-            f"{', '.join(model_names())}) or a checkpoint directory, got {name_or_path!r}"
-        )
-    path = Path(name_or_path)
-    text = str(name_or_path)
-    if text in MODELS:  # a registered name wins over a same-named folder (use ./name for it)
-        model = _load_named(text, preset, random_init, overrides)
-    elif text in shipped_task_checkpoints() and not path.exists():
-        if preset is not None or random_init or overrides:
-            raise InputError(f"{text} is a shipped checkpoint; preset and overrides do not apply")
-        model = load_checkpoint(DATA_DIR / text)
-        model.provenance = {**model.provenance, "name": text, "shipped_default": True}
-    elif path.is_dir():
-        if preset is not None or random_init or overrides:
-            raise InputError(
-                "preset, random_init and config overrides apply to model names, not to a "
-                f"checkpoint directory ({text})"
-            )
-        model = load_checkpoint(path)
-    elif path.exists():
-        raise InputError(f"{text} is a file, not a checkpoint directory")
-    elif "/" in text or "\\" in text or text.startswith("."):
-        raise FileNotFoundError(f"checkpoint directory {text} does not exist")
-    else:
-        raise InputError(
-            f"unknown model {text!r}: give a registered name ({', '.join(model_names())}) "
-            "or a checkpoint directory"
-        )
-    model.eval()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
-
-
-def _load_named(name: str, preset: str | None, random_init: bool, overrides: dict) -> CausalLM:
-    """A registered model: its shipped default, or an untrained one of ``preset``."""
-    from fidelity.models.checkpoint import load_checkpoint
-
-    shipped = shipped_checkpoint(name)
-    if preset is None and not random_init and not overrides:
-        if shipped is not None:
-            model = load_checkpoint(shipped)
-            model.provenance = {**model.provenance, "name": name, "shipped_default": True}
-            return model
-        if name in DERIVED_DEFAULTS and shipped_checkpoint(DERIVED_DEFAULTS[name]) is not None:
-            return _derived_default(name)
-    if preset is None:
-        preset = _shipped_preset(shipped) if shipped is not None else DEFAULT_PRESET
-        if shipped is None and not random_init:
-            warnings.warn(
-                f"no trained checkpoint is shipped for {name!r}; using an untrained {preset!r} "
-                "model",
-                stacklevel=3,
-            )
-    return build_model(name, preset, **overrides)
-
-
-def _derived_default(name: str) -> CausalLM:
-    """DeciMamba is training-free: its default is the shipped Mamba with decimation, the
-    decimation budget set to Mamba's training length (as the DeciMamba paper does)."""
-    from fidelity.models.checkpoint import load_checkpoint
-    from fidelity.models.decimamba import DeciMambaLM
-
-    source = shipped_checkpoint(DERIVED_DEFAULTS[name])
-    mamba = load_checkpoint(source)
-    training_length = int(mamba.provenance.get("training", {}).get("length", 2000))
-    model = DeciMambaLM.from_mamba(mamba, decimation_base_length=training_length)
-    model.provenance = {
-        **mamba.provenance,
-        "name": name,
-        "shipped_default": True,
-        "derived_from": str(source),
-    }
-    return model
-
-
-def _shipped_preset(directory: Path) -> str:
-    meta = json.loads((directory / "config.json").read_text())
-    return meta.get("preset") or DEFAULT_PRESET
 
 
 def _spec(name: str | None) -> ModelSpec:

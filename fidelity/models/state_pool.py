@@ -11,13 +11,13 @@ pool is full, a write evicts:
 Both rules keep, at every moment, the ``size`` best notes written so far under a total order
 (``fifo``: position; ``priority``: (importance, position)), because an evicted note can never
 become one of the best again. The parallel form uses exactly that: the pool seen by query ``t``
-is the top-``size`` of the notes written before ``t``. Queries are processed in blocks; a
-block's candidates are the pool at the block start plus the notes written inside the block
+is the top-``size`` of the notes written before ``t``. Queries are processed in segments; a
+segment's candidates are the pool at the segment start plus the notes written inside the segment
 (compacted to the written ones, sorted best-first), and a boolean membership mask `(batch,
-n_blocks, block_size, n_candidates)` says which candidates each query sees: the first
-``size`` candidates written before it. Only the merge of the pool with each block's new notes
-runs block after block; the rest is computed for all blocks at once. Memory is
-O(length * (size + block)), never O(length^2).
+n_segments, segment_size, n_candidates)` says which candidates each query sees: the first
+``size`` candidates written before it. Only the merge of the pool with each segment's new notes
+runs segment after segment; the rest is computed for all segments at once. Memory is
+O(length * (size + segment)), never O(length^2).
 """
 
 from __future__ import annotations
@@ -119,15 +119,15 @@ def rank_order(
 
 
 @dataclass
-class PoolBlocks:
-    """The pool as every query of a chunk sees it, for all query blocks at once.
+class PoolSegments:
+    """The pool as every query of a chunk sees it, for all query segments at once.
 
-    The chunk's queries are cut into ``n_blocks`` blocks of ``block_size`` positions (the last
-    one padded); query ``j`` of block ``i`` is at absolute position ``query_positions[i, j]``
-    (-1 for padding past the chunk's end: it sees nothing). A block's candidates `(batch,
-    n_blocks, n_candidates, ...)` are the pool at the block start followed by the notes written
-    inside the block, sorted best-first (invalid candidates last); ``member`` `(batch, n_blocks,
-    block_size, n_candidates)` marks the candidates in each query's pool (notes of earlier
+    The chunk's queries are cut into ``n_segments`` segments of ``segment_size`` positions (the last
+    one padded); query ``j`` of segment ``i`` is at absolute position ``query_positions[i, j]``
+    (-1 for padding past the chunk's end: it sees nothing). A segment's candidates `(batch,
+    n_segments, n_candidates, ...)` are the pool at the segment start followed by the notes written
+    inside the segment, sorted best-first (invalid candidates last); ``member`` `(batch, n_segments,
+    segment_size, n_candidates)` marks the candidates in each query's pool (notes of earlier
     positions), ``member_inclusive`` (when computed) the pool just after the query position
     wrote its own note. ``positions`` is -1 for invalid candidates.
     """
@@ -140,34 +140,34 @@ class PoolBlocks:
     query_positions: torch.Tensor
 
 
-def pool_blocks(
+def pool_segments(
     initial: StatePool,
     values: torch.Tensor,
     importance: torch.Tensor,
     written: torch.Tensor,
     start_position: int,
-    block_size: int,
+    segment_size: int,
     inclusive: bool = False,
-) -> tuple[PoolBlocks, StatePool]:
-    """The pool seen by every position of a chunk, block by block, and the pool after it.
+) -> tuple[PoolSegments, StatePool]:
+    """The pool seen by every position of a chunk, segment by segment, and the pool after it.
 
     ``initial`` is the pool before the chunk; ``values`` `(batch, length, summary_dim)`,
     ``importance`` `(batch, length)` and ``written`` `(batch, length)` describe the notes the
     chunk's tokens write; ``start_position`` is the absolute position of the chunk's first
-    token. With ``inclusive`` the blocks also carry ``member_inclusive``. Gradients flow
-    through ``values`` (and ``initial.values``) into the blocks.
+    token. With ``inclusive`` the segments also carry ``member_inclusive``. Gradients flow
+    through ``values`` (and ``initial.values``) into the segments.
 
-    Cost: one short loop over blocks that merges the pool (``size`` notes) with the block's
-    new notes on (key, index) pairs only, O(size + new notes) per block; everything else (the
-    candidates' values, the membership masks) is computed for all blocks at once.
+    Cost: one short loop over segments that merges the pool (``size`` notes) with the segment's
+    new notes on (key, index) pairs only, O(size + new notes) per segment; everything else (the
+    candidates' values, the membership masks) is computed for all segments at once.
     """
     batch, length = written.shape
     size = initial.size
     device = values.device
-    n_blocks = -(-length // block_size)
-    pad = n_blocks * block_size - length
+    n_segments = -(-length // segment_size)
+    pad = n_segments * segment_size - length
     # Notes table: the initial pool (best-first) in rows 0 .. size - 1, the chunk's positions
-    # (padded to whole blocks) after it. Candidates are indices into this table.
+    # (padded to whole segments) after it. Candidates are indices into this table.
     first = rank_order(initial.importance, initial.positions, initial.valid, initial.policy)
     table_values = torch.cat(
         [
@@ -201,58 +201,58 @@ def pool_blocks(
     else:
         table_key = table_importance.masked_fill(~table_valid, float("-inf"))
 
-    # Each block's written notes, compacted to the front, in best-first order (their
+    # Each segment's written notes, compacted to the front, in best-first order (their
     # positions descend, so a stable sort on the key breaks ties towards the newer note).
-    block_written = table_valid[:, size:].view(batch, n_blocks, block_size)
-    n_new = int(block_written.sum(dim=2).max()) if length else 0
-    newest_first = torch.arange(block_size - 1, -1, -1, device=device)
+    segment_written = table_valid[:, size:].view(batch, n_segments, segment_size)
+    n_new = int(segment_written.sum(dim=2).max()) if length else 0
+    newest_first = torch.arange(segment_size - 1, -1, -1, device=device)
     by_position = torch.argsort(
-        (~block_written[..., newest_first]).to(torch.int8), dim=2, stable=True
+        (~segment_written[..., newest_first]).to(torch.int8), dim=2, stable=True
     )[..., :n_new]
     new_index = (
         size
-        + block_size
+        + segment_size
         - 1
         - by_position
-        + torch.arange(n_blocks, device=device)[:, None] * block_size
-    )  # (batch, n_blocks, n_new) table rows
-    new_key = table_key.gather(1, new_index.flatten(1)).view(batch, n_blocks, n_new)
+        + torch.arange(n_segments, device=device)[:, None] * segment_size
+    )  # (batch, n_segments, n_new) table rows
+    new_key = table_key.gather(1, new_index.flatten(1)).view(batch, n_segments, n_new)
     best = torch.argsort(new_key, dim=2, descending=True, stable=True)
     new_index = new_index.gather(2, best)
     new_key = new_key.gather(2, best)
 
-    # The pools at block starts: merge the (best-first) pool with the block's (best-first)
+    # The pools at segment starts: merge the (best-first) pool with the segment's (best-first)
     # new notes; new notes go first so that the stable sort prefers them on equal keys (they
     # are newer than every pool note).
     pool_index = torch.arange(size, device=device).expand(batch, size)
     pool_key = table_key[:, :size]
     candidates = []
-    for block in range(n_blocks):
-        merged_index = torch.cat([new_index[:, block], pool_index], dim=1)
-        merged_key = torch.cat([new_key[:, block], pool_key], dim=1)
+    for segment in range(n_segments):
+        merged_index = torch.cat([new_index[:, segment], pool_index], dim=1)
+        merged_key = torch.cat([new_key[:, segment], pool_key], dim=1)
         order = torch.argsort(merged_key, dim=1, descending=True, stable=True)
         merged_index = merged_index.gather(1, order)
         candidates.append(merged_index)
         pool_index = merged_index[:, :size]
         pool_key = merged_key.gather(1, order[:, :size])
-    index = torch.stack(candidates, dim=1)  # (batch, n_blocks, n_candidates), best-first
+    index = torch.stack(candidates, dim=1)  # (batch, n_segments, n_candidates), best-first
     n_candidates = index.shape[2]
     flat = index.flatten(1)
     cand_values = table_values.gather(
         1, flat[..., None].expand(-1, -1, table_values.shape[-1])
-    ).view(batch, n_blocks, n_candidates, -1)
-    cand_importance = table_importance.gather(1, flat).view(batch, n_blocks, n_candidates)
-    cand_positions = table_positions.gather(1, flat).view(batch, n_blocks, n_candidates)
-    cand_valid = table_valid.gather(1, flat).view(batch, n_blocks, n_candidates)
+    ).view(batch, n_segments, n_candidates, -1)
+    cand_importance = table_importance.gather(1, flat).view(batch, n_segments, n_candidates)
+    cand_positions = table_positions.gather(1, flat).view(batch, n_segments, n_candidates)
+    cand_valid = table_valid.gather(1, flat).view(batch, n_segments, n_candidates)
     query_positions = chunk_positions.masked_fill(chunk_positions >= start_position + length, -1)
-    query_positions = query_positions.view(n_blocks, block_size)  # padding queries: -1
+    query_positions = query_positions.view(n_segments, segment_size)  # padding queries: -1
     member = _top_members(cand_valid, cand_positions, query_positions, size, inclusive=False)
     member_inclusive = None
     if inclusive:
         member_inclusive = _top_members(
             cand_valid, cand_positions, query_positions, size, inclusive=True
         )
-    blocks = PoolBlocks(
+    segments = PoolSegments(
         cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
     )
     last = pool_index
@@ -263,7 +263,7 @@ def pool_blocks(
         table_valid.gather(1, last),
         initial.policy,
     )
-    return blocks, final
+    return segments, final
 
 
 def _top_members(
@@ -276,8 +276,8 @@ def _top_members(
     """Keep, per query, the ``size`` best candidates written before it (or at it, with
     ``inclusive``).
 
-    ``valid``, ``positions`` `(batch, n_blocks, n_candidates)` (best-first),
-    ``query_positions`` `(n_blocks, block_size)` -> `(batch, n_blocks, block_size,
+    ``valid``, ``positions`` `(batch, n_segments, n_candidates)` (best-first),
+    ``query_positions`` `(n_segments, segment_size)` -> `(batch, n_segments, segment_size,
     n_candidates)` bool.
     """
     if inclusive:

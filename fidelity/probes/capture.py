@@ -1,10 +1,11 @@
 """Forward hooks that keep chosen layers' hidden states at chosen positions, and nothing more.
 
-Layer numbering: layer 0 is the input of the first block (the token embeddings, plus position
-embeddings for GPT-2-style models); layer ``i + 1`` is the output of block ``i`` (the residual
-stream). Where the blocks live is looked up in a small table (our models, Hugging Face
-``MambaForCausalLM``, ``Mamba2ForCausalLM``, ``GPTNeoXForCausalLM``, GPT-2-style models) or given
-explicitly as module names for any other ``nn.Module``.
+Layer numbering (see :mod:`fidelity.probes.capture_types`): layer 0 is the input of the first
+block (the token embeddings, plus position embeddings for GPT-2-style models); layer ``l`` is
+the output of block ``l - 1`` (the residual stream; blocks are 0-based). Where the blocks live
+is looked up in a small table (our models, Hugging Face ``MambaForCausalLM``,
+``Mamba2ForCausalLM``, ``GPTNeoXForCausalLM``, GPT-2-style models) or given explicitly as module
+names for any other ``nn.Module``.
 
 Each hook slices the requested positions out of its block's output as soon as the block has run
 and stores only those (optionally in a smaller dtype), so a 60k-token pass over 24 layers keeps
@@ -32,9 +33,9 @@ from torch import nn
 
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
-from fidelity.models.decimamba import Decimation, TokenDecimation
+from fidelity.models.decimamba import KeptPositions, TokenDecimation
 from fidelity.models.memmamba import MemMambaLM
-from fidelity.probes.capture_types import Capture
+from fidelity.probes.capture_types import Capture, layer_after
 from fidelity.probes.memmamba_trace import tracing_memmamba
 
 LayerSelection = None | int | Sequence[int] | Callable[[int], bool]
@@ -92,9 +93,9 @@ def _attribute(obj: object, path: str) -> object:
     return obj
 
 
-def resolve_layers(selection: LayerSelection, n_layers: int) -> list[int]:
-    """Layer indices in ``[0, n_layers]`` picked by ``selection`` (None means all)."""
-    every = list(range(n_layers + 1))
+def resolve_layers(selection: LayerSelection, n_blocks: int) -> list[int]:
+    """Layer indices in ``[0, n_blocks]`` picked by ``selection`` (None means all)."""
+    every = list(range(n_blocks + 1))
     if selection is None:
         return every
     if callable(selection):
@@ -102,11 +103,11 @@ def resolve_layers(selection: LayerSelection, n_layers: int) -> list[int]:
     if isinstance(selection, int):
         selection = [selection]
     layers = sorted({int(layer) for layer in selection})
-    bad = [layer for layer in layers if not 0 <= layer <= n_layers]
+    bad = [layer for layer in layers if not 0 <= layer <= n_blocks]
     if bad:
         raise InputError(
-            f"layer indices {bad} out of range: this model has layers 0..{n_layers} "
-            "(0 = embeddings, i = output of block i)"
+            f"layer indices {bad} out of range: this model has layers 0..{n_blocks} "
+            "(0 = embeddings, l = output of block l - 1)"
         )
     return layers
 
@@ -124,36 +125,10 @@ def _as_positions(positions: torch.Tensor | Sequence[int] | None, length: int) -
 
 
 @dataclass
-class _RowPositions:
-    """Original sequence positions of the rows flowing through blocks that may drop rows.
-
-    Each forward call (a chunk) enters the first block as consecutive positions
-    ``start .. start + n - 1``; a decimation keeps some rows, and the blocks after it carry
-    only those (``rows`` `(batch, n_rows)`, ascending in each batch row).
-    """
-
-    consumed: int = 0
-    start: int = 0
-    rows: torch.Tensor | None = None
-
-    def new_chunk(self, hidden: torch.Tensor) -> None:
-        """The first block receives ``hidden`` `(batch, chunk, d_model)`: a new chunk."""
-        batch, n_rows = hidden.shape[:2]
-        self.start = self.consumed
-        self.consumed += n_rows
-        positions = torch.arange(self.start, self.consumed, device=hidden.device)
-        self.rows = positions.expand(batch, n_rows)
-
-    def keep(self, decimation: Decimation) -> None:
-        """A decimation kept the rows ``decimation.index`` `(batch, n_kept)` of its input."""
-        self.rows = self.rows.gather(1, decimation.index.to(self.rows.device))
-
-
-@dataclass
 class _Recorder:
     """Collects the kept rows of every hooked layer as chunks go by.
 
-    Without ``row_positions`` a layer's rows are consecutive positions; with it (models whose
+    Without ``kept_positions`` a layer's rows are consecutive positions; with it (models whose
     blocks drop rows) they are the positions it tracks, and requested positions missing from
     a layer are stored as NaN.
     """
@@ -162,21 +137,21 @@ class _Recorder:
     positions: torch.Tensor
     dtype: torch.dtype | None
     check_finite: bool
-    row_positions: _RowPositions | None = None
+    kept_positions: KeptPositions | None = None
     offsets: dict[int, int] = field(default_factory=dict)
     buffers: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def consumed(self) -> int:
         """Tokens seen so far."""
-        if self.row_positions is not None:
-            return self.row_positions.consumed
+        if self.kept_positions is not None:
+            return self.kept_positions.consumed
         return max(self.offsets.values(), default=0)
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
         """Keep the requested rows of ``hidden`` `(batch, rows, d_model)` for ``layer``."""
-        if self.row_positions is not None:
-            self._record_tracked(layer, hidden, self.row_positions)
+        if self.kept_positions is not None:
+            self._record_tracked(layer, hidden, self.kept_positions)
             return
         start = self.offsets.get(layer, 0)
         end = start + hidden.shape[1]
@@ -189,10 +164,10 @@ class _Recorder:
         if hi > lo:
             buffer[:, lo:hi] = hidden[:, self.positions[lo:hi].to(hidden.device) - start]
 
-    def _record_tracked(self, layer: int, hidden: torch.Tensor, tracked: _RowPositions) -> None:
-        """Rows of ``hidden`` `(batch, n_rows, d_model)` sit at ``tracked.rows``; requested
-        positions of the current chunk that are not among them become NaN rows."""
-        rows = tracked.rows
+    def _record_tracked(self, layer: int, hidden: torch.Tensor, tracked: KeptPositions) -> None:
+        """Rows of ``hidden`` `(batch, n_rows, d_model)` sit at ``tracked.positions``;
+        requested positions of the current chunk that are not among them become NaN rows."""
+        rows = tracked.positions
         if rows is None or rows.shape != hidden.shape[:2]:
             raise RuntimeError(
                 f"layer {layer} returned {tuple(hidden.shape[:2])} (batch, rows) but the capture "
@@ -249,16 +224,16 @@ def _track_dropped_rows(blocks: list[nn.Module], recorder: _Recorder, handles: l
     decimations = [module for module in decimations if isinstance(module, TokenDecimation)]
     if not decimations:
         return
-    tracked = recorder.row_positions = _RowPositions()
-    handles.append(
-        blocks[0].register_forward_pre_hook(
-            lambda _module, args, kwargs: tracked.new_chunk(_first_tensor(args, kwargs)),
-            with_kwargs=True,
-        )
-    )
+    tracked = recorder.kept_positions = KeptPositions()
+
+    def start_chunk(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = _first_tensor(args, kwargs)  # (batch, chunk, d_model)
+        tracked.start_chunk(hidden.shape[0], hidden.shape[1], hidden.device)
+
+    handles.append(blocks[0].register_forward_pre_hook(start_chunk, with_kwargs=True))
     for module in decimations:
         handles.append(
-            module.register_forward_hook(lambda _module, _args, output: tracked.keep(output))
+            module.register_forward_hook(lambda _module, _args, output: tracked.keep(output.index))
         )
 
 
@@ -308,10 +283,11 @@ def capturing(
                 )
             )
         for index, block in enumerate(blocks):
-            if index + 1 in chosen:
+            layer = layer_after(index)
+            if layer in chosen:
                 handles.append(
                     block.register_forward_hook(
-                        lambda _module, _args, output, layer=index + 1: recorder.record(
+                        lambda _module, _args, output, layer=layer: recorder.record(
                             layer, _output_tensor(output)
                         )
                     )
@@ -429,17 +405,27 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def run_with_capture(
-    model: nn.Module, input_ids: torch.Tensor, **capture_options
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layers: LayerSelection = None,
+    positions: torch.Tensor | Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    module_names: Sequence[str] | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, Capture]:
     """Like TransformerLens' ``run_with_cache``: ``(logits (batch, length, vocab), Capture)``
-    from one forward pass (``capture_options`` as for :func:`capture`, without chunking).
-    DeciMamba's logits cover only the positions that survive decimation: ``(batch, n_out,
-    vocab)``, at ``model(input_ids).positions``."""
-    if capture_options.get("chunk_size") is not None:
-        raise InputError("run_with_capture runs one pass; use capture(..., chunk_size=...)")
+    from one forward pass over ``input_ids`` `(batch, length)`; ``layers``, ``positions``,
+    ``dtype``, ``module_names`` and ``check_finite`` as for :func:`capture` (no chunking,
+    internals or progress: use :func:`capture` for those). DeciMamba's logits cover only the
+    positions that survive decimation: ``(batch, n_out, vocab)``, at
+    ``model(input_ids).positions``."""
     length = input_ids.shape[1]
-    options = {k: v for k, v in capture_options.items() if k != "chunk_size"}
-    with torch.no_grad(), capturing(model, length, **options) as result:
+    options = {"module_names": module_names, "check_finite": check_finite}
+    with (
+        torch.no_grad(),
+        capturing(model, length, layers, positions, dtype, **options) as result,
+    ):
         output = model(input_ids.to(_model_device(model)))
     result.tokens = input_ids[:, result.positions].cpu()
     logits = output if isinstance(output, torch.Tensor) else output.logits

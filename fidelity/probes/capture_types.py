@@ -1,4 +1,10 @@
-"""The result of a capture: hidden states of chosen layers at chosen positions."""
+"""The result of a capture: hidden states of chosen layers at chosen positions.
+
+Index convention (the README's glossary): a **layer** is an index into the residual stream,
+layer 0 the token embeddings and layer ``l`` the output of block ``l - 1``; a **block** is a
+model's residual block, 0-based (``model.layers[i]``). :func:`layer_after` and
+:func:`block_before` are the only places that convert.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,27 @@ from dataclasses import dataclass, field
 import torch
 
 
+def layer_after(block: int) -> int:
+    """The layer block ``block`` (0-based) writes: ``block + 1``."""
+    return block + 1
+
+
+def block_before(layer: int) -> int:
+    """The block whose output is ``layer`` (>= 1): ``layer - 1``."""
+    if layer < 1:
+        raise ValueError(f"layer {layer} is the embeddings, the output of no block")
+    return layer - 1
+
+
 @dataclass
 class Capture:
     """Hidden states kept by :func:`fidelity.capture`.
 
     ``positions`` `(n_positions,)` are the sorted, unique sequence positions that were kept;
-    ``states[layer]`` is `(batch, n_positions, d_model)`: the residual stream after block
-    ``layer`` at those positions (layer 0 is the token embeddings, layer ``n_layers`` the output
-    of the last block before the final norm). ``tokens`` `(batch, n_positions)` are the input
+    ``states[layer]`` is `(batch, n_positions, d_model)`: the residual stream at ``layer`` at
+    those positions (layer 0 is the token embeddings, layer ``l`` the output of block ``l - 1``,
+    layer ``n_blocks`` the output of the last block before the final norm; see
+    :meth:`block_output`). ``tokens`` `(batch, n_positions)` are the input
     token ids at the kept positions. ``length`` is the full sequence length. ``internals``
     holds model-specific observations (e.g. MemMamba pool writes), keyed by name.
 
@@ -39,6 +58,11 @@ class Capture:
         if layer not in self.states:
             raise KeyError(f"layer {layer} was not captured; captured layers: {self.layers}")
         return self.states[layer]
+
+    def block_output(self, block: int) -> torch.Tensor:
+        """`(batch, n_positions, d_model)` output of block ``block`` (0-based): layer
+        ``block + 1`` (as TransformerLens's ``blocks.{i}.hook_resid_post``)."""
+        return self[layer_after(block)]
 
     def present(self, layer: int) -> torch.Tensor:
         """`(batch, n_positions)` bool: which kept positions exist in ``layer``."""

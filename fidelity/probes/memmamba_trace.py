@@ -1,7 +1,7 @@
 """Observe MemMamba's memory from outside: note writes, pool contents, attention firing.
 
 Forward hooks on each block's ``note_block``, ``trigger``, ``cross_token`` and
-``cross_layer`` record, per layer:
+``cross_layer`` record, per block (0-based, as ``model.layers[i]``):
 
 - which positions wrote a note, with their importance (all of them: writes are sparse);
 - where cross-token attention fired (the previous position's state importance > ``tau2``);
@@ -25,23 +25,24 @@ from fidelity.models.state_pool import rank_order
 
 @dataclass
 class AttentionRecord:
-    """One query's attention over its pool notes: ``kind`` is ``"token"`` (own layer's pool) or
-    ``"layer"`` (pools of earlier layers); ``note_positions`` / ``note_layers`` `(n_notes,)`
-    name the attended notes; ``weights`` `(n_heads, n_notes)`; ``fired`` says whether the
-    output was used (cross-token attention only counts where it fired)."""
+    """One query's attention over its pool notes in block ``block``: ``kind`` is ``"token"``
+    (the block's own pool) or ``"layer"`` (cross-layer attention over the pools of earlier
+    blocks); ``note_positions`` / ``note_blocks`` `(n_notes,)` name the attended notes;
+    ``weights`` `(n_heads, n_notes)`; ``fired`` says whether the output was used (cross-token
+    attention only counts where it fired)."""
 
-    layer: int
+    block: int
     kind: str
     row: int
     query_position: int
     note_positions: torch.Tensor
-    note_layers: torch.Tensor
+    note_blocks: torch.Tensor
     weights: torch.Tensor
     fired: bool
 
 
 @dataclass
-class _LayerLog:
+class _BlockLog:
     write_rows: list[torch.Tensor] = field(default_factory=list)
     write_positions: list[torch.Tensor] = field(default_factory=list)
     write_importance: list[torch.Tensor] = field(default_factory=list)
@@ -54,37 +55,39 @@ class _LayerLog:
 
 @dataclass
 class MemMambaTrace:
-    """What the hooks saw. Per layer (block index): ``writes(layer)`` and ``fired(layer)``;
+    """What the hooks saw. Per block (0-based): ``writes(block)`` and ``fired(block)``;
     ``attention``: records at the requested query positions."""
 
     pool_size: int
     policy: str
     tau2: float
-    logs: dict[int, _LayerLog]
+    logs: dict[int, _BlockLog]
     attention: list[AttentionRecord] = field(default_factory=list)
 
-    def writes(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, positions, importance)``, each `(n_writes,)`, of the notes ``layer`` wrote."""
-        log = self.logs[layer]
+    def writes(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, positions, importance)``, each `(n_writes,)`, of the notes ``block`` wrote
+        (``rows``: the batch rows)."""
+        log = self.logs[block]
         return (
             _concat(log.write_rows, torch.long),
             _concat(log.write_positions, torch.long),
             _concat(log.write_importance, torch.float32),
         )
 
-    def fired(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, positions)`` `(n,)` where ``layer``'s cross-token attention fired."""
-        log = self.logs[layer]
+    def fired(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, positions)`` `(n,)` where ``block``'s cross-token attention fired."""
+        log = self.logs[block]
         return _concat(log.fired_rows, torch.long), _concat(log.fired_positions, torch.long)
 
-    def write_rate(self, layer: int, length: int, batch: int = 1) -> float:
-        """Fraction of positions that wrote a note in ``layer``."""
-        return len(self.writes(layer)[1]) / (length * batch)
+    def write_rate(self, block: int, length: int, batch: int = 1) -> float:
+        """Fraction of positions that wrote a note in ``block``."""
+        return len(self.writes(block)[1]) / (length * batch)
 
-    def pool_at(self, layer: int, position: int, row: int = 0) -> torch.Tensor:
-        """Sorted positions of the notes in ``layer``'s pool as seen by a query at
-        ``position`` (notes written before it), rebuilt with the model's eviction rule."""
-        rows, positions, importance = self.writes(layer)
+    def pool_at(self, block: int, position: int, row: int = 0) -> torch.Tensor:
+        """Sorted positions of the notes in ``block``'s pool as seen by a query at
+        ``position`` (notes written before it) in batch row ``row``, rebuilt with the model's
+        eviction rule."""
+        rows, positions, importance = self.writes(block)
         chosen = (rows == row) & (positions < position)
         positions, importance = positions[chosen], importance[chosen]
         valid = torch.ones_like(positions, dtype=torch.bool)
@@ -111,7 +114,7 @@ def tracing_memmamba(
     handles = []
     try:
         for index, block in enumerate(model.layers):
-            log = trace.logs.setdefault(index, _LayerLog())
+            log = trace.logs.setdefault(index, _BlockLog())
             handles.append(block.note_block.register_forward_hook(_note_hook(log)))
             if block.trigger is not None:
                 handles.append(block.trigger.register_forward_hook(_trigger_hook(log, config.tau2)))
@@ -132,7 +135,7 @@ def tracing_memmamba(
             handle.remove()
 
 
-def _note_hook(log: _LayerLog):
+def _note_hook(log: _BlockLog):
     def hook(_module, _args, notes: Notes) -> None:
         length = notes.written.shape[1]
         rows, index = notes.written.nonzero(as_tuple=True)
@@ -144,7 +147,7 @@ def _note_hook(log: _LayerLog):
     return hook
 
 
-def _trigger_hook(log: _LayerLog, tau2: float):
+def _trigger_hook(log: _BlockLog, tau2: float):
     def hook(_module, _args, scores: torch.Tensor) -> None:
         scores = scores.detach().float().cpu()  # (batch, length): I_state of each position
         previous = (
@@ -160,31 +163,31 @@ def _trigger_hook(log: _LayerLog, tau2: float):
     return hook
 
 
-def _attention_hook(trace: MemMambaTrace, layer: int, kind: str, wanted: set[int]):
+def _attention_hook(trace: MemMambaTrace, block: int, kind: str, wanted: set[int]):
     def hook(_module, args, output: PoolAttentionOutput) -> None:
         view: PoolView = args[1]
-        queries = view.query_positions.tolist()  # (n_blocks, n_queries)
+        queries = view.query_positions.tolist()  # (n_segments, n_queries)
         chosen = [
-            (block, index, position)
-            for block, positions in enumerate(queries)
+            (segment, index, position)
+            for segment, positions in enumerate(queries)
             for index, position in enumerate(positions)
             if position in wanted
         ]
         if not chosen:
             return
-        fired = _fired_lookup(trace, layer) if kind == "token" else None
-        for block, query_index, position in chosen:
+        fired = _fired_lookup(trace, block) if kind == "token" else None
+        for segment, query_index, position in chosen:
             for row in range(view.values.shape[0]):
-                members = view.member[row, block, query_index]
-                weights = output.weights[row, block, :, query_index, members]
+                members = view.member[row, segment, query_index]
+                weights = output.weights[row, segment, :, query_index, members]
                 trace.attention.append(
                     AttentionRecord(
-                        layer=layer,
+                        block=block,
                         kind=kind,
                         row=row,
                         query_position=position,
-                        note_positions=view.positions[row, block, members].cpu(),
-                        note_layers=view.layers[row, block, members].cpu(),
+                        note_positions=view.positions[row, segment, members].cpu(),
+                        note_blocks=view.blocks[row, segment, members].cpu(),
                         weights=weights.detach().cpu(),
                         fired=True if fired is None else (row, position) in fired,
                     )
@@ -193,6 +196,6 @@ def _attention_hook(trace: MemMambaTrace, layer: int, kind: str, wanted: set[int
     return hook
 
 
-def _fired_lookup(trace: MemMambaTrace, layer: int) -> set[tuple[int, int]]:
-    rows, positions = trace.fired(layer)
+def _fired_lookup(trace: MemMambaTrace, block: int) -> set[tuple[int, int]]:
+    rows, positions = trace.fired(block)
     return set(zip(rows.tolist(), positions.tolist(), strict=True))

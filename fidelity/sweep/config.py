@@ -11,11 +11,11 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fidelity.analysis import DEFAULT_METRICS, check_metrics
+from fidelity.analysis import AnalysisOptions, check_metrics
 from fidelity.budget import parse_bytes
 from fidelity.devices import DEVICES
 from fidelity.errors import InputError
@@ -55,41 +55,53 @@ META_KEY = "sweep_run"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
-@dataclass(frozen=True)
-class AnalysisOptions:
-    """Options passed to :func:`fidelity.analyze` (and ``preset`` / ``random_init`` to
-    :func:`fidelity.load_model` for registered names); defaults are analyze's own."""
-
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    anchors: int = 512
-    distances: tuple[int, ...] | None = None
-    layers: tuple[int, ...] | None = None
-    batch: int = 1
-    device: str = "auto"
-    preset: str | None = None
-    random_init: bool = False
-    chunk_size: int | str | None = "auto"
-    max_memory: int | None = None
-    n_boot: int = 200
-    text: str | None = None
-    tokenizer: str | None = None
+LOAD_KEYS = ("preset", "random_init")
+"""Keys of :data:`ANALYSIS_KEYS` that choose the model's weights (passed to
+:func:`fidelity.load_model` for a registered name), not the analysis."""
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One analysis of a sweep. ``model`` is a registered name or an absolute checkpoint
-    directory; ``length`` is in tokens."""
+    """One analysis of a sweep: ``model`` (a registered name or an absolute checkpoint
+    directory; ``preset`` / ``random_init`` for a registered name) and the run's
+    :class:`~fidelity.analysis.AnalysisOptions` (length in tokens, probe, seed, ...)."""
 
     name: str
     model: str
-    length: int
-    probe: str
-    seed: int
-    options: AnalysisOptions = field(default_factory=AnalysisOptions)
+    options: AnalysisOptions
+    preset: str | None = None
+    random_init: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.options.length
+
+    @property
+    def probe(self) -> str:
+        return self.options.probe
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
 
     def identity(self) -> dict[str, Any]:
-        """The spec as JSON gives it back; stored in the run's meta to recognise it later."""
-        return json.loads(json.dumps(asdict(self)))
+        """The spec as JSON gives it back; stored in the run's meta to recognise it later
+        (``name``, ``model``, ``length``, ``probe``, ``seed`` and ``options``: the values of
+        :data:`ANALYSIS_KEYS`, a layout kept so that earlier sweeps resume)."""
+        loading = {"preset": self.preset, "random_init": self.random_init}
+        options = {
+            key: loading[key] if key in LOAD_KEYS else getattr(self.options, key)
+            for key in ANALYSIS_KEYS
+        }
+        spec = {
+            "name": self.name,
+            "model": self.model,
+            "length": self.length,
+            "probe": self.probe,
+            "seed": self.seed,
+            "options": options,
+        }
+        return json.loads(json.dumps(spec))
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,7 @@ def parse_sweep_config(data: Mapping[str, Any]) -> SweepConfig:
     _reject_unknown(sweep, SWEEP_KEYS, "[sweep]")
     if "out" not in sweep or not isinstance(sweep["out"], str) or not sweep["out"].strip():
         raise InputError(f"[sweep] out must be a directory path string, got {sweep.get('out')!r}")
-    defaults = _analysis_options(sweep, AnalysisOptions(), "[sweep]")
+    defaults = _option_values(sweep, "[sweep]")
     probe = _probe(sweep.get("probe", "text"), "[sweep] probe")
     seed = check_integer(sweep.get("seed", 0), "[sweep] seed", minimum=0)
     runs = _grid_runs(sweep, defaults, probe, seed) + _explicit_runs(
@@ -299,19 +311,30 @@ _OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
-def _analysis_options(
-    table: Mapping[str, Any], base: AnalysisOptions, where: str
-) -> AnalysisOptions:
-    values = {
+def _option_values(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The :data:`ANALYSIS_KEYS` ``table`` sets, each checked and converted."""
+    return {
         key: _OPTION_CHECKS[key](table[key], f"{where} {key}")
         for key in ANALYSIS_KEYS
         if key in table
     }
-    return replace(base, **values)
+
+
+def _run_spec(
+    name: str, model: str, length: int, probe: str, seed: int, values: Mapping[str, Any], where: str
+) -> RunSpec:
+    """A run from its grid values and its checked option ``values``."""
+    loading = {key: values[key] for key in LOAD_KEYS if key in values}
+    analysis = {key: value for key, value in values.items() if key not in LOAD_KEYS}
+    try:
+        options = AnalysisOptions(length, probe, seed=seed, **analysis)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{where}: {error}") from None
+    return RunSpec(name, model, options, **loading)
 
 
 def _grid_runs(
-    sweep: Mapping[str, Any], options: AnalysisOptions, probe: str, seed: int
+    sweep: Mapping[str, Any], values: Mapping[str, Any], probe: str, seed: int
 ) -> list[RunSpec]:
     given = [key for key in GRID_KEYS if key in sweep]
     if not given:
@@ -342,12 +365,14 @@ def _grid_runs(
         raise InputError(f"[sweep] seeds lists a seed twice: {seeds}")
     labels = _model_labels(models)
     return [
-        RunSpec(_run_name(labels[m], n, p, s), m, n, p, s, options)
+        _run_spec(_run_name(labels[m], n, p, s), m, n, p, s, values, "[sweep]")
         for m, n, p, s in itertools.product(models, lengths, probes, seeds)
     ]
 
 
-def _explicit_runs(tables: Any, defaults: AnalysisOptions, probe: str, seed: int) -> list[RunSpec]:
+def _explicit_runs(
+    tables: Any, defaults: Mapping[str, Any], probe: str, seed: int
+) -> list[RunSpec]:
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
         raise InputError("run must be an array of tables ([[run]] sections)")
     runs = []
@@ -361,7 +386,7 @@ def _explicit_runs(tables: Any, defaults: AnalysisOptions, probe: str, seed: int
         length = _length(table["length"], f"{where} length")
         run_probe = _probe(table.get("probe", probe), f"{where} probe")
         run_seed = check_integer(table.get("seed", seed), f"{where} seed", minimum=0)
-        options = _analysis_options(table, defaults, where)
+        values = {**defaults, **_option_values(table, where)}
         name = table.get("name")
         if name is None:
             name = _run_name(_model_labels([model])[model], length, run_probe, run_seed)
@@ -370,7 +395,7 @@ def _explicit_runs(tables: Any, defaults: AnalysisOptions, probe: str, seed: int
                 f"{where} name must be letters, digits, '.', '_' or '-' (not starting with "
                 f"'.' or '-', and none of {', '.join(TABLES)}), got {name!r}"
             )
-        runs.append(RunSpec(name, model, length, run_probe, run_seed, options))
+        runs.append(_run_spec(name, model, length, run_probe, run_seed, values, where))
     return runs
 
 

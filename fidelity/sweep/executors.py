@@ -44,38 +44,20 @@ def execute_run(spec: RunSpec, threads: int | None = None) -> RunReport:
     """
     import torch
 
-    from fidelity.analysis import analyze
-    from fidelity.models.registry import load_model
+    from fidelity.analysis import run_analysis
+    from fidelity.models.loading import load_model
 
     started = time.perf_counter()
     if threads is not None:
         torch.set_num_threads(threads)
-    options = spec.options
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if Path(spec.model).is_absolute() or not (options.preset or options.random_init):
+            if Path(spec.model).is_absolute() or not (spec.preset or spec.random_init):
                 model = load_model(spec.model)
             else:
-                model = load_model(spec.model, options.preset, random_init=options.random_init)
-            result = analyze(
-                model,
-                spec.length,
-                probe=spec.probe,
-                metrics=options.metrics,
-                anchors=options.anchors,
-                distances=options.distances,
-                layers=options.layers,
-                seed=spec.seed,
-                device=options.device,
-                progress=False,
-                batch=options.batch,
-                text=options.text,
-                tokenizer=options.tokenizer,
-                chunk_size=options.chunk_size,
-                max_memory=options.max_memory,
-                n_boot=options.n_boot,
-            )
+                model = load_model(spec.model, spec.preset, random_init=spec.random_init)
+            result = run_analysis(model, spec.options, progress=False)
             result.meta[META_KEY] = spec.identity()
             result.meta["torch_threads"] = torch.get_num_threads()
             error = trace = None
