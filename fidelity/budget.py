@@ -29,24 +29,28 @@ from torch import nn
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 
-# Activation floats a one-pass forward holds per token: (floats per unit of a block's widest
-# dimension, floats that do not grow with the width). The widest dimension is d_inner for SSMs,
-# the MLP's width for attention models; the floats are inputs, projections, scan inputs and
-# outputs, gates, their temporaries, and the ssm_decay metric's recomputation. Calibrated on
-# the peak resident memory of `fidelity analyze` runs (growth over the process, kept states,
-# residual streams and logits subtracted; benchmarks/memory_calibration.py): MemMamba from its
-# mini and small presets at 8k (11.1k and 28.1k floats per token: 33.25 per d_inner plus
-# 2.54k), Mamba from mini at 8k with MemMamba's width-free part, DeciMamba from its mini
-# 8k and 60k runs (per row before the first decimating layer: the later layers see only the
-# kept rows), Mamba-2 and the attention models from their mini 8k runs (attention on CPU runs
-# fused, holding no score matrix).
+# Activation floats a one-pass forward holds per row that goes through every layer: (floats per
+# unit of a block's widest dimension, floats that do not grow with the width). The widest
+# dimension is d_inner for SSMs, the MLP's width for attention models; the floats are inputs,
+# projections, scan inputs and outputs, gates, their temporaries, and the ssm_decay metric's
+# recomputation. Calibrated on the peak resident memory of `fidelity analyze` runs (growth
+# over the process, kept states, residual streams and logits subtracted;
+# benchmarks/memory_calibration.py): MemMamba from its mini and small presets at 8k (11.1k
+# and 28.1k floats per token: 33.25 per d_inner plus 2.54k), Mamba (and DeciMamba's kept
+# rows) from mini at 8k with MemMamba's width-free part, Mamba-2 and the attention models from
+# their mini 8k runs (attention on CPU runs fused, holding no score matrix).
 ACTIVATION_FLOATS_PER_TOKEN = {
     "memmamba": (33.25, 2540),
     "mamba": (24.5, 2540),
-    "decimamba": (8.2, 2540),
+    "decimamba": (24.5, 2540),
     "mamba2": (13.0, 2540),
     "attention": (7, 0),
 }
+# DeciMamba reads its input in one pass and its first decimating layer keeps a fixed number of
+# rows; every row it drops still went through the layers before it: floats per row in units of
+# d_inner (fitted to its mini runs at 8k and 60k: 4.58k floats per input row plus 9.7k per
+# kept row, close to Mamba's per token).
+DECIMATED_FLOATS_PER_TOKEN = 16.9
 # A run fed in chunks through the recurrent cache peaks higher than one pass over a chunk's
 # tokens: measured 1.48x for MemMamba small at 60k (43.1k against 29.1k floats per token),
 # 1.5x for MemMamba mini and 1.5x for Mamba-2 mini (not traced to a tensor: what the
@@ -237,13 +241,14 @@ def estimate_run(
     compute_bytes = 4
     vocab = getattr(config, "vocab_size", 0) or 0
     per_widest, width_free = ACTIVATION_FLOATS_PER_TOKEN[_block_kind(model)]
-    # + the residual streams; the logits only for the rows that reach the last layer
-    per_token = widest * per_widest + width_free + 2 * d_model
+    # a row through every layer: the blocks' activations, the residual streams, the logits
+    per_row = widest * per_widest + width_free + 2 * d_model + vocab
     rows_out = decimated_rows(model, tokens_in_flight)
+    floats = rows_out * per_row
+    if rows_out < tokens_in_flight:  # every row goes through the layers up to the decimation
+        floats += tokens_in_flight * (widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model)
     chunked = CHUNKED_ACTIVATION_FACTOR if chunk_size and length > chunk_size else 1
-    activations = int(
-        batch * (tokens_in_flight * per_token + rows_out * vocab) * compute_bytes * chunked
-    )
+    activations = int(batch * floats * compute_bytes * chunked)
     span = attention_span(model, length)
     attention = 0
     if span:

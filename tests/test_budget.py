@@ -11,9 +11,11 @@ import torch
 from fidelity.analysis import plan_analysis
 from fidelity.budget import (
     CHUNKED_ACTIVATION_FACTOR,
+    DECIMATED_FLOATS_PER_TOKEN,
     MemoryBudgetError,
     decimated_rows,
     estimate_run,
+    model_width,
 )
 from fidelity.cli import main
 from fidelity.models.decimamba import DeciMambaLM
@@ -97,15 +99,17 @@ def test_decimamba_counts_the_rows_its_first_decimating_layer_keeps():
     assert decimated_rows(model, 10_000) == 101  # the budget plus the last token
     assert decimated_rows(mamba, 10_000) == 10_000
     assert decimated_rows(DeciMambaLM.from_mamba(mamba, decimation=False), 10_000) == 10_000
-    # logits only for the kept rows: 1000 more input rows add no logits when decimating
+    # past the budget, a longer input adds rows only to the layers before the decimation
     kept, plain = model, DeciMambaLM.from_mamba(mamba, decimation=False)
     grown = {
         m: estimate_run(m, 2000, n_positions=16, n_layers_kept=1).activations
         - estimate_run(m, 1000, n_positions=16, n_layers_kept=1).activations
         for m in (kept, plain)
     }
-    vocab_bytes = 1000 * model.config.vocab_size * 4
-    assert grown[plain] - grown[kept] == pytest.approx(vocab_bytes, abs=2)
+    d_model, widest, _ = model_width(model)
+    per_row = widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model
+    assert grown[kept] == pytest.approx(1000 * per_row * 4, abs=2)
+    assert grown[kept] < grown[plain]
 
 
 def test_a_chunked_run_counts_more_than_one_pass_over_a_chunk():
