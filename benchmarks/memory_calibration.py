@@ -193,6 +193,7 @@ def main() -> None:
     keys = [(name, weights, length) for name, weights in jobs for length in lengths]
     with ThreadPoolExecutor(args.workers) as pool:
         estimates = list(pool.map(lambda key: _worker("estimate", *key), keys))
+    measured = _read_measured()  # with any row another call stored meanwhile
     for (name, weights, length), estimate in zip(keys, estimates, strict=True):
         row = measured.get((name, weights, length))
         if row is None:

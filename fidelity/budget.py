@@ -43,7 +43,7 @@ ACTIVATION_FLOATS_PER_TOKEN = {
     "memmamba": (33.25, 2540),
     "mamba": (24.5, 2540),
     "decimamba": (24.5, 2540),
-    "mamba2": (13.0, 2540),
+    "mamba2": (14.4, 2540),
     "attention": (7, 0),
 }
 # DeciMamba reads its input in one pass and its first decimating layer keeps a fixed number of
