@@ -3,16 +3,18 @@
     python benchmarks/memory_calibration.py                     # every shipped model + small
     python benchmarks/memory_calibration.py --models mamba --lengths 8k
 
-Measuring: each (model, length) runs `fidelity.analyze` with its defaults (text probe, 512
-anchors, etmf, eclmf, ssm_decay) in a fresh subprocess, which reports its peak resident
-memory (`ru_maxrss`); the measurements are appended to `results/memory_calibration.csv`
-and reused by later calls (`--remeasure` measures again), since they do not depend on the
-estimate. A run whose time estimate passes `--max-seconds` is not run.
+Measuring: each (model, length) runs the README's first command, `fidelity analyze --model M
+--length L` (its defaults: text probe, 512 anchors, etmf, eclmf, ssm_decay; results, figures
+and report saved under `runs/memory-calibration/`), in a fresh subprocess through the CLI's
+entry point, which reports its peak resident memory from the OS (`ru_maxrss`); a row is run
+only when the estimate does not refuse it and its forward alone is estimated within
+`--max-seconds`. The measurements are appended to `results/memory_calibration.csv` and reused
+by later calls (`--remeasure` measures again), since they do not depend on the estimate.
 
 Estimating: each row's estimate is made afresh by the current code, in a fresh subprocess
-that loads the model and plans the run exactly as `fidelity analyze` does before running it
-(what the process holds then plus what the run adds); a refused run says so. The table goes
-to `results/memory_calibration.md`.
+that runs the same command up to the plan it prints (what the process holds then plus what
+the run adds), and stops there; a refused run says so. The table goes to
+`results/memory_calibration.md`.
 """
 
 from __future__ import annotations
@@ -29,57 +31,72 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 
+import psutil
+
 from fidelity.budget import format_bytes
 from fidelity.lengths import format_length, parse_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEASURED = RESULTS / "memory_calibration.csv"
 TABLE = RESULTS / "memory_calibration.md"
+RUNS = Path(__file__).resolve().parent.parent / "runs" / "memory-calibration"  # git-ignored
 TOLERANCE = 0.15
 SHIPPED = ("memmamba", "mamba", "mamba2", "transformer", "compressive", "decimamba")
 FIELDS = ("model", "weights", "length", "status", "peak", "seconds", "load", "date", "note")
 
-# argv: mode (estimate | measure), model, weights ("shipped" or a preset), length, max seconds.
+# argv: mode (estimate | measure), out directory, then `fidelity analyze` arguments. The
+# command runs in this process through the CLI's entry point, with `plan_run` wrapped to
+# record the estimate the CLI prints: "estimate" stops right after it (the process holds what
+# the CLI holds before a run), "measure" runs to the end (saving results, figures, report) and
+# reports the process's peak resident memory from the OS.
 WORKER = r"""
-import json, sys
-import psutil
-from fidelity.analysis import analyze, peak_memory_bytes, plan_analysis
-from fidelity.budget import MemoryBudgetError, estimate_seconds, seconds_per_token
-from fidelity.models.loading import load_model
-from fidelity.models.registry import build_model
-mode, name, weights, length, max_seconds = sys.argv[1:6]
-length, max_seconds = int(length), float(max_seconds)
-model = (load_model(name) if weights == "shipped" else build_model(name, weights)).eval()
-if mode == "estimate":
-    try:
-        estimate = plan_analysis(model, length, time_it=False).estimate
-    except MemoryBudgetError as error:
-        print(json.dumps({"status": "refused", "note": str(error)}))
-    else:
-        print(json.dumps({"status": "ok", "estimate": estimate.total}))
-    sys.exit(0)
-seconds = estimate_seconds(model, length, 1, seconds_per_token(model))
-if seconds > max_seconds:
-    note = f"forward alone estimated at {seconds / 60:.0f} min"
-    print(json.dumps({"status": "too long", "note": note}))
-    sys.exit(0)
-# The estimate must not stop what we measure it against; the machine's RAM still bounds it.
-analyze(model, length, progress=False, max_memory=psutil.virtual_memory().total)
-print(json.dumps({"status": "ran", "peak": peak_memory_bytes()}))
+import dataclasses, json, os, resource, sys
+import fidelity.analysis
+from fidelity.cli import main
+mode, argv = sys.argv[1], sys.argv[2:]
+plan_run, planned = fidelity.analysis.plan_run, {}
+def recording_plan(*args, **kwargs):
+    plan = plan_run(*args, **kwargs)
+    if planned:  # the run re-plans without timing; keep what the CLI printed
+        return plan
+    parts = dataclasses.asdict(plan.estimate)
+    planned.update(estimate=plan.estimate.total, seconds=plan.seconds, parts=parts)
+    if mode == "estimate":
+        print(json.dumps({"status": "ok", **planned}), flush=True)
+        os._exit(0)
+    return plan
+fidelity.analysis.plan_run = recording_plan
+code = main(argv)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KB
+status = "ran" if code == 0 else ("refused" if code == 2 else "failed")
+print(json.dumps({"status": status, "peak": peak, **planned}), flush=True)
 """
 
 
-def _worker(mode: str, name: str, weights: str, length: int, max_seconds: float) -> dict:
+def analyze_argv(name: str, weights: str, length: int, out: Path) -> list[str]:
+    """The README's first command for one row (its defaults: text probe, 512 anchors, etmf,
+    eclmf, ssm_decay), saving to ``out``."""
+    argv = ["analyze", "--model", name, "--length", str(length), "--no-progress"]
+    argv += ["--out", str(out), "--force"]
+    return argv + ([] if weights == "shipped" else ["--preset", weights])
+
+
+def _worker(mode: str, name: str, weights: str, length: int) -> dict:
+    out = RUNS / f"{name}-{weights}-{format_length(length)}"
+    argv = analyze_argv(name, weights, length, out)
+    if mode == "measure":  # the estimate must not stop what we measure it against
+        argv += ["--max-memory", str(psutil.virtual_memory().total)]
     process = subprocess.run(
-        [sys.executable, "-c", WORKER, mode, name, weights, str(length), str(max_seconds)],
-        capture_output=True,
-        text=True,
-        check=False,
+        [sys.executable, "-c", WORKER, mode, *argv], capture_output=True, text=True, check=False
     )
-    if process.returncode != 0:
+    lines = process.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
         tail = process.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"status": "failed", "note": tail[0]}
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    result = json.loads(lines[-1])
+    if result["status"] != "ok" and result["status"] != "ran":
+        result["note"] = (process.stderr.strip().splitlines()[-1:] or [""])[0]
+    return result
 
 
 def _read_measured() -> dict[tuple[str, str, int], dict]:
@@ -100,9 +117,15 @@ def _append_measured(row: dict) -> None:
 
 
 def measure(name: str, weights: str, length: int, max_seconds: float) -> dict:
-    """Run one analysis in a fresh subprocess; its measured peak (or why it was not run)."""
+    """Run one analysis in a fresh subprocess; its measured peak (or why it was not run: the
+    estimate refused it, or its forward alone is estimated beyond ``max_seconds``)."""
     started = time.perf_counter()
-    result = _worker("measure", name, weights, length, max_seconds)
+    result = _worker("estimate", name, weights, length)
+    if result["status"] == "ok" and result["seconds"] > max_seconds:
+        minutes = result["seconds"] / 60
+        result = {"status": "too long", "note": f"forward alone estimated at {minutes:.0f} min"}
+    elif result["status"] == "ok":
+        result = _worker("measure", name, weights, length)
     return {
         "model": name,
         "weights": weights,
@@ -118,14 +141,15 @@ def measure(name: str, weights: str, length: int, max_seconds: float) -> dict:
 
 def table_row(measured: dict, estimate: dict) -> str:
     head = f"| {measured['model']} | {measured['weights']} | {format_length(measured['length'])} |"
-    if estimate["status"] == "refused":
-        return f"{head} refused before the run | - | - | - | ({estimate['note']}) |"
     if estimate["status"] != "ok":
-        return f"{head} estimate failed | - | - | - | ({estimate['note']}) |"
+        return f"{head} {estimate['status']}: {estimate.get('note', '')} | - | - | - | - |"
     guess = format_bytes(estimate["estimate"])
+    if measured["status"] == "too long":
+        why = f"{measured['note']} at load {measured['load']}, over `--max-seconds`"
+        return f"{head} {guess} | not run (not refused by the estimate) | - | - | {why} |"
     if measured["status"] != "ran":
         why = f"{measured['note']}, load {measured['load']}" if measured["note"] else ""
-        return f"{head} {guess} | not run: {measured['status']} | - | - | {why} |"
+        return f"{head} {guess} | {measured['status']} | - | - | {why} |"
     peak = int(measured["peak"])
     ratio = estimate["estimate"] / peak
     ok = "yes" if abs(ratio - 1) <= TOLERANCE else "**no**"
@@ -149,6 +173,7 @@ def main() -> None:
     jobs = [(name, "shipped") for name in args.models.split(",") if name]
     jobs += [(name, "small") for name in args.small.split(",") if name]
     RESULTS.mkdir(exist_ok=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
     measured = _read_measured()
     todo = [  # every model at the shortest length first
         (name, weights, length)
@@ -169,7 +194,8 @@ def main() -> None:
     ]
     keys = [(name, weights, length) for name, weights in jobs for length in lengths]
     with ThreadPoolExecutor(args.workers) as pool:
-        estimates = list(pool.map(lambda key: _worker("estimate", *key, args.max_seconds), keys))
+        estimates = list(pool.map(lambda key: _worker("estimate", *key), keys))
+    measured = _read_measured()  # with any row another call stored meanwhile
     for (name, weights, length), estimate in zip(keys, estimates, strict=True):
         row = measured.get((name, weights, length))
         if row is None:
@@ -180,11 +206,14 @@ def main() -> None:
         "# Memory estimate vs measured peak resident memory\n\n"
         f"`{command}`; estimates made {date.today()} on {platform.machine()} with "
         f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}); measurements from "
-        f"`{MEASURED.name}` (date and load per row). Each run is `fidelity.analyze(model, "
-        "length)` with its defaults in a fresh process; the estimate is the one `fidelity "
-        "analyze` prints before the run (the process so far plus what the run adds), the "
-        "peak is the process's `ru_maxrss`. 'small' is an untrained model of the `small` "
-        "preset (the shipped checkpoints are `mini`); decimamba's default is built from "
+        f"`{MEASURED.name}` (date and load per row). Each run is `fidelity analyze --model "
+        "M --length L` (the README's first command, its default metrics, results saved) in "
+        "a fresh process; the estimate is the one it prints before the run (the process so "
+        "far plus what the run adds), made afresh by the current code; the peak is the "
+        "process's `ru_maxrss`. A run the estimate refuses is not run; one whose forward "
+        "alone is estimated beyond `--max-seconds` on this (shared) machine is not run "
+        "either, and its row says so. 'small' is an untrained model of the `small` preset "
+        "(the shipped checkpoints are `mini`); decimamba's default is built from "
         "mamba's.\n\n" + "\n".join(lines) + "\n"
     )
     print(text)

@@ -4,13 +4,16 @@ The memory estimate adds up what an analysis holds at its peak, on top of what t
 holds when it is made (interpreter, libraries, the loaded model): the hidden states the capture
 keeps (positions x captured layers x d_model); the activations of one block's forward over one
 chunk (our models run chunk by chunk through their recurrent cache, so this does not grow with
-the length; a model read in one pass, such as DeciMamba, holds the whole length); the keys and
-values an attention cache keeps (every earlier position for full attention) and one block of
-attention scores; and the buffers as long as the whole input (the probe's token ids, the
-anchor draw's permutation of all positions). The per-token factors are calibrated against the
-measured peak resident memory of real runs (``benchmarks/memory_calibration.py``, table in
-``benchmarks/results/memory_calibration.md``). The time estimate is measured: a short forward
-pass, extrapolated linearly in the length (quadratically for full attention).
+the length; a chunked run peaks at :data:`CHUNKED_ACTIVATION_FACTOR` times one pass over a
+chunk; a model read in one pass, such as DeciMamba, holds the whole length up to its first
+decimating layer, and the logits only of the rows that layer keeps); the keys and values an
+attention cache keeps (every earlier position for full attention) and one block of attention
+scores; and the buffers as long as the whole input (the probe's token ids, the anchor draw's
+permutation of all positions); plus :data:`HEADROOM`. The per-token factors are calibrated
+against the measured peak resident memory of real `fidelity analyze` runs
+(``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``).
+The time estimate is measured: a short forward pass, extrapolated linearly in the length
+(quadratically for full attention).
 """
 
 from __future__ import annotations
@@ -26,15 +29,33 @@ from torch import nn
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 
-# Activation floats a forward holds per token in flight, in units of a block's widest
-# dimension (d_inner for SSMs, the MLP's width for attention models): inputs, projections, scan
-# inputs and outputs, gates, their temporaries, and the ssm_decay metric's recomputation.
-# Calibrated on 8k-token analyses of the shipped models (peak resident growth over the
-# process, kept states subtracted): Mamba-1 blocks (Mamba, MemMamba) 45-47, DeciMamba 32 (the
-# ssm_decay metric skips its layers after the first decimation), Mamba-2 26, attention models
-# 2-5 (their MLP; attention on CPU runs fused, holding no score matrix); rounded up so that
-# the estimate stays above the measured peak.
-ACTIVATION_FLOATS_PER_TOKEN = {"ssm": 50, "decimamba": 36, "mamba2": 30, "attention": 7}
+# Activation floats a one-pass forward holds per row that goes through every layer: (floats per
+# unit of a block's widest dimension, floats that do not grow with the width). The widest
+# dimension is d_inner for SSMs, the MLP's width for attention models; the floats are inputs,
+# projections, scan inputs and outputs, gates, their temporaries, and the ssm_decay metric's
+# recomputation. Calibrated on the peak resident memory of `fidelity analyze` runs (growth
+# over the process, kept states, residual streams and logits subtracted;
+# benchmarks/memory_calibration.py): MemMamba from its mini and small presets at 8k (11.1k
+# and 28.1k floats per token: 33.25 per d_inner plus 2.54k), Mamba (and DeciMamba's kept
+# rows) from mini at 8k with MemMamba's width-free part, Mamba-2 and the attention models from
+# their mini 8k runs (attention on CPU runs fused, holding no score matrix).
+ACTIVATION_FLOATS_PER_TOKEN = {
+    "memmamba": (33.25, 2540),
+    "mamba": (24.5, 2540),
+    "decimamba": (24.5, 2540),
+    "mamba2": (14.4, 2540),
+    "attention": (7, 0),
+}
+# DeciMamba reads its input in one pass and its first decimating layer keeps a fixed number of
+# rows; every row it drops still went through the layers before it: floats per row in units of
+# d_inner (fitted to its mini runs at 8k and 60k: 4.58k floats per input row plus 9.7k per
+# kept row, close to Mamba's per token).
+DECIMATED_FLOATS_PER_TOKEN = 16.9
+# A run fed in chunks through the recurrent cache peaks higher than one pass over a chunk's
+# tokens: measured 1.48x for MemMamba small at 60k (43.1k against 29.1k floats per token),
+# 1.5x for MemMamba mini and 1.5x for Mamba-2 mini (not traced to a tensor: what the
+# previous chunk's forward freed is not all reused).
+CHUNKED_ACTIVATION_FACTOR = 1.5
 # An attention cache holds its keys and values and, while a chunk's keys are concatenated
 # onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
 # twice its 6 KB of keys and values per token).
@@ -152,11 +173,23 @@ def _is_attention(model: nn.Module) -> bool:
 
 
 def _block_kind(model: nn.Module) -> str:
-    """Which activation calibration applies: "attention", "mamba2", "decimamba" or "ssm"."""
+    """Which activation calibration applies: "attention", "memmamba", "decimamba", "mamba2" or
+    "mamba" (any other SSM)."""
     if _is_attention(model):
         return "attention"
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return model_type if model_type in ("mamba2", "decimamba") else "ssm"
+    return model_type if model_type in ACTIVATION_FLOATS_PER_TOKEN else "mamba"
+
+
+def decimated_rows(model: nn.Module, rows: int) -> int:
+    """How many of ``rows`` input rows reach the last layer: those DeciMamba's first
+    decimating layer keeps (every row for other models, and for DeciMamba without
+    decimation)."""
+    for block in getattr(model, "layers", ()):
+        decimation = getattr(block, "decimation", None)
+        if decimation is not None:
+            return min(rows, decimation.n_kept(rows))
+    return rows
 
 
 def attention_span(model: nn.Module, length: int) -> int:
@@ -207,9 +240,15 @@ def estimate_run(
     tokens_in_flight = min(length, chunk_size) if chunk_size else length
     compute_bytes = 4
     vocab = getattr(config, "vocab_size", 0) or 0
-    floats = ACTIVATION_FLOATS_PER_TOKEN[_block_kind(model)]
-    per_token = widest * floats + 2 * d_model + vocab  # + the residual streams and the logits
-    activations = batch * tokens_in_flight * per_token * compute_bytes
+    per_widest, width_free = ACTIVATION_FLOATS_PER_TOKEN[_block_kind(model)]
+    # a row through every layer: the blocks' activations, the residual streams, the logits
+    per_row = widest * per_widest + width_free + 2 * d_model + vocab
+    rows_out = decimated_rows(model, tokens_in_flight)
+    floats = rows_out * per_row
+    if rows_out < tokens_in_flight:  # every row goes through the layers up to the decimation
+        floats += tokens_in_flight * (widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model)
+    chunked = CHUNKED_ACTIVATION_FACTOR if chunk_size and length > chunk_size else 1
+    activations = int(batch * floats * compute_bytes * chunked)
     span = attention_span(model, length)
     attention = 0
     if span:

@@ -9,35 +9,63 @@ import pytest
 import torch
 
 from fidelity.analysis import plan_analysis
-from fidelity.budget import MemoryBudgetError
+from fidelity.budget import (
+    CHUNKED_ACTIVATION_FACTOR,
+    DECIMATED_FLOATS_PER_TOKEN,
+    MemoryBudgetError,
+    decimated_rows,
+    estimate_run,
+    model_width,
+)
 from fidelity.cli import main
+from fidelity.models.decimamba import DeciMambaLM
 from fidelity.models.registry import build_model
 
-# A fresh process: load a shipped model, plan (the estimate `fidelity analyze` prints), analyze
-# with the defaults, report the estimate and the peak resident memory.
+# A fresh process runs `fidelity analyze` (the README's first command, its default metrics,
+# results saved) through the CLI's entry point, with `plan_run` wrapped to record the
+# estimate the CLI prints before the run; it reports that and its peak resident memory.
 MEASURE = """
-import json, sys
-from fidelity.analysis import analyze, peak_memory_bytes, plan_analysis
-from fidelity.models.loading import load_model
-model = load_model(sys.argv[1]).eval()
-estimate = plan_analysis(model, sys.argv[2], time_it=False).estimate.total
-analyze(model, sys.argv[2], progress=False)
-print(json.dumps({"estimate": estimate, "peak": peak_memory_bytes()}))
+import json, resource, sys
+import fidelity.analysis
+from fidelity.cli import main
+plan_run, planned = fidelity.analysis.plan_run, {}
+def recording_plan(*args, **kwargs):
+    plan = plan_run(*args, **kwargs)
+    if planned:  # the run re-plans without timing; keep what the CLI printed
+        return plan
+    planned.update(estimate=plan.estimate.total, chunk_size=plan.chunk_size)
+    return plan
+fidelity.analysis.plan_run = recording_plan
+code = main(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
+print(json.dumps({"code": code, "peak": peak, **planned}))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(("model", "length"), [("mamba", "4k")])
-def test_estimate_is_not_below_the_measured_peak(model, length):
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KB on Linux only")
+@pytest.mark.parametrize(
+    ("model", "length", "chunked"),
+    [
+        ("mamba", "4k", False),  # one pass
+        ("mamba", "20k", True),  # chunks through the recurrent cache (its estimate was low)
+        ("decimamba", "6k", False),  # later layers see only the rows decimation keeps
+    ],
+)
+def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunked):
+    argv = ["analyze", "--model", model, "--length", length, "--no-progress"]
+    argv += ["--out", str(tmp_path / "run"), "--max-memory", "64GB"]
     done = subprocess.run(
-        [sys.executable, "-c", MEASURE, model, length],
+        [sys.executable, "-c", MEASURE, *argv],
         capture_output=True,
         text=True,
         timeout=840,
         check=True,
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, done.stderr
+    assert (result["chunk_size"] is not None) == chunked, result
     ratio = result["estimate"] / result["peak"]
     assert 1.0 <= ratio <= 1.3, result  # not below, and not a blanket overestimate
 
@@ -64,3 +92,30 @@ def test_absurd_lengths_are_one_line(capsys, length, message):
     code = main([*argv, "--length", length, "--max-memory", "8GB", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_decimamba_counts_the_rows_its_first_decimating_layer_keeps():
+    mamba = build_model("mamba", "tiny")
+    model = DeciMambaLM.from_mamba(mamba, decimation_base_length=100, keep_last_tokens=1)
+    assert decimated_rows(model, 50) == 50  # within the budget: nothing dropped
+    assert decimated_rows(model, 10_000) == 101  # the budget plus the last token
+    assert decimated_rows(mamba, 10_000) == 10_000
+    assert decimated_rows(DeciMambaLM.from_mamba(mamba, decimation=False), 10_000) == 10_000
+    # past the budget, a longer input adds rows only to the layers before the decimation
+    kept, plain = model, DeciMambaLM.from_mamba(mamba, decimation=False)
+    grown = {
+        m: estimate_run(m, 2000, n_positions=16, n_layers_kept=1).activations
+        - estimate_run(m, 1000, n_positions=16, n_layers_kept=1).activations
+        for m in (kept, plain)
+    }
+    d_model, widest, _ = model_width(model)
+    per_row = widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model
+    assert grown[kept] == pytest.approx(1000 * per_row * 4, abs=2)
+    assert grown[kept] < grown[plain]
+
+
+def test_a_chunked_run_counts_more_than_one_pass_over_a_chunk():
+    model = build_model("mamba", "tiny")
+    one_pass = estimate_run(model, 1000, n_positions=16, n_layers_kept=1)
+    chunked = estimate_run(model, 5000, n_positions=16, n_layers_kept=1, chunk_size=1000)
+    assert chunked.activations == int(one_pass.activations * CHUNKED_ACTIVATION_FACTOR)
