@@ -295,8 +295,8 @@ def test_bad_sweep_keys_are_named_with_what_is_accepted(tmp_path, keys, message)
         ),
         (
             {
-                "sweep": {"out": "x", "models": ["mamba"], "lengths": [9]},
-                "run": [{"model": "mamba", "length": 9}],
+                "sweep": {"out": "x", "models": ["mamba"], "lengths": [16]},
+                "run": [{"model": "mamba", "length": 16}],
             },
             r"run names \['mamba-16-text-s0'\] occur more than once",
         ),
