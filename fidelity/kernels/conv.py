@@ -2,16 +2,16 @@
 
 Why not plain ``F.conv1d`` under autograd: on CPU, PyTorch's backward of a grouped conv is
 oneDNN's depthwise backward kernel, and that kernel's time depends on the memory it is handed:
-measured on the `mini` models, one call took 3 ms or 2 s for the same inputs, the slow calls
-coming after the allocator had recycled memory holding denormal bit patterns (freed
-int32/int64 tensors, such as MemMamba's pool indices and masks, read as float32 are
-denormal), and disappearing with ``torch.set_flush_denormal(True)``. It made the
-no-note-block ablation's training step up to 4x slower than Mamba's (56% of it in that
-backward). Here the forward is the same ``F.conv1d`` call, and the backward is written with
-operations that do not have that pathology: the input gradient is a forward depthwise conv of
-the output gradient with the flipped kernel, the weight gradient ``width`` dot products over
-time. The maths is unchanged (gradients checked against autograd's in float64 in
-``tests/test_conv.py``).
+measured on the `mini` models, one call took 3 ms or 2 s for the same inputs. The slow calls
+became rarer with ``torch.set_flush_denormal(True)`` and more frequent when freed memory held
+denormal bit patterns (as freed int32/int64 tensors, such as MemMamba's pool indices, do when
+read as float32), although no tensor of the model is denormal: the kernel seems to touch
+recycled memory. It made the no-note-block ablation's training step up to 4x slower than
+Mamba's (56% of it in that backward). Here the forward is the same ``F.conv1d`` call, and
+the backward is written with operations that do not have that pathology: the input
+gradient is a forward depthwise conv of the output gradient with the flipped kernel, the
+weight gradient ``width`` dot products over time. The maths is unchanged (gradients checked
+against autograd's in float64 in ``tests/test_conv.py``).
 """
 
 from __future__ import annotations
