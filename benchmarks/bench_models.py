@@ -1,7 +1,7 @@
 """MemMamba against Mamba of the same width and depth: forward and training time, one run.
 
     python benchmarks/bench_models.py [--presets mini,small] [--lengths 8k,60k] [--repeats 3]
-        [--out benchmarks/results/models_cpu.md]
+        [--hogs N] [--out benchmarks/results/models_cpu.md]
 
 For every preset and length, in one process, alternating the two models (so that background
 load hits both alike), best of ``--repeats``:
@@ -12,7 +12,10 @@ load hits both alike), best of ``--repeats``:
 - ``training``: forward + backward of the language-model loss (plus MemMamba's write-rate
   term) over the whole sequence, batch 1.
 
-The ratio is MemMamba / Mamba. Then a breakdown of MemMamba's one-pass forward into its
+The ratio is MemMamba / Mamba. With ``--hogs N`` every row is measured twice, without and
+then with N busy-looping processes (``python -c "while True: pass"``, started and stopped by
+the benchmark) sharing the cores: the two ratios show how MemMamba's many small operations
+fare under contention. Then a breakdown of MemMamba's one-pass forward into its
 components (mixer, note block, pool, attention, fusion, the rest), timed with wall clocks
 around each part (best run). Untrained models (random init, seed 0); the shipped checkpoints
 have the same shapes, and the pool's cost depends on how many positions write notes, which
@@ -26,6 +29,8 @@ import argparse
 import contextlib
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -97,6 +102,19 @@ def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, fl
 
 
 @contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """Run ``count`` busy-looping Python processes while the context is open."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let them reach the scheduler
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+@contextlib.contextmanager
 def component_clock(model: CausalLM) -> Iterator[dict[str, float]]:
     """Accumulate wall time per MemMamba component while the context is open."""
     totals: dict[str, float] = defaultdict(float)
@@ -154,6 +172,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="one pass,chunked,training", help="which timings to run")
     parser.add_argument("--note-block", default="on", choices=("on", "off"))
+    parser.add_argument(
+        "--hogs", type=int, default=0, help="also time every row with this many CPU hogs running"
+    )
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = parser.parse_args()
     presets = args.presets.split(",")
@@ -163,14 +184,17 @@ def main() -> None:
     unknown = set(modes) - {"one pass", "chunked", "training"}
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
+    if args.hogs < 0:
+        parser.error("--hogs must be >= 0")
+    hog_counts = [0, args.hogs] if args.hogs else [0]
     overrides = {} if args.note_block == "on" else {"use_note_block": False}
     lines = [
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
         f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating.",
         "",
-        "| preset | length | mode | Mamba (s) | MemMamba (s) | ratio | load |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | length | mode | CPU hogs | Mamba (s) | MemMamba (s) | ratio | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     parts_lines = [
@@ -199,16 +223,18 @@ def main() -> None:
                     for m in models.values():
                         m.train()
                     runs = {name: training_step(m, ids) for name, m in models.items()}
-                times = alternate(runs, args.repeats)
+                for hogs in hog_counts:
+                    with cpu_hogs(hogs):
+                        times = alternate(runs, args.repeats)
+                        row = (
+                            f"| {preset} | {length} | {mode} | {hogs} | {times['mamba']:.3f} | "
+                            f"{times['memmamba']:.3f} | "
+                            f"{times['memmamba'] / times['mamba']:.2f}x | {load()} |"
+                        )
+                    lines.append(row)
+                    print(row, flush=True)
                 for m in models.values():
                     m.eval()
-                row = (
-                    f"| {preset} | {length} | {mode} | {times['mamba']:.3f} | "
-                    f"{times['memmamba']:.3f} | {times['memmamba'] / times['mamba']:.2f}x | "
-                    f"{load()} |"
-                )
-                lines.append(row)
-                print(row, flush=True)
             total, parts = breakdown(models["memmamba"], ids, args.repeats)
             rest = total - sum(parts.values())
             cells = [

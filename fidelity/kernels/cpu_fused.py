@@ -2,11 +2,11 @@
 
 The whole scan (``delta_bias``, softplus, the recurrence, ``D * u`` and the ``silu(z)`` gate)
 runs in ``csrc/selective_scan_cpu.cpp`` on ATen's OpenMP pool. The forward walks groups of
-16 (float32) or 8 (float64) channels together, one vector lane per channel; the backward
-walks single channels with the ``d_state`` states in vector lanes. The forward keeps the
-state every ``checkpoint_every`` steps (not all ``length`` states) and the backward recomputes
-each block of states from its checkpoint while walking time in reverse, giving gradients for
-every input including ``initial_state``.
+16 (float32) or 8 (float64) channels together, one vector lane per channel, and so does the
+backward (the sums over channels that time-varying B and C need are horizontal sums of the
+lanes). The forward keeps the state every ``checkpoint_every`` steps (not all ``length``
+states) and the backward recomputes each block of states from its checkpoint while walking
+time in reverse, giving gradients for every input including ``initial_state``.
 
 Compilation happens on the first call of :func:`load_extension`, never at import. It runs
 ``torch.utils.cpp_extension.load`` (ninja) with ``-O3 -march=native -fopenmp`` into
@@ -47,7 +47,7 @@ __all__ = [
 
 DEFAULT_CHECKPOINT_EVERY = 64
 """Steps between saved states: backward memory is ``length / 64`` states per row and the
-per-row recompute buffer (64 x d_state) stays in L1 cache."""
+per-thread recompute tiles (states and decays, 64 x d_state x 16 channels each) stay in L2."""
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
 _EXTENSION_NAME = "fidelity_selective_scan_cpu"

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fidelity.kernels.conv import depthwise_conv1d
 from fidelity.models.config import ModelConfig
 
 AUTO_CHUNK_SIZE = 8192
@@ -210,4 +211,4 @@ def causal_conv1d(
         padded = F.pad(x, (width - 1, 0))
     else:
         padded = torch.cat([prefix.to(x.dtype), x], dim=-1)
-    return F.conv1d(padded, weight, bias, groups=x.shape[1])
+    return depthwise_conv1d(padded, weight, bias)

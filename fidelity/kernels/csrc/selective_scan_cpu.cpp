@@ -7,9 +7,10 @@
 //
 // Work runs in parallel on ATen's OpenMP pool. Time is walked in blocks of `every` steps: the
 // step sizes of a block are computed first and its gate applied last, both as vectorised
-// loops. The forward puts a group of channels in the vector lanes (one lane per channel); the
-// backward takes one channel at a time with its d_state states in the lanes. The exponential
-// and logarithm are written out here because libm's are opaque calls that stop vectorisation.
+// loops. Both directions put a group of channels in the vector lanes (one lane per channel)
+// and loop over the d_state states, so every update is a full-width vector operation. The
+// exponential and logarithm are written out here because libm's are opaque calls that stop
+// vectorisation.
 //
 // Layouts (all contiguous, one floating dtype, float32 or float64):
 //   u, delta, z, out           (batch, dim, len)
@@ -20,7 +21,7 @@
 //   checkpoints                (batch, dim, ceil(len / every), nst): state before step j*every
 //
 // Backward walks the blocks in reverse: it recomputes a block's states from its checkpoint
-// into a small per-thread buffer, then runs the adjoint recurrence
+// into per-thread (step, state, lane) tiles, then runs the adjoint recurrence
 //   g_t = g_{t+1} * exp(dt_{t+1} A) + dL/dy_t * C_t
 // backwards through the block, so memory is O(len / every) states per row, not O(len).
 
@@ -562,7 +563,16 @@ void scan_forward(const Inputs<scalar_t>& in, const scalar_t* h0, int64_t every,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward.
+// Backward: vectorised across channels like the forward. A group of kLanes channels walks each
+// block of `every` steps three times: recompute the states from the block's checkpoint (the
+// forward's recurrence, keeping states and decays), the gate, then the adjoint recurrence in
+// reverse. Per-channel sums (dL/du, dL/d dt, D, bias, A, time-invariant B and C) stay in their
+// lanes. Time-varying B and C are shared by all channels, so their gradients are sums over
+// channels: a thread runs the current block for all its groups one after another, adding
+// each group's contributions lane-wise into (step, state, lane) tiles, and sums the lanes of
+// those tiles once per block (a horizontal sum per step, state and group would cost more than
+// the recurrence). Lanes past the last channel hold zeros (zero inputs, zero output gradient,
+// zero adjoint), so they add nothing to those sums.
 
 template <typename scalar_t>
 struct Grads {
@@ -577,133 +587,326 @@ struct Grads {
   scalar_t* h0;
 };
 
-// Per-thread scratch for one row's blocks.
+// Per-thread tiles for the block being walked: [step * kLanes + lane], [state * kLanes + lane]
+// or [(step * nst + state) * kLanes + lane].
 template <typename scalar_t>
-struct Scratch {
-  std::vector<scalar_t> dt, slope, grad_y, grad_dt, states, decays, adjoint, gA, gB, gC;
-  Scratch(int64_t every, int64_t nst)
-      : dt(every), slope(every), grad_y(every), grad_dt(every), states(every * nst),
-        decays(every * nst), adjoint(nst), gA(nst), gB(nst), gC(nst) {}
+struct BackwardScratch {
+  std::vector<scalar_t> h_start;                                         // (state, lane)
+  std::vector<scalar_t> u, dt, slope, z, g_out, grad_y, g_u, g_dt, g_z;  // (step, lane)
+  std::vector<scalar_t> states, decays, gB_lanes, gC_lanes;              // (step, state, lane)
+  BackwardScratch(int64_t every, int64_t nst)
+      : h_start(nst * kLanes<scalar_t>), u(every * kLanes<scalar_t>),
+        dt(every * kLanes<scalar_t>), slope(every * kLanes<scalar_t>),
+        z(every * kLanes<scalar_t>), g_out(every * kLanes<scalar_t>),
+        grad_y(every * kLanes<scalar_t>), g_u(every * kLanes<scalar_t>),
+        g_dt(every * kLanes<scalar_t>), g_z(every * kLanes<scalar_t>),
+        states(every * nst * kLanes<scalar_t>), decays(every * nst * kLanes<scalar_t>),
+        gB_lanes(every * nst * kLanes<scalar_t>), gC_lanes(every * nst * kLanes<scalar_t>) {}
 };
 
+// What a channel group carries from block to block: its parameters, its adjoint and its
+// per-channel gradient sums; (state, lane) or (lane) tiles.
 template <typename scalar_t>
-void backward_row(const Inputs<scalar_t>& in, int64_t b, int64_t d, const scalar_t* checkpoints,
-                  int64_t n_ckpt, int64_t every, const scalar_t* grad_out,
-                  const scalar_t* grad_h_last, const Grads<scalar_t>& grads,
-                  scalar_t* gB_steps, scalar_t* gC_steps, Scratch<scalar_t>& s) {
-  const int64_t nst = in.nst, len = in.len, index = b * in.dim + d;
-  const Row<scalar_t> row = in.row(b, d);
-  const scalar_t* g_out = grad_out + index * len;
-  scalar_t* g_u = grads.u + index * len;
-  scalar_t* g_delta = grads.delta + index * len;
-  scalar_t* g_z = grads.z != nullptr ? grads.z + index * len : nullptr;
-  // Time-varying B, C gradients go to this thread's (len, nst) partials; time-invariant ones
-  // to the row accumulators.
-  scalar_t* gB_base = in.B_vary ? gB_steps : s.gB.data();
-  scalar_t* gC_base = in.C_vary ? gC_steps : s.gC.data();
-  std::copy(grad_h_last + index * nst, grad_h_last + (index + 1) * nst, s.adjoint.begin());
-  std::fill(s.gA.begin(), s.gA.end(), scalar_t(0));
-  std::fill(s.gB.begin(), s.gB.end(), scalar_t(0));
-  std::fill(s.gC.begin(), s.gC.end(), scalar_t(0));
-  scalar_t gD = 0, g_bias = 0;
+struct GroupCarry {
+  int64_t d0 = 0, lanes = 0;
+  std::vector<scalar_t> A, B, C, adjoint, gA, gB, gC, D, bias, gD, g_bias;
+  explicit GroupCarry(int64_t nst)
+      : A(nst * kLanes<scalar_t>), B(nst * kLanes<scalar_t>), C(nst * kLanes<scalar_t>),
+        adjoint(nst * kLanes<scalar_t>), gA(nst * kLanes<scalar_t>), gB(nst * kLanes<scalar_t>),
+        gC(nst * kLanes<scalar_t>), D(kLanes<scalar_t>), bias(kLanes<scalar_t>),
+        gD(kLanes<scalar_t>), g_bias(kLanes<scalar_t>) {}
+};
 
-  for (int64_t block = n_ckpt - 1; block >= 0; --block) {
-    const int64_t t0 = block * every, n = std::min(every, len - t0);
-    const scalar_t* h_start = checkpoints + (index * n_ckpt + block) * nst;
-    block_step_sizes(row, in.options.softplus, t0, n, s.dt.data(), s.slope.data());
-
-    // Recompute the block's states and decays from its checkpoint.
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* __restrict__ h_prev = i == 0 ? h_start : s.states.data() + (i - 1) * nst;
-      scalar_t* __restrict__ h_t = s.states.data() + i * nst;
-      scalar_t* __restrict__ dA_t = s.decays.data() + i * nst;
-      const scalar_t* __restrict__ B_t = row.B + (t0 + i) * row.B_step;
-      const scalar_t* __restrict__ A = row.A;
-      const scalar_t step = s.dt[i], drive = step * row.u[t0 + i];
+// Step sizes and their slopes d dt / d delta over a (step, lane) tile of n steps; dt holds
+// delta on entry.
+template <typename scalar_t>
+FIDELITY_WIDE_VECTORS void group_step_slopes(BackwardScratch<scalar_t>& s, const scalar_t* bias,
+                                             bool use_softplus, int64_t n) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  scalar_t* __restrict__ dt = s.dt.data();
+  scalar_t* __restrict__ slope = s.slope.data();
+  scalar_t* __restrict__ e = s.grad_y.data();  // scratch until the gate writes grad_y
+  for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
-      for (int64_t k = 0; k < nst; ++k) {
-        const scalar_t decay = vexp(step * A[k]);
-        dA_t[k] = decay;
-        h_t[k] = decay * h_prev[k] + drive * B_t[k];
+    for (int64_t c = 0; c < W; ++c) {
+      dt[i * W + c] += bias[c];
+    }
+  }
+  if (!use_softplus) {
+    std::fill(slope, slope + n * W, static_cast<scalar_t>(1));
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n * W; ++j) {
+    const scalar_t x = dt[j];
+    e[j] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n * W; ++j) {
+    slope[j] = softplus_slope(dt[j]);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n * W; ++j) {
+    dt[j] = softplus_from_exp(dt[j], e[j]);
+  }
+}
+
+// The block's states and decays from its checkpoint (s.h_start), as the forward computes them.
+template <typename scalar_t, bool B_vary>
+FIDELITY_WIDE_VECTORS void group_recompute(BackwardScratch<scalar_t>& s,
+                                           const GroupCarry<scalar_t>& g,
+                                           const scalar_t* B_steps, int64_t t0, int64_t n,
+                                           int64_t nst) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  const scalar_t* __restrict__ A = g.A.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* __restrict__ dt = s.dt.data() + i * W;
+    const scalar_t* __restrict__ u = s.u.data() + i * W;
+    const scalar_t* __restrict__ h_prev =
+        i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
+    scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
+    scalar_t* __restrict__ dA_t = s.decays.data() + i * nst * W;
+    alignas(64) scalar_t drive[W];
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      drive[c] = dt[c] * u[c];
+    }
+    for (int64_t k = 0; k < nst; ++k) {
+      const scalar_t B_shared = B_vary ? B_steps[(t0 + i) * nst + k] : scalar_t(0);
+      const scalar_t* __restrict__ B_lane = g.B.data() + k * W;
+#pragma omp simd simdlen(W)
+      for (int64_t c = 0; c < W; ++c) {
+        const scalar_t B_val = B_vary ? B_shared : B_lane[c];
+        const scalar_t decay = vexp(dt[c] * A[k * W + c]);
+        dA_t[k * W + c] = decay;
+        h_t[k * W + c] = decay * h_prev[k * W + c] + drive[c] * B_val;
       }
     }
+  }
+}
 
-    // Through the gate: dL/dy_t and dL/dz_t.
-    if (row.z != nullptr) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = t0 + i;
-        const scalar_t* __restrict__ h_t = s.states.data() + i * nst;
-        const scalar_t* __restrict__ C_t = row.C + t * row.C_step;
-        scalar_t y = 0;
-#pragma omp simd reduction(+ : y)
-        for (int64_t k = 0; k < nst; ++k) {
-          y += C_t[k] * h_t[k];
-        }
-        y += row.D * row.u[t];
-        const scalar_t zt = row.z[t], sig = sigmoid(zt);
-        s.grad_y[i] = g_out[t] * zt * sig;
-        g_z[t] = g_out[t] * y * sig * (1 + zt * (1 - sig));
-      }
-    } else {
-      std::copy(g_out + t0, g_out + t0 + n, s.grad_y.begin());
+// Through the gate: grad_y = dL/dy and g_z = dL/dz over the block (y recomputed from states).
+template <typename scalar_t, bool C_vary>
+FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s,
+                                               const GroupCarry<scalar_t>& g,
+                                               const scalar_t* C_steps, bool has_z, int64_t t0,
+                                               int64_t n, int64_t nst) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  if (!has_z) {
+    std::copy(s.g_out.begin(), s.g_out.begin() + n * W, s.grad_y.begin());
+    return;
+  }
+  const scalar_t* __restrict__ D = g.D.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
+    const scalar_t* __restrict__ u = s.u.data() + i * W;
+    alignas(64) scalar_t y[W];
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      y[c] = D[c] * u[c];
     }
-
-    // Adjoint recurrence backwards through the block.
-    for (int64_t i = n - 1; i >= 0; --i) {
-      const int64_t t = t0 + i;
-      const scalar_t* __restrict__ h_prev = i == 0 ? h_start : s.states.data() + (i - 1) * nst;
-      const scalar_t* __restrict__ h_t = s.states.data() + i * nst;
-      const scalar_t* __restrict__ dA_t = s.decays.data() + i * nst;
-      const scalar_t* __restrict__ B_t = row.B + t * row.B_step;
-      const scalar_t* __restrict__ C_t = row.C + t * row.C_step;
-      const scalar_t* __restrict__ A = row.A;
-      scalar_t* __restrict__ gB_t = gB_base + t * row.B_step;
-      scalar_t* __restrict__ gC_t = gC_base + t * row.C_step;
-      scalar_t* __restrict__ g = s.adjoint.data();
-      scalar_t* __restrict__ gA = s.gA.data();
-      const scalar_t step = s.dt[i], x = row.u[t], gy = s.grad_y[i];
-      const scalar_t drive = step * x;
-      scalar_t via_B = 0, via_decay = 0;
-#pragma omp simd reduction(+ : via_B, via_decay)
-      for (int64_t k = 0; k < nst; ++k) {
-        const scalar_t g_k = g[k] + gy * C_t[k];  // dL/dh_t
-        gC_t[k] += gy * h_t[k];
-        gB_t[k] += g_k * drive;
-        via_B += g_k * B_t[k];
-        const scalar_t through_decay = g_k * dA_t[k] * h_prev[k];
-        via_decay += through_decay * A[k];
-        gA[k] += through_decay * step;
-        g[k] = g_k * dA_t[k];  // dL/dh_{t-1}
+    for (int64_t k = 0; k < nst; ++k) {
+      const scalar_t C_shared = C_vary ? C_steps[(t0 + i) * nst + k] : scalar_t(0);
+      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
+#pragma omp simd simdlen(W)
+      for (int64_t c = 0; c < W; ++c) {
+        y[c] += (C_vary ? C_shared : C_lane[c]) * h_t[k * W + c];
       }
-      g_u[t] = via_B * step + gy * row.D;
-      s.grad_dt[i] = via_B * x + via_decay;
-      gD += gy * x;
     }
+    const scalar_t* __restrict__ z = s.z.data() + i * W;
+    const scalar_t* __restrict__ g_out = s.g_out.data() + i * W;
+    scalar_t* __restrict__ grad_y = s.grad_y.data() + i * W;
+    scalar_t* __restrict__ g_z = s.g_z.data() + i * W;
+#pragma omp simd simdlen(W)
+    for (int64_t c = 0; c < W; ++c) {
+      const scalar_t sig = sigmoid(z[c]);
+      grad_y[c] = g_out[c] * z[c] * sig;
+      g_z[c] = g_out[c] * y[c] * sig * (1 + z[c] * (1 - sig));
+    }
+  }
+}
 
-    // Through the step sizes: dL/d delta and dL/d bias.
-#pragma omp simd reduction(+ : g_bias)
+// The adjoint recurrence backwards through the block:
+//   dL/dh_t = adjoint + grad_y_t C_t,   adjoint <- dL/dh_t * decay_t   (= dL/dh_{t-1}).
+// Writes the g_u and g_dt tiles; adds to gA, gD and the B, C gradients (time-varying ones into
+// the scratch's lane tiles).
+template <typename scalar_t, bool B_vary, bool C_vary>
+FIDELITY_WIDE_VECTORS void group_adjoint(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
+                                         const scalar_t* B_steps, const scalar_t* C_steps,
+                                         int64_t t0, int64_t n, int64_t nst) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  scalar_t* __restrict__ adjoint = g.adjoint.data();
+  scalar_t* __restrict__ gA = g.gA.data();
+  scalar_t* __restrict__ gD = g.gD.data();
+  const scalar_t* __restrict__ A = g.A.data();
+  const scalar_t* __restrict__ D = g.D.data();
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const scalar_t* __restrict__ dt = s.dt.data() + i * W;
+    const scalar_t* __restrict__ u = s.u.data() + i * W;
+    const scalar_t* __restrict__ gy = s.grad_y.data() + i * W;
+    const scalar_t* __restrict__ h_prev =
+        i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
+    const scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
+    const scalar_t* __restrict__ dA_t = s.decays.data() + i * nst * W;
+    scalar_t* __restrict__ gB_t = B_vary ? s.gB_lanes.data() + i * nst * W : g.gB.data();
+    scalar_t* __restrict__ gC_t = C_vary ? s.gC_lanes.data() + i * nst * W : g.gC.data();
+    alignas(64) scalar_t drive[W];
+    alignas(64) scalar_t via_B[W];
+    alignas(64) scalar_t via_decay[W];
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      drive[c] = dt[c] * u[c];
+      via_B[c] = 0;
+      via_decay[c] = 0;
+    }
+    for (int64_t k = 0; k < nst; ++k) {
+      const scalar_t B_shared = B_vary ? B_steps[t * nst + k] : scalar_t(0);
+      const scalar_t C_shared = C_vary ? C_steps[t * nst + k] : scalar_t(0);
+      const scalar_t* __restrict__ B_lane = g.B.data() + k * W;
+      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
+#pragma omp simd simdlen(W)
+      for (int64_t c = 0; c < W; ++c) {
+        const int64_t j = k * W + c;
+        const scalar_t B_val = B_vary ? B_shared : B_lane[c];
+        const scalar_t C_val = C_vary ? C_shared : C_lane[c];
+        const scalar_t g_k = adjoint[j] + gy[c] * C_val;  // dL/dh_t
+        gC_t[j] += gy[c] * h_t[j];
+        gB_t[j] += g_k * drive[c];
+        via_B[c] += g_k * B_val;
+        const scalar_t through_decay = g_k * dA_t[j] * h_prev[j];
+        via_decay[c] += through_decay * A[j];
+        gA[j] += through_decay * dt[c];
+        adjoint[j] = g_k * dA_t[j];  // dL/dh_{t-1}
+      }
+    }
+    scalar_t* __restrict__ g_u = s.g_u.data() + i * W;
+    scalar_t* __restrict__ g_dt = s.g_dt.data() + i * W;
+    const scalar_t* __restrict__ slope = s.slope.data() + i * W;
+    scalar_t* __restrict__ g_bias = g.g_bias.data();
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      g_u[c] = via_B[c] * dt[c] + gy[c] * D[c];
+      const scalar_t g_delta = (via_B[c] * u[c] + via_decay[c]) * slope[c];
+      g_dt[c] = g_delta;  // dL/d delta
+      g_bias[c] += g_delta;
+      gD[c] += gy[c] * u[c];
+    }
+  }
+}
+
+// rows[c * row_stride + i] = tile[i * kLanes + c] for i < n and c < lanes.
+template <typename scalar_t>
+void transpose_out(const scalar_t* tile, int64_t lanes, int64_t n, scalar_t* rows,
+                   int64_t row_stride) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  for (int64_t c = 0; c < lanes; ++c) {
+    scalar_t* __restrict__ row = rows + c * row_stride;
     for (int64_t i = 0; i < n; ++i) {
-      const scalar_t gd = s.grad_dt[i] * s.slope[i];
-      g_delta[t0 + i] = gd;
-      g_bias += gd;
+      row[i] = tile[i * W + c];
     }
   }
+}
 
-  std::copy(s.adjoint.begin(), s.adjoint.end(), grads.h0 + index * nst);
-  for (int64_t k = 0; k < nst; ++k) {
-    grads.A[d * nst + k] += s.gA[k];
+// A group's parameters and starting adjoint (from dL/dh_last) into its carry.
+template <typename scalar_t, bool B_vary, bool C_vary>
+void group_begin(const Inputs<scalar_t>& in, int64_t b, int64_t d0,
+                 const scalar_t* grad_h_last, GroupCarry<scalar_t>& g) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t nst = in.nst;
+  g.d0 = d0;
+  g.lanes = std::min(W, in.dim - d0);
+  for (auto* tile : {&g.A, &g.B, &g.C, &g.adjoint, &g.gA, &g.gB, &g.gC, &g.D, &g.bias, &g.gD,
+                     &g.g_bias}) {
+    std::fill(tile->begin(), tile->end(), scalar_t(0));
   }
-  for (int64_t k = 0; k < nst && !in.B_vary; ++k) {
-    grads.B[d * nst + k] += s.gB[k];
+  for (int64_t c = 0; c < g.lanes; ++c) {
+    const int64_t d = d0 + c;
+    for (int64_t k = 0; k < nst; ++k) {
+      g.A[k * W + c] = in.A[d * nst + k];
+      g.adjoint[k * W + c] = grad_h_last[(b * in.dim + d) * nst + k];
+      g.B[k * W + c] = B_vary ? scalar_t(0) : in.B[d * nst + k];
+      g.C[k * W + c] = C_vary ? scalar_t(0) : in.C[d * nst + k];
+    }
+    g.D[c] = in.D != nullptr ? in.D[d] : scalar_t(0);
+    g.bias[c] = in.bias != nullptr ? in.bias[d] : scalar_t(0);
   }
-  for (int64_t k = 0; k < nst && !in.C_vary; ++k) {
-    grads.C[d * nst + k] += s.gC[k];
+}
+
+// One block of one group: steps [t0, t0 + n) backwards.
+template <typename scalar_t, bool B_vary, bool C_vary>
+void group_block(const Inputs<scalar_t>& in, int64_t b, int64_t block, int64_t every,
+                 const scalar_t* checkpoints, int64_t n_ckpt, const scalar_t* grad_out,
+                 const Grads<scalar_t>& grads, GroupCarry<scalar_t>& g,
+                 BackwardScratch<scalar_t>& s) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t nst = in.nst, len = in.len;
+  const int64_t t0 = block * every, n = std::min(every, len - t0);
+  const int64_t first_row = b * in.dim + g.d0, offset = first_row * len + t0;
+  const scalar_t* B_steps = B_vary ? in.B + b * len * nst : nullptr;
+  const scalar_t* C_steps = C_vary ? in.C + b * len * nst : nullptr;
+  const bool has_z = in.z != nullptr;
+  std::fill(s.h_start.begin(), s.h_start.end(), scalar_t(0));
+  for (int64_t c = 0; c < g.lanes; ++c) {
+    for (int64_t k = 0; k < nst; ++k) {
+      s.h_start[k * W + c] = checkpoints[((first_row + c) * n_ckpt + block) * nst + k];
+    }
   }
-  if (grads.D != nullptr) {
-    grads.D[d] += gD;
+  transpose_in(in.u + offset, len, g.lanes, n, s.u.data());
+  transpose_in(in.delta + offset, len, g.lanes, n, s.dt.data());
+  transpose_in(grad_out + offset, len, g.lanes, n, s.g_out.data());
+  if (has_z) {
+    transpose_in(in.z + offset, len, g.lanes, n, s.z.data());
   }
-  if (grads.bias != nullptr) {
-    grads.bias[d] += g_bias;
+  group_step_slopes(s, g.bias.data(), in.options.softplus, n);
+  group_recompute<scalar_t, B_vary>(s, g, B_steps, t0, n, nst);
+  group_gate_backward<scalar_t, C_vary>(s, g, C_steps, has_z, t0, n, nst);
+  group_adjoint<scalar_t, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst);
+  transpose_out(s.g_u.data(), g.lanes, n, grads.u + offset, len);
+  transpose_out(s.g_dt.data(), g.lanes, n, grads.delta + offset, len);
+  if (has_z) {
+    transpose_out(s.g_z.data(), g.lanes, n, grads.z + offset, len);
+  }
+}
+
+// A group's per-channel gradients from its carry.
+template <typename scalar_t, bool B_vary, bool C_vary>
+void group_finish(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar_t>& g,
+                  const Grads<scalar_t>& grads) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t nst = in.nst;
+  for (int64_t c = 0; c < g.lanes; ++c) {
+    const int64_t d = g.d0 + c;
+    for (int64_t k = 0; k < nst; ++k) {
+      grads.h0[(b * in.dim + d) * nst + k] = g.adjoint[k * W + c];
+      grads.A[d * nst + k] += g.gA[k * W + c];
+      if (!B_vary) {
+        grads.B[d * nst + k] += g.gB[k * W + c];
+      }
+      if (!C_vary) {
+        grads.C[d * nst + k] += g.gC[k * W + c];
+      }
+    }
+    if (grads.D != nullptr) {
+      grads.D[d] += g.gD[c];
+    }
+    if (grads.bias != nullptr) {
+      grads.bias[d] += g.g_bias[c];
+    }
+  }
+}
+
+// out[j] += sum over lanes of tile[j * kLanes + lane], for j < rows.
+template <typename scalar_t>
+void sum_lanes(const scalar_t* tile, int64_t rows, scalar_t* out) {
+  constexpr int64_t W = kLanes<scalar_t>;
+  for (int64_t j = 0; j < rows; ++j) {
+    scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < W; ++c) {
+      sum += tile[j * W + c];
+    }
+    out[j] += sum;
   }
 }
 
@@ -711,36 +914,79 @@ template <typename scalar_t>
 void sum_partials(const std::vector<scalar_t>& partials, int64_t n_threads, int64_t slice,
                   scalar_t* out);
 
-template <typename scalar_t>
-void scan_backward(const Inputs<scalar_t>& in, const scalar_t* checkpoints, int64_t n_ckpt,
-                   int64_t every, const scalar_t* grad_out, const scalar_t* grad_h_last,
-                   const Grads<scalar_t>& grads) {
-  // Time-varying B and C are shared by the channels of a batch element, so their gradients
-  // sum over channels: each thread sums into its own (len, nst) slice, reduced afterwards.
+template <typename scalar_t, bool B_vary, bool C_vary>
+void scan_backward_groups(const Inputs<scalar_t>& in, const scalar_t* checkpoints,
+                          int64_t n_ckpt, int64_t every, const scalar_t* grad_out,
+                          const scalar_t* grad_h_last, const Grads<scalar_t>& grads) {
+  // Time-varying B and C gradients: each thread sums into its own (len, nst) slice, reduced
+  // afterwards.
+  constexpr int64_t W = kLanes<scalar_t>;
   const int64_t n_threads = at::get_num_threads();
-  const int64_t slice = in.len * in.nst;
-  std::vector<scalar_t> partial_B(in.B_vary ? n_threads * slice : 0);
-  std::vector<scalar_t> partial_C(in.C_vary ? n_threads * slice : 0);
+  const int64_t nst = in.nst, slice = in.len * nst;
+  const int64_t groups = (in.dim + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, rows_per_task(in) / W);
+  std::vector<scalar_t> partial_B(B_vary ? n_threads * slice : 0);
+  std::vector<scalar_t> partial_C(C_vary ? n_threads * slice : 0);
 
-  // Batch elements one after another, channels in parallel: within a batch element every
-  // thread owns whole channels, so the per-channel gradients (A, D, bias, time-invariant B
-  // and C) are written by one thread only.
+  // Batch elements one after another, channel groups in parallel: within a batch element
+  // every thread owns whole channels, so the per-channel gradients (A, D, bias,
+  // time-invariant B and C) are written by one thread only. A thread walks the blocks
+  // backwards, each block for all its groups, so that the lane tiles of time-varying B and
+  // C gradients are summed once per block.
   for (int64_t b = 0; b < in.batch; ++b) {
     std::fill(partial_B.begin(), partial_B.end(), scalar_t(0));
     std::fill(partial_C.begin(), partial_C.end(), scalar_t(0));
-    at::parallel_for(0, in.dim, rows_per_task(in), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid < n_threads, "selective_scan_cpu: unexpected thread id");
-      Scratch<scalar_t> scratch(every, in.nst);
-      scalar_t* own_B = in.B_vary ? partial_B.data() + tid * slice : nullptr;
-      scalar_t* own_C = in.C_vary ? partial_C.data() + tid * slice : nullptr;
-      for (int64_t d = begin; d < end; ++d) {
-        backward_row(in, b, d, checkpoints, n_ckpt, every, grad_out, grad_h_last, grads, own_B,
-                     own_C, scratch);
+      BackwardScratch<scalar_t> s(every, nst);
+      std::vector<GroupCarry<scalar_t>> carries(end - begin, GroupCarry<scalar_t>(nst));
+      for (int64_t group = begin; group < end; ++group) {
+        group_begin<scalar_t, B_vary, C_vary>(in, b, group * W, grad_h_last,
+                                              carries[group - begin]);
+      }
+      scalar_t* own_B = B_vary ? partial_B.data() + tid * slice : nullptr;
+      scalar_t* own_C = C_vary ? partial_C.data() + tid * slice : nullptr;
+      for (int64_t block = n_ckpt - 1; block >= 0; --block) {
+        const int64_t t0 = block * every, n = std::min(every, in.len - t0);
+        std::fill(s.gB_lanes.begin(), s.gB_lanes.end(), scalar_t(0));
+        std::fill(s.gC_lanes.begin(), s.gC_lanes.end(), scalar_t(0));
+        for (auto& carry : carries) {
+          group_block<scalar_t, B_vary, C_vary>(in, b, block, every, checkpoints, n_ckpt,
+                                                grad_out, grads, carry, s);
+        }
+        if (B_vary) {
+          sum_lanes(s.gB_lanes.data(), n * nst, own_B + t0 * nst);
+        }
+        if (C_vary) {
+          sum_lanes(s.gC_lanes.data(), n * nst, own_C + t0 * nst);
+        }
+      }
+      for (const auto& carry : carries) {
+        group_finish<scalar_t, B_vary, C_vary>(in, b, carry, grads);
       }
     });
     sum_partials(partial_B, n_threads, slice, grads.B + b * slice);
     sum_partials(partial_C, n_threads, slice, grads.C + b * slice);
+  }
+}
+
+template <typename scalar_t>
+void scan_backward(const Inputs<scalar_t>& in, const scalar_t* checkpoints, int64_t n_ckpt,
+                   int64_t every, const scalar_t* grad_out, const scalar_t* grad_h_last,
+                   const Grads<scalar_t>& grads) {
+  if (in.B_vary && in.C_vary) {
+    scan_backward_groups<scalar_t, true, true>(in, checkpoints, n_ckpt, every, grad_out,
+                                               grad_h_last, grads);
+  } else if (in.B_vary) {
+    scan_backward_groups<scalar_t, true, false>(in, checkpoints, n_ckpt, every, grad_out,
+                                                grad_h_last, grads);
+  } else if (in.C_vary) {
+    scan_backward_groups<scalar_t, false, true>(in, checkpoints, n_ckpt, every, grad_out,
+                                                grad_h_last, grads);
+  } else {
+    scan_backward_groups<scalar_t, false, false>(in, checkpoints, n_ckpt, every, grad_out,
+                                                 grad_h_last, grads);
   }
 }
 
