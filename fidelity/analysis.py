@@ -5,8 +5,10 @@ call it).
 One analysis = one probe input (``batch x length`` tokens), one forward pass (chunk by chunk
 through the recurrent cache for long inputs, so memory grows with the kept positions only),
 hooks keeping every layer at the sampled anchors and anchor + distance positions, and the
-metrics computed from what was kept. Metrics that need more than that pass (``influence``,
-``retrieval``, ``perplexity``) run their own forward passes, as documented in their modules.
+metrics computed from what was kept (``position_loss`` reads that pass's logits). Metrics that
+need more than that pass (``influence``, ``retrieval``, ``perplexity``, ``effrem``,
+``context_probe``) run their own forward passes, as documented in their modules; those that
+state their cost (:attr:`MetricRunner.cost`) have it printed with the plan.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class AnalysisPlan:
     store_dtype: torch.dtype
     estimate: RunEstimate
     seconds: float | None
+    extra_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens per sequence that metrics running their own passes will feed the model, by
+    metric (those that state it: see :attr:`MetricRunner.cost`)."""
 
     def describe(self) -> str:
         chunks = f"chunks of {self.chunk_size}" if self.chunk_size else "one pass"
@@ -101,8 +106,20 @@ class AnalysisPlan:
             f"{self.batch} x {format_length(self.length)} tokens ({chunks}); "
             f"{len(self.anchors)} anchors x {len(self.distances)} distances -> "
             f"{len(self.positions)} positions x {len(self.layers)} layers kept; "
-            f"{self.estimate.describe()}{seconds}"
+            f"{self.estimate.describe()}{seconds}{self._extra()}"
         )
+
+    def _extra(self) -> str:
+        """The added cost of the metrics that run their own passes, in forward passes' worth
+        of tokens (and seconds, when the forward was timed)."""
+        parts = []
+        for name, tokens in self.extra_tokens.items():
+            ratio = tokens / self.length
+            text = f"{name} +{format_length(tokens)} tokens/sequence (~{ratio:.1f} forwards"
+            if self.seconds is not None:
+                text += f", ~{self.seconds * ratio:.0f} s"
+            parts.append(text + ")")
+        return "; " + "; ".join(parts) if parts else ""
 
 
 # -- metrics: one runner per metric ------------------------------------------------------------
@@ -147,6 +164,9 @@ class MetricRunner:
     observe: Callable[[nn.Module, AnalysisPlan], AbstractContextManager] | None = None
     from_capture: bool = True
     default: bool = False
+    cost: Callable[[int], int] | None = None
+    """Tokens per sequence the metric's own passes feed the model for an input of the given
+    length (shown in the plan before the run)."""
 
 
 def _run_etmf(context: MetricContext) -> list[pd.DataFrame]:
@@ -250,6 +270,62 @@ def _run_perplexity(context: MetricContext) -> list[pd.DataFrame]:
     return [frame]
 
 
+def _observe_position_loss(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
+    from fidelity.metrics.position_loss import observe_position_loss
+
+    return observe_position_loss(model, plan.length)
+
+
+def _run_position_loss(context: MetricContext) -> list[pd.DataFrame]:
+    collector = context.observed["position_loss"]
+    return [collector.frame(n_boot=context.options.n_boot, seed=context.options.seed)]
+
+
+def _run_effrem(context: MetricContext) -> list[pd.DataFrame]:
+    """Effective remembrance at log-spaced (end, cut) pairs (see :mod:`fidelity.metrics.effrem`)."""
+    from fidelity.metrics.effrem import effrem, effrem_tokens
+
+    step = context.reporter.start("effective remembrance", effrem_tokens(context.plan.length))
+    frame = effrem(
+        context.model,
+        context.input_ids,
+        chunk_size=context.options.chunk_size,
+        seed=context.options.seed,
+        n_boot=context.options.n_boot,
+        progress=lambda done, _total: step.update(done),
+    )
+    return [frame]
+
+
+def _run_context_probe(context: MetricContext) -> list[pd.DataFrame]:
+    """Context-length probing (see :mod:`fidelity.metrics.context_probe`)."""
+    from fidelity.metrics.context_probe import context_probe, context_probe_tokens
+
+    total = context_probe_tokens(context.plan.length)
+    step = context.reporter.start("context-length probing", total)
+    frame = context_probe(
+        context.model,
+        context.input_ids,
+        chunk_size=context.options.chunk_size,
+        seed=context.options.seed,
+        n_boot=context.options.n_boot,
+        progress=lambda done, _total: step.update(done),
+    )
+    return [frame]
+
+
+def _effrem_cost(length: int) -> int:
+    from fidelity.metrics.effrem import effrem_tokens
+
+    return effrem_tokens(length)
+
+
+def _context_probe_cost(length: int) -> int:
+    from fidelity.metrics.context_probe import context_probe_tokens
+
+    return context_probe_tokens(length)
+
+
 METRIC_RUNNERS: dict[str, MetricRunner] = {
     "etmf": MetricRunner(_run_etmf, default=True),
     "eclmf": MetricRunner(_run_eclmf, default=True),
@@ -257,6 +333,9 @@ METRIC_RUNNERS: dict[str, MetricRunner] = {
     "influence": MetricRunner(_run_influence, from_capture=False),
     "retrieval": MetricRunner(_run_retrieval, from_capture=False),
     "perplexity": MetricRunner(_run_perplexity, from_capture=False),
+    "position_loss": MetricRunner(_run_position_loss, observe=_observe_position_loss, default=True),
+    "effrem": MetricRunner(_run_effrem, from_capture=False, cost=_effrem_cost),
+    "context_probe": MetricRunner(_run_context_probe, from_capture=False, cost=_context_probe_cost),
 }
 """Every metric :func:`analyze` knows, in the order it computes them (and its frame lists
 them); adding a metric is one module under :mod:`fidelity.metrics` plus one entry here."""
@@ -328,6 +407,10 @@ class AnalysisOptions:
                     f"distances must lie in [0, {length}), got {sorted(set(distances))}"
                 )
         check_chunk_size(self.chunk_size)
+        for name in check_metrics(self.metrics):
+            cost = METRIC_RUNNERS[name].cost
+            if cost is not None and cost(length) == 0:
+                raise InputError(f"length {length} is too short for the {name} metric")
         if self.max_memory is not None:
             _check_int("max_memory", self.max_memory, 1)
         text = self.text
@@ -489,6 +572,11 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
     if time_it:
         per_token = seconds_per_token(model, probe_tokens=min(1024, length))
         seconds = estimate_seconds(model, length, batch, per_token)
+    extra_tokens = {
+        name: METRIC_RUNNERS[name].cost(length)
+        for name in options.metrics
+        if METRIC_RUNNERS[name].cost is not None
+    }
     return AnalysisPlan(
         length,
         batch,
@@ -500,6 +588,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
         store_dtype,
         estimate,
         seconds,
+        extra_tokens,
     )
 
 
@@ -531,8 +620,10 @@ def analyze(
     random | induction | selective_copy | mqar (``text`` reads all of the ``text`` files or
     directories, ``.jsonl`` records' field ``text_field``; else the held-out default
     standard-library corpus; the memory tasks use their default options).
-    ``metrics``: any of etmf, eclmf, ssm_decay (from the capture), influence, retrieval
-    (passkey and key-value accuracy at doubling context lengths up to ``length``), perplexity.
+    ``metrics``: any of etmf, eclmf, ssm_decay, position_loss (from the captured pass),
+    influence, retrieval (passkey and key-value accuracy at doubling context lengths up to
+    ``length``), perplexity, effrem (effective remembrance), context_probe (context-length
+    probing); the last two run sampled passes of their own whose cost the plan states.
     ``anchors`` positions are sampled (seeded) and scored at log-spaced ``distances``;
     ``layers`` (default all; 0 = embeddings is always included). ``progress``: True for
     progress bars, False for none, or a reporter. ``max_memory`` (bytes) overrides the
@@ -767,6 +858,7 @@ def _meta(
         "trained": trained,
         "random_init": not trained,
         "preset": provenance.get("preset"),
+        "training_length": _training_length(provenance),
         "model_config": config_dict,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "probe": options.probe,
@@ -784,6 +876,14 @@ def _meta(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
     }
+
+
+def _training_length(provenance: dict) -> int | None:
+    """The sequence length the checkpoint was trained at (its ``meta.training.length``), None
+    when its metadata does not say."""
+    training = provenance.get("training")
+    length = training.get("length") if isinstance(training, dict) else None
+    return length if isinstance(length, int) and not isinstance(length, bool) else None
 
 
 def compare(
