@@ -55,7 +55,7 @@ from fidelity.metrics.sampling import (
     sample_anchors,
     seeded_generator,
 )
-from fidelity.metrics.toolkit import check_chunk_size, resolve_chunk_size
+from fidelity.metrics.toolkit import check_chunk_size, is_causal, resolve_chunk_size
 from fidelity.models.base import CausalLM
 from fidelity.models.registry import load_model
 from fidelity.probes.capture import capture, find_blocks
@@ -157,14 +157,15 @@ class MetricRunner:
     yields is ``context.observed[name]``; a ``TypeError`` from it (an unsupported model) skips
     the metric with a note. ``from_capture``: False for metrics that run forward passes of
     their own (opt-in: they cost more than the capture). ``default``: computed when the user
-    names no metrics.
+    names no metrics. ``cost(model, length)``: the tokens per sequence such a metric's own
+    passes feed ``model`` (None: any model) for an input of ``length``, printed with the plan.
     """
 
     compute: Callable[[MetricContext], list[pd.DataFrame]]
     observe: Callable[[nn.Module, AnalysisPlan], AbstractContextManager] | None = None
     from_capture: bool = True
     default: bool = False
-    cost: Callable[[int], int] | None = None
+    cost: Callable[[nn.Module | None, int], int] | None = None
     """Tokens per sequence the metric's own passes feed the model for an input of the given
     length (shown in the plan before the run)."""
 
@@ -285,7 +286,8 @@ def _run_effrem(context: MetricContext) -> list[pd.DataFrame]:
     """Effective remembrance at log-spaced (end, cut) pairs (see :mod:`fidelity.metrics.effrem`)."""
     from fidelity.metrics.effrem import effrem, effrem_tokens
 
-    step = context.reporter.start("effective remembrance", effrem_tokens(context.plan.length))
+    total = effrem_tokens(context.plan.length, causal=is_causal(context.model))
+    step = context.reporter.start("effective remembrance", total)
     frame = effrem(
         context.model,
         context.input_ids,
@@ -314,13 +316,14 @@ def _run_context_probe(context: MetricContext) -> list[pd.DataFrame]:
     return [frame]
 
 
-def _effrem_cost(length: int) -> int:
+def _effrem_cost(model: nn.Module | None, length: int) -> int:
     from fidelity.metrics.effrem import effrem_tokens
 
-    return effrem_tokens(length)
+    return effrem_tokens(length, causal=model is None or is_causal(model))
 
 
-def _context_probe_cost(length: int) -> int:
+def _context_probe_cost(model: nn.Module | None, length: int) -> int:
+    del model  # every target's window is a call of its own, whatever the model
     from fidelity.metrics.context_probe import context_probe_tokens
 
     return context_probe_tokens(length)
@@ -409,7 +412,7 @@ class AnalysisOptions:
         check_chunk_size(self.chunk_size)
         for name in check_metrics(self.metrics):
             cost = METRIC_RUNNERS[name].cost
-            if cost is not None and cost(length) == 0:
+            if cost is not None and cost(None, length) == 0:
                 raise InputError(f"length {length} is too short for the {name} metric")
         if self.max_memory is not None:
             _check_int("max_memory", self.max_memory, 1)
@@ -573,7 +576,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
         per_token = seconds_per_token(model, probe_tokens=min(1024, length))
         seconds = estimate_seconds(model, length, batch, per_token)
     extra_tokens = {
-        name: METRIC_RUNNERS[name].cost(length)
+        name: METRIC_RUNNERS[name].cost(model, length)
         for name in options.metrics
         if METRIC_RUNNERS[name].cost is not None
     }

@@ -269,3 +269,33 @@ def test_position_loss_is_on_by_default_and_marks_the_training_length():
     assert result.meta["training_length"] == 64
     labels = result.plot("position_loss").axes[0].get_legend_handles_labels()[1]
     assert "training length 64" in labels
+
+
+def test_decimamba_scores_the_positions_it_keeps():
+    from fidelity.models.decimamba import DeciMambaLM
+
+    mamba = build_model("mamba", "tiny", seed=0, n_layer=4).double().eval()
+    options = {"decimating_layers": [1], "decimation_base_length": 24, "decimation_min_length": 4}
+    model = DeciMambaLM.from_mamba(mamba, **options)  # block 1 keeps 24 (+ the last) of 80
+    ids = _ids(80, batch=2, seed=5, vocab=256)
+    with torch.no_grad(), observe_position_loss(model, 80) as collector:
+        output = model(ids)
+    log_probs = torch.log_softmax(output.logits, -1)
+    for row in range(2):
+        kept = output.positions[row]
+        scored = kept[kept < 79]
+        expected = -log_probs[row, kept < 79].gather(1, ids[row, scored + 1][:, None])[:, 0]
+        torch.testing.assert_close(collector.losses[row, scored + 1], expected, rtol=0, atol=1e-10)
+        assert int(collector.losses[row].isfinite().sum()) == len(scored)
+    frame = effrem(model, ids, n_ends=1, window=8, n_boot=0)
+    assert frame["value"].notna().all() and (frame["n"] < 16).any()  # dropped targets: absent
+    assert (frame["n"] >= 2).all()  # the last position is always kept
+    # not causal: each end runs on its own window, so no later token reaches its prediction
+    rows = effrem(model, ids, n_ends=2, window=1, n_boot=0)
+    assert set(rows["length"]) == {80, 40}
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids[:, :40]).logits[:, -1], -1).exp()
+        cut = torch.log_softmax(model(ids[:, 4:40]).logits[:, -1], -1).exp()
+    by_hand = float(0.5 * (full - cut).abs().sum(-1).mean())
+    value = rows[(rows["length"] == 40) & (rows["distance"] == 4)]["value"].item()
+    assert value == pytest.approx(by_hand, abs=1e-12)

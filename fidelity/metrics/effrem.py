@@ -28,7 +28,9 @@ so the start cuts are shared by all ends). In tokens per sequence:
 each, the near cuts about ``2 L`` over all ends): sub-quadratic, about 9 forward passes' worth
 at 8k and 11 at 60k. Our models are fed through their recurrent cache in chunks
 (``chunk_size="auto"``), so memory stays that of one chunk; other models run each window in one
-call. :func:`effrem_tokens` gives the count the analysis plan prints.
+call. A model that is not causal (DeciMamba, whose decimation is a global choice over its
+input) runs every end on its own windows ``x_0 .. x_T`` and ``x_t .. x_T``, so no later token
+reaches a prediction. :func:`effrem_tokens` gives the count the analysis plan prints.
 
 Rows: ``metric = "effrem"``, ``layer = source_layer = -1``, ``distance = t`` (tokens dropped),
 ``length = T + 1`` (the end's full context), ``value`` the mean TV over the window's targets
@@ -49,7 +51,7 @@ from torch import nn
 from fidelity.errors import InputError
 from fidelity.metrics.curves import DEFAULT_LEVEL
 from fidelity.metrics.cut_context import interval_row, log_grid, log_probs_at
-from fidelity.metrics.toolkit import resolve_chunk_size, tidy_frame
+from fidelity.metrics.toolkit import is_causal, resolve_chunk_size, tidy_frame
 from fidelity.schema import TIDY_COLUMNS
 
 METRIC = "effrem"
@@ -91,6 +93,18 @@ def effrem_pairs(
     return dict(sorted(pairs.items()))
 
 
+def _schedule(
+    ends: list[int], passes: dict[int, list[int]], causal: bool
+) -> list[tuple[int, list[int]]]:
+    """The passes to run, ``(cut, ends served)``, the full context (cut 0) first. A causal
+    model's pass from ``t`` serves every end; a model that is not causal (DeciMamba: its
+    decimation is a global choice over the whole window) runs each end on its own window."""
+    schedule = [(0, list(ends)), *passes.items()]
+    if causal:
+        return schedule
+    return [(cut, [end]) for cut, served in schedule for end in served]
+
+
 def effrem_tokens(
     length: int,
     *,
@@ -98,14 +112,16 @@ def effrem_tokens(
     window: int = DEFAULT_WINDOW,
     per_octave: float = 1,
     start_per_octave: float = START_PER_OCTAVE,
+    causal: bool = True,
 ) -> int:
     """Tokens per sequence :func:`effrem` runs on an input of ``length`` tokens (see the
-    module docstring's cost formula)."""
+    module docstring's cost formula; ``causal=False``: each end on its own window, about
+    ``n_ends``/2 times more at most)."""
     ends = effrem_ends(length, n_ends, window)
     if not ends:
         return 0
     passes = effrem_pairs(ends, window, per_octave, start_per_octave)
-    return max(ends) + 1 + sum(max(served) - cut + 1 for cut, served in passes.items())
+    return sum(max(served) + 1 - cut for cut, served in _schedule(ends, passes, causal))
 
 
 def _check_count(name: str, value: object, minimum: int = 1) -> int:
@@ -153,31 +169,22 @@ def effrem(
         )
     ids = input_ids.long().cpu()
     passes = effrem_pairs(ends, window, per_octave, start_per_octave)
-    total = effrem_tokens(
-        length,
-        n_ends=n_ends,
-        window=window,
-        per_octave=per_octave,
-        start_per_octave=start_per_octave,
-    )
+    total = sum(max(served) + 1 - cut for cut, served in _schedule(ends, passes, is_causal(model)))
     targets = {end: torch.arange(end - window + 1, end + 1) for end in ends}
-    every_target = torch.cat(list(targets.values())).unique(sorted=True)
-    last = max(ends)
-    chunk = resolve_chunk_size(model, chunk_size, last + 1, ignore_without_cache=True)
-    full = log_probs_at(model, ids[:, : last + 1], every_target, chunk)  # (batch, k, vocab)
-    done = last + 1
-    if progress is not None:
-        progress(done, total)
+    chunk = resolve_chunk_size(model, chunk_size, max(ends) + 1, ignore_without_cache=True)
+    full: dict[int, torch.Tensor] = {}  # end -> (batch, window, vocab): the cut 0 distributions
     tv: dict[tuple[int, int], torch.Tensor] = {}  # (end, cut) -> (batch, window)
-    for cut, served in passes.items():
-        stop = max(served) + 1
+    done = 0
+    for cut, served in _schedule(ends, passes, is_causal(model)):
         wanted = torch.cat([targets[end] for end in served]).unique(sorted=True)
-        cut_lp = log_probs_at(model, ids[:, cut:stop], wanted - cut, chunk)
+        log_probs = log_probs_at(model, ids[:, cut : max(served) + 1], wanted - cut, chunk)
         for end in served:
-            at_cut = torch.searchsorted(wanted, targets[end])
-            at_full = torch.searchsorted(every_target, targets[end])
-            tv[end, cut] = _total_variation(full[:, at_full], cut_lp[:, at_cut])
-        done += stop - cut
+            at = log_probs[:, torch.searchsorted(wanted, targets[end])]  # (batch, window, vocab)
+            if cut == 0:
+                full[end] = at
+            else:
+                tv[end, cut] = _total_variation(full[end], at)
+        done += max(served) + 1 - cut
         if progress is not None:
             progress(done, total)
     rows = []
