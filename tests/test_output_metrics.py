@@ -299,3 +299,24 @@ def test_decimamba_scores_the_positions_it_keeps():
     by_hand = float(0.5 * (full - cut).abs().sum(-1).mean())
     value = rows[(rows["length"] == 40) & (rows["distance"] == 4)]["value"].item()
     assert value == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_the_command_line_plans_runs_and_compares_them(tmp_path, capsys):
+    from fidelity.cli import main
+
+    tiny = ["--preset", "tiny", "--length", "300", "--anchors", "16", "--no-progress"]
+    metrics = ["--metrics", "position_loss,effrem,context_probe"]
+    for name, model in (("a", "mamba"), ("b", "memmamba")):
+        assert (
+            main(["analyze", "--model", model, *tiny, *metrics, "--out", str(tmp_path / name)]) == 0
+        )
+        plan = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+        assert "effrem +" in plan and "context_probe +" in plan  # the stated cost, up front
+        for kind in ("effrem", "position_loss", "context_probe"):
+            assert (tmp_path / name / f"{kind}.png").is_file()
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert main(["compare", *runs, "--out", str(tmp_path / "cmp")]) == 0
+    for kind in ("effrem", "position_loss", "context_probe"):
+        assert (tmp_path / "cmp" / f"{kind}.png").is_file()
+    assert main(["analyze", "--model", "mamba", *tiny[:2], "--length", "20", *metrics]) == 2
+    assert "too short for the effrem metric" in capsys.readouterr().err
