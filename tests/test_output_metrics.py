@@ -287,6 +287,8 @@ def test_decimamba_scores_the_positions_it_keeps():
         expected = -log_probs[row, kept < 79].gather(1, ids[row, scored + 1][:, None])[:, 0]
         torch.testing.assert_close(collector.losses[row, scored + 1], expected, rtol=0, atol=1e-10)
         assert int(collector.losses[row].isfinite().sum()) == len(scored)
+    with pytest.warns(UserWarning, match=r"token losses are missing"):
+        assert collector.frame(n_boot=0)["n"].sum() < 2 * 79
     frame = effrem(model, ids, n_ends=1, window=8, n_boot=0)
     assert frame["value"].notna().all() and (frame["n"] < 16).any()  # dropped targets: absent
     assert (frame["n"] >= 2).all()  # the last position is always kept

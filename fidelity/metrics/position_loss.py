@@ -115,6 +115,14 @@ def position_loss_frame(
     level: float = DEFAULT_LEVEL,
 ) -> pd.DataFrame:
     """Binned loss-by-position rows from ``losses`` `(batch, length)` (NaN: no loss)."""
+    missing = int(losses[:, 1:].isnan().sum())
+    skipped = None
+    if missing:
+        skipped = (
+            f"position_loss: {missing} of {losses[:, 1:].numel()} token losses are missing (the "
+            "model returned no logits before them, e.g. DeciMamba's decimation); each bin "
+            "averages the tokens scored (see its n)"
+        )
     rows = []
     for start, stop in position_bins(losses.shape[1], per_octave):
         part = losses[:, start:stop]  # (batch, width)
@@ -128,7 +136,7 @@ def position_loss_frame(
         _, low, high, _ = interval_row(block_means, n_boot, [seed, start], level)
         value = float(part[present].mean())
         rows.append((METRIC, -1, start, value, low, high, n, -1))
-    return tidy_frame(rows)
+    return tidy_frame(rows, skipped=skipped)
 
 
 def _call_ids(args: tuple, kwargs: dict) -> torch.Tensor:
