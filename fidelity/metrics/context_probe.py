@@ -22,9 +22,10 @@ Sampling. Context lengths on a log grid ``1, 2, 4, ...`` (``per_octave`` per dou
 L - 2]``, so every target has every context length and a next token. The same targets are
 used at every ``c``, so the gains are paired differences.
 
-Cost. For each ``c`` one batched call over ``n_targets * batch`` rows of ``c`` tokens (our
-models through their recurrent cache in chunks when ``c`` exceeds the chunk length): in
-tokens per sequence
+Cost. For each ``c`` the ``n_targets * batch`` rows of ``c`` tokens are fed in groups of
+rows holding no more tokens per call than the analysis's own forward (its chunk length, or the
+input length when it runs in one call), so memory stays within the plan's estimate; a row longer
+than the chunk runs through our models' recurrent cache chunk by chunk. In tokens per sequence
 
     n_targets * sum over the grid of c  ~  2 * n_targets * max_context  <=  n_targets * L
 
@@ -134,14 +135,21 @@ def context_probe(
     ids = input_ids.long().cpu()
     batch = ids.shape[0]
     targets = probe_targets(length, grid[-1], n_targets, seed)  # (k,)
-    chunk = resolve_chunk_size(model, chunk_size, grid[-1], ignore_without_cache=True)
+    chunk = resolve_chunk_size(model, chunk_size, length, ignore_without_cache=True)
+    budget = chunk or length  # tokens per call: no more than the analysis's own forward feeds
     labels = ids[:, targets + 1].reshape(-1)  # (batch * k,)
     total, done = len(targets) * sum(grid), 0
     nll = torch.empty(len(grid), batch, len(targets), dtype=torch.float64)
     for i, c in enumerate(grid):
         offsets = torch.arange(-c + 1, 1)  # (c,)
         windows = ids[:, targets[:, None] + offsets].reshape(batch * len(targets), c)
-        log_probs = log_probs_at(model, windows, torch.tensor([c - 1]), chunk)[:, 0]
+        per_call = max(1, budget // c)  # rows fed together
+        log_probs = torch.cat(
+            [
+                log_probs_at(model, windows[first : first + per_call], torch.tensor([c - 1]), chunk)
+                for first in range(0, len(windows), per_call)
+            ]
+        )[:, 0]
         nll[i] = -log_probs.gather(1, labels[:, None])[:, 0].reshape(batch, len(targets))
         done += len(targets) * c
         if progress is not None:
