@@ -48,33 +48,47 @@ def _groups(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame, dict[str, objec
     return [(run, rows[rows["run"] == run], _run_style(i)) for i, run in enumerate(runs)]
 
 
+EFFREM_LINEAR_BELOW = 1e-4
+"""EffRem axes are logarithmic above this value and linear below it (so exact zeros show)."""
+
+
 def effrem_curves(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """Effective remembrance ``EffRem_T(t)`` against the cut ``t`` (tokens dropped from the
-    start; log axis), with bands. One run: one line per end ``T``; a comparison: each run's
-    largest end. 0 = the dropped tokens do not change the prediction at all."""
+    """Effective remembrance ``EffRem_T(t)`` with bands, in two panels sharing the y axis
+    (symmetric-log: linear below :data:`EFFREM_LINEAR_BELOW`, so exact zeros show): against the
+    cut ``t`` (tokens dropped from the start) and against the context kept, ``T + 1 - t``, both
+    on log axes. One run: one line per end ``T``; a comparison: each run's largest end. 0 = the
+    dropped tokens do not change the prediction at all."""
     rows = _rows(frame, ["effrem"], "the effective-remembrance plot")
+    groups = _groups(rows)
+    curves = []  # (label, rows, style)
+    if len(groups) == 1 and not groups[0][0]:
+        ends = sorted(set(rows["length"]))
+        for end, shade in zip(ends, np.linspace(0.3, 1.0, len(ends)), strict=True):
+            curve = _unique_curve(rows[rows["length"] == end], ["distance"], "EffRem")
+            label = f"T + 1 = {format_token_count(end)}"
+            curves.append((label, curve, {"color": OKABE_ITO[0], "alpha": shade}))
+    else:
+        for run, part, style in groups:
+            last = part[part["length"] == part["length"].max()]
+            label = f"{run} (T + 1 = {format_token_count(last['length'].iloc[0])})"
+            curves.append((label, _unique_curve(last, ["distance"], "EffRem"), style))
     with _style():
-        fig = _new_figure(7.5, 4.5)
-        ax = fig.add_subplot()
-        groups = _groups(rows)
-        if len(groups) == 1 and not groups[0][0]:
-            ends = sorted(set(rows["length"]))
-            shades = np.linspace(0.25, 1.0, len(ends))
-            for end, shade in zip(ends, shades, strict=True):
-                curve = _unique_curve(rows[rows["length"] == end], ["distance"], "EffRem")
-                label = f"T + 1 = {format_token_count(end)}"
-                _plot_with_band(ax, curve, "distance", label, color=OKABE_ITO[0], alpha=shade)
-        else:
-            for run, part, style in groups:
-                last = part[part["length"] == part["length"].max()]
-                curve = _unique_curve(last, ["distance"], "EffRem")
-                label = f"{run} (T + 1 = {format_token_count(last['length'].iloc[0])})"
-                _plot_with_band(ax, curve, "distance", label, linewidth=1.5, **style)
-        _log_tokens(ax, "cut t (tokens dropped from the start)")
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel("EffRem = TV(full, cut context)")
-        ax.set_title(title or default_title(rows, "Effective remembrance"))
-        fig.legend(loc="outside right upper")
+        fig = _new_figure(11.0, 4.5)
+        by_cut, by_kept = fig.subplots(1, 2, sharey=True)
+        for label, curve, style in curves:
+            curve = curve.assign(kept=curve["length"] - curve["distance"])
+            _plot_with_band(by_cut, curve, "distance", label, linewidth=1.5, **style)
+            _plot_with_band(by_kept, curve, "kept", label, linewidth=1.5, **style)
+        _log_tokens(by_cut, "cut t (tokens dropped from the start)")
+        _log_tokens(by_kept, "context kept, T + 1 − t (tokens)")
+        by_cut.set_yscale("symlog", linthresh=EFFREM_LINEAR_BELOW)
+        by_cut.set_ylim(bottom=0)
+        by_cut.set_ylabel("EffRem = TV(full, cut context)")
+        by_cut.set_title("against the cut")
+        by_kept.set_title("against the context kept")
+        handles, labels = by_cut.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper")
+        fig.suptitle(title or default_title(rows, "Effective remembrance"))
     return fig
 
 
