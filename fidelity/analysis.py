@@ -5,8 +5,10 @@ call it).
 One analysis = one probe input (``batch x length`` tokens), one forward pass (chunk by chunk
 through the recurrent cache for long inputs, so memory grows with the kept positions only),
 hooks keeping every layer at the sampled anchors and anchor + distance positions, and the
-metrics computed from what was kept. Metrics that need more than that pass (``influence``,
-``retrieval``, ``perplexity``) run their own forward passes, as documented in their modules.
+metrics computed from what was kept (``position_loss`` reads that pass's logits). Metrics that
+need more than that pass (``influence``, ``retrieval``, ``perplexity``, ``effrem``,
+``context_probe``) run their own forward passes, as documented in their modules; those that
+state their cost (:attr:`MetricRunner.cost`) have it printed with the plan.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from fidelity.metrics.sampling import (
     sample_anchors,
     seeded_generator,
 )
-from fidelity.metrics.toolkit import check_chunk_size, resolve_chunk_size
+from fidelity.metrics.toolkit import check_chunk_size, is_causal, resolve_chunk_size
 from fidelity.models.base import CausalLM
 from fidelity.models.loading import load_model
 from fidelity.probes.capture import capture, find_blocks
@@ -95,6 +97,9 @@ class AnalysisPlan:
     store_dtype: torch.dtype
     estimate: RunEstimate
     seconds: float | None
+    extra_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens per sequence that metrics running their own passes will feed the model, by
+    metric (those that state it: see :attr:`MetricRunner.cost`)."""
 
     def describe(self) -> str:
         chunks = f"chunks of {self.chunk_size}" if self.chunk_size else "one pass"
@@ -103,8 +108,20 @@ class AnalysisPlan:
             f"{self.batch} x {format_length(self.length)} tokens ({chunks}); "
             f"{len(self.anchors)} anchors x {len(self.distances)} distances -> "
             f"{len(self.positions)} positions x {len(self.layers)} layers kept; "
-            f"{self.estimate.describe()}{seconds}"
+            f"{self.estimate.describe()}{seconds}{self._extra()}"
         )
+
+    def _extra(self) -> str:
+        """The added cost of the metrics that run their own passes, in forward passes' worth
+        of tokens (and seconds, when the forward was timed)."""
+        parts = []
+        for name, tokens in self.extra_tokens.items():
+            ratio = tokens / self.length
+            text = f"{name} +{format_length(tokens)} tokens/sequence (~{ratio:.1f} forwards"
+            if self.seconds is not None:
+                text += f", ~{self.seconds * ratio:.0f} s"
+            parts.append(text + ")")
+        return "; " + "; ".join(parts) if parts else ""
 
 
 # -- metrics: one runner per metric ------------------------------------------------------------
@@ -142,13 +159,17 @@ class MetricRunner:
     yields is ``context.observed[name]``; a ``TypeError`` from it (an unsupported model) skips
     the metric with a note. ``from_capture``: False for metrics that run forward passes of
     their own (opt-in: they cost more than the capture). ``default``: computed when the user
-    names no metrics.
+    names no metrics. ``cost(model, length)``: the tokens per sequence such a metric's own
+    passes feed ``model`` (None: any model) for an input of ``length``, printed with the plan.
     """
 
     compute: Callable[[MetricContext], list[pd.DataFrame]]
     observe: Callable[[nn.Module, AnalysisPlan], AbstractContextManager] | None = None
     from_capture: bool = True
     default: bool = False
+    cost: Callable[[nn.Module | None, int], int] | None = None
+    """Tokens per sequence the metric's own passes feed the model for an input of the given
+    length (shown in the plan before the run)."""
 
 
 def _run_etmf(context: MetricContext) -> list[pd.DataFrame]:
@@ -252,6 +273,64 @@ def _run_perplexity(context: MetricContext) -> list[pd.DataFrame]:
     return [frame]
 
 
+def _observe_position_loss(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
+    from fidelity.metrics.position_loss import observe_position_loss
+
+    return observe_position_loss(model, plan.length)
+
+
+def _run_position_loss(context: MetricContext) -> list[pd.DataFrame]:
+    collector = context.observed["position_loss"]
+    return [collector.frame(n_boot=context.options.n_boot, seed=context.options.seed)]
+
+
+def _run_effrem(context: MetricContext) -> list[pd.DataFrame]:
+    """Effective remembrance at log-spaced (end, cut) pairs (see :mod:`fidelity.metrics.effrem`)."""
+    from fidelity.metrics.effrem import effrem, effrem_tokens
+
+    total = effrem_tokens(context.plan.length, causal=is_causal(context.model))
+    step = context.reporter.start("effective remembrance", total)
+    frame = effrem(
+        context.model,
+        context.input_ids,
+        chunk_size=context.options.chunk_size,
+        seed=context.options.seed,
+        n_boot=context.options.n_boot,
+        progress=lambda done, _total: step.update(done),
+    )
+    return [frame]
+
+
+def _run_context_probe(context: MetricContext) -> list[pd.DataFrame]:
+    """Context-length probing (see :mod:`fidelity.metrics.context_probe`)."""
+    from fidelity.metrics.context_probe import context_probe, context_probe_tokens
+
+    total = context_probe_tokens(context.plan.length)
+    step = context.reporter.start("context-length probing", total)
+    frame = context_probe(
+        context.model,
+        context.input_ids,
+        chunk_size=context.options.chunk_size,
+        seed=context.options.seed,
+        n_boot=context.options.n_boot,
+        progress=lambda done, _total: step.update(done),
+    )
+    return [frame]
+
+
+def _effrem_cost(model: nn.Module | None, length: int) -> int:
+    from fidelity.metrics.effrem import effrem_tokens
+
+    return effrem_tokens(length, causal=model is None or is_causal(model))
+
+
+def _context_probe_cost(model: nn.Module | None, length: int) -> int:
+    del model  # every target's window is a call of its own, whatever the model
+    from fidelity.metrics.context_probe import context_probe_tokens
+
+    return context_probe_tokens(length)
+
+
 METRIC_RUNNERS: dict[str, MetricRunner] = {
     "etmf": MetricRunner(_run_etmf, default=True),
     "eclmf": MetricRunner(_run_eclmf, default=True),
@@ -259,6 +338,9 @@ METRIC_RUNNERS: dict[str, MetricRunner] = {
     "influence": MetricRunner(_run_influence, from_capture=False),
     "retrieval": MetricRunner(_run_retrieval, from_capture=False),
     "perplexity": MetricRunner(_run_perplexity, from_capture=False),
+    "position_loss": MetricRunner(_run_position_loss, observe=_observe_position_loss, default=True),
+    "effrem": MetricRunner(_run_effrem, from_capture=False, cost=_effrem_cost),
+    "context_probe": MetricRunner(_run_context_probe, from_capture=False, cost=_context_probe_cost),
 }
 """Every metric :func:`analyze` knows, in the order it computes them (and its frame lists
 them); adding a metric is one module under :mod:`fidelity.metrics` plus one entry here."""
@@ -330,6 +412,10 @@ class AnalysisOptions:
                     f"distances must lie in [0, {length}), got {sorted(set(distances))}"
                 )
         check_chunk_size(self.chunk_size)
+        for name in check_metrics(self.metrics):
+            cost = METRIC_RUNNERS[name].cost
+            if cost is not None and cost(None, length) == 0:
+                raise InputError(f"length {length} is too short for the {name} metric")
         if self.max_memory is not None:
             _check_int("max_memory", self.max_memory, 1)
         text = self.text
@@ -491,6 +577,11 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
     if time_it:
         per_token = seconds_per_token(model, probe_tokens=min(1024, length))
         seconds = estimate_seconds(model, length, batch, per_token)
+    extra_tokens = {
+        name: METRIC_RUNNERS[name].cost(model, length)
+        for name in options.metrics
+        if METRIC_RUNNERS[name].cost is not None
+    }
     return AnalysisPlan(
         length,
         batch,
@@ -502,6 +593,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
         store_dtype,
         estimate,
         seconds,
+        extra_tokens,
     )
 
 
@@ -533,8 +625,10 @@ def analyze(
     random | induction | selective_copy | mqar (``text`` reads all of the ``text`` files or
     directories, ``.jsonl`` records' field ``text_field``; else the held-out default
     standard-library corpus; the memory tasks use their default options).
-    ``metrics``: any of etmf, eclmf, ssm_decay (from the capture), influence, retrieval
-    (passkey and key-value accuracy at doubling context lengths up to ``length``), perplexity.
+    ``metrics``: any of etmf, eclmf, ssm_decay, position_loss (from the captured pass),
+    influence, retrieval (passkey and key-value accuracy at doubling context lengths up to
+    ``length``), perplexity, effrem (effective remembrance), context_probe (context-length
+    probing); the last two run sampled passes of their own whose cost the plan states.
     ``anchors`` positions are sampled (seeded) and scored at log-spaced ``distances``;
     ``layers`` (default all; 0 = embeddings is always included). ``progress``: True for
     progress bars, False for none, or a reporter. ``max_memory`` (bytes) overrides the
@@ -769,6 +863,7 @@ def _meta(
         "trained": trained,
         "random_init": not trained,
         "preset": provenance.get("preset"),
+        "training_length": _training_length(provenance),
         "model_config": config_dict,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "probe": options.probe,
@@ -786,6 +881,14 @@ def _meta(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
     }
+
+
+def _training_length(provenance: dict) -> int | None:
+    """The sequence length the checkpoint was trained at (its ``meta.training.length``), None
+    when its metadata does not say."""
+    training = provenance.get("training")
+    length = training.get("length") if isinstance(training, dict) else None
+    return length if isinstance(length, int) and not isinstance(length, bool) else None
 
 
 def compare(

@@ -117,9 +117,10 @@ def analyze(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: etmf, eclmf, ssm_decay, influence, retrieval, perplexity."
+            help="Comma-separated: etmf, eclmf, ssm_decay, position_loss, influence, "
+            "retrieval, perplexity, effrem, context_probe."
         ),
-    ] = "etmf,eclmf,ssm_decay",
+    ] = "etmf,eclmf,ssm_decay,position_loss",
     anchors: Annotated[int, typer.Option(help="Anchor positions sampled per sequence.")] = 512,
     layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 0,3,6.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences analyzed together.")] = 1,

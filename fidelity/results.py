@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 
 from fidelity.destinations import Legacy
 from fidelity.errors import InputError
-from fidelity.reports import html, plots
+from fidelity.reports import html, output_plots, plots
 from fidelity.results_io import (
     RESULT_FILES,
     check_complete,
@@ -86,10 +86,16 @@ PLOT_KINDS: dict[str, tuple[str, ...]] = {
     "retrieval": ("passkey_acc", "kv_acc"),
     "decay": ("ssm_decay",),
     "influence": ("influence",),
+    "effrem": ("effrem",),
+    "position_loss": ("position_loss",),
+    "context_probe": ("context_probe", "context_probe_gain"),
 }
 """Plot kinds of a single result and the metrics each needs (any one of them)."""
 
-COMPARISON_PLOT_KINDS = ("forgetting", "depth", "summary")
+OUTPUT_PLOT_KINDS = ("effrem", "position_loss", "context_probe")
+"""Kinds of the output-level metrics, drawn for one run and overlaid across runs alike."""
+
+COMPARISON_PLOT_KINDS = ("forgetting", "depth", "summary", *OUTPUT_PLOT_KINDS)
 
 _PLOTTERS: dict[str, Callable[..., Figure]] = {
     "forgetting": plots.forgetting_curve,
@@ -98,6 +104,9 @@ _PLOTTERS: dict[str, Callable[..., Figure]] = {
     "retrieval": plots.retrieval_grid,
     "decay": plots.decay_curves,
     "influence": plots.influence_curves,
+    "effrem": output_plots.effrem_curves,
+    "position_loss": output_plots.position_loss_curve,
+    "context_probe": output_plots.context_probe_curves,
 }
 
 _PNG_DPI = 150
@@ -132,6 +141,9 @@ _KIND_TITLES = {
     "retrieval": "Retrieval",
     "decay": "SSM decay",
     "influence": "Influence",
+    "effrem": "Effective remembrance",
+    "position_loss": "Loss by position",
+    "context_probe": "Context-length probing",
 }
 
 
@@ -208,6 +220,9 @@ class FidelityResult:
         options.setdefault("title", None)
         if options["title"] is None:
             options["title"] = f"{_KIND_TITLES[kind]} — {self.label}"
+        if kind == "position_loss":
+            trained = output_plots.training_lengths({"": self.meta})[""]
+            options.setdefault("training_length", trained)
         return _PLOTTERS[kind](self.frame, **options)
 
     def figures(self) -> dict[str, Figure]:
@@ -422,15 +437,19 @@ class Comparison:
             "forgetting": "etmf_norm" in held,
             "depth": bool(held & {"eclmf_norm", "cka"}),
             "summary": not self.summary.empty,
+            **{kind: bool(held & set(PLOT_KINDS[kind])) for kind in OUTPUT_PLOT_KINDS},
         }
         return [kind for kind in COMPARISON_PLOT_KINDS if has[kind]]
 
     def plot(self, kind: str = "forgetting", **options: object) -> Figure:
-        """Draw ``"forgetting"`` (overlay per layer), ``"depth"`` or ``"summary"`` (by layer).
+        """Draw ``"forgetting"`` (overlay per layer), ``"depth"``, ``"summary"`` (by layer),
+        or one of :data:`OUTPUT_PLOT_KINDS` (``"effrem"``, ``"position_loss"`` with each run's
+        training length marked, ``"context_probe"``: every run overlaid).
 
         ``options`` go to :func:`~fidelity.reports.plots.comparison_overlay`,
-        :func:`~fidelity.reports.plots.comparison_depth` or
-        :func:`~fidelity.reports.plots.comparison_summary`.
+        :func:`~fidelity.reports.plots.comparison_depth`,
+        :func:`~fidelity.reports.plots.comparison_summary` or the
+        :mod:`~fidelity.reports.output_plots` function of the kind.
         """
         if kind not in COMPARISON_PLOT_KINDS:
             raise InputError(
@@ -444,6 +463,11 @@ class Comparison:
             return plots.comparison_overlay(self.frame, **options)
         if kind == "depth":
             return plots.comparison_depth(self.frame, **options)
+        if kind == "position_loss":
+            metas = {label: r.meta for label, r in zip(self.labels, self.results, strict=True)}
+            options.setdefault("training_length", output_plots.training_lengths(metas))
+        if kind in OUTPUT_PLOT_KINDS:
+            return _PLOTTERS[kind](self.frame, **options)
         return plots.comparison_summary(self.summary, **options)
 
     def figures(self) -> dict[str, Figure]:

@@ -58,6 +58,13 @@ FIGURE_CAPTIONS = {
     "position inside each layer (log-log axes).",
     "influence": "Influence: how much a later hidden state changes when the token is replaced, "
     "relative to the change at the token itself.",
+    "effrem": "Effective remembrance: total-variation distance between the next-token "
+    "distribution at T with the whole prefix and with the first t tokens dropped, against t "
+    "(log axis), one line per end T; 0 = the dropped start does not matter.",
+    "position_loss": "Loss by position: next-token loss (nats) of the probe's tokens, binned on "
+    "a log axis of their position; dashed line: the length the checkpoint was trained at.",
+    "context_probe": "Context-length probing: loss of sampled target tokens given only the last "
+    "c tokens (left) and the gain from each longer context (right).",
 }
 
 COMPARISON_CAPTIONS = {
@@ -67,6 +74,12 @@ COMPARISON_CAPTIONS = {
     "normalized ECLMF between adjacent layers.",
     "summary": "Farthest distance, peak distance, memory mass and half-life (decaying curves "
     "only) by layer, one line per run (bars: intervals).",
+    "effrem": "Effective remembrance of every run at its largest end T, against the cut t "
+    "(tokens dropped from the start, log axis).",
+    "position_loss": "Loss by position of every run (log axis); dashed lines: each run's "
+    "training length where its checkpoint records one.",
+    "context_probe": "Context-length probing of every run: target loss against the context "
+    "length given, and the gain of each longer context.",
 }
 
 HOW_TO_READ = (
@@ -125,6 +138,24 @@ HOW_TO_READ = (
         "the remembered part halves, shown with the fit's R^2. It is reported only when the "
         "curve decays like an exponential (R^2 >= 0.9, falling); otherwise the cell says "
         "'not decaying' and the other statistics describe the curve.",
+    ),
+    (
+        "Effective remembrance (EffRem)",
+        "TV(q(. | x_0..x_T), q(. | x_t..x_T)): how far the model's next-token distribution at "
+        "T moves when the first t tokens are dropped (0 = not at all, 1 = completely). A model "
+        "that generalizes in length relies little on the distant start: small values for "
+        "small t, rising only as the cut nears T (Buitrago Ruiz and Gu 2025).",
+    ),
+    (
+        "Loss by position",
+        "Next-token loss against the token's position in one long sequence: flat past the "
+        "training length for a model that generalizes, rising where it does not.",
+    ),
+    (
+        "Context-length probing",
+        "The loss of a target token given only its last c tokens, for c on a log grid; the "
+        "drop from one c to the next attributes the prediction to the tokens added (Cifka and "
+        "Liutkus 2023). A flat curve: the model uses no context beyond the shortest.",
     ),
     (
         "Intervals",
