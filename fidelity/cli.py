@@ -383,7 +383,9 @@ def compare(
         return
     given = [name for name, value in series_options.items() if value is not None]
     if given:
-        _fail(f"{', '.join(given)} apply to a checkpoint series; these are analysis run directories")
+        _fail(
+            f"{', '.join(given)} apply to a checkpoint series; these are analysis run directories"
+        )
     for run in runs:
         if not run.is_dir():
             _fail(f"run directory {run} does not exist")
@@ -458,9 +460,9 @@ def _compare_series(runs, out_dir, force, given: dict, seed: int, device: str, p
     )
 
     def report_checkpoint(index: int, total: int, result) -> None:
-        console.print(f"[{index + 1}/{total}] step {result.meta['training_step']}: " + (
-            _series_line(result)
-        ))
+        console.print(
+            f"[{index + 1}/{total}] step {result.meta['training_step']}: " + (_series_line(result))
+        )
 
     series = analyze_series(
         checkpoints, options, trials=trials, progress=progress, on_checkpoint=report_checkpoint

@@ -76,7 +76,7 @@ def test_refuses_empty_glob_empty_directory_and_mixed_models(run_dir, tmp_path):
         find_checkpoints([tmp_path / "empty"])
     other = build_model("mamba", "mini", n_layer=2, d_model=32, vocab_size=16)
     save_checkpoint(other, tmp_path / "ckpt-6", meta={"training": {"step": 6}})
-    with pytest.raises(InputError, match="mixed models.*d_model"):
+    with pytest.raises(InputError, match=r"mixed models.*d_model"):
         find_checkpoints([run_dir, tmp_path / "ckpt-6"])
     with pytest.raises(InputError, match="does not exist"):
         find_checkpoints([tmp_path / "missing"])
