@@ -250,7 +250,7 @@ class Series:
         from fidelity.reports.html import figure_png
         from fidelity.reports.series import render_series
 
-        inputs = [Path(str(r.meta.get("checkpoint_path"))) for r in self.results]
+        inputs = [Path(p) for r in self.results if (p := str(r.meta.get("checkpoint_path") or ""))]
         with result_directory(directory, force, SERIES_KIND, SERIES_LEGACY, inputs) as staging:
             write_table(self.table, staging / "series.csv")
             write_table(self.frame, staging / "results.csv")

@@ -142,6 +142,10 @@ def test_series_from_results_needs_a_step(series):
     )
     with pytest.raises(InputError, match="records no training step"):
         Series([stripped])
+    named = fidelity.FidelityResult(
+        stripped.frame, stripped.summary, stripped.meta | {"checkpoint_path": "runs/x/ckpt-30"}
+    )
+    assert Series([named, series.results[1]]).steps == [4, 30]
 
 
 def test_notebook_api_exports():
