@@ -140,8 +140,8 @@ def fmt(value, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
-def write(args, records: list[dict], seconds: float) -> None:
-    load = " ".join(f"{value:.1f}" for value in os.getloadavg())
+def write(args, records: list[dict], seconds: float, load: str | None = None) -> None:
+    load = load or " ".join(f"{value:.1f}" for value in os.getloadavg()) + " at the end"
     command = "python benchmarks/induction_metrics.py " + " ".join(
         f"--{key.replace('_', '-')} {value}"
         for key, value in (
@@ -155,7 +155,7 @@ def write(args, records: list[dict], seconds: float) -> None:
     lines = [
         "# Memory metrics against induction accuracy (shipped induction models)",
         "",
-        f"Command: `{command}` ({seconds / 60:.0f} min, load average {load} at the end; "
+        f"Command: `{command}` ({seconds / 60:.0f} min, load average {load}; "
         "shared 2-core CPU, niced). Accuracy: rows whose answer is the argmax, the paper's form "
         "(one earlier trigger, query at the end), test seeds from 10^9, Wilson 95% interval. "
         "Metrics: `fidelity.analyze(model, length, probe='induction', metrics='etmf,ssm_decay,"
@@ -240,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_raw:
         saved = json.loads(args.raw.read_text())
-        write(args, saved["records"], saved["seconds"])
+        write(args, saved["records"], saved["seconds"], saved.get("load"))
         return
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -269,7 +269,13 @@ def main() -> None:
             )
             args.raw.parent.mkdir(parents=True, exist_ok=True)
             args.raw.write_text(
-                json.dumps({"records": records, "seconds": time.perf_counter() - started})
+                json.dumps(
+                    {
+                        "records": records,
+                        "seconds": time.perf_counter() - started,
+                        "load": " ".join(f"{v:.1f}" for v in os.getloadavg()) + " at the end",
+                    }
+                )
             )
     write(args, records, time.perf_counter() - started)
     print(f"wrote {args.out}")
