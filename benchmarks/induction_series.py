@@ -69,7 +69,7 @@ def main() -> None:
             summary = analysis.summary.set_index("layer")
             last = int(summary.index.max())
             row["half_life"] = float(summary.loc[last, "half_life"])
-            row["memory_length"] = float(summary.loc[last, "memory_length"])
+            row["memory_length"] = float(summary.loc[last, "contiguous_length"])
             records.append(row)
             print(
                 label,

@@ -5,6 +5,7 @@ model = fidelity.load_model("memmamba")                  # shipped default check
 res = fidelity.analyze(model, length="8k")               # ETMF, ECLMF, SSM decay
 res.plot(); res.summary; res.save("runs/mm8k")
 cmp = fidelity.compare([res, "runs/other"]); cmp.plot()
+ser = fidelity.analyze_series("runs/ind", fidelity.AnalysisOptions(256, "induction")); ser.plot()
 cap = fidelity.capture(model, input_ids, layers=[0, 3], positions=idx)
 
 The names below are imported on first use (module ``__getattr__``), so ``import fidelity``
@@ -22,8 +23,10 @@ _EXPORTS = {
     "Capture": "fidelity.probes.capture_types",
     "Comparison": "fidelity.results",
     "FidelityResult": "fidelity.results",
+    "Series": "fidelity.series",
     "TrainConfig": "fidelity.train",
     "analyze": "fidelity.analysis",
+    "analyze_series": "fidelity.series",
     "build_model": "fidelity.models.registry",
     "capture": "fidelity.probes.capture",
     "capturing": "fidelity.probes.capture",
@@ -47,8 +50,10 @@ __all__ = [
     "Capture",
     "Comparison",
     "FidelityResult",
+    "Series",
     "TrainConfig",
     "analyze",
+    "analyze_series",
     "build_model",
     "capture",
     "capturing",
@@ -78,6 +83,7 @@ if TYPE_CHECKING:
     from fidelity.probes.capture_types import Capture
     from fidelity.probes.tasks import make_probe
     from fidelity.results import Comparison, FidelityResult
+    from fidelity.series import Series, analyze_series
     from fidelity.train import TrainConfig, train
 
 

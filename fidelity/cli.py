@@ -318,20 +318,83 @@ def _half_life(row) -> str:
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories written by analyze --out.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run directories written by analyze --out; or a checkpoint series: a training "
+            "run directory, checkpoint directories, or a quoted glob such as 'runs/ind/ckpt-*'."
+        ),
+    ],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Directory for the comparison.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory for the comparison (a series: default a new "
+            "runs/series-MODEL-LENGTH-YYYYMMDD-HHMMSS).",
+        ),
     ] = None,
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels, one per run.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    probe: Annotated[
+        str | None,
+        typer.Option(help="Series: the probe (default: the training task if it is a probe)."),
+    ] = None,
+    length: Annotated[
+        str | None, typer.Option(help="Series: tokens per sequence (default: training length).")
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Series: metrics per checkpoint (default: etmf).")
+    ] = None,
+    anchors: Annotated[
+        int | None, typer.Option(help="Series: anchor positions (default: 256).")
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(help="Series: memory-task rows scored per checkpoint (default: 50)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Series: seed for the probe and anchors.")] = 0,
+    device: Annotated[str, typer.Option(help="Series: auto | cpu | cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Series: show a progress bar.")] = True,
 ) -> None:
-    """Overlay the forgetting curves of several runs and tabulate their differences."""
+    """Overlay the forgetting curves of several runs and tabulate their differences; given
+    checkpoints, analyze each and show memory (and task accuracy) against the training step."""
     from fidelity.analysis import compare as run_compare
     from fidelity.results import LEGACY_COMPARISON
+    from fidelity.series import is_checkpoint_source
 
+    kinds = [is_checkpoint_source(run) for run in runs]
+    series_options = {
+        "--probe": probe,
+        "--length": length,
+        "--metrics": metrics,
+        "--anchors": anchors,
+        "--trials": trials,
+    }
+    if any(kinds):
+        if not all(kinds):
+            run = runs[kinds.index(False)]
+            checkpoint = runs[kinds.index(True)]
+            _fail(
+                f"{run} is not a checkpoint but {checkpoint} is: compare takes either analysis "
+                "run directories or one model's checkpoints, not both"
+            )
+        if labels is not None:
+            _fail("--labels applies to run directories; a series is labelled by step")
+        _compare_series(runs, out_dir, force, series_options, seed, device, progress)
+        return
+    given = [name for name, value in series_options.items() if value is not None]
+    if given:
+        _fail(
+            f"{', '.join(given)} apply to a checkpoint series; these are analysis run directories"
+        )
     for run in runs:
         if not run.is_dir():
             _fail(f"run directory {run} does not exist")
+    if len(runs) == 1 and not (runs[0] / "meta.json").is_file():
+        _fail(
+            f"{runs[0]} is not an analysis run directory (no meta.json) and holds no checkpoint "
+            "(no config.json, no ckpt-<step> folders)"
+        )
     if len(runs) < 2:
         _fail(f"compare needs at least two run directories, got {len(runs)}")
     label_list = _split(labels)
@@ -348,6 +411,118 @@ def compare(
     if out_dir is not None:
         path = comparison.save(out_dir, force=force)
         console.print(f"saved comparison to [bold]{path}[/]")
+
+
+def _compare_series(runs, out_dir, force, given: dict, seed: int, device: str, progress):
+    """``compare`` on checkpoints: analyze each, print and save the series."""
+    from fidelity.analysis import AnalysisOptions
+    from fidelity.devices import resolve_device
+    from fidelity.probes.tasks import TASKS
+    from fidelity.series import SERIES_LEGACY, analyze_series, find_checkpoints
+
+    checkpoints = find_checkpoints(runs)
+    if len(checkpoints) < 2:
+        _fail(f"a series needs at least two checkpoints, found {len(checkpoints)}")
+    training = _training_meta(checkpoints[-1].path)
+    probe = given["--probe"]
+    if probe is None:
+        probe = training.get("task") if training.get("task") in TASKS else "text"
+    length = given["--length"]
+    if length is None:
+        length = training.get("length")
+        if not isinstance(length, int):
+            _fail("the checkpoints record no training length; give --length, e.g. --length 8k")
+    trials = 50 if given["--trials"] is None else given["--trials"]
+    if trials < 1:
+        _fail(f"--trials must be at least 1, got {trials}")
+    options = AnalysisOptions(
+        length,
+        probe,
+        given["--metrics"] or "etmf",
+        256 if given["--anchors"] is None else given["--anchors"],
+        seed=seed,
+        device=device,
+    )
+    resolve_device(device)
+    if out_dir is None:
+        model = str(checkpoints[0].config.get("model_type") or "model")
+        out_dir = _default_out(f"series-{model}", options.length)
+    check_destination(
+        out_dir,
+        kind="series",
+        force=force,
+        inputs=[c.path for c in checkpoints],
+        legacy=SERIES_LEGACY,
+    )
+    console.print(
+        f"[bold]series[/]: {len(checkpoints)} checkpoints (steps {checkpoints[0].step}.."
+        f"{checkpoints[-1].step}), probe {probe}, {format_length(options.length)} tokens, "
+        f"metrics {','.join(options.metrics)}"
+    )
+
+    def report_checkpoint(index: int, total: int, result) -> None:
+        console.print(
+            f"[{index + 1}/{total}] step {result.meta['training_step']}: " + (_series_line(result))
+        )
+
+    series = analyze_series(
+        checkpoints, options, trials=trials, progress=progress, on_checkpoint=report_checkpoint
+    )
+    _print_series(series)
+    path = series.save(out_dir, force=force)
+    console.print(f"saved series (series.csv, figure, report.html) to [bold]{path}[/]")
+
+
+def _training_meta(checkpoint: Path) -> dict:
+    """``meta.training`` of a checkpoint's config.json ({} when absent)."""
+    header = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    meta = header.get("meta") if isinstance(header, dict) else None
+    training = meta.get("training") if isinstance(meta, dict) else None
+    return training if isinstance(training, dict) else {}
+
+
+def _series_line(result) -> str:
+    """Accuracy (when scored) and the last layer's memory mass, for a progress line."""
+    parts = []
+    accuracy = result.meta.get("task_accuracy")
+    if accuracy:
+        parts.append(
+            f"accuracy {accuracy['solved']}/{accuracy['rows']} "
+            f"[{100 * accuracy['low']:.0f}%, {100 * accuracy['high']:.0f}%]"
+        )
+    last = result.summary.sort_values("layer").iloc[-1]
+    parts.append(f"layer {int(last['layer'])} mass {_statistic(last, 'memory_mass')}")
+    return "; ".join(parts)
+
+
+def _print_series(series) -> None:
+    table = Table(
+        title=f"{series.label}: memory across training",
+        title_style="bold",
+        caption="accuracy: task rows solved at the analysis length [Wilson 95%]; "
+        + SUMMARY_CAPTION,
+    )
+    with_accuracy = series.table["accuracy"].notna().any()
+    headers = ["step", "layer", *(["accuracy"] if with_accuracy else [])]
+    for header in (*headers, "half-life", "contiguous", "farthest", "mass"):
+        table.add_column(header, justify="right")
+    for _, row in series.table.iterrows():
+        if int(row["layer"]) == 0:
+            continue
+        cells = [str(int(row["step"])), str(int(row["layer"]))]
+        if with_accuracy:
+            cells.append(
+                f"{100 * row['accuracy']:.0f}% [{100 * row['accuracy_low']:.0f}, "
+                f"{100 * row['accuracy_high']:.0f}]"
+            )
+        cells += [
+            _half_life(row),
+            _statistic(row, "contiguous_length"),
+            _statistic(row, "farthest_distance"),
+            _statistic(row, "memory_mass"),
+        ]
+        table.add_row(*cells)
+    out.print(table)
 
 
 def _print_comparison(summary) -> None:

@@ -36,6 +36,7 @@ KIND_NAMES = {
     "result": "result directory",
     "comparison": "comparison directory",
     "training": "training run directory",
+    "series": "checkpoint series directory",
 }
 """Kinds of directory the toolkit writes, and how messages name them."""
 
