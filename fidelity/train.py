@@ -9,7 +9,8 @@ plus the optimizer state needed to resume (``trainer_state.safetensors`` for its
 ``trainer_state.json`` for the rest: no pickle, so resuming someone else's run cannot run code).
 ``train_log.csv`` gets a row every ``log_every`` steps. After a kill, ``resume=True`` continues
 from the newest complete checkpoint, losing at most ``save_every`` steps; because batches are a
-pure function of (seed, step), a resumed run sees exactly the batches an uninterrupted one would.
+pure function of (seed, step), a resumed run sees exactly the batches an uninterrupted one would
+(with ``state_passing``, though, it starts again from zero states: carried states are not saved).
 
 The run directory's manifest (:mod:`fidelity.destinations`) lists every file training wrote;
 ``force=True`` deletes only those, and only in a directory that holds a training run's manifest.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fidelity import state_passing
 from fidelity.destinations import (
     MANIFEST,
     check_writable,
@@ -47,7 +49,7 @@ from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
 from fidelity.models.registry import build_model, model_names, preset_names
 from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task, task_vocab_size
-from fidelity.probes.tasks import TRAINING_TASKS, training_batch
+from fidelity.probes.tasks import TRAINING_TASKS, check_retrieval_options, training_batch
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -79,7 +81,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     text: str | None = None  # text files/directory for "text" rows (default: stdlib corpus)
     overrides: dict = dataclasses.field(default_factory=dict)  # model config overrides
-    task_options: dict = dataclasses.field(default_factory=dict)  # memory-task options
+    task_options: dict = dataclasses.field(default_factory=dict)  # task options (memory, mix)
+    state_passing: str = "off"  # off | carry | noise: initial states (fidelity.state_passing)
 
     def validate(self) -> None:
         if self.model not in model_names():
@@ -94,6 +97,16 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise InputError(f"lr must be positive, got {self.lr}")
+        if self.state_passing not in state_passing.MODES:
+            raise InputError(
+                f"state_passing must be one of {', '.join(state_passing.MODES)}, "
+                f"got {self.state_passing!r}"
+            )
+        if self.state_passing != "off" and self.model not in state_passing.MODELS:
+            raise InputError(
+                f"state passing needs a model whose state is a fixed-size tensor "
+                f"({', '.join(state_passing.MODELS)}), not {self.model!r}"
+            )
         if self.task in MEMORY_TASKS:
             try:  # bad options or a length the task cannot fill fail here, before training
                 make_memory_task(self.task, self.length, batch=1, **self.task_options)
@@ -105,6 +118,10 @@ class TrainConfig:
                     f"vocab_size={vocab} is smaller than the {self.task} vocabulary "
                     f"({task_vocab_size(self.task, self.task_options)})"
                 )
+        elif self.task in ("passkey", "mix"):
+            check_retrieval_options(self.task_options)
+            if self.task == "passkey" and "shares" in self.task_options:
+                raise InputError("the option shares is for --task mix only")
         elif self.task_options:
             raise InputError(f"task {self.task!r} takes no task options")
 
@@ -207,6 +224,8 @@ def train(
 
     if resume and existing:
         saved = _read_json(out / "train_config.json")
+        if isinstance(saved, dict):  # settings added since the run started take their defaults
+            saved = {**_config_json(TrainConfig()), **saved}
         if saved != _config_json(config):
             raise InputError(
                 f"--resume needs the same settings as the run in {out}; it was trained with {saved}"
@@ -240,6 +259,7 @@ def train(
     checkpoints = list(existing)
     loss_value = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
+    states, noise = None, torch.Generator().manual_seed(config.seed)
     for step in range(start_step, config.steps):
         step_start = time.perf_counter()
         input_ids, mask = training_batch(
@@ -255,8 +275,13 @@ def train(
         rate = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = rate
+        cache = state_passing.initial_cache(
+            model, config.state_passing, states, config.batch_size, noise
+        )
         with autocast:
-            output = model(input_ids)
+            output = model(input_ids) if cache is None else model(input_ids, cache=cache)
+        if cache is not None:
+            states = state_passing.final_states(cache)
         loss = masked_lm_loss(output.logits, input_ids, mask)
         lm_loss = loss.detach()
         if output.aux_loss is not None:
