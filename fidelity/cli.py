@@ -486,8 +486,13 @@ def train(
             "(from noise fitted to those states); mamba and mamba2 only."
         ),
     ] = "off",
+    init: Annotated[
+        str | None,
+        typer.Option(help="Start from these weights (checkpoint directory or shipped name)."),
+    ] = None,
 ) -> None:
-    """Train a model from scratch and write loadable checkpoints every --save-every steps."""
+    """Train a model (from scratch, or from --init) and write loadable checkpoints every
+    --save-every steps."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -516,6 +521,7 @@ def train(
         overrides=_overrides(set_options or []),
         task_options=_overrides(task_option or []),
         state_passing=state_passing,
+        init=init,
     )
     config.validate()
     build_config(model, preset, **config.model_overrides())  # unknown or invalid fields fail here

@@ -47,7 +47,7 @@ from fidelity.devices import resolve_device
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-from fidelity.models.registry import build_model, model_names, preset_names
+from fidelity.models.registry import build_model, load_model, model_names, preset_names
 from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task, task_vocab_size
 from fidelity.probes.tasks import TRAINING_TASKS, check_retrieval_options, training_batch
 
@@ -83,6 +83,7 @@ class TrainConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # model config overrides
     task_options: dict = dataclasses.field(default_factory=dict)  # task options (memory, mix)
     state_passing: str = "off"  # off | carry | noise: initial states (fidelity.state_passing)
+    init: str | None = None  # start from these weights (checkpoint dir or shipped name)
 
     def validate(self) -> None:
         if self.model not in model_names():
@@ -234,10 +235,7 @@ def train(
         state = load_trainer_state(existing[-1])
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
-        model = build_model(
-            config.model, config.preset, seed=config.seed, **config.model_overrides()
-        )
-        model = model.to(device)
+        model = _initial_model(config).to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
         record_files(out, RUN_KIND, ["train_config.json", "train_log.csv"])
         (out / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
@@ -329,6 +327,28 @@ def train(
             )
     model.eval()
     return TrainSummary(out, config.steps, tokens, loss_value, elapsed, checkpoints)
+
+
+def _initial_model(config: TrainConfig) -> CausalLM:
+    """A fresh model (seeded), or the weights of ``config.init`` when given; those must be the
+    model and shape the config asks for."""
+    model = build_model(config.model, config.preset, seed=config.seed, **config.model_overrides())
+    if config.init is None:
+        return model
+    start = load_model(config.init)
+    wanted, found = dataclasses.asdict(model.config), dataclasses.asdict(start.config)
+    differing = sorted(
+        key for key in wanted.keys() | found.keys() if wanted.get(key) != found.get(key)
+    )
+    if differing:
+        raise InputError(
+            f"--init {config.init} is not a {config.model} of this shape: "
+            + ", ".join(
+                f"{key}={found.get(key)!r} (wanted {wanted.get(key)!r})" for key in differing
+            )
+        )
+    model.load_state_dict(start.state_dict())
+    return model
 
 
 def _config_json(config: TrainConfig) -> dict:

@@ -33,9 +33,12 @@ def resolve(model: str) -> str:
     return str(found[-1]) if found else model
 
 
-def evaluate(model: torch.nn.Module, length: int, filler: str, trials: int, seed: int) -> dict:
-    """Exact-match hits per depth at ``length`` with ``filler``: ``{depth: (hits, trials)}``."""
-    hits = {}
+def evaluate(
+    model: torch.nn.Module, length: int, filler: str, trials: int, seed: int
+) -> tuple[dict, float]:
+    """Exact-match hits per depth at ``length`` with ``filler`` (``{depth: (hits, trials)}``)
+    and the fraction of answer digits right given the correct earlier ones (teacher forcing)."""
+    hits, digits = {}, []
     for index, depth in enumerate(DEFAULT_DEPTHS):
         probe = passkey_probe(
             length, batch=trials, seed=seed * 1000 + index, depth=depth, filler=filler
@@ -43,7 +46,8 @@ def evaluate(model: torch.nn.Module, length: int, filler: str, trials: int, seed
         answers = torch.tensor(probe.answer_ids)
         predicted = teacher_forced_predictions(model, probe.input_ids, answers, 8192)
         hits[depth] = (int((predicted == answers).all(dim=1).sum()), trials)
-    return hits
+        digits.append((predicted == answers)[:, 1:].float().mean().item())  # after the space
+    return hits, sum(digits) / len(digits)
 
 
 def main() -> None:
@@ -57,22 +61,26 @@ def main() -> None:
     lengths = [parse_length(value) for value in args.lengths.split(",")]
     fillers = args.fillers.split(",")
     print(f"load {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} torch threads")
-    print("| model | length | filler | exact match [Wilson 95%] | by depth 0/.25/.5/.75/1 |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | length | filler | exact match [Wilson 95%] | by depth 0/.25/.5/.75/1 "
+        "| digits right | time |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         model = load_model(resolve(name)).eval()
         for length in lengths:
             for filler in fillers:
                 start = time.perf_counter()
                 with torch.no_grad():
-                    hits = evaluate(model, length, filler, args.trials, args.seed)
+                    hits, digit_acc = evaluate(model, length, filler, args.trials, args.seed)
                 total = sum(h for h, _ in hits.values())
                 n = sum(t for _, t in hits.values())
                 low, high = wilson_interval(total, n)
                 depths = " / ".join(f"{h / t:.1f}" for h, t in hits.values())
                 print(
                     f"| {name} | {length} | {filler} | {total / n:.2f} [{low:.2f}, {high:.2f}] "
-                    f"({total}/{n}) | {depths} | {time.perf_counter() - start:.0f}s",
+                    f"({total}/{n}) | {depths} | {digit_acc:.2f} | "
+                    f"{time.perf_counter() - start:.0f}s |",
                     flush=True,
                 )
 

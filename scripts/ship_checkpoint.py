@@ -46,6 +46,7 @@ def train_command(config: dict, out: str) -> str:
             if config.get("state_passing", "off") != "off"
             else []
         ),
+        *([f"--init {config['init']}"] if config.get("init") else []),
         f"--out {out}",
     ]
     return " ".join(parts)
