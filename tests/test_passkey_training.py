@@ -3,12 +3,16 @@ passkey probe, and the options of passkey / mix training batches."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from test_retrieval import CachedNeedleCopyingOracle
 
 from fidelity.errors import InputError
+from fidelity.models.registry import build_model
 from fidelity.probes.corpus import load_corpus
 from fidelity.probes.tasks import (
     FILLER,
@@ -150,3 +154,36 @@ def test_train_config_accepts_mix_options() -> None:
     TrainConfig(task="mix", length=512, task_options={**DENSE, "shares": [1, 1, 0]}).validate()
     with pytest.raises(InputError, match="takes no task options"):
         TrainConfig(task="text", length=512, task_options=DENSE).validate()
+
+
+def load_script(name: str):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("filler", ["standard", "text"])
+def test_passkey_eval_scores_an_oracle_one_and_a_random_model_zero(filler: str) -> None:
+    evaluate = load_script("passkey_eval").evaluate
+    hits, digits = evaluate(CachedNeedleCopyingOracle(), 400, filler, trials=2, seed=0)
+    assert hits == {depth: (2, 2) for depth in (0.0, 0.25, 0.5, 0.75, 1.0)} and digits == 1.0
+    hits, digits = evaluate(build_model("mamba", "tiny"), 400, filler, trials=2, seed=0)
+    assert sum(h for h, _ in hits.values()) == 0 and digits < 0.5
+
+
+def test_repeat_key_supervises_the_key_inside_the_needle_too() -> None:
+    options = {"episodes": 4, "repeat_key": True}
+    ids, mask = training_batch("passkey", 1024, 6, seed=8, task_options=options)
+    for row, row_mask in zip(ids, mask, strict=True):
+        text = decode(row)
+        keys = NEEDLE.findall(text)
+        marked = torch.nonzero(row_mask).flatten().tolist()
+        supervised = "".join(text[position + 1] for position in marked)
+        assert supervised == "".join(key + " " + key for key in keys)
+        for match in NEEDLE.finditer(text):  # the repetition is what "Remember it. " precedes
+            second = match.start() + len(f"The pass key is {match[1]}. Remember it. ")
+            assert all(row_mask[second - 1 : second + 4])
+    with pytest.raises(InputError, match="repeat_key must be"):
+        training_batch("passkey", 512, 1, seed=0, task_options={"repeat_key": "yes"})
