@@ -220,6 +220,10 @@ def train(
     config.validate()
     out = Path(out)
     device = resolve_device(config.device)
+    check_run_directory(out, resume=resume, force=force)
+    fresh = None
+    if not (resume and out.is_dir() and checkpoint_dirs(out)):
+        fresh = _initial_model(config)  # a bad --init fails here, before anything is written
     existing = _prepare_out(out, resume=resume, force=force)
     torch.manual_seed(config.seed)
 
@@ -235,7 +239,7 @@ def train(
         state = load_trainer_state(existing[-1])
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
-        model = _initial_model(config).to(device)
+        model = fresh.to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
         record_files(out, RUN_KIND, ["train_config.json", "train_log.csv"])
         (out / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from fidelity.cli import main
 from fidelity.errors import InputError
 from fidelity.models.registry import load_model
 from fidelity.train import TrainConfig, train
@@ -50,3 +51,24 @@ def test_init_must_match_the_model_and_shape(tmp_path) -> None:
     first = train(config(), tmp_path / "first").checkpoints[-1]
     with pytest.raises(InputError, match="is not a mamba of this shape"):
         train(config(init=str(first), overrides={"d_model": 64}), tmp_path / "other")
+
+
+def test_cli_init_and_state_passing(tmp_path, capsys) -> None:
+    common = ["train", "--model", "mamba", "--preset", "tiny", "--task", "text", "--length", "32"]
+    common += ["--steps", "1", "--save-every", "1", "--device", "cpu"]
+    missing = tmp_path / "missing-run"
+    assert main([*common, "--init", str(tmp_path / "nowhere"), "--out", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()
+    out = tmp_path / "run"
+    assert main([*common, "--state-passing", "carry", "--out", str(out)]) == 0
+    assert json.loads((out / "train_config.json").read_text())["state_passing"] == "carry"
+    args = [
+        *common,
+        "--model",
+        "memmamba",
+        "--state-passing",
+        "noise",
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert main(args) == 2 and "fixed-size tensor" in capsys.readouterr().err
