@@ -187,3 +187,18 @@ def test_repeat_key_supervises_the_key_inside_the_needle_too() -> None:
             assert all(row_mask[second - 1 : second + 4])
     with pytest.raises(InputError, match="repeat_key must be"):
         training_batch("passkey", 512, 1, seed=0, task_options={"repeat_key": "yes"})
+
+
+def test_questions_repeat_after_each_needle() -> None:
+    options = {"episodes": 3, "questions": 4, "filler": "mixed"}
+    ids, mask = training_batch("passkey", 1000, 8, seed=2, task_options=options)
+    for row, row_mask in zip(ids, mask, strict=True):
+        text = decode(row)
+        pairs = episodes_of(row, row_mask)  # every answer is the most recent needle's key
+        assert all(answer == " " + key for key, answer in pairs)
+        assert len(pairs) == 4 * len(NEEDLE.findall(text)) == text.count(QUESTION)
+        assert text.endswith(QUESTION + pairs[-1][1])
+    with pytest.raises(InputError, match="questions must be"):
+        training_batch("passkey", 512, 1, seed=0, task_options={"questions": 0})
+    with pytest.raises(InputError, match="need length >="):
+        training_batch("passkey", 300, 1, seed=0, task_options={"questions": 4})

@@ -32,10 +32,11 @@ from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
 TASKS = ("text", "passkey", "kv", "random", *MEMORY_TASKS)
 TRAINING_TASKS = ("text", "passkey", "kv", "mix", *MEMORY_TASKS)
 MIX_PROPORTIONS = {"text": 0.5, "passkey": 0.25, "kv": 0.25}
-RETRIEVAL_OPTIONS = {"episodes": 1, "filler": "standard", "repeat_key": False}
+RETRIEVAL_OPTIONS = {"episodes": 1, "questions": 1, "filler": "standard", "repeat_key": False}
 """Options of the passkey training rows, defaults first: the most passkey episodes a row holds,
-its filler ("standard", "text" or "mixed": either, drawn per row) and whether the key's
-repetition inside the needle is supervised too."""
+the questions (each followed by its answer) after each needle, the filler ("standard", "text"
+or "mixed": either, drawn per row) and whether the key's repetition inside the needle is
+supervised too."""
 MIX_OPTIONS = {**RETRIEVAL_OPTIONS, "shares": list(MIX_PROPORTIONS.values())}
 """Options of ``passkey`` and ``mix`` training batches: the passkey options and, for ``mix``,
 the shares of text, passkey and kv rows (normalized)."""
@@ -569,13 +570,17 @@ class _Episode(NamedTuple):
             needle, span, _encode(tokenizer, "\n" + PASSKEY_QUESTION), _encode(tokenizer, " " + key)
         )
 
-    def size(self) -> int:
-        return self.needle.shape[0] + self.question.shape[0] + self.answer.shape[0]
+    def size(self, questions: int, separator: int) -> int:
+        """Tokens of the needle and ``questions`` questions with their answers, separated by
+        ``separator`` tokens."""
+        asked = self.question.shape[0] + self.answer.shape[0]
+        return self.needle.shape[0] + questions * asked + (questions - 1) * separator
 
 
 def _passkey_training_row(
     length: int,
     episodes: int,
+    questions: int,
     filler: str,
     repeat_key: bool,
     rng: np.random.Generator,
@@ -583,8 +588,11 @@ def _passkey_training_row(
     text: _TextFiller,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One passkey training row ``(ids, mask)``, each `(length,)`: the intro, then between 1
-    and ``episodes`` passkey episodes (filler, needle, filler, question, answer) back to back,
-    separated by newlines, each with its own key; the last answer ends the row. The filler
+    and ``episodes`` passkey episodes (filler, needle, then ``questions`` times filler,
+    question, answer) back to back, separated by newlines, each with its own key; the last
+    answer ends the row. Questions after the first can copy the answer from the previous one
+    (the same phrase, "The pass key is", precedes key and answer), as the induction task's
+    repeated queries do: many short copies of the pattern the needle needs. The filler
     (``"standard"``, ``"text"`` or ``"mixed"``: either, drawn per row) is split at random cut
     points, so episode lengths and needle depths vary; a row of one episode is the evaluation
     prompt with its answer. ``mask`` marks the positions predicting every episode's answer and,
@@ -598,41 +606,49 @@ def _passkey_training_row(
     count = int(rng.integers(1, episodes + 1))
     keys = [str(int(rng.integers(10**4, 10**5))) for _ in range(count)]
     parts = [_Episode.encode(key, tokenizer, newline) for key in keys]
-    fixed = head.shape[0] + sum(part.size() for part in parts) + newline.shape[0] * (count - 1)
+    separator = newline.shape[0]
+    sizes = [part.size(questions, separator) + separator for part in parts]
+    fixed = head.shape[0] + sum(sizes) - separator
     while fixed > length and len(parts) > 1:  # too many episodes for the length: drop some
-        fixed -= parts.pop().size() + newline.shape[0]
+        parts.pop()
+        fixed -= sizes.pop()
     if fixed > length:
         raise InputError(
             f"passkey training rows need length >= {fixed} tokens with tokenizer "
             f"{tokenizer.name!r}, got {length}"
         )
     n_filler = length - fixed
-    cuts = np.sort(rng.integers(0, n_filler + 1, size=2 * len(parts) - 1))
-    sizes = np.diff(np.concatenate([[0], cuts, [n_filler]])).tolist()
+    cuts = np.sort(rng.integers(0, n_filler + 1, size=(1 + questions) * len(parts) - 1))
+    gaps = iter(np.diff(np.concatenate([[0], cuts, [n_filler]])).tolist())
     if filler == "text":
         filling = text.take(rng, n_filler)
     else:
         filling = _filler(_encode(tokenizer, FILLER + " "), n_filler)
-    pieces, targets, used, offset = [head], [], head.shape[0], 0
+    pieces, targets, offset = [head], [], 0
+
+    def add(piece: np.ndarray, supervised: Span | None = None) -> None:
+        used = sum(p.shape[0] for p in pieces)
+        if supervised is not None:
+            targets.append((used + supervised[0], used + supervised[1]))
+        pieces.append(piece)
+
+    def fill() -> None:
+        nonlocal offset
+        gap = next(gaps)
+        add(filling[offset : offset + gap])
+        offset += gap
+
     for index, part in enumerate(parts):
         if index:
-            pieces.append(newline)
-            used += newline.shape[0]
-        before, after = sizes[2 * index], sizes[2 * index + 1]
-        used += before
-        if repeat_key:
-            targets.append((used + part.repeat[0], used + part.repeat[1]))
-        used += part.needle.shape[0] + after + part.question.shape[0]
-        targets.append((used, used + part.answer.shape[0]))
-        used += part.answer.shape[0]
-        pieces += [
-            filling[offset : offset + before],
-            part.needle,
-            filling[offset + before : offset + before + after],
-            part.question,
-            part.answer,
-        ]
-        offset += before + after
+            add(newline)
+        fill()
+        add(part.needle, part.repeat if repeat_key else None)
+        for question in range(questions):
+            if question:
+                add(newline)
+            fill()
+            add(part.question)
+            add(part.answer, (0, part.answer.shape[0]))
     ids = np.concatenate(pieces)
     mask = np.zeros(length, dtype=bool)
     for start, end in targets:
@@ -647,6 +663,7 @@ def _passkey_training_rows(
     tokenizer: Tokenizer,
     split: str,
     episodes: int,
+    questions: int,
     filler: str,
     repeat_key: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -655,7 +672,7 @@ def _passkey_training_rows(
     rng = np.random.default_rng(seed)
     text = _TextFiller(tokenizer, split) if filler != "standard" else None
     rows = [
-        _passkey_training_row(length, episodes, filler, repeat_key, rng, tokenizer, text)
+        _passkey_training_row(length, episodes, questions, filler, repeat_key, rng, tokenizer, text)
         for _ in range(batch)
     ]
     ids = torch.from_numpy(np.stack([ids for ids, _ in rows]))
@@ -690,9 +707,10 @@ def check_retrieval_options(options: dict | None) -> dict:
         )
     options = {**MIX_OPTIONS, **options}
     _check_shares(options["shares"])
-    episodes = options["episodes"]
-    if isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral) or episodes < 1:
-        raise InputError(f"episodes must be an int >= 1, got {episodes!r}")
+    for name in ("episodes", "questions"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InputError(f"{name} must be an int >= 1, got {value!r}")
     if not isinstance(options["repeat_key"], bool):
         raise InputError(f"repeat_key must be true or false, got {options['repeat_key']!r}")
     if options["filler"] not in TRAINING_FILLERS:
