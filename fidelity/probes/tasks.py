@@ -524,10 +524,10 @@ def make_probe(
     """The probe ``task`` (one of :data:`TASKS`), ``input_ids`` `(batch, length)`.
 
     ``task_options`` go to the task's function: text: ``paths``, ``split``, ``text_field``;
-    passkey: ``depth``, ``with_answer``; kv: ``n_pairs``, ``depth``, ``with_answer``; random:
-    ``vocab_size``; induction: ``vocab_size``; selective_copy: ``vocab_size``, ``n_data``;
-    mqar: ``vocab_size``, ``n_pairs``. Raises ``InputError`` for an unknown task and
-    ``TypeError`` for an option the task does not take.
+    passkey: ``depth``, ``with_answer``, ``filler``, ``split``; kv: ``n_pairs``, ``depth``,
+    ``with_answer``; random: ``vocab_size``; induction: ``vocab_size``; selective_copy:
+    ``vocab_size``, ``n_data``; mqar: ``vocab_size``, ``n_pairs``. Raises ``InputError`` for
+    an unknown task and ``TypeError`` for an option the task does not take.
     """
     if task in MEMORY_TASKS:
         return memory_probe(
@@ -783,7 +783,11 @@ def training_batch(
       whose loss cannot go below ~log(62) per key character, pure gradient noise. The
       structure of the text around them is learned from "text" rows.
     - "mix": each row independently "text" (50%), "passkey" (25%) or "kv" (25%)
-      (:data:`MIX_PROPORTIONS`), chosen from ``seed``.
+      (:data:`MIX_PROPORTIONS`, or the option ``shares``), chosen from ``seed``.
+    - ``task_options`` of "passkey" and "mix" (:data:`MIX_OPTIONS`): ``episodes``,
+      ``questions``, ``filler``, ``repeat_key`` make passkey rows dense (several episodes and
+      questions a row, every answer supervised; :func:`_passkey_training_row`); without them
+      a passkey row is the probe with its answer, as above.
 
     - "induction" / "selective_copy" / "mqar" (:mod:`fidelity.probes.memory_tasks`, with
       ``task_options``): only the positions predicting answers are marked. Every other
