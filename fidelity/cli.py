@@ -639,10 +639,25 @@ def train(
     ] = None,
     task_option: Annotated[
         list[str] | None,
-        typer.Option(help="Memory-task option, e.g. --task-option n_pairs=16."),
+        typer.Option(
+            help="Task option, e.g. --task-option n_pairs=16 (memory tasks) or "
+            "--task-option episodes=8 (passkey, mix)."
+        ),
+    ] = None,
+    state_passing: Annotated[
+        str,
+        typer.Option(
+            help="off | carry (start each row from the previous batch's final state) | noise "
+            "(from noise fitted to those states); mamba and mamba2 only."
+        ),
+    ] = "off",
+    init: Annotated[
+        str | None,
+        typer.Option(help="Start from these weights (checkpoint directory or shipped name)."),
     ] = None,
 ) -> None:
-    """Train a model from scratch and write loadable checkpoints every --save-every steps."""
+    """Train a model (from scratch, or from --init) and write loadable checkpoints every
+    --save-every steps."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -670,6 +685,8 @@ def train(
         text=text,
         overrides=_overrides(set_options or []),
         task_options=_overrides(task_option or []),
+        state_passing=state_passing,
+        init=init,
     )
     config.validate()
     build_config(model, preset, **config.model_overrides())  # unknown or invalid fields fail here

@@ -9,7 +9,8 @@ plus the optimizer state needed to resume (``trainer_state.safetensors`` for its
 ``trainer_state.json`` for the rest: no pickle, so resuming someone else's run cannot run code).
 ``train_log.csv`` gets a row every ``log_every`` steps. After a kill, ``resume=True`` continues
 from the newest complete checkpoint, losing at most ``save_every`` steps; because batches are a
-pure function of (seed, step), a resumed run sees exactly the batches an uninterrupted one would.
+pure function of (seed, step), a resumed run sees exactly the batches an uninterrupted one would
+(with ``state_passing``, though, it starts again from zero states: carried states are not saved).
 
 The run directory's manifest (:mod:`fidelity.destinations`) lists every file training wrote;
 ``force=True`` deletes only those, and only in a directory that holds a training run's manifest.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fidelity import state_passing
 from fidelity.destinations import (
     MANIFEST,
     check_writable,
@@ -45,9 +47,9 @@ from fidelity.devices import resolve_device
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-from fidelity.models.registry import build_model, model_names, preset_names
+from fidelity.models.registry import build_model, load_model, model_names, preset_names
 from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task, task_vocab_size
-from fidelity.probes.tasks import TRAINING_TASKS, training_batch
+from fidelity.probes.tasks import TRAINING_TASKS, check_retrieval_options, training_batch
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -79,7 +81,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     text: str | None = None  # text files/directory for "text" rows (default: stdlib corpus)
     overrides: dict = dataclasses.field(default_factory=dict)  # model config overrides
-    task_options: dict = dataclasses.field(default_factory=dict)  # memory-task options
+    task_options: dict = dataclasses.field(default_factory=dict)  # task options (memory, mix)
+    state_passing: str = "off"  # off | carry | noise: initial states (fidelity.state_passing)
+    init: str | None = None  # start from these weights (checkpoint dir or shipped name)
 
     def validate(self) -> None:
         if self.model not in model_names():
@@ -94,6 +98,16 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise InputError(f"lr must be positive, got {self.lr}")
+        if self.state_passing not in state_passing.MODES:
+            raise InputError(
+                f"state_passing must be one of {', '.join(state_passing.MODES)}, "
+                f"got {self.state_passing!r}"
+            )
+        if self.state_passing != "off" and self.model not in state_passing.MODELS:
+            raise InputError(
+                f"state passing needs a model whose state is a fixed-size tensor "
+                f"({', '.join(state_passing.MODELS)}), not {self.model!r}"
+            )
         if self.task in MEMORY_TASKS:
             try:  # bad options or a length the task cannot fill fail here, before training
                 make_memory_task(self.task, self.length, batch=1, **self.task_options)
@@ -105,6 +119,10 @@ class TrainConfig:
                     f"vocab_size={vocab} is smaller than the {self.task} vocabulary "
                     f"({task_vocab_size(self.task, self.task_options)})"
                 )
+        elif self.task in ("passkey", "mix"):
+            check_retrieval_options(self.task_options)
+            if self.task == "passkey" and "shares" in self.task_options:
+                raise InputError("the option shares is for --task mix only")
         elif self.task_options:
             raise InputError(f"task {self.task!r} takes no task options")
 
@@ -202,11 +220,17 @@ def train(
     config.validate()
     out = Path(out)
     device = resolve_device(config.device)
+    check_run_directory(out, resume=resume, force=force)
+    fresh = None
+    if not (resume and out.is_dir() and checkpoint_dirs(out)):
+        fresh = _initial_model(config)  # a bad --init fails here, before anything is written
     existing = _prepare_out(out, resume=resume, force=force)
     torch.manual_seed(config.seed)
 
     if resume and existing:
         saved = _read_json(out / "train_config.json")
+        if isinstance(saved, dict):  # settings added since the run started take their defaults
+            saved = {**_config_json(TrainConfig()), **saved}
         if saved != _config_json(config):
             raise InputError(
                 f"--resume needs the same settings as the run in {out}; it was trained with {saved}"
@@ -215,10 +239,7 @@ def train(
         state = load_trainer_state(existing[-1])
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
-        model = build_model(
-            config.model, config.preset, seed=config.seed, **config.model_overrides()
-        )
-        model = model.to(device)
+        model = fresh.to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
         record_files(out, RUN_KIND, ["train_config.json", "train_log.csv"])
         (out / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
@@ -240,6 +261,7 @@ def train(
     checkpoints = list(existing)
     loss_value = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
+    states, noise = None, torch.Generator().manual_seed(config.seed)
     for step in range(start_step, config.steps):
         step_start = time.perf_counter()
         input_ids, mask = training_batch(
@@ -255,8 +277,13 @@ def train(
         rate = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = rate
+        cache = state_passing.initial_cache(
+            model, config.state_passing, states, config.batch_size, noise
+        )
         with autocast:
-            output = model(input_ids)
+            output = model(input_ids) if cache is None else model(input_ids, cache=cache)
+        if cache is not None:
+            states = state_passing.final_states(cache)
         loss = masked_lm_loss(output.logits, input_ids, mask)
         lm_loss = loss.detach()
         if output.aux_loss is not None:
@@ -304,6 +331,28 @@ def train(
             )
     model.eval()
     return TrainSummary(out, config.steps, tokens, loss_value, elapsed, checkpoints)
+
+
+def _initial_model(config: TrainConfig) -> CausalLM:
+    """A fresh model (seeded), or the weights of ``config.init`` when given; those must be the
+    model and shape the config asks for."""
+    model = build_model(config.model, config.preset, seed=config.seed, **config.model_overrides())
+    if config.init is None:
+        return model
+    start = load_model(config.init)
+    wanted, found = dataclasses.asdict(model.config), dataclasses.asdict(start.config)
+    differing = sorted(
+        key for key in wanted.keys() | found.keys() if wanted.get(key) != found.get(key)
+    )
+    if differing:
+        raise InputError(
+            f"--init {config.init} is not a {config.model} of this shape: "
+            + ", ".join(
+                f"{key}={found.get(key)!r} (wanted {wanted.get(key)!r})" for key in differing
+            )
+        )
+    model.load_state_dict(start.state_dict())
+    return model
 
 
 def _config_json(config: TrainConfig) -> dict:

@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import platform
+import shlex
 from pathlib import Path
 
 import torch
@@ -35,11 +36,26 @@ def train_command(config: dict, out: str) -> str:
         f"--lr {config['lr']}",
         f"--save-every {config['save_every']}",
         f"--seed {config['seed']}",
-        *(f"--set {key}={value}" for key, value in config.get("overrides", {}).items()),
-        *(f"--task-option {key}={value}" for key, value in config.get("task_options", {}).items()),
+        *(f"--set {option(key, value)}" for key, value in config.get("overrides", {}).items()),
+        *(
+            f"--task-option {option(key, value)}"
+            for key, value in config.get("task_options", {}).items()
+        ),
+        *(
+            [f"--state-passing {config['state_passing']}"]
+            if config.get("state_passing", "off") != "off"
+            else []
+        ),
+        *([f"--init {config['init']}"] if config.get("init") else []),
         f"--out {out}",
     ]
     return " ".join(parts)
+
+
+def option(key: str, value: object) -> str:
+    """``key=value`` as the CLI reads it back (JSON unless a plain string), quoted for a shell."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return shlex.quote(f"{key}={text}")
 
 
 def main() -> None:

@@ -32,6 +32,15 @@ from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
 TASKS = ("text", "passkey", "kv", "random", *MEMORY_TASKS)
 TRAINING_TASKS = ("text", "passkey", "kv", "mix", *MEMORY_TASKS)
 MIX_PROPORTIONS = {"text": 0.5, "passkey": 0.25, "kv": 0.25}
+RETRIEVAL_OPTIONS = {"episodes": 1, "questions": 1, "filler": "standard", "repeat_key": False}
+"""Options of the passkey training rows, defaults first: the most passkey episodes a row holds,
+the questions (each followed by its answer) after each needle, the filler ("standard", "text"
+or "mixed": either, drawn per row) and whether the key's repetition inside the needle is
+supervised too."""
+MIX_OPTIONS = {**RETRIEVAL_OPTIONS, "shares": list(MIX_PROPORTIONS.values())}
+"""Options of ``passkey`` and ``mix`` training batches: the passkey options and, for ``mix``,
+the shares of text, passkey and kv rows (normalized)."""
+TRAINING_FILLERS = ("standard", "text", "mixed")
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -150,6 +159,27 @@ def _filler(unit: np.ndarray, n_tokens: int) -> np.ndarray:
     return np.resize(unit, n_tokens)
 
 
+FILLERS = ("standard", "text")
+
+
+def _check_filler(filler: object) -> str:
+    if filler not in FILLERS:
+        raise InputError(f"filler must be one of {', '.join(FILLERS)}, got {filler!r}")
+    return str(filler)
+
+
+class _TextFiller:
+    """Filler cut from real text: ``take(rng, n)`` is a window of ``n`` tokens of the default
+    corpus's ``split`` at a random offset."""
+
+    def __init__(self, tokenizer: Tokenizer, split: str) -> None:
+        self.ids = tokenize_corpus(load_corpus(None, split=split), tokenizer).ids
+
+    def take(self, rng: np.random.Generator, n_tokens: int) -> np.ndarray:
+        start = int(rng.integers(0, self.ids.shape[0] - n_tokens + 1))
+        return self.ids[start : start + n_tokens].astype(np.int64)
+
+
 def _row_depths(depth: float | None, batch: int, rng: np.random.Generator) -> list[float]:
     """``depth`` for every row, or a uniform draw in [0, 1] per row when ``None``."""
     if depth is None:
@@ -206,20 +236,25 @@ def passkey_probe(
     tokenizer: Tokenizer | str | Path | None = None,
     depth: float | None = None,
     with_answer: bool = False,
+    filler: str = "standard",
+    split: str = "heldout",
 ) -> ProbeInput:
     """Passkey retrieval prompts (Landmark Attention / LongLoRA / DeciMamba format).
 
-    Each row: the intro line, filler ("The grass is green. ..." repeated and cut to fit), the
-    needle "The pass key is KEY. Remember it. KEY is the pass key." after a ``depth`` fraction
-    of the filler, more filler, and "What is the pass key? The pass key is" (pieces joined by
-    newlines). KEY is 5 digits drawn per row from ``seed``; ``depth=None`` draws a depth per
-    row. Returns a :class:`ProbeInput` with ``input_ids`` `(batch, length)`. Raises
-    ``ValueError`` when ``length`` cannot hold the prompt without filler (the minimum is in
-    the message).
+    Each row: the intro line, filler, the needle "The pass key is KEY. Remember it. KEY is the
+    pass key." after a ``depth`` fraction of the filler, more filler, and "What is the pass
+    key? The pass key is" (pieces joined by newlines). ``filler``: "standard" ("The grass is
+    green. ..." repeated and cut to fit) or "text" (one window of the default corpus's
+    ``split`` text, held out by default, cut at the needle). KEY is 5 digits drawn per row from
+    ``seed``; ``depth=None`` draws a depth per row. Returns a :class:`ProbeInput` with
+    ``input_ids`` `(batch, length)`. Raises ``ValueError`` when ``length`` cannot hold the
+    prompt without filler (the minimum is in the message).
     """
     length, batch, seed = _check_common(length, batch, seed)
     depth = _check_depth(depth)
+    filler = _check_filler(filler)
     tokenizer = as_tokenizer(tokenizer)
+    text = _TextFiller(tokenizer, split) if filler == "text" else None
     rng = np.random.default_rng(seed)
     depths = _row_depths(depth, batch, rng)
     head = _encode(tokenizer, PASSKEY_INTRO + "\n")
@@ -240,15 +275,13 @@ def passkey_probe(
                 f"(the prompt without filler), got {length}"
             )
         n_before = round(row_depth * n_filler)
-        pieces = [
-            head,
-            _filler(filler_unit, n_before),
-            newline,
-            needle,
-            newline,
-            _filler(filler_unit, n_filler - n_before),
-            question,
-        ]
+        if text is None:
+            before = _filler(filler_unit, n_before)
+            after = _filler(filler_unit, n_filler - n_before)
+        else:
+            filling = text.take(rng, n_filler)
+            before, after = filling[:n_before], filling[n_before:]
+        pieces = [head, before, newline, needle, newline, after, question]
         rows.append(_assemble(pieces, 3, key, answer_ids, with_answer))
     return _retrieval_probe("passkey", rows, depths, seed, tokenizer, with_answer)
 
@@ -491,10 +524,10 @@ def make_probe(
     """The probe ``task`` (one of :data:`TASKS`), ``input_ids`` `(batch, length)`.
 
     ``task_options`` go to the task's function: text: ``paths``, ``split``, ``text_field``;
-    passkey: ``depth``, ``with_answer``; kv: ``n_pairs``, ``depth``, ``with_answer``; random:
-    ``vocab_size``; induction: ``vocab_size``; selective_copy: ``vocab_size``, ``n_data``;
-    mqar: ``vocab_size``, ``n_pairs``. Raises ``InputError`` for an unknown task and
-    ``TypeError`` for an option the task does not take.
+    passkey: ``depth``, ``with_answer``, ``filler``, ``split``; kv: ``n_pairs``, ``depth``,
+    ``with_answer``; random: ``vocab_size``; induction: ``vocab_size``; selective_copy:
+    ``vocab_size``, ``n_data``; mqar: ``vocab_size``, ``n_pairs``. Raises ``InputError`` for
+    an unknown task and ``TypeError`` for an option the task does not take.
     """
     if task in MEMORY_TASKS:
         return memory_probe(
@@ -515,6 +548,178 @@ def make_probe(
     return probe(length, batch=batch, seed=seed, tokenizer=tokenizer, **task_options)
 
 
+class _Episode(NamedTuple):
+    """The fixed pieces of one passkey episode: the needle line with its leading and trailing
+    newlines, where the repeated key sits in it (``repeat``: a span of ``needle``), the
+    question with its leading newline and the answer."""
+
+    needle: np.ndarray
+    repeat: Span
+    question: np.ndarray
+    answer: np.ndarray
+
+    @classmethod
+    def encode(cls, key: str, tokenizer: Tokenizer, newline: np.ndarray) -> _Episode:
+        first, second = PASSKEY_NEEDLE.split("{key}", 1)[1].split("{key}")
+        head = np.concatenate([newline, _encode(tokenizer, PASSKEY_NEEDLE.split("{key}")[0])])
+        head = np.concatenate([head, _encode(tokenizer, key + first)])
+        repeat = _encode(tokenizer, key)
+        needle = np.concatenate([head, repeat, _encode(tokenizer, second), newline])
+        span = (head.shape[0], head.shape[0] + repeat.shape[0])
+        return cls(
+            needle, span, _encode(tokenizer, "\n" + PASSKEY_QUESTION), _encode(tokenizer, " " + key)
+        )
+
+    def size(self, questions: int, separator: int) -> int:
+        """Tokens of the needle and ``questions`` questions with their answers, separated by
+        ``separator`` tokens."""
+        asked = self.question.shape[0] + self.answer.shape[0]
+        return self.needle.shape[0] + questions * asked + (questions - 1) * separator
+
+
+def _passkey_training_row(
+    length: int,
+    episodes: int,
+    questions: int,
+    filler: str,
+    repeat_key: bool,
+    rng: np.random.Generator,
+    tokenizer: Tokenizer,
+    text: _TextFiller,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One passkey training row ``(ids, mask)``, each `(length,)`: the intro, then between 1
+    and ``episodes`` passkey episodes (filler, needle, then ``questions`` times filler,
+    question, answer) back to back, separated by newlines, each with its own key; the last
+    answer ends the row. Questions after the first can copy the answer from the previous one
+    (the same phrase, "The pass key is", precedes key and answer), as the induction task's
+    repeated queries do: many short copies of the pattern the needle needs. The filler
+    (``"standard"``, ``"text"`` or ``"mixed"``: either, drawn per row) is split at random cut
+    points, so episode lengths and needle depths vary; a row of one episode is the evaluation
+    prompt with its answer. ``mask`` marks the positions predicting every episode's answer and,
+    with ``repeat_key``, the key's repetition inside the needle ("... Remember it. KEY is the
+    pass key.", a copy from a few tokens back: an easy first step towards the answer's copy
+    from far back)."""
+    head = _encode(tokenizer, PASSKEY_INTRO + "\n")
+    newline = _encode(tokenizer, "\n")
+    if filler == "mixed":
+        filler = TRAINING_FILLERS[int(rng.integers(0, 2))]
+    count = int(rng.integers(1, episodes + 1))
+    keys = [str(int(rng.integers(10**4, 10**5))) for _ in range(count)]
+    parts = [_Episode.encode(key, tokenizer, newline) for key in keys]
+    separator = newline.shape[0]
+    sizes = [part.size(questions, separator) + separator for part in parts]
+    fixed = head.shape[0] + sum(sizes) - separator
+    while fixed > length and len(parts) > 1:  # too many episodes for the length: drop some
+        parts.pop()
+        fixed -= sizes.pop()
+    if fixed > length:
+        raise InputError(
+            f"passkey training rows need length >= {fixed} tokens with tokenizer "
+            f"{tokenizer.name!r}, got {length}"
+        )
+    n_filler = length - fixed
+    cuts = np.sort(rng.integers(0, n_filler + 1, size=(1 + questions) * len(parts) - 1))
+    gaps = iter(np.diff(np.concatenate([[0], cuts, [n_filler]])).tolist())
+    if filler == "text":
+        filling = text.take(rng, n_filler)
+    else:
+        filling = _filler(_encode(tokenizer, FILLER + " "), n_filler)
+    pieces, targets, offset = [head], [], 0
+
+    def add(piece: np.ndarray, supervised: Span | None = None) -> None:
+        used = sum(p.shape[0] for p in pieces)
+        if supervised is not None:
+            targets.append((used + supervised[0], used + supervised[1]))
+        pieces.append(piece)
+
+    def fill() -> None:
+        nonlocal offset
+        gap = next(gaps)
+        add(filling[offset : offset + gap])
+        offset += gap
+
+    for index, part in enumerate(parts):
+        if index:
+            add(newline)
+        fill()
+        add(part.needle, part.repeat if repeat_key else None)
+        for question in range(questions):
+            if question:
+                add(newline)
+            fill()
+            add(part.question)
+            add(part.answer, (0, part.answer.shape[0]))
+    ids = np.concatenate(pieces)
+    mask = np.zeros(length, dtype=bool)
+    for start, end in targets:
+        mask[start - 1 : end - 1] = True
+    return ids, mask
+
+
+def _passkey_training_rows(
+    length: int,
+    batch: int,
+    seed: int,
+    tokenizer: Tokenizer,
+    split: str,
+    episodes: int,
+    questions: int,
+    filler: str,
+    repeat_key: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` rows of :func:`_passkey_training_row` from ``seed``, filler text from
+    ``split``: `(batch, length)` ids and mask."""
+    rng = np.random.default_rng(seed)
+    text = _TextFiller(tokenizer, split) if filler != "standard" else None
+    rows = [
+        _passkey_training_row(length, episodes, questions, filler, repeat_key, rng, tokenizer, text)
+        for _ in range(batch)
+    ]
+    ids = torch.from_numpy(np.stack([ids for ids, _ in rows]))
+    return ids, torch.from_numpy(np.stack([mask for _, mask in rows]))
+
+
+def _check_shares(shares: object) -> list[float]:
+    """The mix shares (text, passkey, kv) normalized to sum to 1."""
+    if (
+        not isinstance(shares, list | tuple)
+        or len(shares) != len(MIX_PROPORTIONS)
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in shares)
+        or not all(v >= 0 for v in shares)
+        or not sum(shares) > 0
+    ):
+        raise InputError(
+            f"shares must be {len(MIX_PROPORTIONS)} non-negative numbers (text, passkey, kv) "
+            f"with a positive sum, e.g. [0.5, 0.5, 0], got {shares!r}"
+        )
+    return [float(v) / float(sum(shares)) for v in shares]
+
+
+def check_retrieval_options(options: dict | None) -> dict:
+    """``options`` of a passkey or mix training batch completed with :data:`MIX_OPTIONS`;
+    raises ``InputError`` for an unknown option or a bad value."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(MIX_OPTIONS))
+    if unknown:
+        raise InputError(
+            f"unknown option(s) {', '.join(unknown)} for passkey and mix training batches; "
+            f"they take: {', '.join(MIX_OPTIONS)}"
+        )
+    options = {**MIX_OPTIONS, **options}
+    _check_shares(options["shares"])
+    for name in ("episodes", "questions"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InputError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(options["repeat_key"], bool):
+        raise InputError(f"repeat_key must be true or false, got {options['repeat_key']!r}")
+    if options["filler"] not in TRAINING_FILLERS:
+        raise InputError(
+            f"filler must be one of {', '.join(TRAINING_FILLERS)}, got {options['filler']!r}"
+        )
+    return options
+
+
 def _task_rows(
     task: str,
     length: int,
@@ -524,9 +729,13 @@ def _task_rows(
     split: str,
     paths: str | Path | Sequence[str | Path] | None,
     text_field: str,
+    options: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``training_batch`` for one of "text", "passkey", "kv"."""
+    """``training_batch`` for one of "text", "passkey", "kv"; ``options`` the checked passkey
+    options (:func:`check_retrieval_options`)."""
     mask = torch.zeros(batch, length, dtype=torch.bool)
+    if task == "passkey" and options != RETRIEVAL_OPTIONS:
+        return _passkey_training_rows(length, batch, seed, tokenizer, split, **options)
     if task == "text":
         probe = text_probe(
             length,
@@ -574,7 +783,11 @@ def training_batch(
       whose loss cannot go below ~log(62) per key character, pure gradient noise. The
       structure of the text around them is learned from "text" rows.
     - "mix": each row independently "text" (50%), "passkey" (25%) or "kv" (25%)
-      (:data:`MIX_PROPORTIONS`), chosen from ``seed``.
+      (:data:`MIX_PROPORTIONS`, or the option ``shares``), chosen from ``seed``.
+    - ``task_options`` of "passkey" and "mix" (:data:`MIX_OPTIONS`): ``episodes``,
+      ``questions``, ``filler``, ``repeat_key`` make passkey rows dense (several episodes and
+      questions a row, every answer supervised; :func:`_passkey_training_row`); without them
+      a passkey row is the probe with its answer, as above.
 
     - "induction" / "selective_copy" / "mqar" (:mod:`fidelity.probes.memory_tasks`, with
       ``task_options``): only the positions predicting answers are marked. Every other
@@ -591,14 +804,19 @@ def training_batch(
     if task in MEMORY_TASKS:
         built = make_memory_task(task, length, batch=batch, seed=seed, **(task_options or {}))
         return built.input_ids, built.loss_mask
-    if task_options:
+    if task_options and task not in ("passkey", "mix"):
         raise TypeError(f"task {task!r} takes no task options, got {sorted(task_options)}")
+    options = check_retrieval_options(task_options)
     tokenizer = as_tokenizer(tokenizer)
     if task != "mix":
-        return _task_rows(task, length, batch, seed, tokenizer, split, paths, text_field)
+        if "shares" in (task_options or {}):
+            raise InputError("the option shares is for --task mix only")
+        options.pop("shares")
+        return _task_rows(task, length, batch, seed, tokenizer, split, paths, text_field, options)
+    shares = _check_shares(options.pop("shares"))
     rng = np.random.default_rng(seed)
     names = list(MIX_PROPORTIONS)
-    choices = rng.choice(len(names), size=batch, p=list(MIX_PROPORTIONS.values()))
+    choices = rng.choice(len(names), size=batch, p=shares)
     task_seeds = rng.integers(0, 2**62, size=len(names)).tolist()
     input_ids = torch.empty(batch, length, dtype=torch.long)
     loss_mask = torch.empty(batch, length, dtype=torch.bool)
@@ -606,7 +824,7 @@ def training_batch(
         rows = torch.from_numpy(np.flatnonzero(choices == index))
         if rows.numel():
             ids, mask = _task_rows(
-                name, length, rows.numel(), task_seed, tokenizer, split, paths, text_field
+                name, length, rows.numel(), task_seed, tokenizer, split, paths, text_field, options
             )
             input_ids.index_copy_(0, rows, ids)  # far faster than x[rows] = y on CPU
             loss_mask.index_copy_(0, rows, mask)
