@@ -9,8 +9,8 @@ chunk; a model read in one pass, such as DeciMamba, holds the whole length up to
 decimating layer, and the logits only of the rows that layer keeps); the keys and values an
 attention cache keeps (every earlier position for full attention) and one block of attention
 scores; and the buffers as long as the whole input (the probe's token ids, the anchor draw's
-permutation of all positions); plus :data:`HEADROOM`. The per-token factors are calibrated
-against the measured peak resident memory of real `fidelity analyze` runs
+permutation of all positions); plus :data:`HEADROOM` and :data:`SPREAD_BYTES`. The per-token
+factors are calibrated against the measured peak resident memory of real `fidelity analyze` runs
 (``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``).
 The time estimate is measured: a short forward pass, extrapolated linearly in the length
 (quadratically for full attention).
@@ -39,13 +39,13 @@ from fidelity.models.base import CausalLM
 # and 28.1k floats per token: 33.25 per d_inner plus 2.54k), Mamba (and DeciMamba's kept
 # rows) from mini at 8k with MemMamba's width-free part, Mamba-2 from its mini 8k run, the
 # attention models from the mini Transformer's and Compressive's 8k runs (attention on CPU runs
-# fused, holding no score matrix: 3 floats per MLP unit put both at 1.10-1.11x their peaks).
+# fused, holding no score matrix: 2 floats per MLP unit put both at 1.14x their peaks).
 ACTIVATION_FLOATS_PER_TOKEN = {
     "memmamba": (33.25, 2540),
     "mamba": (24.5, 2540),
     "decimamba": (24.5, 2540),
     "mamba2": (14.4, 2540),
-    "attention": (3, 0),
+    "attention": (2, 0),
 }
 # DeciMamba reads its input in one pass and its first decimating layer keeps a fixed number of
 # rows; every row it drops still went through the layers before it: floats per row in units of
@@ -68,10 +68,12 @@ PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
-# The same analysis in two fresh processes peaks 5-7% apart (allocator arenas, threads; seen:
-# 546-587 MB and 670-696 MB for mamba at 4k in two environments), so the estimate adds this
-# fraction of the whole to stay at or above the peak.
-HEADROOM = 0.10
+# The same analysis in two fresh processes peaks apart by a fixed amount and a fraction
+# (allocator arenas, threads; seen for mamba at 4k: 546-587 MB and 670-696 MB in two
+# environments, 611-631 MB in two runs at once), so the estimate adds this fraction of the whole
+# plus a fixed spread to stay at or above the peak.
+HEADROOM = 0.05
+SPREAD_BYTES = 64 << 20
 
 
 class MemoryBudgetError(ValueError):
@@ -97,8 +99,9 @@ class RunEstimate:
 
     @property
     def headroom(self) -> int:
-        """The run-to-run spread of the peak (:data:`HEADROOM` of the total), in ``added``."""
-        return int(HEADROOM * (self.baseline + self._parts()))
+        """The run-to-run spread of the peak (:data:`HEADROOM` of the total plus
+        :data:`SPREAD_BYTES`), in ``added``."""
+        return int(HEADROOM * (self.baseline + self._parts())) + SPREAD_BYTES
 
     @property
     def added(self) -> int:
