@@ -284,13 +284,12 @@ def _run_position_loss(context: MetricContext) -> list[pd.DataFrame]:
     return [collector.frame(n_boot=context.options.n_boot, seed=context.options.seed)]
 
 
-def _run_effrem(context: MetricContext) -> list[pd.DataFrame]:
-    """Effective remembrance at log-spaced (end, cut) pairs (see :mod:`fidelity.metrics.effrem`)."""
-    from fidelity.metrics.effrem import effrem, effrem_tokens
-
-    total = effrem_tokens(context.plan.length, causal=is_causal(context.model))
-    step = context.reporter.start("effective remembrance", total)
-    frame = effrem(
+def _run_cut_context(
+    context: MetricContext, label: str, metric: Callable[..., pd.DataFrame], tokens: int
+) -> list[pd.DataFrame]:
+    """Run an output-level ``metric`` that feeds cut contexts (``tokens`` in all) itself."""
+    step = context.reporter.start(label, tokens)
+    frame = metric(
         context.model,
         context.input_ids,
         chunk_size=context.options.chunk_size,
@@ -299,6 +298,14 @@ def _run_effrem(context: MetricContext) -> list[pd.DataFrame]:
         progress=lambda done, _total: step.update(done),
     )
     return [frame]
+
+
+def _run_effrem(context: MetricContext) -> list[pd.DataFrame]:
+    """Effective remembrance at log-spaced (end, cut) pairs (see :mod:`fidelity.metrics.effrem`)."""
+    from fidelity.metrics.effrem import effrem, effrem_tokens
+
+    total = effrem_tokens(context.plan.length, causal=is_causal(context.model))
+    return _run_cut_context(context, "effective remembrance", effrem, total)
 
 
 def _run_context_probe(context: MetricContext) -> list[pd.DataFrame]:
@@ -306,16 +313,7 @@ def _run_context_probe(context: MetricContext) -> list[pd.DataFrame]:
     from fidelity.metrics.context_probe import context_probe, context_probe_tokens
 
     total = context_probe_tokens(context.plan.length)
-    step = context.reporter.start("context-length probing", total)
-    frame = context_probe(
-        context.model,
-        context.input_ids,
-        chunk_size=context.options.chunk_size,
-        seed=context.options.seed,
-        n_boot=context.options.n_boot,
-        progress=lambda done, _total: step.update(done),
-    )
-    return [frame]
+    return _run_cut_context(context, "context-length probing", context_probe, total)
 
 
 def _effrem_cost(model: nn.Module | None, length: int) -> int:
