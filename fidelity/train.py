@@ -47,7 +47,8 @@ from fidelity.devices import resolve_device
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 from fidelity.models.checkpoint import load_checkpoint, save_checkpoint
-from fidelity.models.registry import build_model, load_model, model_names, preset_names
+from fidelity.models.loading import load_model
+from fidelity.models.registry import build_model, model_names, preset_names
 from fidelity.probes.memory_tasks import MEMORY_TASKS, make_memory_task, task_vocab_size
 from fidelity.probes.tasks import TRAINING_TASKS, check_retrieval_options, training_batch
 

@@ -22,7 +22,7 @@ import torch
 
 from fidelity.lengths import parse_length
 from fidelity.metrics.retrieval import DEFAULT_DEPTHS, teacher_forced_predictions, wilson_interval
-from fidelity.models.registry import load_model
+from fidelity.models.loading import load_model
 from fidelity.probes.tasks import FILLERS, passkey_probe
 from fidelity.train import checkpoint_dirs
 

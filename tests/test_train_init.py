@@ -9,7 +9,7 @@ import torch
 
 from fidelity.cli import main
 from fidelity.errors import InputError
-from fidelity.models.registry import load_model
+from fidelity.models.loading import load_model
 from fidelity.train import TrainConfig, train
 
 
