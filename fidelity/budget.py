@@ -66,6 +66,10 @@ KEY_VALUE_COPIES = 2
 # (int64) with the copy made while building them.
 PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
+# MemMamba's peak also grows with the whole length, by about 0.2 bytes per token per unit of
+# n_layer x d_model beyond what a chunk holds (measured from 60k to 400k: +54 MB for mini,
+# +300 MB for small, where Mamba's stays flat; not yet traced to a tensor): counted as 0.25.
+MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.25
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
 # The same analysis in two fresh processes peaks apart by a fixed amount and a fraction
@@ -263,6 +267,9 @@ def estimate_run(
             block = attention_block(model, tokens_in_flight)
             attention += batch * n_heads * block * span * SCORE_BYTES
     length_buffers = length * PERMUTATION_BYTES_PER_TOKEN + batch * length * PROBE_BYTES_PER_TOKEN
+    if _block_kind(model) == "memmamba":
+        per_token = MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model
+        length_buffers += int(batch * length * per_token)
     kept = batch * n_positions * n_layers_kept * d_model * store_bytes
     device = next(model.parameters()).device
     if device.type == "cpu" and isinstance(model, CausalLM) and _block_kind(model) != "attention":
