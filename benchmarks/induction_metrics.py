@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from induction import SHIPPED, TEST_SEED  # the same models and test rows as the Table 2 run
 
 import fidelity
 from fidelity.lengths import format_length, parse_length
@@ -38,13 +39,6 @@ from fidelity.probes.memmamba_trace import tracing_memmamba
 from fidelity.probes.memory_tasks import make_memory_task
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {
-    "mamba": "mamba-induction",
-    "memmamba": "memmamba-induction",
-    "mamba2": "mamba2-induction",
-    "transformer": "transformer-induction",
-}
-TEST_SEED = 10**9
 
 
 def rows_for(length: int, tokens: int, low: int, high: int) -> int:
