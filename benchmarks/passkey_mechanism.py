@@ -351,8 +351,11 @@ def measure_cell(
 # aggregation and the table
 
 
-def mean_interval(values: Sequence[float]) -> tuple[float, float, float] | None:
-    """(mean, low, high): a t interval at ``LEVEL``; None for no values."""
+def mean_interval(
+    values: Sequence[float], bounds: tuple[float, float] | None = None
+) -> tuple[float, float, float] | None:
+    """(mean, low, high): a t interval at ``LEVEL`` (clipped to ``bounds`` for bounded
+    quantities); None for no values."""
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -362,7 +365,10 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float, float] | None:
     half = float(student_t.ppf(0.5 + LEVEL / 2, len(values) - 1)) * float(
         np.std(values, ddof=1) / math.sqrt(len(values))
     )
-    return mean, mean - half, mean + half
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(bounds[0], low), min(bounds[1], high)
+    return mean, low, high
 
 
 def rate(flags: Sequence[bool]) -> str:
@@ -374,7 +380,7 @@ def rate(flags: Sequence[bool]) -> str:
     return f"{k}/{n} [{100 * low:.0f}, {100 * high:.0f}]%"
 
 
-def fmt_mean(stats: tuple[float, float, float] | None, spec: str = ".2f") -> str:
+def fmt_mean(stats: tuple[float, float, float] | None, spec: str = ".3g") -> str:
     if stats is None:
         return "-"
     mean, low, high = stats
@@ -399,6 +405,11 @@ def _pool_values(rows: Sequence[dict], block: str, key: str) -> list:
     return [r["pool"][block][key] for r in rows if r["pool"][block][key] is not None]
 
 
+def _share(rows: Sequence[dict], block: str, key: str) -> str:
+    """The mean of a fraction over ``rows`` with its t interval, clipped to [0, 1]."""
+    return fmt_mean(mean_interval(_pool_values(rows, block, key), (0.0, 1.0)), ".2f")
+
+
 def verdict(rows: Sequence[dict]) -> str:
     """Which mechanism carried the key in ``rows`` (one model and length), or where it was
     lost, in plain words, from the rules stated in the table's notes."""
@@ -410,7 +421,7 @@ def verdict(rows: Sequence[dict]) -> str:
     needle = mean_interval([r["needle_effect"] for r in rows])
     reads = diff is not None and not math.isnan(diff[1]) and diff[1] > 0
     effect = (
-        f"needle effect {fmt_mean(needle)} nats, minus control {fmt_mean(diff)}"
+        f"needle effect {fmt_mean(needle)} nats, needle minus control {fmt_mean(diff)}"
         if diff
         else f"needle effect {fmt_mean(needle)} nats"
     )
@@ -508,7 +519,8 @@ def _etmf_summary(rows: Sequence[dict]) -> str:
     values = [r["etmf"][last][1] for r in rows]
     distances = [r["etmf"][last][0] for r in rows]
     return (
-        f"; last layer's ETMF at the needle distance (d {min(distances)}-{max(distances)}): "
+        f"; last layer's ETMF at the probed distances nearest the needle's "
+        f"({min(distances)}-{max(distances)}): "
         f"{np.mean(values):.2f}"
     )
 
@@ -539,8 +551,9 @@ def write_table(out: Path, records: dict) -> None:
         'Rules: "carried by the pool" when in most right rows some block kept a note over '
         f"the key and cross-token attention fired at the answer with at least {READ_SHARE} of "
         "its weight on the needle's notes (or cross-layer attention gave them that share); "
-        '"carried by the recurrent state" when the answer reads the needle (needle effect '
-        "minus control effect, paired t 95% interval above 0) and the pool did not carry it; "
+        '"carried by the recurrent state" (MemMamba) or "by the sequence mixer" (other models) '
+        "when the answer reads the needle (needle effect minus control effect, paired t 95% "
+        "interval above 0) and the pool did not carry it; "
         '"lost" when no row is right, with the first pool stage (write, keep, read) that most '
         "rows fail.",
         "",
@@ -598,9 +611,9 @@ def write_table(out: Path, records: dict) -> None:
                         f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {block} | "
                         f"{rate([r['pool'][block]['written'] for r in part])} | "
                         f"{rate([r['pool'][block]['kept'] for r in part])} | "
-                        f"{fmt_mean(mean_interval(_pool_values(part, block, 'fired')))} | "
-                        f"{fmt_mean(mean_interval(_pool_values(part, block, 'token_weight')))} | "
-                        f"{fmt_mean(mean_interval(_pool_values(part, block, 'layer_weight')))} |"
+                        f"{_share(part, block, 'fired')} | "
+                        f"{_share(part, block, 'token_weight')} | "
+                        f"{_share(part, block, 'layer_weight')} |"
                     )
     write_text(out, "\n".join(lines) + "\n")
 
@@ -647,9 +660,11 @@ def plan(models: dict, lengths: list[int], options: CellOptions, anchors: int) -
                 chunk_size=chunk,
             )
             check_fits(estimate)
-            seconds = passes * len(options.depths) * estimate_seconds(
-                model, length, options.trials, per_token
-            ) + 2 * estimate_seconds(model, length, 1, per_token)
+            seconds = (
+                passes
+                * len(options.depths)
+                * estimate_seconds(model, length, options.trials, per_token)
+            )
             total += seconds
             print(
                 f"  {label} at {format_length(length)}: about {seconds / 60:.1f} min of forward "
