@@ -14,6 +14,7 @@ from test_retrieval import VOCAB, CachedNeedleCopyingOracle
 
 from fidelity.errors import InputError
 from fidelity.models.base import CausalLM, LMOutput
+from fidelity.models.checkpoint import save_checkpoint
 from fidelity.models.config import ModelConfig
 from fidelity.models.registry import build_model
 from fidelity.probes.memmamba_trace import tracing_memmamba
@@ -270,3 +271,17 @@ def test_bad_model_labels_are_input_errors():
     with pytest.raises(InputError, match="distinct labels"):
         bench.parse_models(["a=mamba", "a=memmamba"])
     assert bench.parse_models(["mamba"]) == {"mamba": "mamba"}
+
+
+def test_a_run_plans_measures_and_writes_the_table_and_raw_rows(tmp_path, capsys):
+    directory = save_checkpoint(build_model("mamba", "tiny"), tmp_path / "ckpt")
+    out, raw = tmp_path / "table.md", tmp_path / "raw.json"
+    arguments = ["--model", f"tiny={directory}", "--lengths", str(LENGTH), "--trials", "1"]
+    bench.main([*arguments, "--anchors", "0", "--out", str(out), "--raw", str(raw)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("plan: 1 model(s) x 1 length(s) x 5 depths x 1 prompts")
+    assert "[5/5] tiny 400 depth 1:" in printed
+    saved = json.loads(raw.read_text())
+    assert len(saved["rows"]) == 5 and saved["trials"] == 1
+    assert f"--model tiny={directory}" in saved["command"]
+    assert f"- **tiny at {LENGTH}**: 0/5 right" in out.read_text()
