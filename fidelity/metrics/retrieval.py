@@ -103,8 +103,22 @@ def teacher_forced_predictions(
     tokens.
 
     ``prompt`` `(batch, length)`, ``answers`` `(batch, n)` -> `(batch, n)` long: entry ``k`` is
-    the model's most likely token after ``prompt + answers[:, :k]``. Our models: prefill with a
-    cache (chunks of ``chunk_size``), then ``model.step``; others: one forward over
+    the model's most likely token after ``prompt + answers[:, :k]`` (the argmax of
+    :func:`teacher_forced_logits`).
+    """
+    return teacher_forced_logits(model, prompt, answers, chunk_size).argmax(-1)
+
+
+@torch.no_grad()
+def teacher_forced_logits(
+    model: nn.Module, prompt: torch.Tensor, answers: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Next-token logits at each answer token given the prompt and the correct earlier answer
+    tokens.
+
+    ``prompt`` `(batch, length)`, ``answers`` `(batch, n)` -> `(batch, n, vocab)`: entry ``k``
+    holds the logits after ``prompt + answers[:, :k]``. Our models: prefill with a cache
+    (chunks of ``chunk_size``), then ``model.step``; others: one forward over
     ``prompt + answers[:, :-1]``.
     """
     device = _device(model)
@@ -112,12 +126,12 @@ def teacher_forced_predictions(
     n = answers.shape[1]
     if not isinstance(model, CausalLM):
         sequence = torch.cat([prompt, answers[:, :-1]], dim=1)
-        return _logits(model(sequence))[:, -n:].argmax(-1)
+        return _logits(model(sequence))[:, -n:]
     logits, cache = _prefill(model, prompt, chunk_size)
-    predictions = [logits.argmax(-1)]
+    steps = [logits]
     for k in range(1, n):
-        predictions.append(model.step(answers[:, k - 1], cache).argmax(-1))
-    return torch.stack(predictions, dim=1)
+        steps.append(model.step(answers[:, k - 1], cache))
+    return torch.stack(steps, dim=1)
 
 
 def _padded_answers(probe: ProbeInput) -> tuple[torch.Tensor, torch.Tensor]:
