@@ -15,6 +15,7 @@ from fidelity.errors import InputError
 from fidelity.models.registry import build_model
 from fidelity.probes.corpus import load_corpus
 from fidelity.probes.tasks import (
+    CLOSE_GAP,
     FILLER,
     PASSKEY_INTRO,
     passkey_probe,
@@ -202,3 +203,49 @@ def test_questions_repeat_after_each_needle() -> None:
         training_batch("passkey", 512, 1, seed=0, task_options={"questions": 0})
     with pytest.raises(InputError, match="need length >="):
         training_batch("passkey", 300, 1, seed=0, task_options={"questions": 4})
+
+
+def question_gaps(text: str) -> tuple[int, list[int]]:
+    """The characters from the needle's end to the first question, and between each answer and
+    the next question, in a row of one episode."""
+    needle = NEEDLE.search(text)
+    starts = [m.start() for m in re.finditer(re.escape(QUESTION), text)]
+    answer_ends = [start + len(QUESTION) + 6 for start in starts]  # " " and 5 digits
+    close = [start - end for end, start in zip(answer_ends, starts[1:], strict=False)]
+    return starts[0] - needle.end(), close
+
+
+def test_far_spacing_asks_close_questions_at_any_distance_from_the_needle() -> None:
+    options = {"episodes": 1, "questions": 4, "spacing": "far"}
+    ids, mask = training_batch("passkey", 1024, 32, seed=5, task_options=options)
+    far, close = [], []
+    for row, row_mask in zip(ids, mask, strict=True):
+        text = decode(row)
+        pairs = episodes_of(row, row_mask)
+        assert len(pairs) == 4 and all(answer == " " + key for key, answer in pairs)
+        first, gaps = question_gaps(text)
+        far.append(first)
+        close.extend(gaps)
+    newline = 1  # each question starts on its own line
+    assert max(close) <= CLOSE_GAP + 2 * newline and min(close) >= 2 * newline
+    assert min(far) < 100 and max(far) > 500  # the first question near and far from the needle
+    uniform, _ = training_batch(
+        "passkey", 1024, 32, seed=5, task_options={**options, "spacing": "uniform"}
+    )
+    closest = [question_gaps(decode(row))[1] for row in uniform]
+    assert max(max(gaps) for gaps in closest) > 2 * CLOSE_GAP  # the old layout spreads them
+    again = training_batch("passkey", 1024, 32, seed=5, task_options=options)
+    assert torch.equal(ids, again[0]) and torch.equal(mask, again[1])
+    with pytest.raises(InputError, match="spacing must be"):
+        training_batch("passkey", 512, 1, seed=0, task_options={"spacing": "near"})
+
+
+def test_far_spacing_fits_short_rows_and_several_episodes() -> None:
+    options = {"episodes": 3, "questions": 4, "spacing": "far", "filler": "mixed"}
+    ids, mask = training_batch("passkey", 520, 16, seed=1, task_options=options)
+    for row, row_mask in zip(ids, mask, strict=True):
+        text = decode(row)
+        pairs = episodes_of(row, row_mask)
+        assert all(answer == " " + key for key, answer in pairs)
+        assert len(pairs) == 4 * len(NEEDLE.findall(text))
+        assert text.endswith(QUESTION + pairs[-1][1])

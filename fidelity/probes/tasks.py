@@ -32,11 +32,23 @@ from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
 TASKS = ("text", "passkey", "kv", "random", *MEMORY_TASKS)
 TRAINING_TASKS = ("text", "passkey", "kv", "mix", *MEMORY_TASKS)
 MIX_PROPORTIONS = {"text": 0.5, "passkey": 0.25, "kv": 0.25}
-RETRIEVAL_OPTIONS = {"episodes": 1, "questions": 1, "filler": "standard", "repeat_key": False}
+RETRIEVAL_OPTIONS = {
+    "episodes": 1,
+    "questions": 1,
+    "filler": "standard",
+    "repeat_key": False,
+    "spacing": "uniform",
+}
 """Options of the passkey training rows, defaults first: the most passkey episodes a row holds,
 the questions (each followed by its answer) after each needle, the filler ("standard", "text"
-or "mixed": either, drawn per row) and whether the key's repetition inside the needle is
-supervised too."""
+or "mixed": either, drawn per row), whether the key's repetition inside the needle is
+supervised too, and how the filler is spread ("uniform": at random cuts between every piece;
+"far": the questions after the first follow each other closely, so the first question sits
+anywhere from the needle to the row's end, as in the evaluation prompt)."""
+SPACINGS = ("uniform", "far")
+CLOSE_GAP = 16
+"""With ``spacing="far"``, the most filler tokens between a question's answer and the next
+question."""
 MIX_OPTIONS = {**RETRIEVAL_OPTIONS, "shares": list(MIX_PROPORTIONS.values())}
 """Options of ``passkey`` and ``mix`` training batches: the passkey options and, for ``mix``,
 the shares of text, passkey and kv rows (normalized)."""
@@ -583,6 +595,7 @@ def _passkey_training_row(
     questions: int,
     filler: str,
     repeat_key: bool,
+    spacing: str,
     rng: np.random.Generator,
     tokenizer: Tokenizer,
     text: _TextFiller,
@@ -594,8 +607,12 @@ def _passkey_training_row(
     (the same phrase, "The pass key is", precedes key and answer), as the induction task's
     repeated queries do: many short copies of the pattern the needle needs. The filler
     (``"standard"``, ``"text"`` or ``"mixed"``: either, drawn per row) is split at random cut
-    points, so episode lengths and needle depths vary; a row of one episode is the evaluation
-    prompt with its answer. ``mask`` marks the positions predicting every episode's answer and,
+    points (``spacing="uniform"``), so episode lengths and needle depths vary; with
+    ``spacing="far"`` the gaps between an episode's questions are at most :data:`CLOSE_GAP`
+    tokens and the rest is cut at random before each needle and between it and its first
+    question, so that question's distance from the needle spans the whole episode, as in the
+    evaluation prompt (a row of one episode and one question is that prompt with its answer).
+    ``mask`` marks the positions predicting every episode's answer and,
     with ``repeat_key``, the key's repetition inside the needle ("... Remember it. KEY is the
     pass key.", a copy from a few tokens back: an easy first step towards the answer's copy
     from far back)."""
@@ -618,8 +635,7 @@ def _passkey_training_row(
             f"{tokenizer.name!r}, got {length}"
         )
     n_filler = length - fixed
-    cuts = np.sort(rng.integers(0, n_filler + 1, size=(1 + questions) * len(parts) - 1))
-    gaps = iter(np.diff(np.concatenate([[0], cuts, [n_filler]])).tolist())
+    gaps = iter(_filler_gaps(n_filler, len(parts), questions, spacing, rng))
     if filler == "text":
         filling = text.take(rng, n_filler)
     else:
@@ -656,6 +672,24 @@ def _passkey_training_row(
     return ids, mask
 
 
+def _filler_gaps(
+    n_filler: int, episodes: int, questions: int, spacing: str, rng: np.random.Generator
+) -> list[int]:
+    """The filler tokens before each needle and each question, in row order (``episodes`` times
+    ``1 + questions`` gaps summing to ``n_filler``; see :func:`_passkey_training_row`)."""
+    slots = (1 + questions) * episodes
+    if spacing == "uniform":
+        cuts = np.sort(rng.integers(0, n_filler + 1, size=slots - 1))
+        return np.diff(np.concatenate([[0], cuts, [n_filler]])).tolist()
+    close = rng.integers(0, CLOSE_GAP + 1, size=(episodes, questions - 1))
+    while close.sum() > n_filler:  # too little filler for the close gaps: halve them
+        close //= 2
+    far = n_filler - int(close.sum())
+    cuts = np.sort(rng.integers(0, far + 1, size=2 * episodes - 1))
+    spread = np.diff(np.concatenate([[0], cuts, [far]])).reshape(episodes, 2)
+    return np.concatenate([spread, close], axis=1).reshape(-1).tolist()
+
+
 def _passkey_training_rows(
     length: int,
     batch: int,
@@ -666,13 +700,16 @@ def _passkey_training_rows(
     questions: int,
     filler: str,
     repeat_key: bool,
+    spacing: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` rows of :func:`_passkey_training_row` from ``seed``, filler text from
     ``split``: `(batch, length)` ids and mask."""
     rng = np.random.default_rng(seed)
     text = _TextFiller(tokenizer, split) if filler != "standard" else None
     rows = [
-        _passkey_training_row(length, episodes, questions, filler, repeat_key, rng, tokenizer, text)
+        _passkey_training_row(
+            length, episodes, questions, filler, repeat_key, spacing, rng, tokenizer, text
+        )
         for _ in range(batch)
     ]
     ids = torch.from_numpy(np.stack([ids for ids, _ in rows]))
@@ -716,6 +753,10 @@ def check_retrieval_options(options: dict | None) -> dict:
     if options["filler"] not in TRAINING_FILLERS:
         raise InputError(
             f"filler must be one of {', '.join(TRAINING_FILLERS)}, got {options['filler']!r}"
+        )
+    if options["spacing"] not in SPACINGS:
+        raise InputError(
+            f"spacing must be one of {', '.join(SPACINGS)}, got {options['spacing']!r}"
         )
     return options
 
@@ -785,9 +826,9 @@ def training_batch(
     - "mix": each row independently "text" (50%), "passkey" (25%) or "kv" (25%)
       (:data:`MIX_PROPORTIONS`, or the option ``shares``), chosen from ``seed``.
     - ``task_options`` of "passkey" and "mix" (:data:`MIX_OPTIONS`): ``episodes``,
-      ``questions``, ``filler``, ``repeat_key`` make passkey rows dense (several episodes and
-      questions a row, every answer supervised; :func:`_passkey_training_row`); without them
-      a passkey row is the probe with its answer, as above.
+      ``questions``, ``filler``, ``repeat_key``, ``spacing`` make passkey rows dense (several
+      episodes and questions a row, every answer supervised; :func:`_passkey_training_row`);
+      without them a passkey row is the probe with its answer, as above.
 
     - "induction" / "selective_copy" / "mqar" (:mod:`fidelity.probes.memory_tasks`, with
       ``task_options``): only the positions predicting answers are marked. Every other
