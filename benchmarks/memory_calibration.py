@@ -55,11 +55,12 @@ FIELDS = (
     "note",
 )
 
-# argv: mode (estimate | measure), out directory, then `fidelity analyze` arguments. The
-# command runs in this process through the CLI's entry point, with `plan_run` wrapped to
-# record the estimate the CLI prints: "estimate" stops right after it (the process holds what
-# the CLI holds before a run), "measure" runs to the end (saving results, figures, report) and
-# reports the process's peak resident memory from the OS.
+# argv: mode (estimate | table | measure), then `fidelity analyze` arguments. The command runs
+# in this process through the CLI's entry point, with `plan_run` wrapped to record the estimate
+# the CLI prints: "estimate" stops right after it (the process holds what the CLI holds before
+# a run), "table" too but without timing a forward (its seconds are None), "measure" runs to
+# the end (saving results, figures, report) and reports the process's peak resident memory
+# from the OS.
 WORKER = r"""
 import dataclasses, json, os, resource, sys
 import fidelity.analysis
@@ -67,12 +68,14 @@ from fidelity.cli import main
 mode, argv = sys.argv[1], sys.argv[2:]
 plan_run, planned = fidelity.analysis.plan_run, {}
 def recording_plan(*args, **kwargs):
+    if mode == "table":  # the table needs the memory estimate only: no timed forward
+        kwargs["time_it"] = False
     plan = plan_run(*args, **kwargs)
     if planned:  # the run re-plans without timing; keep what the CLI printed
         return plan
     parts = dataclasses.asdict(plan.estimate)
     planned.update(estimate=plan.estimate.total, seconds=plan.seconds, parts=parts)
-    if mode == "estimate":
+    if mode != "measure":
         print(json.dumps({"status": "ok", **planned}), flush=True)
         os._exit(0)
     return plan
@@ -230,7 +233,7 @@ def main() -> None:
     ]
     keys = [(name, weights, length) for name, weights in jobs for length in lengths]
     with ThreadPoolExecutor(args.workers) as pool:
-        estimates = list(pool.map(lambda key: _worker("estimate", *key), keys))
+        estimates = list(pool.map(lambda key: _worker("table", *key), keys))
     measured = _read_measured()  # with any row another call stored meanwhile
     for (name, weights, length), estimate in zip(keys, estimates, strict=True):
         row = measured.get((name, weights, length))
