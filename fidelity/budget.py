@@ -12,8 +12,8 @@ the run adds on top of it, counted part by part (:class:`RunEstimate`):
   logits, times :data:`CHUNKED_ACTIVATION_FACTOR` when fed in chunks; DeciMamba adds the rows
   its first decimating layer drops (:data:`DECIMATED_FLOATS_PER_TOKEN`);
 - ``attention``: the keys and values an attention cache keeps (every earlier position for full
-  attention, the memories for the Compressive Transformer; :data:`KEY_VALUE_COPIES`) and, for a
-  model that is not ours, one block of eager attention scores (:data:`SCORE_BYTES`);
+  attention, the memories for the Compressive Transformer; :data:`KEY_VALUE_COPIES`) and one
+  block of queries' mask (ours, :data:`MASK_BYTES`) or eager scores (:data:`SCORE_BYTES`);
 - ``length_buffers``: what is as long as the whole input whatever the chunking: the anchor
   draw's permutation and the probe's token ids (:data:`PERMUTATION_BYTES_PER_TOKEN`,
   :data:`PROBE_BYTES_PER_TOKEN`), and MemMamba's allocator retention that grows with the number
@@ -99,6 +99,12 @@ PROBE_BYTES_PER_TOKEN = 16
 MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.25
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
+# Bytes per (query, key) pair of one block of our attention: the block's boolean mask and the
+# float copy `scaled_dot_product_attention` makes of it on CPU (measured: one call over 1024
+# queries and 60k keys, 4 heads, raised the peak by 252 MB over its 61 MB mask, 4 bytes per
+# pair; 39 MB at 8k keys). Our models feed queries in blocks, so this grows with the keys a
+# query sees, not with their square.
+MASK_BYTES = 5
 # A state-space model's analysis peaks a fixed amount above its counted parts: at 8k (one
 # pass), the peak's growth over the process exceeds the counted parts by 65, 66, 66 and 71 MB
 # for MemMamba, Mamba, Mamba-2 and DeciMamba mini, whose counted parts range from 241 to 397
@@ -308,10 +314,12 @@ def estimate_run(
     if span:
         keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
         attention = KEY_VALUE_COPIES * keys_values
+        block = attention_block(model, tokens_in_flight)
         if not isinstance(model, CausalLM):  # eager attention builds the scores
             n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)
-            block = attention_block(model, tokens_in_flight)
             attention += batch * n_heads * block * span * SCORE_BYTES
+        else:  # fused attention over one block of queries, with its mask
+            attention += batch * block * span * MASK_BYTES
     length_buffers = length * PERMUTATION_BYTES_PER_TOKEN + batch * length * PROBE_BYTES_PER_TOKEN
     if _block_kind(model) == "memmamba":
         per_token = MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model
