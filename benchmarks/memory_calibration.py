@@ -8,12 +8,16 @@ Measuring: each (model, length) runs the README's first command, `fidelity analy
 and report saved under `runs/memory-calibration/`), in a fresh subprocess through the CLI's
 entry point, which reports its peak resident memory from the OS (`ru_maxrss`); a row is run
 only when the estimate does not refuse it and its forward alone is estimated within
-`--max-seconds`. The measurements are appended to `results/memory_calibration.csv` and reused
-by later calls (`--remeasure` measures again), since they do not depend on the estimate.
+`--max-seconds`. The measurements, with what the measured process held when it made its plan
+(its baseline), are appended to `results/memory_calibration.csv` and reused by later calls
+(`--remeasure` measures again), since they do not depend on the estimate.
 
 Estimating: each row's estimate is made afresh by the current code, in a fresh subprocess
-that runs the same command up to the plan it prints (what the process holds then plus what
-the run adds), and stops there; a refused run says so. The table goes to
+that runs the same command up to the plan it prints (what the run adds), and stops there; a
+refused run says so. What the run adds is put on top of the measured process's baseline when
+the row recorded it, else on the fresh process's own, which is only comparable when made in
+the same environment (the same virtual environment and library files: their resident pages
+differ by tens of MB between environments). The table goes to
 `results/memory_calibration.md`.
 """
 
