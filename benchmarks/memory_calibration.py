@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--remeasure", action="store_true")
     parser.add_argument("--no-measure", action="store_true", help="table from stored rows only")
     parser.add_argument("--workers", type=int, default=1, help="measurements run at once")
+    parser.add_argument("--table", type=Path, default=TABLE, help="where the table goes")
     args = parser.parse_args()
     lengths = [parse_length(value) for value in args.lengths.split(",")]
     jobs = [(name, "shipped") for name in args.models.split(",") if name]
@@ -264,7 +265,7 @@ def main() -> None:
         "mamba's.\n\n" + "\n".join(lines) + "\n"
     )
     print(text)
-    TABLE.write_text(text)
+    args.table.write_text(text)
 
 
 if __name__ == "__main__":
