@@ -8,12 +8,16 @@ Measuring: each (model, length) runs the README's first command, `fidelity analy
 and report saved under `runs/memory-calibration/`), in a fresh subprocess through the CLI's
 entry point, which reports its peak resident memory from the OS (`ru_maxrss`); a row is run
 only when the estimate does not refuse it and its forward alone is estimated within
-`--max-seconds`. The measurements are appended to `results/memory_calibration.csv` and reused
-by later calls (`--remeasure` measures again), since they do not depend on the estimate.
+`--max-seconds`. The measurements, with what the measured process held when it made its plan
+(its baseline), are appended to `results/memory_calibration.csv` and reused by later calls
+(`--remeasure` measures again), since they do not depend on the estimate.
 
 Estimating: each row's estimate is made afresh by the current code, in a fresh subprocess
-that runs the same command up to the plan it prints (what the process holds then plus what
-the run adds), and stops there; a refused run says so. The table goes to
+that runs the same command up to the plan it prints (what the run adds), and stops there; a
+refused run says so. What the run adds is put on top of the measured process's baseline when
+the row recorded it, else on the fresh process's own, which is only comparable when made in
+the same environment (the same virtual environment and library files: their resident pages
+differ by tens of MB between environments). The table goes to
 `results/memory_calibration.md`.
 """
 
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import psutil
 
-from fidelity.budget import format_bytes
+from fidelity.budget import RunEstimate, format_bytes
 from fidelity.lengths import format_length, parse_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,13 +46,25 @@ TABLE = RESULTS / "memory_calibration.md"
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "memory-calibration"  # git-ignored
 TOLERANCE = 0.15
 SHIPPED = ("memmamba", "mamba", "mamba2", "transformer", "compressive", "decimamba")
-FIELDS = ("model", "weights", "length", "status", "peak", "seconds", "load", "date", "note")
+FIELDS = (
+    "model",
+    "weights",
+    "length",
+    "status",
+    "peak",
+    "baseline",
+    "seconds",
+    "load",
+    "date",
+    "note",
+)
 
-# argv: mode (estimate | measure), out directory, then `fidelity analyze` arguments. The
-# command runs in this process through the CLI's entry point, with `plan_run` wrapped to
-# record the estimate the CLI prints: "estimate" stops right after it (the process holds what
-# the CLI holds before a run), "measure" runs to the end (saving results, figures, report) and
-# reports the process's peak resident memory from the OS.
+# argv: mode (estimate | table | measure), then `fidelity analyze` arguments. The command runs
+# in this process through the CLI's entry point, with `plan_run` wrapped to record the estimate
+# the CLI prints: "estimate" stops right after it (the process holds what the CLI holds before
+# a run), "table" too but without timing a forward (its seconds are None), "measure" runs to
+# the end (saving results, figures, report) and reports the process's peak resident memory
+# from the OS.
 WORKER = r"""
 import dataclasses, json, os, resource, sys
 import fidelity.analysis
@@ -56,12 +72,14 @@ from fidelity.cli import main
 mode, argv = sys.argv[1], sys.argv[2:]
 plan_run, planned = fidelity.analysis.plan_run, {}
 def recording_plan(*args, **kwargs):
+    if mode == "table":  # the table needs the memory estimate only: no timed forward
+        kwargs["time_it"] = False
     plan = plan_run(*args, **kwargs)
     if planned:  # the run re-plans without timing; keep what the CLI printed
         return plan
     parts = dataclasses.asdict(plan.estimate)
     planned.update(estimate=plan.estimate.total, seconds=plan.seconds, parts=parts)
-    if mode == "estimate":
+    if mode != "measure":
         print(json.dumps({"status": "ok", **planned}), flush=True)
         os._exit(0)
     return plan
@@ -108,9 +126,20 @@ def _read_measured() -> dict[tuple[str, str, int], dict]:
 
 
 def _append_measured(row: dict) -> None:
+    """Append ``row``; a file written before a column was added is rewritten with it (empty in
+    its old rows)."""
+    if MEASURED.exists():
+        with MEASURED.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            old = list(reader) if tuple(reader.fieldnames or ()) != FIELDS else None
+        if old is not None:
+            with MEASURED.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, FIELDS, restval="")
+                writer.writeheader()
+                writer.writerows(old)
     new = not MEASURED.exists()
     with MEASURED.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
+        writer = csv.DictWriter(handle, FIELDS, restval="")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -132,6 +161,7 @@ def measure(name: str, weights: str, length: int, max_seconds: float) -> dict:
         "length": length,
         "status": result["status"],
         "peak": result.get("peak", ""),
+        "baseline": result.get("parts", {}).get("baseline", ""),
         "seconds": f"{time.perf_counter() - started:.0f}",
         "load": f"{os.getloadavg()[0]:.1f}",
         "date": str(date.today()),
@@ -139,22 +169,35 @@ def measure(name: str, weights: str, length: int, max_seconds: float) -> dict:
     }
 
 
+def planned_total(estimate: dict, measured: dict) -> tuple[int, str]:
+    """The estimate's total and where its baseline (what the process holds when the plan is
+    made) comes from: the measured run's own when it was recorded (what the current code adds
+    on top of it), else the fresh process that made ``estimate`` (libraries' resident pages
+    differ between environments by tens of MB, so such a ratio is looser)."""
+    if not measured.get("baseline"):
+        return estimate["estimate"], "fresh process"
+    parts = dict(estimate["parts"], baseline=int(measured["baseline"]))
+    return RunEstimate(**parts).total, "measured run"
+
+
 def table_row(measured: dict, estimate: dict) -> str:
     head = f"| {measured['model']} | {measured['weights']} | {format_length(measured['length'])} |"
     if estimate["status"] != "ok":
-        return f"{head} {estimate['status']}: {estimate.get('note', '')} | - | - | - | - |"
-    guess = format_bytes(estimate["estimate"])
+        return f"{head} {estimate['status']}: {estimate.get('note', '')} | - | - | - | - | - |"
+    total, source = planned_total(estimate, measured)
+    guess = format_bytes(total)
     if measured["status"] == "too long":
         why = f"{measured['note']} at load {measured['load']}, over `--max-seconds`"
-        return f"{head} {guess} | not run (not refused by the estimate) | - | - | {why} |"
+        not_run = "not run (not refused by the estimate)"
+        return f"{head} {guess} | {not_run} | - | - | {source} | {why} |"
     if measured["status"] != "ran":
         why = f"{measured['note']}, load {measured['load']}" if measured["note"] else ""
-        return f"{head} {guess} | {measured['status']} | - | - | {why} |"
+        return f"{head} {guess} | {measured['status']} | - | - | {source} | {why} |"
     peak = int(measured["peak"])
-    ratio = estimate["estimate"] / peak
-    ok = "yes" if abs(ratio - 1) <= TOLERANCE else "**no**"
+    ratio = total / peak
+    ok = "yes" if 1 <= ratio <= 1 + TOLERANCE else "**no**"
     return (
-        f"{head} {guess} | {format_bytes(peak)} | {ratio:.2f} | {ok} | "
+        f"{head} {guess} | {format_bytes(peak)} | {ratio:.2f} | {ok} | {source} | "
         f"{measured['seconds']} s at load {measured['load']}, {measured['date']} |"
     )
 
@@ -168,6 +211,7 @@ def main() -> None:
     parser.add_argument("--remeasure", action="store_true")
     parser.add_argument("--no-measure", action="store_true", help="table from stored rows only")
     parser.add_argument("--workers", type=int, default=1, help="measurements run at once")
+    parser.add_argument("--table", type=Path, default=TABLE, help="where the table goes")
     args = parser.parse_args()
     lengths = [parse_length(value) for value in args.lengths.split(",")]
     jobs = [(name, "shipped") for name in args.models.split(",") if name]
@@ -188,13 +232,13 @@ def main() -> None:
             _append_measured(measured[running[future]])
             print(json.dumps(measured[running[future]]), flush=True)
     lines = [
-        "| model | weights | length | estimate | measured peak | estimate / peak | within 15% "
-        "| measured in |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | weights | length | estimate | measured peak | estimate / peak | 1.00-1.15 "
+        "| baseline from | measured in |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     keys = [(name, weights, length) for name, weights in jobs for length in lengths]
     with ThreadPoolExecutor(args.workers) as pool:
-        estimates = list(pool.map(lambda key: _worker("estimate", *key), keys))
+        estimates = list(pool.map(lambda key: _worker("table", *key), keys))
     measured = _read_measured()  # with any row another call stored meanwhile
     for (name, weights, length), estimate in zip(keys, estimates, strict=True):
         row = measured.get((name, weights, length))
@@ -209,15 +253,19 @@ def main() -> None:
         f"`{MEASURED.name}` (date and load per row). Each run is `fidelity analyze --model "
         "M --length L` (the README's first command, its default metrics, results saved) in "
         "a fresh process; the estimate is the one it prints before the run (the process so "
-        "far plus what the run adds), made afresh by the current code; the peak is the "
-        "process's `ru_maxrss`. A run the estimate refuses is not run; one whose forward "
+        "far plus what the run adds), made afresh by the current code on top of what the "
+        "measured process held when it made its plan ('baseline from: measured run'; "
+        "'fresh process' for rows measured before that was recorded: the baseline of the "
+        "process that made the estimate now, which differs between environments by tens of "
+        "MB in libraries' resident pages); the peak is the process's `ru_maxrss`. A run "
+        "the estimate refuses is not run; one whose forward "
         "alone is estimated beyond `--max-seconds` on this (shared) machine is not run "
         "either, and its row says so. 'small' is an untrained model of the `small` preset "
         "(the shipped checkpoints are `mini`); decimamba's default is built from "
         "mamba's.\n\n" + "\n".join(lines) + "\n"
     )
     print(text)
-    TABLE.write_text(text)
+    args.table.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,34 @@
-"""Memory and time estimates made before a run, and the refusal when it will not fit.
+"""Estimates made before a run, and the refusal when it will not fit.
 
-The memory estimate adds up what an analysis holds at its peak, on top of what the process
-holds when it is made (interpreter, libraries, the loaded model): the hidden states the capture
-keeps (positions x captured layers x d_model); the activations of one block's forward over one
-chunk (our models run chunk by chunk through their recurrent cache, so this does not grow with
-the length; a chunked run peaks at :data:`CHUNKED_ACTIVATION_FACTOR` times one pass over a
-chunk; a model read in one pass, such as DeciMamba, holds the whole length up to its first
-decimating layer, and the logits only of the rows that layer keeps); the keys and values an
-attention cache keeps (every earlier position for full attention) and one block of attention
-scores; and the buffers as long as the whole input (the probe's token ids, the anchor draw's
-permutation of all positions); plus :data:`HEADROOM` and :data:`SPREAD_BYTES`. The per-token
-factors are calibrated against the measured peak resident memory of real `fidelity analyze` runs
-(``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``).
+The memory estimate is the peak resident memory of the process: what it holds when the plan is
+made (``baseline``: interpreter, libraries, scan kernel, the loaded model), measured, plus what
+the run adds on top of it, counted part by part (:class:`RunEstimate`):
+
+- ``kept_states``: the hidden states the capture keeps (positions x kept layers x d_model);
+- ``activations``: one block stack's forward over the tokens in flight (a chunk for our models,
+  which run chunk by chunk through their recurrent cache, so this does not grow with the
+  length; the whole input for a model read in one pass): per row, the block's temporaries
+  (:data:`ACTIVATION_FLOATS_PER_TOKEN`, per kind of block), the residual streams and the
+  logits, times :data:`CHUNKED_ACTIVATION_FACTOR` when fed in chunks; DeciMamba adds the rows
+  its first decimating layer drops (:data:`DECIMATED_FLOATS_PER_TOKEN`);
+- ``attention``: the keys and values an attention cache keeps (every earlier position for full
+  attention, the memories for the Compressive Transformer; :data:`KEY_VALUE_COPIES`) and one
+  block of queries' mask (ours, :data:`MASK_BYTES`) or eager scores (:data:`SCORE_BYTES`);
+- ``length_buffers``: what is as long as the whole input whatever the chunking: the anchor
+  draw's permutation and the probe's token ids (:data:`PERMUTATION_BYTES_PER_TOKEN`,
+  :data:`PROBE_BYTES_PER_TOKEN`), and MemMamba's allocator retention that grows with the number
+  of chunks (:data:`MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT`);
+- ``untraced``: a fixed amount an analysis adds beyond the counted tensors, per kind of model
+  (:data:`UNTRACED_BYTES`: measured, not traced to a tensor; 64 MiB for the state-space models,
+  16 MiB for attention models);
+- ``headroom``: :data:`HEADROOM` of the total, for the spread of the peak between runs.
+
+The per-token factors and the fixed amounts are calibrated against the measured peak resident
+memory of real `fidelity analyze` runs at 8k, 60k and 400k tokens
+(``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``);
+each constant says what it was fitted on. Much of what is fitted rather than counted is memory
+the C allocator keeps after a chunk frees it (see :data:`CHUNKED_ACTIVATION_FACTOR`).
+
 The time estimate is measured: a short forward pass, extrapolated linearly in the length
 (quadratically for full attention).
 """
@@ -54,8 +71,12 @@ ACTIVATION_FLOATS_PER_TOKEN = {
 DECIMATED_FLOATS_PER_TOKEN = 16.9
 # A run fed in chunks through the recurrent cache peaks higher than one pass over a chunk's
 # tokens: measured 1.48x for MemMamba small at 60k (43.1k against 29.1k floats per token),
-# 1.5x for MemMamba mini and 1.5x for Mamba-2 mini (not traced to a tensor: what the
-# previous chunk's forward freed is not all reused).
+# 1.5x for MemMamba mini and 1.5x for Mamba-2 mini. Not a tensor: what a chunk's forward
+# frees, the C allocator (glibc malloc) keeps in the process and the next chunk's
+# differently placed tensors do not all reuse; traced for MemMamba mini at 200k with the heap
+# trimmed (`malloc_trim`) after every chunk: the memory left after a chunk stays at 814 MB
+# from the first chunk to the seventh, while the resident memory before trimming varies
+# between 933 MB and 1.13 GB from one chunk to the next.
 CHUNKED_ACTIVATION_FACTOR = 1.5
 # An attention cache holds its keys and values and, while a chunk's keys are concatenated
 # onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
@@ -66,18 +87,46 @@ KEY_VALUE_COPIES = 2
 # (int64) with the copy made while building them.
 PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
-# MemMamba's peak also grows with the whole length, by about 0.2 bytes per token per unit of
-# n_layer x d_model beyond what a chunk holds (measured from 60k to 400k: +54 MB for mini,
-# +300 MB for small, where Mamba's stays flat; not yet traced to a tensor): counted as 0.25.
+# MemMamba's peak also grows with the number of chunks, where Mamba's stays flat: from 60k to
+# 400k tokens by 54 MB for mini (0.21 bytes per token per unit of n_layer x d_model = 768) and
+# by 351 MB for small (0.34 per unit of 3072), counted as 0.25 (small's other terms cover the
+# rest). No tensor grows with the length: with the heap trimmed after every chunk, what a
+# MemMamba mini run holds after each chunk stays at 814 MB, while the high-water mark creeps up
+# chunk after chunk (1013, 1118, 1118, 1135, 1153 MB over its first five chunks, flat at the
+# sixth and seventh): the allocator's retained free memory, which MemMamba's chunk-to-chunk
+# varying tensor sizes (the notes each segment writes set the size of its pool candidates and
+# membership masks) fragment more than Mamba's fixed ones. A linear fit of a growth that slows
+# down: safe (too high) beyond 400k.
 MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.25
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
-# The same analysis in two fresh processes peaks apart by a fixed amount and a fraction
-# (allocator arenas, threads; seen for mamba at 4k: 546-587 MB and 670-696 MB in two
-# environments, 611-631 MB in two runs at once), so the estimate adds this fraction of the whole
-# plus a fixed spread to stay at or above the peak.
+# Bytes per (query, key) pair of one block of our attention: the block's boolean mask and the
+# float copy `scaled_dot_product_attention` makes of it on CPU (measured: one call over 1024
+# queries and 60k keys, 4 heads, raised the peak by 252 MB over its 61 MB mask, 4 bytes per
+# pair; 39 MB at 8k keys). Our models feed queries in blocks, so this grows with the keys a
+# query sees, not with their square.
+MASK_BYTES = 5
+# An analysis peaks a fixed amount above its counted parts: at 8k (one pass), the peak's
+# growth over the process exceeds the counted parts by 65, 66, 66 and 71 MB for MemMamba,
+# Mamba, Mamba-2 and DeciMamba mini, whose counted parts range from 241 to 397 MB (so the
+# amount is per run, not per token; the SSMs' activation factors were fitted with it apart),
+# and by 16 and 19 MB for the Transformer and the Compressive Transformer (at 60k and 400k the
+# latter's by -1 and -11 MB; benchmarks/results/memory_calibration.md). Not traced to a
+# tensor: for the SSMs, candidates are the ssm_decay metric's working set (each chunk's scan
+# inputs recomputed in float64, one block of pairs of PAIR_BLOCK_ELEMENTS), the scan kernel's
+# scratch and the allocator's retention.
+UNTRACED_BYTES = {
+    "memmamba": 64 << 20,
+    "mamba": 64 << 20,
+    "decimamba": 64 << 20,
+    "mamba2": 64 << 20,
+    "attention": 16 << 20,
+}
+# The same analysis in two fresh processes peaks apart (allocator arenas, threads, which
+# library pages are resident: seen for mamba at 4k, 611-631 MB in two runs at once), so the
+# estimate adds this fraction of the whole (baseline and counted parts) to stay at or above
+# the peak.
 HEADROOM = 0.05
-SPREAD_BYTES = 64 << 20
 
 
 class MemoryBudgetError(ValueError):
@@ -95,6 +144,7 @@ class RunEstimate:
     attention: int
     length_buffers: int
     available: int
+    untraced: int = 0
 
     @property
     def total(self) -> int:
@@ -103,14 +153,15 @@ class RunEstimate:
 
     @property
     def headroom(self) -> int:
-        """The run-to-run spread of the peak (:data:`HEADROOM` of the total plus
-        :data:`SPREAD_BYTES`), in ``added``."""
-        return int(HEADROOM * (self.baseline + self._parts())) + SPREAD_BYTES
+        """The run-to-run spread of the peak: :data:`HEADROOM` of the baseline and the counted
+        parts."""
+        return int(HEADROOM * (self.baseline + self._parts()))
 
     @property
     def added(self) -> int:
-        """What the run adds to the process, with :attr:`headroom`."""
-        return self._parts() + self.headroom
+        """What the run adds to the process: the counted parts, :attr:`untraced` and
+        :attr:`headroom`."""
+        return self._parts() + self.untraced + self.headroom
 
     def _parts(self) -> int:
         """What the run adds, without headroom (the model counts when it is not in the
@@ -124,7 +175,9 @@ class RunEstimate:
             f"model {format_bytes(self.parameters)}, kept states "
             f"{format_bytes(self.kept_states)}, activations "
             f"{format_bytes(self.activations + self.attention)}, inputs "
-            f"{format_bytes(self.length_buffers)}, headroom {format_bytes(self.headroom)}); "
+            f"{format_bytes(self.length_buffers)}, "
+            + (f"untraced {format_bytes(self.untraced)}, " if self.untraced else "")
+            + f"headroom {format_bytes(self.headroom)}); "
             f"{format_bytes(self.available)} available"
         )
 
@@ -262,10 +315,12 @@ def estimate_run(
     if span:
         keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
         attention = KEY_VALUE_COPIES * keys_values
+        block = attention_block(model, tokens_in_flight)
         if not isinstance(model, CausalLM):  # eager attention builds the scores
             n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)
-            block = attention_block(model, tokens_in_flight)
             attention += batch * n_heads * block * span * SCORE_BYTES
+        else:  # fused attention over one block of queries, with its mask
+            attention += batch * block * span * MASK_BYTES
     length_buffers = length * PERMUTATION_BYTES_PER_TOKEN + batch * length * PROBE_BYTES_PER_TOKEN
     if _block_kind(model) == "memmamba":
         per_token = MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model
@@ -288,6 +343,7 @@ def estimate_run(
         attention,
         length_buffers,
         available_memory(device),
+        UNTRACED_BYTES[_block_kind(model)],
     )
 
 

@@ -12,7 +12,13 @@ from fidelity.analysis import plan_analysis
 from fidelity.budget import (
     CHUNKED_ACTIVATION_FACTOR,
     DECIMATED_FLOATS_PER_TOKEN,
+    HEADROOM,
+    KEY_VALUE_COPIES,
+    MASK_BYTES,
+    MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT,
+    UNTRACED_BYTES,
     MemoryBudgetError,
+    RunEstimate,
     decimated_rows,
     estimate_run,
     model_width,
@@ -119,3 +125,51 @@ def test_a_chunked_run_counts_more_than_one_pass_over_a_chunk():
     one_pass = estimate_run(model, 1000, n_positions=16, n_layers_kept=1)
     chunked = estimate_run(model, 5000, n_positions=16, n_layers_kept=1, chunk_size=1000)
     assert chunked.activations == int(one_pass.activations * CHUNKED_ACTIVATION_FACTOR)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("mamba", "mamba"), ("compressive", "attention")])
+def test_untraced_amount_is_per_kind_and_headroom_a_fraction_of_the_whole(name, kind):
+    """An analysis adds its kind's fixed untraced amount (an SSM's more than an attention
+    model's); the headroom is HEADROOM of the baseline and the counted parts, so a small run
+    pays little."""
+    model = build_model(name, "tiny")
+    estimate = estimate_run(model, 4000, n_positions=16, n_layers_kept=1)
+    assert estimate.untraced == UNTRACED_BYTES[kind]
+    assert UNTRACED_BYTES["attention"] < UNTRACED_BYTES["mamba"]
+    counted = estimate.kept_states + estimate.activations + estimate.attention
+    counted += estimate.length_buffers
+    assert estimate.headroom == int(HEADROOM * (estimate.baseline + counted))
+    assert estimate.total == estimate.baseline + counted + estimate.untraced + estimate.headroom
+    small = RunEstimate(100 << 20, 0, 0, 10 << 20, 0, 0, 1 << 40)
+    assert small.total - small.baseline == (10 << 20) + int(HEADROOM * (110 << 20))
+
+
+def test_memmamba_counts_its_growth_with_the_length():
+    """MemMamba's allocator retention grows with the number of chunks: 0.25 bytes per token per
+    unit of n_layer x d_model on top of Mamba's length-sized buffers; the chunk's parts do not
+    change with the length."""
+    model = build_model("memmamba", "tiny")
+    d_model, _, n_layer = model_width(model)
+    short, long = (
+        estimate_run(model, length, n_positions=16, n_layers_kept=1, chunk_size=1000)
+        for length in (10_000, 30_000)
+    )
+    assert short.activations == long.activations
+    plain = 20_000 * (8 + 16)  # the permutation and the probe's ids
+    grown = long.length_buffers - short.length_buffers
+    assert grown == plain + int(20_000 * MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model)
+
+
+def test_full_attention_counts_its_cache_and_one_block_mask():
+    """Our Transformer feeds queries in blocks over every earlier key: the keys and values
+    (with the copy made while a chunk's are concatenated) and one block's mask grow with the
+    length, linearly."""
+    model = build_model("transformer", "tiny")
+    d_model, _, n_layer = model_width(model)
+    block = model.config.attention_block_size
+    short, long = (
+        estimate_run(model, length, n_positions=16, n_layers_kept=1, chunk_size=4096)
+        for length in (10_000, 30_000)
+    )
+    per_key = KEY_VALUE_COPIES * n_layer * 2 * d_model * 4 + block * MASK_BYTES
+    assert long.attention - short.attention == 20_000 * per_key
