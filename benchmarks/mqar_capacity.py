@@ -144,6 +144,13 @@ def score(checkpoint: Path, pairs: int, length: int, vocab: int, rows: int) -> S
     return Score(step, correct, queries, result.solved, rows)
 
 
+def unbound_accuracy(pairs: int) -> float:
+    """Expected query accuracy without key-value binding: every key is asked once, and the
+    guess is uniform over the row's values not yet asked, so the k-th query (of ``pairs``)
+    is right with probability 1 / (pairs - k + 1); the mean is H(pairs) / pairs."""
+    return sum(1 / k for k in range(1, pairs + 1)) / pairs
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.0f}"
 
@@ -304,7 +311,14 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             row = [cell_text((scores.get(Cell(model, p, lr)) or [None])[-1]) for p in pairs]
             name = f"{model}, {lr:g}" if several else model
             lines.append(f"| {name} | " + " | ".join(row) + " |")
+    row = [percent(unbound_accuracy(p)) for p in pairs]
     lines += [
+        "| *no binding* | " + " | ".join(row) + " |",
+        "",
+        "*No binding*: the expected query accuracy of a model that knows which values the "
+        "row holds and which it has already answered, but not which key each value belongs "
+        "to (it picks uniformly among the values not yet asked): (1 + 1/2 + ... + 1/n) / n "
+        "for n pairs. A cell at this level shows no key-value binding, only that shortcut.",
         "",
         f"Rows solved (every query of the row right) of {args.rows} [Wilson 95%, %]:",
         "",

@@ -55,6 +55,22 @@ def test_grid_trains_scores_and_reports(tmp_path):
     assert (tmp_path / "runs" / "_meta" / "mamba-p2-lr0.003.json").read_text() == before
 
 
+def test_unbound_accuracy_is_the_elimination_guess():
+    benchmark = _benchmark()
+    assert benchmark.unbound_accuracy(1) == 1.0
+    assert benchmark.unbound_accuracy(4) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    # Monte Carlo of the strategy itself: guess uniformly among the values not yet asked
+    generator = torch.Generator().manual_seed(0)
+    right = 0
+    for _ in range(4000):
+        left = list(range(4))
+        for asked in torch.randperm(4, generator=generator).tolist():
+            guess = left[int(torch.randint(len(left), (1,), generator=generator))]
+            right += guess == asked
+            left.remove(asked)
+    assert right / 16000 == pytest.approx(benchmark.unbound_accuracy(4), abs=0.02)
+
+
 def test_bad_settings_fail_before_training(tmp_path):
     benchmark = _benchmark()
     with pytest.raises(InputError, match="vocab"):  # 3 pairs need a vocabulary of 8
