@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -285,8 +286,9 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
     load = " ".join(f"{value:.1f}" for value in os.getloadavg())
     several = len(lrs) > 1
     label = "model, lr" if several else "model"
+    title = "learning-rate sweep" if several else "accuracy against the number of key-value pairs"
     lines = [
-        "# MQAR capacity: accuracy against the number of key-value pairs",
+        f"# MQAR capacity: {title}",
         "",
         ZOOLOGY,
         "",
@@ -330,6 +332,8 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             row = [rows_text((scores.get(Cell(model, p, lr)) or [None])[-1]) for p in pairs]
             name = f"{model}, {lr:g}" if several else model
             lines.append(f"| {name} | " + " | ".join(row) + " |")
+    row = [f"{100 / math.factorial(p):.2g}" for p in pairs]
+    lines.append("| *no binding* (1/n!) | " + " | ".join(row) + " |")
     if args.curve:
         lines += ["", "Query accuracy (%) by training step:", ""]
         for cell in cells:
