@@ -156,11 +156,13 @@ def percent(value: float) -> str:
     return f"{100 * value:.0f}"
 
 
-def cell_text(result: Score | None) -> str:
+def cell_text(result: Score | None, steps: int) -> str:
+    """Query accuracy [Wilson 95%] in %, and the step when the run stopped before ``steps``."""
     if result is None:
         return "-"
     low, high = result.query_interval
-    return f"{percent(result.correct / result.queries)} [{percent(low)}, {percent(high)}]"
+    text = f"{percent(result.correct / result.queries)} [{percent(low)}, {percent(high)}]"
+    return text if result.step >= steps else f"{text} (step {result.step} of {steps})"
 
 
 def rows_text(result: Score | None) -> str:
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             score(c, cell.pairs, row_length(cell, args), args.vocab, args.rows) for c in chosen
         ]
         if scores[cell]:
-            print(f"{cell.name}: {cell_text(scores[cell][-1])}", flush=True)
+            print(f"{cell.name}: {cell_text(scores[cell][-1], args.steps)}", flush=True)
     write_report(args, models, pairs, lrs, cells, scores, argv)
 
 
@@ -303,14 +305,15 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
         "pairs back to back), and the loss is on the answers. Query "
         f"accuracy in % [Wilson 95%] over {args.rows} test rows (rows x pairs queries); chance "
         f"is 1/{args.vocab - args.vocab // 2} = {100 / (args.vocab - args.vocab // 2):.1f}%. "
-        "'-': not trained.",
+        "'-': not trained; '(step S of N)': the run was stopped at step S (another budget).",
         "",
         f"| {label} | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
         "|---|" + "---|" * len(pairs),
     ]
     for lr in lrs:
         for model in models:
-            row = [cell_text((scores.get(Cell(model, p, lr)) or [None])[-1]) for p in pairs]
+            found = [(scores.get(Cell(model, p, lr)) or [None])[-1] for p in pairs]
+            row = [cell_text(result, args.steps) for result in found]
             name = f"{model}, {lr:g}" if several else model
             lines.append(f"| {name} | " + " | ".join(row) + " |")
     row = [percent(unbound_accuracy(p)) for p in pairs]

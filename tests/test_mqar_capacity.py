@@ -49,6 +49,8 @@ def test_grid_trains_scores_and_reports(tmp_path):
     assert scored.solved == int(hits.all(dim=1).sum())
     low, high = scored.query_interval
     assert low <= scored.correct / 18 <= high
+    assert benchmark.cell_text(scored, 2) == benchmark.cell_text(scored, 1)  # finished
+    assert benchmark.cell_text(scored, 3).endswith("(step 2 of 3)")  # stopped early
 
     before = (tmp_path / "runs" / "_meta" / "mamba-p2-lr0.003.json").read_text()
     benchmark.main(_grid(tmp_path))  # finished runs are evaluated, not trained again
