@@ -1,0 +1,381 @@
+"""MQAR capacity: accuracy against the number of key-value pairs at a fixed width (Zoology,
+Arora et al. 2023), for 2-layer, d_model 64 models trained with the same budget and seed.
+
+Each cell (model, pairs, learning rate) is one ``fidelity train --task mqar`` run under
+``--runs`` (``runs/mqar/MODEL-pPAIRS-lrLR``), trained here when missing or unfinished (runs
+resume from their newest checkpoint, so a killed benchmark continues where it stopped), one
+after another. Every run uses the same row length and vocabulary, so only the number of pairs
+changes between columns. The final checkpoint of each run is tested on ``--rows`` fresh rows
+(seeds from 10^9; training batches use seeds below 10^6) at the training length: every key
+is queried once, the answers teacher-forced in the row (fidelity/probes/memory_tasks.py).
+
+Reported per cell: query accuracy (argmax at each query, Wilson 95% interval over the
+queries; the queries of one row share its keys and values, so this interval is somewhat
+optimistic) and rows solved (every query of the row right, Wilson interval over rows).
+
+    # a learning-rate sweep on one model at few pairs (benchmarks/results/mqar_lr_sweep.md)
+    python benchmarks/mqar_capacity.py --models mamba --pairs 4 --lrs 1e-3,3e-3,1e-2 \\
+        --out benchmarks/results/mqar_lr_sweep.md --curve
+    # the capacity grid (benchmarks/results/mqar_capacity.md)
+    python benchmarks/mqar_capacity.py --models mamba,memmamba,mamba2,transformer \\
+        --pairs 4,8,16,32 --lrs 3e-3
+
+``--eval-only`` evaluates the runs that exist (finished or not: the newest checkpoint) and
+trains nothing. ``--curve`` also evaluates every checkpoint of each run (accuracy by step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import fidelity
+from fidelity.errors import InputError
+from fidelity.metrics.retrieval import wilson_interval
+from fidelity.metrics.task_accuracy import task_accuracy
+from fidelity.models.registry import build_config
+from fidelity.train import TrainConfig, checkpoint_dirs, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEST_SEED = 10**9
+ZOOLOGY = (
+    "Zoology (Arora et al. 2023, arXiv 2312.04927; their finding, not ours): attention "
+    "solves MQAR at every number of key-value pairs and sequence length they test, while "
+    "gated-convolution and fixed-state recurrent models (H3, Hyena, RWKV, RetNet and others) "
+    "lose accuracy as the pairs grow beyond what their state (model width) holds; a wider "
+    "model recovers it."
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid: ``model`` trained on ``pairs`` key-value pairs at ``lr``."""
+
+    model: str
+    pairs: int
+    lr: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-p{self.pairs}-lr{self.lr:g}"
+
+
+@dataclass(frozen=True)
+class Score:
+    """Accuracy of one checkpoint: ``correct`` of ``queries`` queries, ``solved`` of ``rows``
+    rows, with Wilson 95% intervals."""
+
+    step: int
+    correct: int
+    queries: int
+    solved: int
+    rows: int
+
+    @property
+    def query_interval(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.queries)
+
+    @property
+    def row_interval(self) -> tuple[float, float]:
+        return wilson_interval(self.solved, self.rows)
+
+
+def train_config(cell: Cell, args: argparse.Namespace) -> TrainConfig:
+    """The ``fidelity train`` settings of ``cell`` (2 layers x ``args.d_model``)."""
+    return TrainConfig(
+        model=cell.model,
+        preset="mini",
+        task="mqar",
+        length=row_length(cell, args),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=cell.lr,
+        save_every=args.save_every,
+        seed=args.seed,
+        device="cpu",
+        overrides={"n_layer": args.n_layer, "d_model": args.d_model},
+        task_options={"n_pairs": cell.pairs, "vocab_size": args.vocab},
+    )
+
+
+def row_length(cell: Cell, args: argparse.Namespace) -> int:
+    """``args.length`` if set, else ``4 * pairs`` (the shortest row that holds the pairs and
+    one query of each: every token after the pairs is a query or its answer)."""
+    return args.length or 4 * cell.pairs
+
+
+def command(cell: Cell, args: argparse.Namespace, out: Path) -> str:
+    """The equivalent ``fidelity train`` command line."""
+    return (
+        f"fidelity train --model {cell.model} --preset mini --set n_layer={args.n_layer} "
+        f"--set d_model={args.d_model} --task mqar --task-option n_pairs={cell.pairs} "
+        f"--task-option vocab_size={args.vocab} --length {row_length(cell, args)} "
+        f"--steps {args.steps} "
+        f"--batch-size {args.batch_size} --lr {cell.lr:g} --save-every {args.save_every} "
+        f"--seed {args.seed} --device cpu --out {out}"
+    )
+
+
+def score(checkpoint: Path, pairs: int, length: int, vocab: int, rows: int) -> Score:
+    """Accuracy of ``checkpoint`` on ``rows`` test rows of MQAR with ``pairs`` pairs."""
+    model = fidelity.load_model(checkpoint)
+    model.eval()
+    result = task_accuracy(
+        model,
+        "mqar",
+        length,
+        trials=rows,
+        batch=min(rows, 64),
+        seed=TEST_SEED,
+        chunk_size=None,
+        n_pairs=pairs,
+        vocab_size=vocab,
+    )
+    queries = rows * pairs
+    step = int(checkpoint.name.removeprefix("ckpt-"))
+    correct = round(result.answer_accuracy * queries)
+    return Score(step, correct, queries, result.solved, rows)
+
+
+def unbound_accuracy(pairs: int) -> float:
+    """Expected query accuracy without key-value binding: every key is asked once, and the
+    guess is uniform over the row's values not yet asked, so the k-th query (of ``pairs``)
+    is right with probability 1 / (pairs - k + 1); the mean is H(pairs) / pairs."""
+    return sum(1 / k for k in range(1, pairs + 1)) / pairs
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.0f}"
+
+
+def cell_text(result: Score | None, steps: int) -> str:
+    """Query accuracy [Wilson 95%] in %, and the step when the run stopped before ``steps``."""
+    if result is None:
+        return "-"
+    low, high = result.query_interval
+    text = f"{percent(result.correct / result.queries)} [{percent(low)}, {percent(high)}]"
+    return text if result.step >= steps else f"{text} (step {result.step} of {steps})"
+
+
+def rows_text(result: Score | None) -> str:
+    if result is None:
+        return "-"
+    low, high = result.row_interval
+    return f"{result.solved}/{result.rows} [{percent(low)}, {percent(high)}]"
+
+
+def log_rows(run: Path) -> list[dict]:
+    path = run / "train_log.csv"
+    if not path.is_file():
+        return []
+    import csv
+
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> None:
+    """Train ``cell`` to ``args.steps`` (resuming), recording wall time and load."""
+    out = args.runs / cell.name
+    done = checkpoint_dirs(out) if out.is_dir() else []
+    if done and int(done[-1].name.removeprefix("ckpt-")) >= args.steps:
+        return
+    meta_path = args.runs / "_meta" / f"{cell.name}.json"
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"sessions": []}
+    print(f"training {cell.name}: {command(cell, args, out)}", flush=True)
+    started, load_start = time.time(), os.getloadavg()[0]
+
+    def report(info: dict) -> None:
+        if info["step"] % 50 == 0 or info["step"] == info["steps"]:
+            print(
+                f"  {cell.name} step {info['step']}/{info['steps']} loss {info['loss']:.4f} "
+                f"{info['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+
+    train(train_config(cell, args), out, resume=bool(done), progress=report)
+    meta["sessions"].append(
+        {
+            "started": time.strftime("%H:%M", time.localtime(started)),
+            "wall_s": round(time.time() - started, 1),
+            "load": [round(load_start, 1), round(os.getloadavg()[0], 1)],
+        }
+    )
+    temporary = meta_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(meta))
+    temporary.replace(meta_path)
+
+
+def describe(cell: Cell, args: argparse.Namespace) -> dict:
+    """Step time, loss and the recorded wall-clock sessions of ``cell``'s run."""
+    out = args.runs / cell.name
+    logged = log_rows(out)
+    meta_path = args.runs / "_meta" / f"{cell.name}.json"
+    sessions = json.loads(meta_path.read_text())["sessions"] if meta_path.is_file() else []
+    return {
+        "steps": int(logged[-1]["step"]) if logged else 0,
+        "step_time_s": float(logged[-1]["elapsed_s"]) if logged else 0.0,
+        "loss": float(logged[-1]["loss"]) if logged else float("nan"),
+        "wall_s": sum(s["wall_s"] for s in sessions),
+        "loads": [s["load"] for s in sessions],
+        "command": command(cell, args, out),
+    }
+
+
+def parse_list(text: str, kind: type) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        message = f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+        raise InputError(message) from None
+    if not values:
+        raise InputError(f"expected at least one value, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="mamba,memmamba,mamba2,transformer")
+    parser.add_argument("--pairs", default="4,8,16,32")
+    parser.add_argument("--lrs", default="3e-3", help="peak learning rates (comma-separated)")
+    parser.add_argument("--length", type=int, default=0, help="row length; 0: 4 x pairs")
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=128, help="test rows per cell")
+    parser.add_argument("--runs", type=Path, default=Path("runs/mqar"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "mqar_capacity.md")
+    parser.add_argument("--eval-only", action="store_true", help="train nothing")
+    parser.add_argument("--curve", action="store_true", help="score every checkpoint")
+    args = parser.parse_args(argv)
+    models = parse_list(args.models, str)
+    pairs = parse_list(args.pairs, int)
+    lrs = parse_list(args.lrs, float)
+    cells = [Cell(m, p, lr) for lr in lrs for p in pairs for m in models]
+    for cell in cells:  # every setting is checked before any training starts
+        config = train_config(cell, args)
+        config.validate()
+        build_config(cell.model, config.preset, **config.model_overrides())
+    if not args.eval_only:
+        for cell in cells:
+            run_cell(cell, args)
+    scores: dict[Cell, list[Score]] = {}
+    for cell in cells:
+        found = checkpoint_dirs(args.runs / cell.name) if (args.runs / cell.name).is_dir() else []
+        chosen = found if args.curve else found[-1:]
+        scores[cell] = [
+            score(c, cell.pairs, row_length(cell, args), args.vocab, args.rows) for c in chosen
+        ]
+        if scores[cell]:
+            print(f"{cell.name}: {cell_text(scores[cell][-1], args.steps)}", flush=True)
+    write_report(args, models, pairs, lrs, cells, scores, argv)
+
+
+def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
+    load = " ".join(f"{value:.1f}" for value in os.getloadavg())
+    several = len(lrs) > 1
+    label = "model, lr" if several else "model"
+    title = "learning-rate sweep" if several else "accuracy against the number of key-value pairs"
+    lines = [
+        f"# MQAR capacity: {title}",
+        "",
+        ZOOLOGY,
+        "",
+        "## Ours",
+        "",
+        f"{args.n_layer}-layer models, d_model {args.d_model}, trained and tested at length "
+        f"{args.length or '4 x pairs'} with vocabulary {args.vocab} (keys "
+        f"1..{args.vocab // 2 - 1}, values "
+        f"{args.vocab // 2}..{args.vocab - 1}), {args.steps} steps of {args.batch_size} rows, "
+        f"seed {args.seed}, the same budget for every cell; each row holds the pairs, then "
+        "every key queried once in random order (at length 4 x pairs the queries follow the "
+        "pairs back to back), and the loss is on the answers. Query "
+        f"accuracy in % [Wilson 95%] over {args.rows} test rows (rows x pairs queries); chance "
+        f"is 1/{args.vocab - args.vocab // 2} = {100 / (args.vocab - args.vocab // 2):.1f}%. "
+        "'-': not trained; '(step S of N)': the run was stopped at step S (another budget).",
+        "",
+        f"| {label} | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
+    for lr in lrs:
+        for model in models:
+            found = [(scores.get(Cell(model, p, lr)) or [None])[-1] for p in pairs]
+            row = [cell_text(result, args.steps) for result in found]
+            name = f"{model}, {lr:g}" if several else model
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    row = [percent(unbound_accuracy(p)) for p in pairs]
+    lines += [
+        "| *no binding* | " + " | ".join(row) + " |",
+        "",
+        "*No binding*: the expected query accuracy of a model that knows which values the "
+        "row holds and which it has already answered, but not which key each value belongs "
+        "to (it picks uniformly among the values not yet asked): (1 + 1/2 + ... + 1/n) / n "
+        "for n pairs. A cell at this level shows no key-value binding, only that shortcut.",
+        "",
+        f"Rows solved (every query of the row right) of {args.rows} [Wilson 95%, %]:",
+        "",
+        f"| {label} | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
+    for lr in lrs:
+        for model in models:
+            row = [rows_text((scores.get(Cell(model, p, lr)) or [None])[-1]) for p in pairs]
+            name = f"{model}, {lr:g}" if several else model
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    row = [f"{100 / math.factorial(p):.2g}" for p in pairs]
+    lines.append("| *no binding* (1/n!) | " + " | ".join(row) + " |")
+    if args.curve:
+        lines += ["", "Query accuracy (%) by training step:", ""]
+        for cell in cells:
+            steps = ", ".join(
+                f"{s.step}: {percent(s.correct / s.queries)}" for s in scores.get(cell, [])
+            )
+            lines.append(f"- {cell.name}: {steps or 'no checkpoint'}")
+    lines += [
+        "",
+        "Runs (step time: the training's own clock, `elapsed_s` in train_log.csv; wall: "
+        "this script's clock over its training sessions, with the 1-minute load average at "
+        "the start and end of each; the machine's 2 cores were shared with other jobs):",
+        "",
+        "| run | steps done | final training loss | step time (s) | wall (s) | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        info = describe(cell, args)
+        loads = "; ".join(f"{a}-{b}" for a, b in info["loads"]) or "-"
+        wall = f"{info['wall_s']:.0f}" if info["wall_s"] else "-"
+        lines.append(
+            f"| {cell.name} | {info['steps']} | {info['loss']:.4f} | "
+            f"{info['step_time_s']:.0f} | {wall} | {loads} |"
+        )
+    lines += ["", "Training commands (one per run; the script runs the same through the API):", ""]
+    lines += [f"- `{describe(cell, args)['command']}`" for cell in cells]
+    lines += [
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, load average "
+        f"{load} when this file was written. Command: `python benchmarks/mqar_capacity.py "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        + "`.",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
