@@ -29,6 +29,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +40,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -440,15 +445,72 @@ inline void prefetch_row(const scalar_t* row, int64_t count, bool write) {
 #endif
 }
 
+// A 16 x 16 float32 block between rows and (step, lane) tiles with AVX-512 shuffles: 16 vector
+// loads, 64 shuffles and 16 vector stores instead of 256 scalar loads and stores.
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 16.
+#if defined(__AVX512F__)
+constexpr bool kBlockTranspose = true;
+
+inline void transpose_16x16(const float* src, int64_t src_stride, float* dst,
+                            int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = _mm512_loadu_ps(src + i * src_stride);
+  }
+  for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // lane L of r[4j + m]: column 4L + m of rows 4j .. 4j + 3
+    r[4 * j] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
+    r[4 * j + 1] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0xEE);
+    r[4 * j + 2] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
+    r[4 * j + 3] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {  // then across the four 128-bit lanes, twice
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm512_storeu_ps(dst + m * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
+    _mm512_storeu_ps(dst + (m + 8) * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD));
+    _mm512_storeu_ps(dst + (m + 4) * dst_stride,
+                     _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88));
+    _mm512_storeu_ps(dst + (m + 12) * dst_stride,
+                     _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD));
+  }
+}
+#else
+constexpr bool kBlockTranspose = false;
+
+inline void transpose_16x16(const float*, int64_t, float*, int64_t) {}
+#endif
+
+// Steps [0, blocked) of a full group go through 16 x 16 blocks (float32 with AVX-512), the
+// rest element by element.
+template <typename scalar_t>
+int64_t blocked_steps(int64_t lanes, int64_t n) {
+  constexpr bool fast = kBlockTranspose && std::is_same_v<scalar_t, float>;
+  return fast && lanes == kLanes<scalar_t> ? n - n % 16 : 0;
+}
+
 // tile[i * kLanes + c] = rows[c * row_stride + i] for i < n and c < lanes; other lanes of the
 // tile's first n steps are zeroed.
 template <typename scalar_t>
 void transpose_in(const scalar_t* rows, int64_t row_stride, int64_t lanes, int64_t n,
                   scalar_t* tile) {
   constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t blocked = blocked_steps<scalar_t>(lanes, n);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t i = 0; i < blocked; i += 16) {
+      transpose_16x16(rows + i, row_stride, tile + i * W, W);
+    }
+  }
   for (int64_t c = 0; c < lanes; ++c) {
     const scalar_t* __restrict__ row = rows + c * row_stride;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = blocked; i < n; ++i) {
       tile[i * W + c] = row[i];
     }
   }
@@ -800,9 +862,15 @@ template <typename scalar_t>
 void transpose_out(const scalar_t* tile, int64_t lanes, int64_t n, scalar_t* rows,
                    int64_t row_stride) {
   constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t blocked = blocked_steps<scalar_t>(lanes, n);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t i = 0; i < blocked; i += 16) {
+      transpose_16x16(tile + i * W, W, rows + i, row_stride);
+    }
+  }
   for (int64_t c = 0; c < lanes; ++c) {
     scalar_t* __restrict__ row = rows + c * row_stride;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = blocked; i < n; ++i) {
       row[i] = tile[i * W + c];
     }
   }
@@ -896,11 +964,56 @@ void group_finish(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar
   }
 }
 
+// Groups a thread walks together through the blocks (all of them, block by block, then the
+// next sweep): the time-varying B and C lane tiles are summed once per block and sweep, and a
+// sweep's row segments (7 streams x 16 rows x kGroupsPerSweep groups per block) stay within
+// the TLB and L2, which walking all of a thread's groups per block did not.
+constexpr int64_t kGroupsPerSweep = 4;
+
+// Ask for the row segments of `block` of one group (inputs for reading, gradients for
+// writing) while the current block computes: the block-by-block walk jumps between rows, so
+// the hardware prefetcher does not follow it.
+template <typename scalar_t>
+void prefetch_block(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar_t>& g,
+                    int64_t block, int64_t every, const scalar_t* grad_out,
+                    const Grads<scalar_t>& grads) {
+  const int64_t t0 = block * every, count = std::min(every, in.len - t0);
+  for (int64_t c = 0; c < g.lanes; ++c) {
+    const int64_t offset = (b * in.dim + g.d0 + c) * in.len + t0;
+    prefetch_row(in.u + offset, count, false);
+    prefetch_row(in.delta + offset, count, false);
+    prefetch_row(grad_out + offset, count, false);
+    prefetch_row(grads.u + offset, count, true);
+    prefetch_row(grads.delta + offset, count, true);
+    if (in.z != nullptr) {
+      prefetch_row(in.z + offset, count, false);
+      prefetch_row(grads.z + offset, count, true);
+    }
+  }
+}
+
 // out[j] += sum over lanes of tile[j * kLanes + lane], for j < rows.
 template <typename scalar_t>
 void sum_lanes(const scalar_t* tile, int64_t rows, scalar_t* out) {
   constexpr int64_t W = kLanes<scalar_t>;
-  for (int64_t j = 0; j < rows; ++j) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kBlockTranspose) {  // 16 rows at a time: transpose, then add the 16 lane vectors
+      alignas(64) float columns[16 * 16];
+      for (; j + 16 <= rows; j += 16) {
+        transpose_16x16(tile + j * W, W, columns, 16);
+#pragma omp simd
+        for (int64_t r = 0; r < 16; ++r) {
+          float sum = 0;
+          for (int64_t c = 0; c < 16; ++c) {
+            sum += columns[c * 16 + r];
+          }
+          out[j + r] += sum;
+        }
+      }
+    }
+  }
+  for (; j < rows; ++j) {
     scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < W; ++c) {
@@ -947,19 +1060,26 @@ void scan_backward_groups(const Inputs<scalar_t>& in, const scalar_t* checkpoint
       }
       scalar_t* own_B = B_vary ? partial_B.data() + tid * slice : nullptr;
       scalar_t* own_C = C_vary ? partial_C.data() + tid * slice : nullptr;
-      for (int64_t block = n_ckpt - 1; block >= 0; --block) {
-        const int64_t t0 = block * every, n = std::min(every, in.len - t0);
-        std::fill(s.gB_lanes.begin(), s.gB_lanes.end(), scalar_t(0));
-        std::fill(s.gC_lanes.begin(), s.gC_lanes.end(), scalar_t(0));
-        for (auto& carry : carries) {
-          group_block<scalar_t, B_vary, C_vary>(in, b, block, every, checkpoints, n_ckpt,
-                                                grad_out, grads, carry, s);
-        }
-        if (B_vary) {
-          sum_lanes(s.gB_lanes.data(), n * nst, own_B + t0 * nst);
-        }
-        if (C_vary) {
-          sum_lanes(s.gC_lanes.data(), n * nst, own_C + t0 * nst);
+      const int64_t n_carries = static_cast<int64_t>(carries.size());
+      for (int64_t first = 0; first < n_carries; first += kGroupsPerSweep) {
+        const int64_t last = std::min(n_carries, first + kGroupsPerSweep);
+        for (int64_t block = n_ckpt - 1; block >= 0; --block) {
+          const int64_t t0 = block * every, n = std::min(every, in.len - t0);
+          std::fill(s.gB_lanes.begin(), s.gB_lanes.end(), scalar_t(0));
+          std::fill(s.gC_lanes.begin(), s.gC_lanes.end(), scalar_t(0));
+          for (int64_t index = first; index < last; ++index) {
+            if (block > 0) {
+              prefetch_block(in, b, carries[index], block - 1, every, grad_out, grads);
+            }
+            group_block<scalar_t, B_vary, C_vary>(in, b, block, every, checkpoints, n_ckpt,
+                                                  grad_out, grads, carries[index], s);
+          }
+          if (B_vary) {
+            sum_lanes(s.gB_lanes.data(), n * nst, own_B + t0 * nst);
+          }
+          if (C_vary) {
+            sum_lanes(s.gC_lanes.data(), n * nst, own_C + t0 * nst);
+          }
         }
       }
       for (const auto& carry : carries) {
