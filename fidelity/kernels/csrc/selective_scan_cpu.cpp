@@ -178,34 +178,14 @@ inline scalar_t sigmoid(scalar_t x) {
   return 1 / (1 + vexp(-x));
 }
 
-// d softplus / dx with the same threshold.
-template <typename scalar_t>
-inline scalar_t softplus_slope(scalar_t x) {
-  return x > 20 ? static_cast<scalar_t>(1) : sigmoid(x);
-}
-
 // ---------------------------------------------------------------------------------------------
-// One row's inputs.
+// The inputs.
 
 struct Options {
   bool has_D;
   bool has_z;
   bool has_bias;
   bool softplus;
-};
-
-template <typename scalar_t>
-struct Row {
-  const scalar_t* u;
-  const scalar_t* delta;
-  const scalar_t* z;  // nullptr without a gate
-  const scalar_t* A;
-  const scalar_t* B;
-  const scalar_t* C;
-  int64_t B_step;  // elements between B_t and B_{t+1}: nst, or 0 when time-invariant
-  int64_t C_step;
-  scalar_t D;
-  scalar_t bias;
 };
 
 template <typename scalar_t>
@@ -222,22 +202,6 @@ struct Inputs {
   bool B_vary;  // B is (batch, len, nst), not (dim, nst)
   bool C_vary;
   Options options;
-
-  Row<scalar_t> row(int64_t b, int64_t d) const {
-    const int64_t offset = (b * dim + d) * len;
-    const int64_t B_offset = B_vary ? b * len * nst : d * nst;
-    const int64_t C_offset = C_vary ? b * len * nst : d * nst;
-    return {u + offset,
-            delta + offset,
-            z != nullptr ? z + offset : nullptr,
-            A + d * nst,
-            B + B_offset,
-            C + C_offset,
-            B_vary ? nst : 0,
-            C_vary ? nst : 0,
-            D != nullptr ? D[d] : static_cast<scalar_t>(0),
-            bias != nullptr ? bias[d] : static_cast<scalar_t>(0)};
-  }
 };
 
 template <typename scalar_t>
@@ -266,39 +230,6 @@ Inputs<scalar_t> make_inputs(const at::Tensor& u, const at::Tensor& delta, const
           B.dim() == 3,
           C.dim() == 3,
           {D.has_value(), z.has_value(), bias.has_value(), softplus}};
-}
-
-// Step sizes of steps [t0, t0 + n) into dt (and, when wanted, d dt / d delta into slope).
-template <typename scalar_t>
-inline void block_step_sizes(const Row<scalar_t>& row, bool use_softplus, int64_t t0, int64_t n,
-                             scalar_t* __restrict__ dt, scalar_t* __restrict__ slope) {
-  const scalar_t* __restrict__ delta = row.delta + t0;
-  const scalar_t bias = row.bias;
-  if (use_softplus) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t x = delta[i] + bias;
-      dt[i] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dt[i] = softplus_from_exp(delta[i] + bias, dt[i]);
-    }
-    if (slope != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        slope[i] = softplus_slope(delta[i] + bias);
-      }
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dt[i] = delta[i] + bias;
-    }
-    if (slope != nullptr) {
-      std::fill(slope, slope + n, static_cast<scalar_t>(1));
-    }
-  }
 }
 
 // Rows per parallel task: enough that a task does at least ~64k state updates (tens of
@@ -654,7 +585,8 @@ struct Grads {
 template <typename scalar_t>
 struct BackwardScratch {
   std::vector<scalar_t> h_start;                                         // (state, lane)
-  std::vector<scalar_t> u, dt, slope, z, g_out, grad_y, g_u, g_dt, g_z;  // (step, lane)
+  std::vector<scalar_t> u, dt, slope, z, g_out, grad_y, g_u, g_dt, g_z, via_B,
+      via_decay;                                                         // (step, lane)
   std::vector<scalar_t> states, decays, gB_lanes, gC_lanes;              // (step, state, lane)
   BackwardScratch(int64_t every, int64_t nst)
       : h_start(nst * kLanes<scalar_t>), u(every * kLanes<scalar_t>),
@@ -662,6 +594,7 @@ struct BackwardScratch {
         z(every * kLanes<scalar_t>), g_out(every * kLanes<scalar_t>),
         grad_y(every * kLanes<scalar_t>), g_u(every * kLanes<scalar_t>),
         g_dt(every * kLanes<scalar_t>), g_z(every * kLanes<scalar_t>),
+        via_B(every * kLanes<scalar_t>), via_decay(every * kLanes<scalar_t>),
         states(every * nst * kLanes<scalar_t>), decays(every * nst * kLanes<scalar_t>),
         gB_lanes(every * nst * kLanes<scalar_t>), gC_lanes(every * nst * kLanes<scalar_t>) {}
 };
@@ -704,8 +637,8 @@ FIDELITY_WIDE_VECTORS void group_step_slopes(BackwardScratch<scalar_t>& s, const
     e[j] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
   }
 #pragma omp simd
-  for (int64_t j = 0; j < n * W; ++j) {
-    slope[j] = softplus_slope(dt[j]);
+  for (int64_t j = 0; j < n * W; ++j) {  // sigmoid(x) = e / (1 + e) below the threshold
+    slope[j] = dt[j] > 20 ? static_cast<scalar_t>(1) : e[j] / (1 + e[j]);
   }
 #pragma omp simd
   for (int64_t j = 0; j < n * W; ++j) {
@@ -788,60 +721,108 @@ FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s,
   }
 }
 
-// The adjoint recurrence backwards through the block:
+// One 512-bit vector of a group's lanes (GCC / Clang vector extension): locals of this type
+// stay in registers, which arrays indexed by lane inside `omp simd` loops may not.
+template <typename scalar_t>
+struct LaneVector {
+  typedef scalar_t type __attribute__((vector_size(64)));
+};
+
+template <typename scalar_t>
+inline typename LaneVector<scalar_t>::type load_lanes(const scalar_t* p) {
+  typename LaneVector<scalar_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+inline void store_lanes(scalar_t* p, typename LaneVector<scalar_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// States per pass of the adjoint: their adjoints and dL/dA sums stay in registers while the
+// pass walks the block's steps, so per step and state it stores only the B and C gradients.
+constexpr int64_t kAdjointStates = 8;
+
+// The adjoint recurrence backwards through the block for states [k0, k0 + K):
 //   dL/dh_t = adjoint + grad_y_t C_t,   adjoint <- dL/dh_t * decay_t   (= dL/dh_{t-1}).
-// Writes the g_u and g_dt tiles; adds to gA, gD and the B, C gradients (time-varying ones into
+// Adds the states' shares of dL/du (via B) and dL/d dt (via the decay) into the s.via_B and
+// s.via_decay (step, lane) tiles, and adds to gA and the B, C gradients (time-varying ones into
 // the scratch's lane tiles).
+template <typename scalar_t, int64_t K, bool B_vary, bool C_vary>
+FIDELITY_WIDE_VECTORS void adjoint_states(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
+                                          const scalar_t* B_steps, const scalar_t* C_steps,
+                                          int64_t t0, int64_t n, int64_t nst, int64_t k0) {
+  using V = typename LaneVector<scalar_t>::type;
+  constexpr int64_t W = kLanes<scalar_t>;
+  V adjoint[K], gA[K];
+#pragma GCC unroll 16
+  for (int64_t q = 0; q < K; ++q) {
+    adjoint[q] = load_lanes(g.adjoint.data() + (k0 + q) * W);
+    gA[q] = load_lanes(g.gA.data() + (k0 + q) * W);
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const V dt = load_lanes(s.dt.data() + i * W);
+    const V gy = load_lanes(s.grad_y.data() + i * W);
+    const V drive = dt * load_lanes(s.u.data() + i * W);
+    const scalar_t* h_prev = i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
+    const scalar_t* h_t = s.states.data() + i * nst * W;
+    const scalar_t* dA_t = s.decays.data() + i * nst * W;
+    scalar_t* gB_t = B_vary ? s.gB_lanes.data() + i * nst * W : g.gB.data();
+    scalar_t* gC_t = C_vary ? s.gC_lanes.data() + i * nst * W : g.gC.data();
+    V via_B = load_lanes(s.via_B.data() + i * W);
+    V via_decay = load_lanes(s.via_decay.data() + i * W);
+#pragma GCC unroll 16
+    for (int64_t q = 0; q < K; ++q) {
+      const int64_t k = k0 + q, j = k * W;
+      const V B_val = B_vary ? V{} + B_steps[t * nst + k] : load_lanes(g.B.data() + j);
+      const V C_val = C_vary ? V{} + C_steps[t * nst + k] : load_lanes(g.C.data() + j);
+      const V decay = load_lanes(dA_t + j);
+      const V g_k = adjoint[q] + gy * C_val;  // dL/dh_t
+      store_lanes(gC_t + j, load_lanes(gC_t + j) + gy * load_lanes(h_t + j));
+      store_lanes(gB_t + j, load_lanes(gB_t + j) + g_k * drive);
+      via_B += g_k * B_val;
+      const V through_decay = g_k * decay * load_lanes(h_prev + j);
+      via_decay += through_decay * load_lanes(g.A.data() + j);
+      gA[q] += through_decay * dt;
+      adjoint[q] = g_k * decay;  // dL/dh_{t-1}
+    }
+    store_lanes(s.via_B.data() + i * W, via_B);
+    store_lanes(s.via_decay.data() + i * W, via_decay);
+  }
+#pragma GCC unroll 16
+  for (int64_t q = 0; q < K; ++q) {
+    store_lanes(g.adjoint.data() + (k0 + q) * W, adjoint[q]);
+    store_lanes(g.gA.data() + (k0 + q) * W, gA[q]);
+  }
+}
+
+// The adjoint over all states (in passes of kAdjointStates, the rest one by one), then per
+// step: writes the g_u and g_dt tiles and adds to gD and the bias gradient.
 template <typename scalar_t, bool B_vary, bool C_vary>
 FIDELITY_WIDE_VECTORS void group_adjoint(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
                                          const scalar_t* B_steps, const scalar_t* C_steps,
                                          int64_t t0, int64_t n, int64_t nst) {
   constexpr int64_t W = kLanes<scalar_t>;
-  scalar_t* __restrict__ adjoint = g.adjoint.data();
-  scalar_t* __restrict__ gA = g.gA.data();
+  std::fill(s.via_B.begin(), s.via_B.begin() + n * W, scalar_t(0));
+  std::fill(s.via_decay.begin(), s.via_decay.begin() + n * W, scalar_t(0));
+  int64_t k0 = 0;
+  for (; k0 + kAdjointStates <= nst; k0 += kAdjointStates) {
+    adjoint_states<scalar_t, kAdjointStates, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst,
+                                                             k0);
+  }
+  for (; k0 < nst; ++k0) {
+    adjoint_states<scalar_t, 1, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst, k0);
+  }
   scalar_t* __restrict__ gD = g.gD.data();
-  const scalar_t* __restrict__ A = g.A.data();
   const scalar_t* __restrict__ D = g.D.data();
   for (int64_t i = n - 1; i >= 0; --i) {
-    const int64_t t = t0 + i;
     const scalar_t* __restrict__ dt = s.dt.data() + i * W;
     const scalar_t* __restrict__ u = s.u.data() + i * W;
     const scalar_t* __restrict__ gy = s.grad_y.data() + i * W;
-    const scalar_t* __restrict__ h_prev =
-        i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
-    const scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
-    const scalar_t* __restrict__ dA_t = s.decays.data() + i * nst * W;
-    scalar_t* __restrict__ gB_t = B_vary ? s.gB_lanes.data() + i * nst * W : g.gB.data();
-    scalar_t* __restrict__ gC_t = C_vary ? s.gC_lanes.data() + i * nst * W : g.gC.data();
-    alignas(64) scalar_t drive[W];
-    alignas(64) scalar_t via_B[W];
-    alignas(64) scalar_t via_decay[W];
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) {
-      drive[c] = dt[c] * u[c];
-      via_B[c] = 0;
-      via_decay[c] = 0;
-    }
-    for (int64_t k = 0; k < nst; ++k) {
-      const scalar_t B_shared = B_vary ? B_steps[t * nst + k] : scalar_t(0);
-      const scalar_t C_shared = C_vary ? C_steps[t * nst + k] : scalar_t(0);
-      const scalar_t* __restrict__ B_lane = g.B.data() + k * W;
-      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
-#pragma omp simd simdlen(W)
-      for (int64_t c = 0; c < W; ++c) {
-        const int64_t j = k * W + c;
-        const scalar_t B_val = B_vary ? B_shared : B_lane[c];
-        const scalar_t C_val = C_vary ? C_shared : C_lane[c];
-        const scalar_t g_k = adjoint[j] + gy[c] * C_val;  // dL/dh_t
-        gC_t[j] += gy[c] * h_t[j];
-        gB_t[j] += g_k * drive[c];
-        via_B[c] += g_k * B_val;
-        const scalar_t through_decay = g_k * dA_t[j] * h_prev[j];
-        via_decay[c] += through_decay * A[j];
-        gA[j] += through_decay * dt[c];
-        adjoint[j] = g_k * dA_t[j];  // dL/dh_{t-1}
-      }
-    }
+    const scalar_t* __restrict__ via_B = s.via_B.data() + i * W;
+    const scalar_t* __restrict__ via_decay = s.via_decay.data() + i * W;
     scalar_t* __restrict__ g_u = s.g_u.data() + i * W;
     scalar_t* __restrict__ g_dt = s.g_dt.data() + i * W;
     const scalar_t* __restrict__ slope = s.slope.data() + i * W;
