@@ -585,13 +585,13 @@ struct Grads {
 template <typename scalar_t>
 struct BackwardScratch {
   std::vector<scalar_t> h_start;                                         // (state, lane)
-  std::vector<scalar_t> u, dt, slope, z, g_out, grad_y, g_u, g_dt, g_z, via_B,
+  std::vector<scalar_t> u, dt, slope, z, g_out, y, grad_y, g_u, g_dt, g_z, via_B,
       via_decay;                                                         // (step, lane)
   std::vector<scalar_t> states, decays, gB_lanes, gC_lanes;              // (step, state, lane)
   BackwardScratch(int64_t every, int64_t nst)
       : h_start(nst * kLanes<scalar_t>), u(every * kLanes<scalar_t>),
         dt(every * kLanes<scalar_t>), slope(every * kLanes<scalar_t>),
-        z(every * kLanes<scalar_t>), g_out(every * kLanes<scalar_t>),
+        z(every * kLanes<scalar_t>), g_out(every * kLanes<scalar_t>), y(every * kLanes<scalar_t>),
         grad_y(every * kLanes<scalar_t>), g_u(every * kLanes<scalar_t>),
         g_dt(every * kLanes<scalar_t>), g_z(every * kLanes<scalar_t>),
         via_B(every * kLanes<scalar_t>), via_decay(every * kLanes<scalar_t>),
@@ -646,14 +646,16 @@ FIDELITY_WIDE_VECTORS void group_step_slopes(BackwardScratch<scalar_t>& s, const
   }
 }
 
-// The block's states and decays from its checkpoint (s.h_start), as the forward computes them.
-template <typename scalar_t, bool B_vary>
+// The block's states and decays from its checkpoint (s.h_start), as the forward computes them,
+// and with a gate (with_y) the outputs before it, y = sum_n C_t[n] h_t[n] + D u, into s.y.
+template <typename scalar_t, bool B_vary, bool C_vary, bool with_y>
 FIDELITY_WIDE_VECTORS void group_recompute(BackwardScratch<scalar_t>& s,
                                            const GroupCarry<scalar_t>& g,
-                                           const scalar_t* B_steps, int64_t t0, int64_t n,
-                                           int64_t nst) {
+                                           const scalar_t* B_steps, const scalar_t* C_steps,
+                                           int64_t t0, int64_t n, int64_t nst) {
   constexpr int64_t W = kLanes<scalar_t>;
   const scalar_t* __restrict__ A = g.A.data();
+  const scalar_t* __restrict__ D = g.D.data();
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* __restrict__ dt = s.dt.data() + i * W;
     const scalar_t* __restrict__ u = s.u.data() + i * W;
@@ -662,52 +664,46 @@ FIDELITY_WIDE_VECTORS void group_recompute(BackwardScratch<scalar_t>& s,
     scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
     scalar_t* __restrict__ dA_t = s.decays.data() + i * nst * W;
     alignas(64) scalar_t drive[W];
+    alignas(64) scalar_t y[W];
 #pragma omp simd
     for (int64_t c = 0; c < W; ++c) {
       drive[c] = dt[c] * u[c];
+      y[c] = D[c] * u[c];
     }
     for (int64_t k = 0; k < nst; ++k) {
       const scalar_t B_shared = B_vary ? B_steps[(t0 + i) * nst + k] : scalar_t(0);
+      const scalar_t C_shared = C_vary ? C_steps[(t0 + i) * nst + k] : scalar_t(0);
       const scalar_t* __restrict__ B_lane = g.B.data() + k * W;
+      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
 #pragma omp simd simdlen(W)
       for (int64_t c = 0; c < W; ++c) {
         const scalar_t B_val = B_vary ? B_shared : B_lane[c];
         const scalar_t decay = vexp(dt[c] * A[k * W + c]);
+        const scalar_t h_new = decay * h_prev[k * W + c] + drive[c] * B_val;
         dA_t[k * W + c] = decay;
-        h_t[k * W + c] = decay * h_prev[k * W + c] + drive[c] * B_val;
+        h_t[k * W + c] = h_new;
+        if (with_y) {
+          y[c] += (C_vary ? C_shared : C_lane[c]) * h_new;
+        }
       }
+    }
+    if (with_y) {
+      std::copy(y, y + W, s.y.data() + i * W);
     }
   }
 }
 
-// Through the gate: grad_y = dL/dy and g_z = dL/dz over the block (y recomputed from states).
-template <typename scalar_t, bool C_vary>
-FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s,
-                                               const GroupCarry<scalar_t>& g,
-                                               const scalar_t* C_steps, bool has_z, int64_t t0,
-                                               int64_t n, int64_t nst) {
+// Through the gate: grad_y = dL/dy and g_z = dL/dz over the block (y from group_recompute).
+template <typename scalar_t>
+FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s, bool has_z,
+                                               int64_t n) {
   constexpr int64_t W = kLanes<scalar_t>;
   if (!has_z) {
     std::copy(s.g_out.begin(), s.g_out.begin() + n * W, s.grad_y.begin());
     return;
   }
-  const scalar_t* __restrict__ D = g.D.data();
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
-    const scalar_t* __restrict__ u = s.u.data() + i * W;
-    alignas(64) scalar_t y[W];
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) {
-      y[c] = D[c] * u[c];
-    }
-    for (int64_t k = 0; k < nst; ++k) {
-      const scalar_t C_shared = C_vary ? C_steps[(t0 + i) * nst + k] : scalar_t(0);
-      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
-#pragma omp simd simdlen(W)
-      for (int64_t c = 0; c < W; ++c) {
-        y[c] += (C_vary ? C_shared : C_lane[c]) * h_t[k * W + c];
-      }
-    }
+    const scalar_t* __restrict__ y = s.y.data() + i * W;
     const scalar_t* __restrict__ z = s.z.data() + i * W;
     const scalar_t* __restrict__ g_out = s.g_out.data() + i * W;
     scalar_t* __restrict__ grad_y = s.grad_y.data() + i * W;
@@ -908,8 +904,12 @@ void group_block(const Inputs<scalar_t>& in, int64_t b, int64_t block, int64_t e
     transpose_in(in.z + offset, len, g.lanes, n, s.z.data());
   }
   group_step_slopes(s, g.bias.data(), in.options.softplus, n);
-  group_recompute<scalar_t, B_vary>(s, g, B_steps, t0, n, nst);
-  group_gate_backward<scalar_t, C_vary>(s, g, C_steps, has_z, t0, n, nst);
+  if (has_z) {
+    group_recompute<scalar_t, B_vary, C_vary, true>(s, g, B_steps, C_steps, t0, n, nst);
+  } else {
+    group_recompute<scalar_t, B_vary, C_vary, false>(s, g, B_steps, C_steps, t0, n, nst);
+  }
+  group_gate_backward(s, has_z, n);
   group_adjoint<scalar_t, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst);
   transpose_out(s.g_u.data(), g.lanes, n, grads.u + offset, len);
   transpose_out(s.g_dt.data(), g.lanes, n, grads.delta + offset, len);
