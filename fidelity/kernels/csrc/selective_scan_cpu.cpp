@@ -29,6 +29,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +40,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -173,34 +178,14 @@ inline scalar_t sigmoid(scalar_t x) {
   return 1 / (1 + vexp(-x));
 }
 
-// d softplus / dx with the same threshold.
-template <typename scalar_t>
-inline scalar_t softplus_slope(scalar_t x) {
-  return x > 20 ? static_cast<scalar_t>(1) : sigmoid(x);
-}
-
 // ---------------------------------------------------------------------------------------------
-// One row's inputs.
+// The inputs.
 
 struct Options {
   bool has_D;
   bool has_z;
   bool has_bias;
   bool softplus;
-};
-
-template <typename scalar_t>
-struct Row {
-  const scalar_t* u;
-  const scalar_t* delta;
-  const scalar_t* z;  // nullptr without a gate
-  const scalar_t* A;
-  const scalar_t* B;
-  const scalar_t* C;
-  int64_t B_step;  // elements between B_t and B_{t+1}: nst, or 0 when time-invariant
-  int64_t C_step;
-  scalar_t D;
-  scalar_t bias;
 };
 
 template <typename scalar_t>
@@ -217,22 +202,6 @@ struct Inputs {
   bool B_vary;  // B is (batch, len, nst), not (dim, nst)
   bool C_vary;
   Options options;
-
-  Row<scalar_t> row(int64_t b, int64_t d) const {
-    const int64_t offset = (b * dim + d) * len;
-    const int64_t B_offset = B_vary ? b * len * nst : d * nst;
-    const int64_t C_offset = C_vary ? b * len * nst : d * nst;
-    return {u + offset,
-            delta + offset,
-            z != nullptr ? z + offset : nullptr,
-            A + d * nst,
-            B + B_offset,
-            C + C_offset,
-            B_vary ? nst : 0,
-            C_vary ? nst : 0,
-            D != nullptr ? D[d] : static_cast<scalar_t>(0),
-            bias != nullptr ? bias[d] : static_cast<scalar_t>(0)};
-  }
 };
 
 template <typename scalar_t>
@@ -261,39 +230,6 @@ Inputs<scalar_t> make_inputs(const at::Tensor& u, const at::Tensor& delta, const
           B.dim() == 3,
           C.dim() == 3,
           {D.has_value(), z.has_value(), bias.has_value(), softplus}};
-}
-
-// Step sizes of steps [t0, t0 + n) into dt (and, when wanted, d dt / d delta into slope).
-template <typename scalar_t>
-inline void block_step_sizes(const Row<scalar_t>& row, bool use_softplus, int64_t t0, int64_t n,
-                             scalar_t* __restrict__ dt, scalar_t* __restrict__ slope) {
-  const scalar_t* __restrict__ delta = row.delta + t0;
-  const scalar_t bias = row.bias;
-  if (use_softplus) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t x = delta[i] + bias;
-      dt[i] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dt[i] = softplus_from_exp(delta[i] + bias, dt[i]);
-    }
-    if (slope != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        slope[i] = softplus_slope(delta[i] + bias);
-      }
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dt[i] = delta[i] + bias;
-    }
-    if (slope != nullptr) {
-      std::fill(slope, slope + n, static_cast<scalar_t>(1));
-    }
-  }
 }
 
 // Rows per parallel task: enough that a task does at least ~64k state updates (tens of
@@ -440,15 +376,72 @@ inline void prefetch_row(const scalar_t* row, int64_t count, bool write) {
 #endif
 }
 
+// A 16 x 16 float32 block between rows and (step, lane) tiles with AVX-512 shuffles: 16 vector
+// loads, 64 shuffles and 16 vector stores instead of 256 scalar loads and stores.
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 16.
+#if defined(__AVX512F__)
+constexpr bool kBlockTranspose = true;
+
+inline void transpose_16x16(const float* src, int64_t src_stride, float* dst,
+                            int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = _mm512_loadu_ps(src + i * src_stride);
+  }
+  for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // lane L of r[4j + m]: column 4L + m of rows 4j .. 4j + 3
+    r[4 * j] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
+    r[4 * j + 1] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0xEE);
+    r[4 * j + 2] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
+    r[4 * j + 3] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {  // then across the four 128-bit lanes, twice
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm512_storeu_ps(dst + m * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
+    _mm512_storeu_ps(dst + (m + 8) * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD));
+    _mm512_storeu_ps(dst + (m + 4) * dst_stride,
+                     _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88));
+    _mm512_storeu_ps(dst + (m + 12) * dst_stride,
+                     _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD));
+  }
+}
+#else
+constexpr bool kBlockTranspose = false;
+
+inline void transpose_16x16(const float*, int64_t, float*, int64_t) {}
+#endif
+
+// Steps [0, blocked) of a full group go through 16 x 16 blocks (float32 with AVX-512), the
+// rest element by element.
+template <typename scalar_t>
+int64_t blocked_steps(int64_t lanes, int64_t n) {
+  constexpr bool fast = kBlockTranspose && std::is_same_v<scalar_t, float>;
+  return fast && lanes == kLanes<scalar_t> ? n - n % 16 : 0;
+}
+
 // tile[i * kLanes + c] = rows[c * row_stride + i] for i < n and c < lanes; other lanes of the
 // tile's first n steps are zeroed.
 template <typename scalar_t>
 void transpose_in(const scalar_t* rows, int64_t row_stride, int64_t lanes, int64_t n,
                   scalar_t* tile) {
   constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t blocked = blocked_steps<scalar_t>(lanes, n);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t i = 0; i < blocked; i += 16) {
+      transpose_16x16(rows + i, row_stride, tile + i * W, W);
+    }
+  }
   for (int64_t c = 0; c < lanes; ++c) {
     const scalar_t* __restrict__ row = rows + c * row_stride;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = blocked; i < n; ++i) {
       tile[i * W + c] = row[i];
     }
   }
@@ -592,14 +585,16 @@ struct Grads {
 template <typename scalar_t>
 struct BackwardScratch {
   std::vector<scalar_t> h_start;                                         // (state, lane)
-  std::vector<scalar_t> u, dt, slope, z, g_out, grad_y, g_u, g_dt, g_z;  // (step, lane)
+  std::vector<scalar_t> u, dt, slope, z, g_out, y, grad_y, g_u, g_dt, g_z, via_B,
+      via_decay;                                                         // (step, lane)
   std::vector<scalar_t> states, decays, gB_lanes, gC_lanes;              // (step, state, lane)
   BackwardScratch(int64_t every, int64_t nst)
       : h_start(nst * kLanes<scalar_t>), u(every * kLanes<scalar_t>),
         dt(every * kLanes<scalar_t>), slope(every * kLanes<scalar_t>),
-        z(every * kLanes<scalar_t>), g_out(every * kLanes<scalar_t>),
+        z(every * kLanes<scalar_t>), g_out(every * kLanes<scalar_t>), y(every * kLanes<scalar_t>),
         grad_y(every * kLanes<scalar_t>), g_u(every * kLanes<scalar_t>),
         g_dt(every * kLanes<scalar_t>), g_z(every * kLanes<scalar_t>),
+        via_B(every * kLanes<scalar_t>), via_decay(every * kLanes<scalar_t>),
         states(every * nst * kLanes<scalar_t>), decays(every * nst * kLanes<scalar_t>),
         gB_lanes(every * nst * kLanes<scalar_t>), gC_lanes(every * nst * kLanes<scalar_t>) {}
 };
@@ -642,8 +637,8 @@ FIDELITY_WIDE_VECTORS void group_step_slopes(BackwardScratch<scalar_t>& s, const
     e[j] = vexp(x < 20 ? x : static_cast<scalar_t>(20));
   }
 #pragma omp simd
-  for (int64_t j = 0; j < n * W; ++j) {
-    slope[j] = softplus_slope(dt[j]);
+  for (int64_t j = 0; j < n * W; ++j) {  // sigmoid(x) = e / (1 + e) below the threshold
+    slope[j] = dt[j] > 20 ? static_cast<scalar_t>(1) : e[j] / (1 + e[j]);
   }
 #pragma omp simd
   for (int64_t j = 0; j < n * W; ++j) {
@@ -651,14 +646,16 @@ FIDELITY_WIDE_VECTORS void group_step_slopes(BackwardScratch<scalar_t>& s, const
   }
 }
 
-// The block's states and decays from its checkpoint (s.h_start), as the forward computes them.
-template <typename scalar_t, bool B_vary>
+// The block's states and decays from its checkpoint (s.h_start), as the forward computes them,
+// and with a gate (with_y) the outputs before it, y = sum_n C_t[n] h_t[n] + D u, into s.y.
+template <typename scalar_t, bool B_vary, bool C_vary, bool with_y>
 FIDELITY_WIDE_VECTORS void group_recompute(BackwardScratch<scalar_t>& s,
                                            const GroupCarry<scalar_t>& g,
-                                           const scalar_t* B_steps, int64_t t0, int64_t n,
-                                           int64_t nst) {
+                                           const scalar_t* B_steps, const scalar_t* C_steps,
+                                           int64_t t0, int64_t n, int64_t nst) {
   constexpr int64_t W = kLanes<scalar_t>;
   const scalar_t* __restrict__ A = g.A.data();
+  const scalar_t* __restrict__ D = g.D.data();
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* __restrict__ dt = s.dt.data() + i * W;
     const scalar_t* __restrict__ u = s.u.data() + i * W;
@@ -667,52 +664,46 @@ FIDELITY_WIDE_VECTORS void group_recompute(BackwardScratch<scalar_t>& s,
     scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
     scalar_t* __restrict__ dA_t = s.decays.data() + i * nst * W;
     alignas(64) scalar_t drive[W];
+    alignas(64) scalar_t y[W];
 #pragma omp simd
     for (int64_t c = 0; c < W; ++c) {
       drive[c] = dt[c] * u[c];
+      y[c] = D[c] * u[c];
     }
     for (int64_t k = 0; k < nst; ++k) {
       const scalar_t B_shared = B_vary ? B_steps[(t0 + i) * nst + k] : scalar_t(0);
+      const scalar_t C_shared = C_vary ? C_steps[(t0 + i) * nst + k] : scalar_t(0);
       const scalar_t* __restrict__ B_lane = g.B.data() + k * W;
+      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
 #pragma omp simd simdlen(W)
       for (int64_t c = 0; c < W; ++c) {
         const scalar_t B_val = B_vary ? B_shared : B_lane[c];
         const scalar_t decay = vexp(dt[c] * A[k * W + c]);
+        const scalar_t h_new = decay * h_prev[k * W + c] + drive[c] * B_val;
         dA_t[k * W + c] = decay;
-        h_t[k * W + c] = decay * h_prev[k * W + c] + drive[c] * B_val;
+        h_t[k * W + c] = h_new;
+        if (with_y) {
+          y[c] += (C_vary ? C_shared : C_lane[c]) * h_new;
+        }
       }
+    }
+    if (with_y) {
+      std::copy(y, y + W, s.y.data() + i * W);
     }
   }
 }
 
-// Through the gate: grad_y = dL/dy and g_z = dL/dz over the block (y recomputed from states).
-template <typename scalar_t, bool C_vary>
-FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s,
-                                               const GroupCarry<scalar_t>& g,
-                                               const scalar_t* C_steps, bool has_z, int64_t t0,
-                                               int64_t n, int64_t nst) {
+// Through the gate: grad_y = dL/dy and g_z = dL/dz over the block (y from group_recompute).
+template <typename scalar_t>
+FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s, bool has_z,
+                                               int64_t n) {
   constexpr int64_t W = kLanes<scalar_t>;
   if (!has_z) {
     std::copy(s.g_out.begin(), s.g_out.begin() + n * W, s.grad_y.begin());
     return;
   }
-  const scalar_t* __restrict__ D = g.D.data();
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
-    const scalar_t* __restrict__ u = s.u.data() + i * W;
-    alignas(64) scalar_t y[W];
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) {
-      y[c] = D[c] * u[c];
-    }
-    for (int64_t k = 0; k < nst; ++k) {
-      const scalar_t C_shared = C_vary ? C_steps[(t0 + i) * nst + k] : scalar_t(0);
-      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
-#pragma omp simd simdlen(W)
-      for (int64_t c = 0; c < W; ++c) {
-        y[c] += (C_vary ? C_shared : C_lane[c]) * h_t[k * W + c];
-      }
-    }
+    const scalar_t* __restrict__ y = s.y.data() + i * W;
     const scalar_t* __restrict__ z = s.z.data() + i * W;
     const scalar_t* __restrict__ g_out = s.g_out.data() + i * W;
     scalar_t* __restrict__ grad_y = s.grad_y.data() + i * W;
@@ -726,60 +717,108 @@ FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s,
   }
 }
 
-// The adjoint recurrence backwards through the block:
+// One 512-bit vector of a group's lanes (GCC / Clang vector extension): locals of this type
+// stay in registers, which arrays indexed by lane inside `omp simd` loops may not.
+template <typename scalar_t>
+struct LaneVector {
+  typedef scalar_t type __attribute__((vector_size(64)));
+};
+
+template <typename scalar_t>
+inline typename LaneVector<scalar_t>::type load_lanes(const scalar_t* p) {
+  typename LaneVector<scalar_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+inline void store_lanes(scalar_t* p, typename LaneVector<scalar_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// States per pass of the adjoint: their adjoints and dL/dA sums stay in registers while the
+// pass walks the block's steps, so per step and state it stores only the B and C gradients.
+constexpr int64_t kAdjointStates = 8;
+
+// The adjoint recurrence backwards through the block for states [k0, k0 + K):
 //   dL/dh_t = adjoint + grad_y_t C_t,   adjoint <- dL/dh_t * decay_t   (= dL/dh_{t-1}).
-// Writes the g_u and g_dt tiles; adds to gA, gD and the B, C gradients (time-varying ones into
+// Adds the states' shares of dL/du (via B) and dL/d dt (via the decay) into the s.via_B and
+// s.via_decay (step, lane) tiles, and adds to gA and the B, C gradients (time-varying ones into
 // the scratch's lane tiles).
+template <typename scalar_t, int64_t K, bool B_vary, bool C_vary>
+FIDELITY_WIDE_VECTORS void adjoint_states(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
+                                          const scalar_t* B_steps, const scalar_t* C_steps,
+                                          int64_t t0, int64_t n, int64_t nst, int64_t k0) {
+  using V = typename LaneVector<scalar_t>::type;
+  constexpr int64_t W = kLanes<scalar_t>;
+  V adjoint[K], gA[K];
+#pragma GCC unroll 16
+  for (int64_t q = 0; q < K; ++q) {
+    adjoint[q] = load_lanes(g.adjoint.data() + (k0 + q) * W);
+    gA[q] = load_lanes(g.gA.data() + (k0 + q) * W);
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const V dt = load_lanes(s.dt.data() + i * W);
+    const V gy = load_lanes(s.grad_y.data() + i * W);
+    const V drive = dt * load_lanes(s.u.data() + i * W);
+    const scalar_t* h_prev = i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
+    const scalar_t* h_t = s.states.data() + i * nst * W;
+    const scalar_t* dA_t = s.decays.data() + i * nst * W;
+    scalar_t* gB_t = B_vary ? s.gB_lanes.data() + i * nst * W : g.gB.data();
+    scalar_t* gC_t = C_vary ? s.gC_lanes.data() + i * nst * W : g.gC.data();
+    V via_B = load_lanes(s.via_B.data() + i * W);
+    V via_decay = load_lanes(s.via_decay.data() + i * W);
+#pragma GCC unroll 16
+    for (int64_t q = 0; q < K; ++q) {
+      const int64_t k = k0 + q, j = k * W;
+      const V B_val = B_vary ? V{} + B_steps[t * nst + k] : load_lanes(g.B.data() + j);
+      const V C_val = C_vary ? V{} + C_steps[t * nst + k] : load_lanes(g.C.data() + j);
+      const V decay = load_lanes(dA_t + j);
+      const V g_k = adjoint[q] + gy * C_val;  // dL/dh_t
+      store_lanes(gC_t + j, load_lanes(gC_t + j) + gy * load_lanes(h_t + j));
+      store_lanes(gB_t + j, load_lanes(gB_t + j) + g_k * drive);
+      via_B += g_k * B_val;
+      const V through_decay = g_k * decay * load_lanes(h_prev + j);
+      via_decay += through_decay * load_lanes(g.A.data() + j);
+      gA[q] += through_decay * dt;
+      adjoint[q] = g_k * decay;  // dL/dh_{t-1}
+    }
+    store_lanes(s.via_B.data() + i * W, via_B);
+    store_lanes(s.via_decay.data() + i * W, via_decay);
+  }
+#pragma GCC unroll 16
+  for (int64_t q = 0; q < K; ++q) {
+    store_lanes(g.adjoint.data() + (k0 + q) * W, adjoint[q]);
+    store_lanes(g.gA.data() + (k0 + q) * W, gA[q]);
+  }
+}
+
+// The adjoint over all states (in passes of kAdjointStates, the rest one by one), then per
+// step: writes the g_u and g_dt tiles and adds to gD and the bias gradient.
 template <typename scalar_t, bool B_vary, bool C_vary>
 FIDELITY_WIDE_VECTORS void group_adjoint(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
                                          const scalar_t* B_steps, const scalar_t* C_steps,
                                          int64_t t0, int64_t n, int64_t nst) {
   constexpr int64_t W = kLanes<scalar_t>;
-  scalar_t* __restrict__ adjoint = g.adjoint.data();
-  scalar_t* __restrict__ gA = g.gA.data();
+  std::fill(s.via_B.begin(), s.via_B.begin() + n * W, scalar_t(0));
+  std::fill(s.via_decay.begin(), s.via_decay.begin() + n * W, scalar_t(0));
+  int64_t k0 = 0;
+  for (; k0 + kAdjointStates <= nst; k0 += kAdjointStates) {
+    adjoint_states<scalar_t, kAdjointStates, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst,
+                                                             k0);
+  }
+  for (; k0 < nst; ++k0) {
+    adjoint_states<scalar_t, 1, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst, k0);
+  }
   scalar_t* __restrict__ gD = g.gD.data();
-  const scalar_t* __restrict__ A = g.A.data();
   const scalar_t* __restrict__ D = g.D.data();
   for (int64_t i = n - 1; i >= 0; --i) {
-    const int64_t t = t0 + i;
     const scalar_t* __restrict__ dt = s.dt.data() + i * W;
     const scalar_t* __restrict__ u = s.u.data() + i * W;
     const scalar_t* __restrict__ gy = s.grad_y.data() + i * W;
-    const scalar_t* __restrict__ h_prev =
-        i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
-    const scalar_t* __restrict__ h_t = s.states.data() + i * nst * W;
-    const scalar_t* __restrict__ dA_t = s.decays.data() + i * nst * W;
-    scalar_t* __restrict__ gB_t = B_vary ? s.gB_lanes.data() + i * nst * W : g.gB.data();
-    scalar_t* __restrict__ gC_t = C_vary ? s.gC_lanes.data() + i * nst * W : g.gC.data();
-    alignas(64) scalar_t drive[W];
-    alignas(64) scalar_t via_B[W];
-    alignas(64) scalar_t via_decay[W];
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) {
-      drive[c] = dt[c] * u[c];
-      via_B[c] = 0;
-      via_decay[c] = 0;
-    }
-    for (int64_t k = 0; k < nst; ++k) {
-      const scalar_t B_shared = B_vary ? B_steps[t * nst + k] : scalar_t(0);
-      const scalar_t C_shared = C_vary ? C_steps[t * nst + k] : scalar_t(0);
-      const scalar_t* __restrict__ B_lane = g.B.data() + k * W;
-      const scalar_t* __restrict__ C_lane = g.C.data() + k * W;
-#pragma omp simd simdlen(W)
-      for (int64_t c = 0; c < W; ++c) {
-        const int64_t j = k * W + c;
-        const scalar_t B_val = B_vary ? B_shared : B_lane[c];
-        const scalar_t C_val = C_vary ? C_shared : C_lane[c];
-        const scalar_t g_k = adjoint[j] + gy[c] * C_val;  // dL/dh_t
-        gC_t[j] += gy[c] * h_t[j];
-        gB_t[j] += g_k * drive[c];
-        via_B[c] += g_k * B_val;
-        const scalar_t through_decay = g_k * dA_t[j] * h_prev[j];
-        via_decay[c] += through_decay * A[j];
-        gA[j] += through_decay * dt[c];
-        adjoint[j] = g_k * dA_t[j];  // dL/dh_{t-1}
-      }
-    }
+    const scalar_t* __restrict__ via_B = s.via_B.data() + i * W;
+    const scalar_t* __restrict__ via_decay = s.via_decay.data() + i * W;
     scalar_t* __restrict__ g_u = s.g_u.data() + i * W;
     scalar_t* __restrict__ g_dt = s.g_dt.data() + i * W;
     const scalar_t* __restrict__ slope = s.slope.data() + i * W;
@@ -800,9 +839,15 @@ template <typename scalar_t>
 void transpose_out(const scalar_t* tile, int64_t lanes, int64_t n, scalar_t* rows,
                    int64_t row_stride) {
   constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t blocked = blocked_steps<scalar_t>(lanes, n);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t i = 0; i < blocked; i += 16) {
+      transpose_16x16(tile + i * W, W, rows + i, row_stride);
+    }
+  }
   for (int64_t c = 0; c < lanes; ++c) {
     scalar_t* __restrict__ row = rows + c * row_stride;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = blocked; i < n; ++i) {
       row[i] = tile[i * W + c];
     }
   }
@@ -859,8 +904,12 @@ void group_block(const Inputs<scalar_t>& in, int64_t b, int64_t block, int64_t e
     transpose_in(in.z + offset, len, g.lanes, n, s.z.data());
   }
   group_step_slopes(s, g.bias.data(), in.options.softplus, n);
-  group_recompute<scalar_t, B_vary>(s, g, B_steps, t0, n, nst);
-  group_gate_backward<scalar_t, C_vary>(s, g, C_steps, has_z, t0, n, nst);
+  if (has_z) {
+    group_recompute<scalar_t, B_vary, C_vary, true>(s, g, B_steps, C_steps, t0, n, nst);
+  } else {
+    group_recompute<scalar_t, B_vary, C_vary, false>(s, g, B_steps, C_steps, t0, n, nst);
+  }
+  group_gate_backward(s, has_z, n);
   group_adjoint<scalar_t, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst);
   transpose_out(s.g_u.data(), g.lanes, n, grads.u + offset, len);
   transpose_out(s.g_dt.data(), g.lanes, n, grads.delta + offset, len);
@@ -896,11 +945,56 @@ void group_finish(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar
   }
 }
 
+// Groups a thread walks together through the blocks (all of them, block by block, then the
+// next sweep): the time-varying B and C lane tiles are summed once per block and sweep, and a
+// sweep's row segments (7 streams x 16 rows x kGroupsPerSweep groups per block) stay within
+// the TLB and L2, which walking all of a thread's groups per block did not.
+constexpr int64_t kGroupsPerSweep = 4;
+
+// Ask for the row segments of `block` of one group (inputs for reading, gradients for
+// writing) while the current block computes: the block-by-block walk jumps between rows, so
+// the hardware prefetcher does not follow it.
+template <typename scalar_t>
+void prefetch_block(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar_t>& g,
+                    int64_t block, int64_t every, const scalar_t* grad_out,
+                    const Grads<scalar_t>& grads) {
+  const int64_t t0 = block * every, count = std::min(every, in.len - t0);
+  for (int64_t c = 0; c < g.lanes; ++c) {
+    const int64_t offset = (b * in.dim + g.d0 + c) * in.len + t0;
+    prefetch_row(in.u + offset, count, false);
+    prefetch_row(in.delta + offset, count, false);
+    prefetch_row(grad_out + offset, count, false);
+    prefetch_row(grads.u + offset, count, true);
+    prefetch_row(grads.delta + offset, count, true);
+    if (in.z != nullptr) {
+      prefetch_row(in.z + offset, count, false);
+      prefetch_row(grads.z + offset, count, true);
+    }
+  }
+}
+
 // out[j] += sum over lanes of tile[j * kLanes + lane], for j < rows.
 template <typename scalar_t>
 void sum_lanes(const scalar_t* tile, int64_t rows, scalar_t* out) {
   constexpr int64_t W = kLanes<scalar_t>;
-  for (int64_t j = 0; j < rows; ++j) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kBlockTranspose) {  // 16 rows at a time: transpose, then add the 16 lane vectors
+      alignas(64) float columns[16 * 16];
+      for (; j + 16 <= rows; j += 16) {
+        transpose_16x16(tile + j * W, W, columns, 16);
+#pragma omp simd
+        for (int64_t r = 0; r < 16; ++r) {
+          float sum = 0;
+          for (int64_t c = 0; c < 16; ++c) {
+            sum += columns[c * 16 + r];
+          }
+          out[j + r] += sum;
+        }
+      }
+    }
+  }
+  for (; j < rows; ++j) {
     scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < W; ++c) {
@@ -947,19 +1041,26 @@ void scan_backward_groups(const Inputs<scalar_t>& in, const scalar_t* checkpoint
       }
       scalar_t* own_B = B_vary ? partial_B.data() + tid * slice : nullptr;
       scalar_t* own_C = C_vary ? partial_C.data() + tid * slice : nullptr;
-      for (int64_t block = n_ckpt - 1; block >= 0; --block) {
-        const int64_t t0 = block * every, n = std::min(every, in.len - t0);
-        std::fill(s.gB_lanes.begin(), s.gB_lanes.end(), scalar_t(0));
-        std::fill(s.gC_lanes.begin(), s.gC_lanes.end(), scalar_t(0));
-        for (auto& carry : carries) {
-          group_block<scalar_t, B_vary, C_vary>(in, b, block, every, checkpoints, n_ckpt,
-                                                grad_out, grads, carry, s);
-        }
-        if (B_vary) {
-          sum_lanes(s.gB_lanes.data(), n * nst, own_B + t0 * nst);
-        }
-        if (C_vary) {
-          sum_lanes(s.gC_lanes.data(), n * nst, own_C + t0 * nst);
+      const int64_t n_carries = static_cast<int64_t>(carries.size());
+      for (int64_t first = 0; first < n_carries; first += kGroupsPerSweep) {
+        const int64_t last = std::min(n_carries, first + kGroupsPerSweep);
+        for (int64_t block = n_ckpt - 1; block >= 0; --block) {
+          const int64_t t0 = block * every, n = std::min(every, in.len - t0);
+          std::fill(s.gB_lanes.begin(), s.gB_lanes.end(), scalar_t(0));
+          std::fill(s.gC_lanes.begin(), s.gC_lanes.end(), scalar_t(0));
+          for (int64_t index = first; index < last; ++index) {
+            if (block > 0) {
+              prefetch_block(in, b, carries[index], block - 1, every, grad_out, grads);
+            }
+            group_block<scalar_t, B_vary, C_vary>(in, b, block, every, checkpoints, n_ckpt,
+                                                  grad_out, grads, carries[index], s);
+          }
+          if (B_vary) {
+            sum_lanes(s.gB_lanes.data(), n * nst, own_B + t0 * nst);
+          }
+          if (C_vary) {
+            sum_lanes(s.gC_lanes.data(), n * nst, own_C + t0 * nst);
+          }
         }
       }
       for (const auto& carry : carries) {
