@@ -2,14 +2,18 @@
 each checked against an independent computation on a tiny random MemMamba; its report panel
 and command-line lines; no rows and no error for other models."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fidelity.analysis as analysis
 import fidelity.metrics.memmamba_memory as memory
+from fidelity import cli
 from fidelity.cli import main
 from fidelity.metrics.memmamba_memory import (
+    CONTEXT_SHARE,
     FIRE_RATE,
     LOSS_DELTA,
     LOSS_FULL,
@@ -83,6 +87,9 @@ def test_rates_equal_counts_recomputed_from_each_block():
         assert per_layer.loc[(WRITE_RATE, layer), "value"] == writes.double().mean().item()
         assert per_layer.loc[(FIRE_RATE, layer), "value"] == fires.double().mean().item()
         assert per_layer.loc[(WRITE_RATE, layer), "n"] == input_ids.numel()
+        h = x + block.mixer(block.norm(x))  # the block adds its memory contexts to h
+        share = ((hidden[index + 1] - h).norm(dim=-1) / h.norm(dim=-1)).mean()
+        assert per_layer.loc[(CONTEXT_SHARE, layer), "value"] == pytest.approx(share.item())
         low, high = per_layer.loc[(WRITE_RATE, layer), ["ci_low", "ci_high"]]
         assert low <= per_layer.loc[(WRITE_RATE, layer), "value"] <= high
 
@@ -150,6 +157,7 @@ def test_zeroing_changes_nothing_without_cross_token_and_cross_layer():
     assert losses.loc[LOSS_DELTA, "value"] == pytest.approx(0.0, abs=1e-12)
     assert losses.loc[LOSS_ZEROED, "value"] == pytest.approx(losses.loc[LOSS_FULL, "value"])
     assert FIRE_RATE not in per_layer.index.get_level_values("metric")
+    assert (per_layer.xs(CONTEXT_SHARE, level="metric")["value"] == 0).all()
 
 
 @torch.no_grad()
@@ -172,7 +180,7 @@ def test_analyze_runs_it_by_default_chunked_and_bounds_the_zeroed_pass(monkeypat
     monkeypatch.setattr(memory, "ZEROED_TOKENS", prefix)
     model = build_model("memmamba", "tiny", write_init_bias=0.0)
     options = analysis.AnalysisOptions(
-        600, "random", analysis.DEFAULT_METRICS, 32, chunk_size=128, n_boot=20
+        600, "random", "position_loss,memmamba_memory", 32, chunk_size=128, n_boot=20
     )
     plan = analysis.plan_run(model, options, time_it=False)
     assert plan.extra_tokens == {"memmamba_memory": prefix}
@@ -194,10 +202,15 @@ def test_analyze_runs_it_by_default_chunked_and_bounds_the_zeroed_pass(monkeypat
     assert full["value"] == pytest.approx(expected, rel=1e-9)
 
 
+def test_on_by_default_in_the_api_and_on_the_command_line():
+    assert "memmamba_memory" in analysis.DEFAULT_METRICS
+    command_line = inspect.signature(cli.analyze).parameters["metrics"].default
+    assert set(command_line.split(",")) == set(analysis.DEFAULT_METRICS)
+
+
 def test_other_models_give_no_rows_no_note_and_no_cost():
     model = build_model("mamba", "tiny")
-    options = analysis.AnalysisOptions(400, "random", analysis.DEFAULT_METRICS, 32, n_boot=10)
-    assert "memmamba_memory" in options.metrics
+    options = analysis.AnalysisOptions(400, "random", "position_loss,memmamba_memory", 32)
     assert analysis.plan_run(model, options, time_it=False).extra_tokens == {}
     result = analysis.run_analysis(model, options, progress=False)
     assert not result.frame["metric"].str.startswith("memmamba_").any()
@@ -229,5 +242,8 @@ def test_report_html_has_the_panel(memmamba_run):
     assert code == 0
     html = (target / "report.html").read_text()
     assert "MemMamba memory by layer" in html and "every pool context zeroed" in html
-    for header in ("writes", "fires", "note age: mean", "oldest", "notes in pool"):
+    for header in ("writes", "fires", "note age: mean", "oldest", "notes in pool", "context share"):
         assert f"<th>{header}</th>" in html
+    (target / "report.html").unlink()  # rebuilt from the saved tables
+    assert main(["report", str(target)]) == 0
+    assert (target / "report.html").read_text().count("MemMamba memory by layer") == 1

@@ -25,6 +25,10 @@ keeps):
   note) pair (no interval); ``n`` counts the anchors (pairs) with a non-empty pool.
   ``memmamba_pool_fill``: the mean number of notes in the pool at the anchors (0 to
   ``pool_size``, every anchor counted).
+- ``memmamba_context_share``: how far the block's memory path moves the residual stream: the
+  mean over the ``B x L`` positions of ``||c_t|| / ||h_t||``, ``c_t`` the fused memory contexts
+  the block adds (cross-token and cross-layer, after fusion: block output minus ``h_t``) and
+  ``h_t = x_t + mixer(norm(x_t))`` the stream they are added to (0: the path adds nothing).
 - ``memmamba_loss_full``, ``memmamba_loss_zeroed``, ``memmamba_loss_delta`` (``layer =
   source_layer = -1``; ``length`` = ``P = min(L, ZEROED_TOKENS)``, the tokens they cover): the
   mean next-token loss (nats) of positions ``1 .. P - 1`` of every sequence, from the
@@ -32,8 +36,9 @@ keeps):
   (positive: the memory path lowers the loss). ``n``: the token losses averaged.
 
 Intervals: percentile bootstraps over contiguous blocks of :data:`BLOCK_TOKENS` positions per
-sequence for the rates and the losses (neighbouring positions are correlated; the delta's
-blocks are paired), over anchors for the ages. Models other than MemMamba have no rows.
+sequence for the rates, the context share and the losses (neighbouring positions are
+correlated; the delta's blocks are paired), over anchors for the ages. Models other than
+MemMamba have no rows.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ NOTE_AGE = "memmamba_note_age"
 NOTE_AGE_OLDEST = "memmamba_note_age_oldest"
 NOTE_AGE_MEDIAN = "memmamba_note_age_median"
 POOL_FILL = "memmamba_pool_fill"
+CONTEXT_SHARE = "memmamba_context_share"
 LOSS_FULL = "memmamba_loss_full"
 LOSS_ZEROED = "memmamba_loss_zeroed"
 LOSS_DELTA = "memmamba_loss_delta"
@@ -77,6 +83,7 @@ METRICS = (
     NOTE_AGE_OLDEST,
     NOTE_AGE_MEDIAN,
     POOL_FILL,
+    CONTEXT_SHARE,
     LOSS_FULL,
     LOSS_ZEROED,
     LOSS_DELTA,
@@ -87,11 +94,30 @@ LOSS_COLUMNS = (*TIDY_COLUMNS, "length", "depth")
 
 @dataclass
 class MemoryObservation:
-    """What the analysis's forward pass left: the pool ``trace`` and the per-position
-    ``losses`` (:class:`~fidelity.metrics.position_loss.PositionLossCollector`)."""
+    """What the analysis's forward pass left: the pool ``trace``, the per-position ``losses``
+    (:class:`~fidelity.metrics.position_loss.PositionLossCollector`) and, per block, the
+    context share of every position ``shares[block]`` `(batch, length)` float32."""
 
     trace: MemMambaTrace
     losses: PositionLossCollector
+    shares: dict[int, torch.Tensor]
+
+
+def _share_hook(shares: dict[int, torch.Tensor], block: int, length: int):
+    """A forward hook on a block's ``fusion`` writing ``||out - h|| / ||h||`` of each position
+    of the call (fusion adds the memory contexts to ``h``; calls come in position order)."""
+    consumed = [0]
+
+    def hook(_module, args, out: torch.Tensor) -> None:
+        h = args[0]  # (batch, n, d_model)
+        share = (out - h).norm(dim=-1) / h.norm(dim=-1)  # (batch, n)
+        if block not in shares:
+            shares[block] = torch.full((h.shape[0], length), torch.nan)
+        start = consumed[0]
+        shares[block][:, start : start + h.shape[1]] = share.detach().float().cpu()
+        consumed[0] += h.shape[1]
+
+    return hook
 
 
 def zeroed_tokens(model: nn.Module | None, length: int) -> int:
@@ -109,8 +135,16 @@ def observe_memmamba_memory(model: nn.Module, length: int) -> Iterator[MemoryObs
     if not isinstance(model, MemMambaLM):
         yield None
         return
-    with tracing_memmamba(model) as trace, observe_position_loss(model, length) as losses:
-        yield MemoryObservation(trace, losses)
+    shares: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for index, block in enumerate(model.layers):
+            handles.append(block.fusion.register_forward_hook(_share_hook(shares, index, length)))
+        with tracing_memmamba(model) as trace, observe_position_loss(model, length) as losses:
+            yield MemoryObservation(trace, losses, shares)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -277,6 +311,10 @@ def memmamba_memory(
                 )
             )
         rows.extend(_age_rows(trace, block, anchors, batch, n_boot, seed, level))
+        share = observation.shares[block]
+        _, low, high, _ = interval_row(_block_means(share), n_boot, [seed, layer, 2], level)
+        mean = float(share.double().nanmean())
+        rows.append((CONTEXT_SHARE, layer, 0, mean, low, high, int(share.isfinite().sum()), layer))
     prefix = zeroed_tokens(model, length)
     zeroed = zeroed_losses(model, input_ids[:, :prefix], chunk_size, progress)
     full = observation.losses.losses[:, :prefix]

@@ -18,6 +18,7 @@ HEADERS = (
     "median",
     "oldest",
     "notes in pool",
+    "context share",
 )
 """Columns of :func:`memory_cells`' rows."""
 CAPTION = (
@@ -26,11 +27,13 @@ CAPTION = (
     "age: tokens between a sampled position (the run's anchors) and the writing of the notes "
     "its pool holds there: the mean and the oldest note's age averaged over anchors, the median "
     "over every (anchor, note) pair; notes in pool: how many the pool holds at the anchors (out "
-    "of pool_size). [95% bootstrap interval over blocks of 128 positions or over anchors]."
+    "of pool_size); context share: size of the memory contexts the block adds to the residual "
+    "stream, relative to the stream (mean over positions of ||context|| / ||h||). [95% "
+    "bootstrap interval over blocks of 128 positions or over anchors]."
 )
 _RATE, _FIRE = "memmamba_write_rate", "memmamba_fire_rate"
 _AGE, _MEDIAN, _OLDEST = "memmamba_note_age", "memmamba_note_age_median", "memmamba_note_age_oldest"
-_FILL = "memmamba_pool_fill"
+_FILL, _SHARE = "memmamba_pool_fill", "memmamba_context_share"
 _FULL, _ZEROED, _DELTA = "memmamba_loss_full", "memmamba_loss_zeroed", "memmamba_loss_delta"
 
 
@@ -67,6 +70,7 @@ def memory_cells(frame: pd.DataFrame) -> list[list[str]]:
                 _interval(by_metric.get(_MEDIAN), _tokens),
                 _interval(by_metric.get(_OLDEST), _tokens),
                 _interval(by_metric.get(_FILL), "{:.1f}".format),
+                _interval(by_metric.get(_SHARE), _percent, 100),
             ]
         )
     return table
