@@ -65,7 +65,7 @@ ZEROED_TOKENS = 8192
 """Tokens per sequence the zeroed-memory pass covers (the first ones): one extra forward of at
 most this many tokens, so that a 60k analysis costs about 1.14 forwards, not 2."""
 BLOCK_TOKENS = 128
-"""Contiguous positions per block that the rate and loss intervals resample."""
+"""Contiguous positions per block that the rate, context-share and loss intervals resample."""
 WRITE_RATE = "memmamba_write_rate"
 FIRE_RATE = "memmamba_fire_rate"
 NOTE_AGE = "memmamba_note_age"
