@@ -284,6 +284,41 @@ def _run_position_loss(context: MetricContext) -> list[pd.DataFrame]:
     return [collector.frame(n_boot=context.options.n_boot, seed=context.options.seed)]
 
 
+def _observe_memmamba_memory(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
+    from fidelity.metrics.memmamba_memory import observe_memmamba_memory
+
+    return observe_memmamba_memory(model, plan.length)
+
+
+def _run_memmamba_memory(context: MetricContext) -> list[pd.DataFrame]:
+    """MemMamba's writes, firing, note ages and zeroed-memory loss (see
+    :mod:`fidelity.metrics.memmamba_memory`); nothing for other models."""
+    from fidelity.metrics.memmamba_memory import memmamba_memory, zeroed_tokens
+
+    observation = context.observed["memmamba_memory"]
+    if observation is None:
+        return []
+    plan = context.plan
+    tokens = zeroed_tokens(context.model, plan.length)
+    if tokens < plan.length:
+        context.notes.append(
+            f"memmamba_memory: the zeroed-memory loss covers the first {format_length(tokens)} "
+            f"of {format_length(plan.length)} tokens (one extra forward of that prefix)"
+        )
+    step = context.reporter.start("MemMamba memory (zeroed-memory pass)", tokens)
+    return memmamba_memory(
+        context.model,
+        context.input_ids,
+        observation,
+        plan.anchors,
+        plan.layers,
+        chunk_size=plan.chunk_size,
+        n_boot=context.options.n_boot,
+        seed=context.options.seed,
+        progress=lambda done, _total: step.update(done),
+    )
+
+
 def _run_cut_context(
     context: MetricContext, label: str, metric: Callable[..., pd.DataFrame], tokens: int
 ) -> list[pd.DataFrame]:
@@ -322,6 +357,12 @@ def _effrem_cost(model: nn.Module | None, length: int) -> int:
     return effrem_tokens(length, causal=model is None or is_causal(model))
 
 
+def _zeroed_cost(model: nn.Module | None, length: int) -> int:
+    from fidelity.metrics.memmamba_memory import zeroed_tokens
+
+    return zeroed_tokens(model, length)
+
+
 def _context_probe_cost(model: nn.Module | None, length: int) -> int:
     del model  # every target's window is a call of its own, whatever the model
     from fidelity.metrics.context_probe import context_probe_tokens
@@ -337,6 +378,9 @@ METRIC_RUNNERS: dict[str, MetricRunner] = {
     "retrieval": MetricRunner(_run_retrieval, from_capture=False),
     "perplexity": MetricRunner(_run_perplexity, from_capture=False),
     "position_loss": MetricRunner(_run_position_loss, observe=_observe_position_loss, default=True),
+    "memmamba_memory": MetricRunner(
+        _run_memmamba_memory, observe=_observe_memmamba_memory, default=True, cost=_zeroed_cost
+    ),
     "effrem": MetricRunner(_run_effrem, from_capture=False, cost=_effrem_cost),
     "context_probe": MetricRunner(_run_context_probe, from_capture=False, cost=_context_probe_cost),
 }
@@ -579,6 +623,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
         name: METRIC_RUNNERS[name].cost(model, length)
         for name in options.metrics
         if METRIC_RUNNERS[name].cost is not None
+        and METRIC_RUNNERS[name].cost(model, length) > 0  # 0: nothing to run for this model
     }
     return AnalysisPlan(
         length,
@@ -623,7 +668,8 @@ def analyze(
     random | induction | selective_copy | mqar (``text`` reads all of the ``text`` files or
     directories, ``.jsonl`` records' field ``text_field``; else the held-out default
     standard-library corpus; the memory tasks use their default options).
-    ``metrics``: any of etmf, eclmf, ssm_decay, position_loss (from the captured pass),
+    ``metrics``: any of etmf, eclmf, ssm_decay, position_loss, memmamba_memory (from the
+    captured pass; the last one MemMamba only, with one extra forward over at most 8k tokens),
     influence, retrieval (passkey and key-value accuracy at doubling context lengths up to
     ``length``), perplexity, effrem (effective remembrance), context_probe (context-length
     probing); the last two run sampled passes of their own whose cost the plan states.

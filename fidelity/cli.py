@@ -117,10 +117,10 @@ def analyze(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: etmf, eclmf, ssm_decay, position_loss, influence, "
-            "retrieval, perplexity, effrem, context_probe."
+            help="Comma-separated: etmf, eclmf, ssm_decay, position_loss, memmamba_memory "
+            "(MemMamba only), influence, retrieval, perplexity, effrem, context_probe."
         ),
-    ] = "etmf,eclmf,ssm_decay,position_loss",
+    ] = "etmf,eclmf,ssm_decay,position_loss,memmamba_memory",
     anchors: Annotated[int, typer.Option(help="Anchor positions sampled per sequence.")] = 512,
     layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 0,3,6.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences analyzed together.")] = 1,
@@ -274,10 +274,28 @@ def _print_summary(result) -> None:
     for _, row in result.summary.iterrows():
         table.add_row(str(int(row["layer"])), *_summary_cells(row))
     out.print(table)
+    _print_memmamba_memory(result.frame)
     if result.untrained:
         console.print("[yellow]note: these weights are an untrained random initialization[/]")
     for note in result.meta.get("notes", []):
         console.print(f"note: {note}")
+
+
+def _print_memmamba_memory(frame) -> None:
+    """MemMamba's writes, firing, note ages and memory-path loss (nothing for other models)."""
+    from fidelity.reports.memmamba_memory import CAPTION, HEADERS, loss_sentence, memory_cells
+
+    cells = memory_cells(frame)
+    if cells:
+        table = Table(title="MemMamba memory by layer", title_style="bold", caption=CAPTION)
+        for header in HEADERS:
+            table.add_column(header, justify="right")
+        for row in cells:
+            table.add_row(*row)
+        out.print(table)
+    sentence = loss_sentence(frame)
+    if sentence is not None:
+        out.print(sentence)
 
 
 def _summary_cells(row) -> list[str]:

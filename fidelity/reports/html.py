@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fidelity.reports.memmamba_memory import memory_panel
 from fidelity.reports.plots import format_token_count
 
 if TYPE_CHECKING:
@@ -453,6 +454,7 @@ def render_report(
         "<h2>Summary by layer</h2>",
         summary_table(result.summary),
         "<p class='muted'>Full tables: results.csv and summary.csv beside this file.</p>",
+        memory_panel(result.frame),
         "<h2>Figures</h2>",
         _figures(figures, FIGURE_CAPTIONS),
         _how_to_read(),
