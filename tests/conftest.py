@@ -22,6 +22,16 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its models are tiny, and more threads only add scheduling noise on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

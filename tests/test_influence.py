@@ -17,12 +17,7 @@ from fidelity.schema import TIDY_COLUMNS
 DISTANCES = [0, 1, 2, 3, 5, 8, 13]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LinearRecurrenceLM(CausalLM):

@@ -27,12 +27,7 @@ from fidelity.results import FidelityResult
 VOCAB = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LastK(nn.Module):

@@ -12,13 +12,7 @@ from fidelity.models.decimamba import DeciMambaLM
 from fidelity.models.registry import build_model
 from fidelity.probes.tasks import make_probe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_uniform_model_has_the_vocabulary_size_as_perplexity():

@@ -22,12 +22,7 @@ from fidelity.probes.tasks import make_probe
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def needle_next_byte(text: str) -> int | None:

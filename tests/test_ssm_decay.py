@@ -25,12 +25,7 @@ DISTANCES = torch.tensor([0, 1, 2, 3, 5, 8, 13, 21, 34])
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _anchors(length=LENGTH, count=12, seed=0):
