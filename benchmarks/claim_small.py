@@ -623,9 +623,9 @@ def paper_section(entries: list[Entry]) -> list[str]:
         "Pythia fails at long lengths in the same passkey test. No code or weights were released.",
         "",
         f"Scale difference: our models have {sizes} parameters and were trained at "
-        f"{', '.join(format_length(t) for t in trained) or 'unrecorded'} tokens on a few million "
-        "bytes of text and retrieval prompts (recipes above), so our 64x column is the nearest to "
-        "the paper's 400k (~50x); the comparison is of shape (who holds on longer), not of size.",
+        f"{', '.join(format_length(t) for t in trained) or 'unrecorded'} tokens (recipes above). "
+        "The paper's 400k is about 50x its training length: compare it with our columns near "
+        "50x. The comparison is of shape (who holds on longer), not of size.",
     ]
 
 
@@ -728,13 +728,13 @@ def report(
         " (measures every cell; cells already in the cache are read from it).",
         f"This run: `python benchmarks/claim_small.py {shlex.join(args.argv)}`",
         "",
-        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
+        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}; 1-minute load {load[0]:.1f} at the start and {load[1]:.1f} at "
-        f"the end. {args.trials} prompts per "
-        f"needle depth (depths {', '.join(f'{d:g}' for d in DEFAULT_DEPTHS)}), so "
-        f"{args.trials * len(DEFAULT_DEPTHS)} per cell; exact match of the greedy answer with "
-        "Wilson 95% intervals.",
+        f"the end{backend_note()}. Prompts per needle depth: {args.trials} (depths "
+        f"{', '.join(f'{d:g}' for d in DEFAULT_DEPTHS)}), so {args.trials * len(DEFAULT_DEPTHS)} "
+        "per cell; exact match of the greedy answer with Wilson 95% intervals. Cells read from "
+        "the cache were measured earlier: the by-depth tables give each cell's time and load.",
         "",
         "## Models",
         "",
@@ -767,6 +767,13 @@ def report(
     if memory is not None:
         lines += [*memory_section(memory, args.reference), ""]
     return "\n".join([*lines, *paper_section(entries), ""])
+
+
+def backend_note() -> str:
+    """The scan backend forced through the environment, if any (it changes speed, not results
+    beyond float rounding)."""
+    forced = os.environ.get("FIDELITY_SCAN_BACKEND")
+    return f"; scan backend forced with FIDELITY_SCAN_BACKEND={forced}" if forced else ""
 
 
 def content_arguments(args: argparse.Namespace) -> list[str]:

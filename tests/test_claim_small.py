@@ -90,7 +90,7 @@ def test_multiples_resolve_per_model_from_its_training_length(pair, tmp_path):
     assert [(c.length, c.multiple) for c in absolute] == [(300, 2.0), (300, 1.5)]
 
 
-def test_a_training_run_directory_means_its_newest_complete_checkpoint(tmp_path):
+def test_a_training_run_directory_means_its_newest_checkpoint_and_says_state_passing(tmp_path):
     run = tmp_path / "run"
     for step in (1, 2, 3):
         _checkpoint(run / f"ckpt-{step}", 100, seed=step)
@@ -99,6 +99,12 @@ def test_a_training_run_directory_means_its_newest_complete_checkpoint(tmp_path)
         (run / f"ckpt-{step}" / STATE_TENSORS).write_bytes(b"")
     assert bench.resolve(str(run)) == str(run / "ckpt-2")
     assert bench.resolve("mamba") == "mamba"
+    (run / "train_config.json").write_text('{"state_passing": "carry", "init": "mamba"}')
+    (entry,) = bench.load_entries({"sp": str(run)})
+    assert entry.model.provenance["checkpoint"] == str(run / "ckpt-2")
+    assert "state passing: carry (" in bench.recipe(entry) and "started from mamba" in bench.recipe(
+        entry
+    )
 
 
 def test_cached_cells_are_read_not_measured_again_and_a_changed_checkpoint_is(
