@@ -54,10 +54,12 @@ import torch
 
 import fidelity
 from fidelity.atomic import atomic_directory, hidden_sibling
+from fidelity.budget import MemoryBudgetError, check_fits, estimate_run
 from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
 from fidelity.metrics.perplexity import perplexity
 from fidelity.metrics.retrieval import DEFAULT_DEPTHS, retrieval_accuracy, wilson_interval
+from fidelity.metrics.toolkit import resolve_chunk_size
 from fidelity.models.base import CausalLM
 from fidelity.probes.corpus import load_corpus, tokenize_corpus
 from fidelity.probes.tokenizer import as_tokenizer
@@ -337,7 +339,7 @@ def fill_cell(cell: Cell, cache: Path, trials: int, bounds: Bounds, clock: Clock
     path = cell_path(cache, cell, trials)
     record = read_cell(path, key)
     if record is None:
-        cell.reason = bounds.refusal(cell) or fit_refusal(cell)
+        cell.reason = bounds.refusal(cell) or fit_refusal(cell, trials)
         if cell.reason is not None:
             return
         record = measure_record(cell, key, trials, clock)
@@ -382,12 +384,23 @@ def describe_cell(cell: Cell) -> str:
     return f"{cell.entry.label} {cell.task} {cell.point.heading} ({format_length(cell.length)})"
 
 
-def fit_refusal(cell: Cell) -> str | None:
-    """Why ``cell`` cannot be measured at all (no length, not enough held-out text), or None."""
+def fit_refusal(cell: Cell, trials: int) -> str | None:
+    """Why ``cell`` cannot be measured at all (no length, not enough held-out text, more
+    memory than is available for ``trials`` prompts in one batch), or None."""
     if cell.length is None:
         return "no training length recorded; use --lengths"
     if cell.task == "passkey-text" and cell.length > heldout_tokens():
         return f"the held-out text holds {format_length(heldout_tokens())} tokens"
+    model = cell.entry.model
+    chunkable = getattr(model, "chunkable", False)
+    chunk = resolve_chunk_size(model, "auto", cell.length) if chunkable else None
+    estimate = estimate_run(
+        model, cell.length, batch=trials, n_positions=0, n_layers_kept=0, chunk_size=chunk
+    )
+    try:
+        check_fits(estimate)
+    except MemoryBudgetError as error:
+        return f"memory: {error}".split("; use ")[0]
     return None
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fidelity.budget import MemoryBudgetError
 from fidelity.errors import InputError
 from fidelity.models.checkpoint import save_checkpoint
 from fidelity.models.registry import build_model
@@ -168,6 +169,20 @@ def test_each_table_is_measured_with_its_filler(pair, tmp_path, monkeypatch):
     text = bench.run(_arguments(tmp_path, "--models", f"a={a}", "--multiples", "2"))
     assert seen == [("passkey", "standard"), ("passkey", "text"), ("kv", None)]
     assert text.count("not measured (recorded)") == 3
+
+
+def test_a_cell_that_would_not_fit_in_memory_is_refused_before_it_runs(
+    pair, tmp_path, counted, monkeypatch
+):
+    def too_big(estimate):
+        assert estimate.added > 0  # a real estimate of the cell's run
+        raise MemoryBudgetError("this run needs about 9 GiB but memory allows 1 GiB; use less")
+
+    monkeypatch.setattr(bench, "check_fits", too_big)
+    text = bench.run(_arguments(tmp_path, *pair[2], "--multiples", "2", "--tasks", "kv"))
+    assert counted == []
+    refused = "not measured (memory: this run needs about 9 GiB but memory allows 1 GiB)"
+    assert _table(text, "kv").count(refused) == 2
 
 
 def test_a_model_without_a_training_length_needs_lengths(pair, tmp_path):
