@@ -281,13 +281,26 @@ def write_text(path: Path, text: str) -> None:
 
 
 def measure_cell(
-    model: CausalLM, task: str, length: int, trials: int, progress: Callable[[int, int], None]
+    model: CausalLM,
+    task: str,
+    length: int,
+    trials: int,
+    progress: Callable[[int, int], None],
+    rows: int | None = None,
 ) -> pd.DataFrame:
     """Exact match and digit accuracy of ``model`` on table ``task`` at ``length`` tokens:
-    ``trials`` prompts at each of :data:`DEFAULT_DEPTHS` (rows of ``retrieval_accuracy``)."""
+    ``trials`` prompts at each of :data:`DEFAULT_DEPTHS` (rows of ``retrieval_accuracy``),
+    read ``rows`` at a time (None: all at once)."""
     name, filler = TASKS[task]
     return retrieval_accuracy(
-        model, name, lengths=[length], trials=trials, seed=SEED, filler=filler, progress=progress
+        model,
+        name,
+        lengths=[length],
+        trials=trials,
+        seed=SEED,
+        filler=filler,
+        progress=progress,
+        rows_per_pass=rows,
     )
 
 
@@ -364,6 +377,7 @@ def measure_record(cell: Cell, key: dict, trials: int, clock: Clock) -> dict | N
             cell.length,
             trials,
             lambda done, total: clock.say(f"{name}: depth {done}/{total} done"),
+            rows_per_pass(cell, trials),
         )
     except InputError as error:
         cell.reason = str(error)
@@ -386,22 +400,37 @@ def describe_cell(cell: Cell) -> str:
 
 def fit_refusal(cell: Cell, trials: int) -> str | None:
     """Why ``cell`` cannot be measured at all (no length, not enough held-out text, more
-    memory than is available for ``trials`` prompts in one batch), or None."""
+    memory than is available even one prompt at a time), or None."""
     if cell.length is None:
         return "no training length recorded; use --lengths"
     if cell.task == "passkey-text" and cell.length > heldout_tokens():
         return f"the held-out text holds {format_length(heldout_tokens())} tokens"
-    model = cell.entry.model
-    chunkable = getattr(model, "chunkable", False)
-    chunk = resolve_chunk_size(model, "auto", cell.length) if chunkable else None
-    estimate = estimate_run(
-        model, cell.length, batch=trials, n_positions=0, n_layers_kept=0, chunk_size=chunk
-    )
     try:
-        check_fits(estimate)
+        rows_per_pass(cell, trials)
     except MemoryBudgetError as error:
         return f"memory: {error}".split("; use ")[0]
     return None
+
+
+def rows_per_pass(cell: Cell, trials: int) -> int:
+    """Prompts of ``cell`` read in one forward: all ``trials`` when their estimated memory
+    fits, else one (``MemoryBudgetError`` when even one does not)."""
+    model = cell.entry.model
+    chunkable = getattr(model, "chunkable", False)
+    chunk = resolve_chunk_size(model, "auto", cell.length) if chunkable else None
+
+    def check(rows: int) -> int:
+        check_fits(
+            estimate_run(
+                model, cell.length, batch=rows, n_positions=0, n_layers_kept=0, chunk_size=chunk
+            )
+        )
+        return rows
+
+    try:
+        return check(trials)
+    except MemoryBudgetError:
+        return check(1)
 
 
 class Clock:

@@ -64,9 +64,9 @@ def counted(monkeypatch):
     calls = []
     original = bench.measure_cell
 
-    def counting(model, task, length, trials, progress):
+    def counting(model, task, length, trials, progress, rows=None):
         calls.append((task, length))
-        return original(model, task, length, trials, progress)
+        return original(model, task, length, trials, progress, rows)
 
     monkeypatch.setattr(bench, "measure_cell", counting)
     return calls
@@ -161,7 +161,7 @@ def test_each_table_is_measured_with_its_filler(pair, tmp_path, monkeypatch):
     a = pair[0]
     seen = []
 
-    def recording(model, task, *, lengths, trials, seed, filler, progress):
+    def recording(model, task, *, lengths, trials, seed, filler, progress, rows_per_pass):
         seen.append((task, filler))
         raise InputError("recorded")  # the cell then reads "not measured (recorded)"
 
@@ -183,6 +183,33 @@ def test_a_cell_that_would_not_fit_in_memory_is_refused_before_it_runs(
     assert counted == []
     refused = "not measured (memory: this run needs about 9 GiB but memory allows 1 GiB)"
     assert _table(text, "kv").count(refused) == 2
+
+
+def test_a_cell_too_big_for_one_batch_is_read_one_prompt_at_a_time(pair, tmp_path, monkeypatch):
+    batches, estimate_run = {}, bench.estimate_run
+
+    def estimating(model, length, *, batch, **options):
+        estimate = estimate_run(model, length, batch=batch, **options)
+        batches[id(estimate)] = batch
+        return estimate
+
+    def only_single_rows(estimate):
+        if batches[id(estimate)] > 1:
+            raise MemoryBudgetError("this run needs about 9 GiB but memory allows 1 GiB; use less")
+
+    passes = []
+    original = bench.retrieval_accuracy
+
+    def recording(*args, rows_per_pass=None, **kwargs):
+        passes.append(rows_per_pass)
+        return original(*args, rows_per_pass=rows_per_pass, **kwargs)
+
+    monkeypatch.setattr(bench, "estimate_run", estimating)
+    monkeypatch.setattr(bench, "check_fits", only_single_rows)
+    monkeypatch.setattr(bench, "retrieval_accuracy", recording)
+    text = bench.run(_arguments(tmp_path, *pair[2], "--multiples", "2", "--tasks", "kv"))
+    assert passes and set(passes) == {1}
+    assert "not measured" not in _table(text, "kv")
 
 
 def test_a_model_without_a_training_length_needs_lengths(pair, tmp_path):

@@ -259,3 +259,15 @@ def test_the_filler_changes_the_passkey_prompts_and_is_refused_for_kv():
         retrieval_accuracy(CachedNeedleCopyingOracle(), "kv", lengths=[400], filler="standard")
     with pytest.raises(InputError, match="filler must be one of"):
         retrieval_accuracy(CachedNeedleCopyingOracle(), "passkey", lengths=[400], filler="grass")
+
+
+@pytest.mark.parametrize("name", ["mamba", "memmamba", "transformer"])
+def test_prompts_read_a_few_at_a_time_give_the_same_rows(name):
+    model = build_model(name, "tiny", seed=3).eval()
+    together = retrieval_accuracy(model, "passkey", lengths=[300], trials=3, seed=5, n_boot=0)
+    apart = retrieval_accuracy(
+        model, "passkey", lengths=[300], trials=3, seed=5, n_boot=0, rows_per_pass=2
+    )
+    assert together.equals(apart)
+    with pytest.raises(InputError, match="rows_per_pass"):
+        retrieval_accuracy(model, "passkey", lengths=[300], rows_per_pass=0)

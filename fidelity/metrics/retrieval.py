@@ -201,6 +201,7 @@ def retrieval_accuracy(
     progress: Callable[[int, int], None] | None = None,
     *,
     filler: str | None = None,
+    rows_per_pass: int | None = None,
     chunk_size: int | str | None = "auto",
     n_boot: int = 200,
     level: float = DEFAULT_LEVEL,
@@ -213,6 +214,8 @@ def retrieval_accuracy(
     each cell. ``filler`` (passkey only; None: the default, "standard"): "standard" (the
     repeated "grass is green" sentence) or "text" (held-out natural text), see
     :func:`fidelity.probes.tasks.passkey_probe`; giving one for kv raises ``InputError``.
+    ``rows_per_pass``: prompts read in one forward (None: all ``trials`` of a cell at once);
+    fewer bound the memory of long prompts without changing any prediction.
     ``chunk_size``: "auto" (the model's own chunk length, see
     :meth:`fidelity.models.base.CausalLM.auto_chunk_size`), None (one call) or an int, for our
     models' prefill. Returns rows with columns :data:`FRAME_COLUMNS`: metrics
@@ -220,6 +223,10 @@ def retrieval_accuracy(
     source_layer == -1``, ``n = trials``.
     """
     lengths, depths, trials = _check_options(task, lengths, depths, trials)
+    if rows_per_pass is not None and (
+        isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1
+    ):
+        raise InputError(f"rows_per_pass must be a positive integer or None, got {rows_per_pass!r}")
     probe_options = _check_filler(task, filler)
     chunk_size = resolve_chunk_size(model, chunk_size, ignore_without_cache=True)
     tokenizer = as_tokenizer(tokenizer)
@@ -238,7 +245,11 @@ def retrieval_accuracy(
                     depth=depth,
                     **probe_options,
                 )
-                rows.extend(_score_cell(model, probe, tokenizer, chunk_size, seed, n_boot, level))
+                rows.extend(
+                    _score_cell(
+                        model, probe, tokenizer, chunk_size, rows_per_pass, seed, n_boot, level
+                    )
+                )
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -247,10 +258,20 @@ def retrieval_accuracy(
     return tidy_frame(rows, columns=FRAME_COLUMNS)
 
 
-def _score_cell(model, probe: ProbeInput, tokenizer, chunk_size, seed, n_boot, level) -> list:
-    """The two rows of one (length, depth) cell."""
+def _score_cell(
+    model, probe: ProbeInput, tokenizer, chunk_size, rows_per_pass, seed, n_boot, level
+) -> list:
+    """The two rows of one (length, depth) cell, its prompts read ``rows_per_pass`` at a time."""
     answers, real = _padded_answers(probe)
-    predicted = teacher_forced_predictions(model, probe.input_ids, answers, chunk_size).cpu()
+    step = rows_per_pass or probe.input_ids.shape[0]
+    predicted = torch.cat(
+        [
+            teacher_forced_predictions(model, prompts, expected, chunk_size).cpu()
+            for prompts, expected in zip(
+                probe.input_ids.split(step), answers.split(step), strict=True
+            )
+        ]
+    )
     correct = (predicted == answers) | ~real  # (trials, n)
     exact = correct.all(dim=1)
     digits = _digit_mask(answers, real, tokenizer)
