@@ -619,13 +619,21 @@ def answer_lines(
     lookup = {(c.entry.label, c.point): c for c in cells}
     if reference not in {entry.label for entry in entries}:
         return [f"- No model is labelled {reference!r}; nothing to compare."]
+    unmeasured = [
+        lookup[reference, point] for point in points if accuracy(lookup[reference, point]) is None
+    ]
+    if len(unmeasured) == len(points):
+        return [f"- not compared: {reference} not measured ({unmeasured[0].reason})."]
     lines = []
     for entry in entries:
         if entry.label == reference:
             continue
         for point in points:
             ours, theirs = lookup[reference, point], lookup[entry.label, point]
-            where = f"at {point.heading} ({describe(ours)} vs {describe(theirs)})"
+            where = (
+                f"{reference} vs {entry.label} at {point.heading} "
+                f"({describe(ours)} vs {describe(theirs)})"
+            )
             a, b = accuracy(ours), accuracy(theirs)
             if a is None or b is None:
                 missing = ours if a is None else theirs
