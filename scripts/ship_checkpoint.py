@@ -3,8 +3,9 @@
     python scripts/ship_checkpoint.py runs/default-memmamba memmamba
 
 The shipped directory is an ordinary checkpoint (config.json + model.safetensors) whose meta
-records the training run: the exact `fidelity train` command, steps, tokens, wall time, final
-loss and the machine. fidelity/data/TRAINING.md describes how the defaults were made.
+records the training: the exact `fidelity train` command of every stage (a run started with
+`--init RUN/ckpt-N` continues RUN's stage), their steps, tokens and step time (and their sums),
+the final loss and the machine. fidelity/data/TRAINING.md describes how the defaults were made.
 """
 
 from __future__ import annotations
@@ -58,6 +59,37 @@ def option(key: str, value: object) -> str:
     return shlex.quote(f"{key}={text}")
 
 
+def stage(run: Path, step: int) -> dict:
+    """What the run ``run`` did up to ``step``: its command, steps, tokens, final loss and
+    step time (from train_config.json and train_log.csv)."""
+    config = json.loads((run / "train_config.json").read_text())
+    with (run / "train_log.csv").open() as handle:
+        log = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+    last = log[-1]
+    return {
+        "command": train_command(config, str(run)),
+        "init": config.get("init"),
+        "steps": int(last["step"]),
+        "tokens": int(last["tokens"]),
+        "final_loss": float(last["loss"]),
+        "wall_time_s": float(last["elapsed_s"]),
+    }
+
+
+def curriculum(run: Path, step: int) -> list[dict]:
+    """The stages that made ``run``'s ``ckpt-STEP``, first first: ``--init`` chains through
+    earlier runs' checkpoints (``RUN/ckpt-N``) are followed while their runs are on disk; a
+    shipped name or a foreign checkpoint ends the chain (its name stays in ``init``)."""
+    stages = [stage(run, step)]
+    while stages[0]["init"]:
+        start = Path(stages[0]["init"])
+        earlier = start.parent
+        if not (start.name.startswith("ckpt-") and (earlier / "train_config.json").is_file()):
+            break
+        stages.insert(0, stage(earlier, int(start.name.split("-")[1])))
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -71,20 +103,18 @@ def main() -> None:
     if final not in checkpoints:
         raise SystemExit(f"{final} is not a complete checkpoint of {args.run}")
     model = load_checkpoint(final)
-    config = json.loads((args.run / "train_config.json").read_text())
     step = model.provenance.get("training", {}).get("step", int(final.name.split("-")[1]))
-    with (args.run / "train_log.csv").open() as handle:
-        log = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
-    last = log[-1]
+    stages = curriculum(args.run, step)
     meta = {
         "shipped_default": True,
         "training": {
             **model.provenance.get("training", {}),
-            "command": train_command(config, str(args.run)),
-            "steps": int(last["step"]),
-            "tokens": int(last["tokens"]),
-            "final_loss": float(last["loss"]),
-            "wall_time_s": float(last["elapsed_s"]),
+            **{key: stages[-1][key] for key in ("command", "final_loss")},
+            # the whole curriculum: every stage's steps, tokens and step time added up
+            "steps": sum(s["steps"] for s in stages),
+            "tokens": sum(s["tokens"] for s in stages),
+            "wall_time_s": round(sum(s["wall_time_s"] for s in stages), 2),
+            "stages": stages,
             "machine": f"{platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} torch threads when shipped",
         },
@@ -93,7 +123,10 @@ def main() -> None:
         model, DATA / args.name, meta=meta, overwrite=True, dtype=torch.float16
     )
     size = sum(p.stat().st_size for p in target.iterdir())
-    print(f"shipped {final} as {target} ({size / 1e6:.2f} MB)")
+    print(
+        f"shipped {final} as {target} ({size / 1e6:.2f} MB; {len(stages)} stage(s), "
+        f"{meta['training']['steps']} steps)"
+    )
 
 
 if __name__ == "__main__":

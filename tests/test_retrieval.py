@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fidelity.errors import InputError
 from fidelity.metrics.retrieval import (
     FRAME_COLUMNS,
     retrieval_accuracy,
@@ -222,3 +223,51 @@ def test_bad_arguments_are_refused():
         retrieval_accuracy(oracle, lengths=[20])
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(6, 5)
+
+
+def _passkey_prompts(filler: str | None) -> tuple[list[str], float]:
+    """The prompts (text) a cached oracle is given for 2 passkey trials of 400 tokens with
+    ``filler``, and its exact-match accuracy."""
+    oracle = CachedNeedleCopyingOracle()
+    caches = []
+    original = oracle.init_cache
+
+    def recording_init_cache(batch_size, device=None, dtype=None):
+        caches.append(original(batch_size))
+        return caches[-1]
+
+    oracle.init_cache = recording_init_cache
+    frame = retrieval_accuracy(
+        oracle, "passkey", lengths=[400], depths=[0.5], trials=2, filler=filler, n_boot=0
+    )
+    prompts = [bytes(row[:400]).decode() for row in caches[0]["rows"]]
+    return prompts, float(frame.set_index("metric")["value"]["passkey_acc"])
+
+
+def test_the_filler_changes_the_passkey_prompts_and_is_refused_for_kv():
+    default, standard, text = (_passkey_prompts(f) for f in (None, "standard", "text"))
+    assert default == standard  # "standard" is the default
+    assert standard[0] != text[0]
+    for prompt in standard[0]:
+        assert "The grass is green." in prompt
+    for prompt in text[0]:
+        assert "The grass is green." not in prompt
+    for prompts, accuracy in (standard, text):  # the same needle and question either way
+        assert accuracy == 1.0
+        assert all(p.endswith("What is the pass key? The pass key is") for p in prompts)
+    with pytest.raises(InputError, match="filler applies to the passkey task only"):
+        retrieval_accuracy(CachedNeedleCopyingOracle(), "kv", lengths=[400], filler="standard")
+    with pytest.raises(InputError, match="filler must be one of"):
+        retrieval_accuracy(CachedNeedleCopyingOracle(), "passkey", lengths=[400], filler="grass")
+
+
+@pytest.mark.parametrize("name", ["mamba", "memmamba", "transformer"])
+def test_prompts_read_a_few_at_a_time_give_the_same_rows(name):
+    model = build_model(name, "tiny", seed=3).eval()
+    together = retrieval_accuracy(model, "passkey", lengths=[300], trials=3, seed=5, n_boot=0)
+    apart = retrieval_accuracy(
+        model, "passkey", lengths=[300], trials=3, seed=5, n_boot=0, rows_per_pass=2
+    )
+    assert together.equals(apart)
+    with pytest.raises(InputError, match="rows_per_pass"):
+        retrieval_accuracy(model, "passkey", lengths=[300], rows_per_pass=0)

@@ -36,11 +36,12 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
+from fidelity.errors import InputError
 from fidelity.lengths import parse_length
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
 from fidelity.metrics.toolkit import resolve_chunk_size, returns_all_positions, tidy_frame
 from fidelity.models.base import CausalLM
-from fidelity.probes.tasks import ProbeInput, make_probe
+from fidelity.probes.tasks import FILLERS, ProbeInput, make_probe
 from fidelity.probes.tokenizer import Tokenizer, as_tokenizer
 from fidelity.schema import TIDY_COLUMNS
 
@@ -155,6 +156,18 @@ def _digit_mask(answers: torch.Tensor, real: torch.Tensor, tokenizer: Tokenizer)
     return torch.where(digits.any(dim=1, keepdim=True), digits, real)
 
 
+def _check_filler(task: str, filler: str | None) -> dict[str, str]:
+    """The probe options ``filler`` asks for: ``{"filler": ...}`` for passkey, ``{}`` when
+    None; a filler for kv (whose padding is always the standard sentence) is refused."""
+    if filler is None:
+        return {}
+    if task != "passkey":
+        raise InputError(f"filler applies to the passkey task only, not to {task!r}")
+    if filler not in FILLERS:
+        raise InputError(f"filler must be one of {', '.join(FILLERS)}, got {filler!r}")
+    return {"filler": filler}
+
+
 def _check_options(task, lengths, depths, trials) -> tuple[list[int], list[float], int]:
     if task not in RETRIEVAL_TASKS:
         raise ValueError(f"task must be one of {RETRIEVAL_TASKS}, got {task!r}")
@@ -187,6 +200,8 @@ def retrieval_accuracy(
     tokenizer: Tokenizer | str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     *,
+    filler: str | None = None,
+    rows_per_pass: int | None = None,
     chunk_size: int | str | None = "auto",
     n_boot: int = 200,
     level: float = DEFAULT_LEVEL,
@@ -196,13 +211,23 @@ def retrieval_accuracy(
     One cell per (length, depth): ``trials`` prompts of exactly ``length`` tokens with the
     needle at ``depth`` in [0, 1] (0: first). ``tokenizer``: None (bytes), a local Hugging
     Face tokenizer directory, or a tokenizer object. ``progress(done, total)`` is called after
-    each cell. ``chunk_size``: "auto" (the model's own chunk length, see
+    each cell. ``filler`` (passkey only; None: the default, "standard"): "standard" (the
+    repeated "grass is green" sentence) or "text" (held-out natural text), see
+    :func:`fidelity.probes.tasks.passkey_probe`; giving one for kv raises ``InputError``.
+    ``rows_per_pass``: prompts read in one forward (None: all ``trials`` of a cell at once);
+    fewer bound the memory of long prompts without changing any prediction.
+    ``chunk_size``: "auto" (the model's own chunk length, see
     :meth:`fidelity.models.base.CausalLM.auto_chunk_size`), None (one call) or an int, for our
     models' prefill. Returns rows with columns :data:`FRAME_COLUMNS`: metrics
     ``{task}_acc`` and ``{task}_digit_acc`` (see the module docstring), ``layer ==
     source_layer == -1``, ``n = trials``.
     """
     lengths, depths, trials = _check_options(task, lengths, depths, trials)
+    if rows_per_pass is not None and (
+        isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1
+    ):
+        raise InputError(f"rows_per_pass must be a positive integer or None, got {rows_per_pass!r}")
+    probe_options = _check_filler(task, filler)
     chunk_size = resolve_chunk_size(model, chunk_size, ignore_without_cache=True)
     tokenizer = as_tokenizer(tokenizer)
     was_training = model.training
@@ -218,8 +243,13 @@ def retrieval_accuracy(
                     seed=_cell_seed(seed, length, index),
                     tokenizer=tokenizer,
                     depth=depth,
+                    **probe_options,
                 )
-                rows.extend(_score_cell(model, probe, tokenizer, chunk_size, seed, n_boot, level))
+                rows.extend(
+                    _score_cell(
+                        model, probe, tokenizer, chunk_size, rows_per_pass, seed, n_boot, level
+                    )
+                )
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -228,10 +258,20 @@ def retrieval_accuracy(
     return tidy_frame(rows, columns=FRAME_COLUMNS)
 
 
-def _score_cell(model, probe: ProbeInput, tokenizer, chunk_size, seed, n_boot, level) -> list:
-    """The two rows of one (length, depth) cell."""
+def _score_cell(
+    model, probe: ProbeInput, tokenizer, chunk_size, rows_per_pass, seed, n_boot, level
+) -> list:
+    """The two rows of one (length, depth) cell, its prompts read ``rows_per_pass`` at a time."""
     answers, real = _padded_answers(probe)
-    predicted = teacher_forced_predictions(model, probe.input_ids, answers, chunk_size).cpu()
+    step = rows_per_pass or probe.input_ids.shape[0]
+    predicted = torch.cat(
+        [
+            teacher_forced_predictions(model, prompts, expected, chunk_size).cpu()
+            for prompts, expected in zip(
+                probe.input_ids.split(step), answers.split(step), strict=True
+            )
+        ]
+    )
     correct = (predicted == answers) | ~real  # (trials, n)
     exact = correct.all(dim=1)
     digits = _digit_mask(answers, real, tokenizer)

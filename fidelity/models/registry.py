@@ -237,10 +237,20 @@ def training_description(directory: Path) -> str:
     task = training.get("task", "?")
     if options:
         task += " (" + ", ".join(f"{key}={value}" for key, value in options.items()) + ")"
-    return (
-        f"{task}, length {training.get('length', '?')}, {training.get('steps', '?')} steps, "
-        f"seed {training.get('seed', '?')}"
-    )
+    stages = training.get("stages") or []
+    steps = f"{training.get('steps', '?')} steps"
+    if len(stages) > 1:  # a curriculum: the stages' tasks, first first (the last one's options)
+        tasks = " then ".join(_stage_task(stage) for stage in stages)
+        steps += f" in {len(stages)} stages ({tasks})"
+    length, seed = training.get("length", "?"), training.get("seed", "?")
+    return f"{task}, length {length}, {steps}, seed {seed}"
+
+
+def _stage_task(stage: dict) -> str:
+    """The ``--task`` of one recorded curriculum stage's command, with its step count."""
+    words = str(stage.get("command", "")).split()
+    task = words[words.index("--task") + 1] if "--task" in words[:-1] else "?"
+    return f"{task} x {stage.get('steps', '?')}"
 
 
 def _spec(name: str | None) -> ModelSpec:
