@@ -2,11 +2,10 @@
 cache (hits, invalidation by a changed checkpoint), "not measured" cells, the filler per task
 and refused options, on tiny untrained checkpoints at very short lengths."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+import repo_scripts
 
 from fidelity.budget import MemoryBudgetError
 from fidelity.errors import InputError
@@ -14,17 +13,7 @@ from fidelity.models.checkpoint import save_checkpoint
 from fidelity.models.registry import build_model
 from fidelity.train import STATE_JSON, STATE_TENSORS
 
-
-def _benchmark():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "claim_small.py"
-    spec = importlib.util.spec_from_file_location("claim_small", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _benchmark()
+bench = repo_scripts.load("benchmarks/claim_small.py")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,11 +1,8 @@
 """``benchmarks/mqar_capacity.py``: a 2-step grid trains, resumes nothing twice, and scores
 its checkpoints exactly as a direct count of argmax hits on the same test rows."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+import repo_scripts
 import torch
 
 import fidelity
@@ -14,12 +11,7 @@ from fidelity.probes.memory_tasks import answer_accuracy, mqar
 
 
 def _benchmark():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mqar_capacity.py"
-    spec = importlib.util.spec_from_file_location("mqar_capacity", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return repo_scripts.load("benchmarks/mqar_capacity.py")
 
 
 def _grid(tmp_path, *extra):

@@ -1,14 +1,12 @@
 """benchmarks/passkey_mechanism.py: needle occlusion, pool-trace flags, verdicts and the table,
 on test doubles and tiny random models."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+import repo_scripts
 import torch
 from test_retrieval import VOCAB, CachedNeedleCopyingOracle
 
@@ -24,16 +22,7 @@ from fidelity.probes.tokenizer import as_tokenizer
 LENGTH = 400  # 151 filler tokens: room for the control span on either side
 
 
-def _benchmark():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "passkey_mechanism.py"
-    spec = importlib.util.spec_from_file_location("passkey_mechanism", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _benchmark()
+bench = repo_scripts.load("benchmarks/passkey_mechanism.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

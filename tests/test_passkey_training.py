@@ -3,11 +3,10 @@ passkey probe, and the options of passkey / mix training batches."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+import repo_scripts
 import torch
 from test_retrieval import CachedNeedleCopyingOracle
 
@@ -158,11 +157,7 @@ def test_train_config_accepts_mix_options() -> None:
 
 
 def load_script(name: str):
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return repo_scripts.load(f"scripts/{name}.py")
 
 
 @pytest.mark.parametrize("filler", ["standard", "text"])

@@ -11,11 +11,10 @@ number of steps, one thread) to output the token ``k`` back, with the training c
 ``benchmarks/shift_memory.py`` (which also trains Mamba models and prints their rows).
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+import repo_scripts
 import torch
 from torch import nn
 
@@ -93,11 +92,7 @@ def test_random_probe_draws_within_the_model_vocabulary():
 
 def _shift_benchmark():
     """``benchmarks/shift_memory.py`` as a module (its training code)."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "shift_memory.py"
-    spec = importlib.util.spec_from_file_location("shift_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return repo_scripts.load("benchmarks/shift_memory.py")
 
 
 @pytest.mark.slow

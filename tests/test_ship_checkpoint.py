@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
+
+import repo_scripts
 
 from fidelity.models import registry
 from fidelity.train import TrainConfig, train
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ship_checkpoint.py"
-spec = importlib.util.spec_from_file_location("ship_checkpoint", SCRIPT)
-ship = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ship)
+ship = repo_scripts.load("scripts/ship_checkpoint.py")
 
 
 def config(**overrides) -> TrainConfig:
