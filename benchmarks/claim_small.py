@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 import fidelity
-from fidelity.atomic import atomic_directory, hidden_sibling
+from fidelity.atomic import atomic_directory, write_text_atomically
 from fidelity.budget import MemoryBudgetError, check_fits, estimate_run
 from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
@@ -269,17 +269,6 @@ def read_cell(path: Path, key: dict) -> dict | None:
     return record if record.get("key") == key else None
 
 
-def write_text(path: Path, text: str) -> None:
-    """``text`` at ``path``, written beside it and renamed into place (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = hidden_sibling(path, "partial")
-    try:
-        staging.write_text(text)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def measure_cell(
     model: CausalLM,
     task: str,
@@ -358,7 +347,7 @@ def fill_cell(cell: Cell, cache: Path, trials: int, bounds: Bounds, clock: Clock
         record = measure_record(cell, key, trials, clock)
         if record is None:
             return
-        write_text(path, json.dumps(record, indent=1))
+        write_text_atomically(path, json.dumps(record, indent=1))
         clock.say(f"{describe_cell(cell)}: cached in {path}")
     cell.frame = pd.DataFrame(record["rows"])
     cell.cost = f"{record['elapsed_s']:.0f} s at load {record['load'][0]:.1f}"
@@ -974,7 +963,7 @@ def run(argv: Sequence[str]) -> str:
     if not args.no_memory:
         memory = {entry.label: fill_memory(entry, args, clock) for entry in entries}
     text = report(args, entries, cells, memory, (load, os.getloadavg()[0]))
-    write_text(args.out, text)
+    write_text_atomically(args.out, text)
     clock.say(f"wrote {args.out}")
     return text
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import fidelity
+from fidelity.atomic import write_text_atomically
 from fidelity.lengths import format_length, parse_length
 from fidelity.metrics.task_accuracy import TaskAccuracy, task_accuracy
 
@@ -205,10 +206,7 @@ def write_report(args, lengths, results, seconds, described, transformer_max) ->
         f"--tokens-per-length {args.tokens_per_length} --min-rows {args.min_rows} "
         f"--max-rows {args.max_rows}`.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(args.out)
+    write_text_atomically(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

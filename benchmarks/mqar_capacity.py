@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import fidelity
+from fidelity.atomic import write_text_atomically
 from fidelity.errors import InputError
 from fidelity.metrics.retrieval import wilson_interval
 from fidelity.metrics.task_accuracy import task_accuracy
@@ -370,10 +371,7 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
         + " ".join(argv if argv is not None else __import__("sys").argv[1:])
         + "`.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(args.out)
+    write_text_atomically(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

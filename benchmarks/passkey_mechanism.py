@@ -55,6 +55,7 @@ import torch
 from scipy.stats import t as student_t
 
 import fidelity
+from fidelity.atomic import write_text_atomically
 from fidelity.budget import check_fits, estimate_run, estimate_seconds, seconds_per_token
 from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
@@ -81,14 +82,6 @@ from fidelity.train import checkpoint_dirs
 ROOT = Path(__file__).resolve().parent.parent
 LEVEL = 0.95
 READ_SHARE = 0.5  # "attended": the needle's notes got at least this share of the weight
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a sibling temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 @dataclass
@@ -615,7 +608,7 @@ def write_table(out: Path, records: dict) -> None:
                         f"{_share(part, block, 'token_weight')} | "
                         f"{_share(part, block, 'layer_weight')} |"
                     )
-    write_text(out, "\n".join(lines) + "\n")
+    write_text_atomically(out, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "depths": list(options.depths),
         "rows": rows,
     }
-    write_text(args.raw, json.dumps(record))
+    write_text_atomically(args.raw, json.dumps(record))
     write_table(args.out, json.loads(json.dumps(record)))  # the keys as in the raw file
     print(f"wrote {args.out} and {args.raw}")
 

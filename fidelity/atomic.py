@@ -32,6 +32,18 @@ def hidden_sibling(target: Path, tag: str) -> Path:
     return target.with_name(f".{target.name}.{tag}-{os.getpid():x}-{uuid.uuid4().hex[:8]}")
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` at ``path`` (parents created), written to a hidden sibling and renamed into
+    place: a reader sees the old file or the whole new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = hidden_sibling(path, "partial")
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def make_staging(target: Path) -> Path:
     """A new, empty-but-for-its-marker staging directory next to ``target``."""
     staging = hidden_sibling(target, "partial")

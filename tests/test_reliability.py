@@ -410,3 +410,22 @@ def test_api_misuse_says_what_was_expected():
         capture(model, torch.zeros(1, 8, dtype=torch.long), chunk_size=0)
     with pytest.raises(TypeError, match="registered model name"):
         load_model(None)
+
+
+def test_a_text_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from fidelity.atomic import write_text_atomically
+
+    target = tmp_path / "sub" / "table.md"
+    write_text_atomically(target, "first\n")
+    write_text_atomically(target, "second\n")
+    assert target.read_text() == "second\n"
+
+    def failing(self, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(target), "write_text", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomically(target, "third\n")
+    monkeypatch.undo()
+    assert target.read_text() == "second\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.md"]  # no staging left
