@@ -56,7 +56,7 @@ from scipy.stats import t as student_t
 
 import fidelity
 from fidelity.atomic import write_text_atomically
-from fidelity.budget import check_fits, estimate_run, estimate_seconds, seconds_per_token
+from fidelity.budget import check_fits, estimate_run, estimate_seconds, forward_cost
 from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
 from fidelity.metrics.retrieval import (
@@ -640,7 +640,7 @@ def plan(models: dict, lengths: list[int], options: CellOptions, anchors: int) -
         flush=True,
     )
     for label, model in models.items():
-        per_token = seconds_per_token(model, 512)
+        cost = forward_cost(model, 512)
         passes = 4 if isinstance(model, MemMambaLM) else 3
         for length in lengths:
             chunk = resolve_chunk_size(model, options.chunk_size, ignore_without_cache=True)
@@ -656,12 +656,12 @@ def plan(models: dict, lengths: list[int], options: CellOptions, anchors: int) -
             seconds = (
                 passes
                 * len(options.depths)
-                * estimate_seconds(model, length, options.trials, per_token)
+                * estimate_seconds(model, length, options.trials, cost)
             )
             total += seconds
             print(
                 f"  {label} at {format_length(length)}: about {seconds / 60:.1f} min of forward "
-                f"passes (measured {per_token * 1e6:.0f} us/token now), peak memory about "
+                f"passes (measured {cost.fixed * 1e6:.0f} us/token now), peak memory about "
                 f"{estimate.total / 2**30:.1f} GiB",
                 flush=True,
             )

@@ -41,7 +41,7 @@ from fidelity.budget import (
     check_fits,
     estimate_run,
     estimate_seconds,
-    seconds_per_token,
+    forward_cost,
 )
 from fidelity.devices import resolve_device
 from fidelity.errors import InputError
@@ -617,8 +617,8 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
     check_fits(estimate, max_memory)
     seconds = None
     if time_it:
-        per_token = seconds_per_token(model, probe_tokens=min(1024, length))
-        seconds = estimate_seconds(model, length, batch, per_token)
+        cost = forward_cost(model, probe_tokens=min(1024, length))
+        seconds = estimate_seconds(model, length, batch, cost)
     extra_tokens = {
         name: METRIC_RUNNERS[name].cost(model, length)
         for name in options.metrics

@@ -362,21 +362,53 @@ def check_fits(estimate: RunEstimate, max_memory: int | None = None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ForwardCost:
+    """Measured forward time per token: ``fixed`` seconds whatever the context, plus
+    ``per_key`` seconds for each key one query attends to (0 for attention-free models)."""
+
+    fixed: float
+    per_key: float = 0.0
+
+
+def _forward_seconds(model: nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    """Best of ``repeats`` timed forwards of ``ids``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @torch.no_grad()
-def seconds_per_token(model: CausalLM | nn.Module, probe_tokens: int = 1024) -> float:
-    """Measured forward time per token on a short random input (after one warm-up call)."""
+def forward_cost(model: CausalLM | nn.Module, probe_tokens: int = 1024) -> ForwardCost:
+    """Forward time per token on short random inputs (after one warm-up call).
+
+    Attention-free models: one forward of ``probe_tokens``. Attention models: forwards of
+    ``probe_tokens / 2`` and ``probe_tokens`` (best of 2 each), split into a part per token and a
+    part per attended key (a causal query at position ``t`` sees ``t + 1`` keys, so a forward of
+    ``n`` tokens costs ``n * fixed + n**2 / 2 * per_key``); a negative slope (timing noise) is
+    taken as 0.
+    """
     device = next(model.parameters()).device
     vocab = getattr(model.config, "vocab_size", 256)
     ids = torch.randint(0, vocab, (1, probe_tokens), device=device)
     model(ids[:, :64])
-    start = time.perf_counter()
-    model(ids)
-    return (time.perf_counter() - start) / probe_tokens
+    if not _is_attention(model) or probe_tokens < 128:
+        return ForwardCost(fixed=_forward_seconds(model, ids, 1) / probe_tokens)
+    half = probe_tokens // 2
+    short = _forward_seconds(model, ids[:, :half], 2) / half
+    long = _forward_seconds(model, ids, 2) / probe_tokens
+    per_key = max(0.0, (long - short) / ((probe_tokens - half) / 2))
+    return ForwardCost(fixed=max(0.0, long - per_key * probe_tokens / 2), per_key=per_key)
 
 
-def estimate_seconds(model: nn.Module, length: int, batch: int, per_token: float) -> float:
-    """Forward-pass time for ``batch x length`` tokens from a measured ``per_token`` time;
-    quadratic in the length for full attention, linear otherwise."""
+def estimate_seconds(model: nn.Module, length: int, batch: int, cost: ForwardCost) -> float:
+    """Forward-pass time for ``batch x length`` tokens from a measured :class:`ForwardCost`:
+    each query attends to about ``length / 2`` keys under full attention, and to the span
+    (window or memory) once the span is shorter than the positions before it."""
     span = attention_span(model, length)
-    scale = max(1.0, span / 1024) if span == length else 1.0
-    return per_token * length * batch * scale
+    # past the span a query sees `span` keys; the first `span` positions see fewer
+    keys = length / 2 if span >= length else span * (1 - span / (2 * length))
+    return (cost.fixed + cost.per_key * keys) * length * batch

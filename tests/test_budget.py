@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fidelity.budget
 from fidelity.analysis import plan_analysis
 from fidelity.budget import (
     CHUNKED_ACTIVATION_FACTOR,
@@ -17,10 +18,13 @@ from fidelity.budget import (
     MASK_BYTES,
     MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT,
     UNTRACED_BYTES,
+    ForwardCost,
     MemoryBudgetError,
     RunEstimate,
     decimated_rows,
     estimate_run,
+    estimate_seconds,
+    forward_cost,
     model_width,
 )
 from fidelity.cli import main
@@ -173,3 +177,36 @@ def test_full_attention_counts_its_cache_and_one_block_mask():
     )
     per_key = KEY_VALUE_COPIES * n_layer * 2 * d_model * 4 + block * MASK_BYTES
     assert long.attention - short.attention == 20_000 * per_key
+
+
+def test_forward_cost_splits_a_causal_forward_into_per_token_and_per_key_parts(monkeypatch):
+    """A forward of n tokens costing n * fixed + n**2 / 2 * per_key is recovered from the two
+    probes, and the estimate at a long length follows it (the old per-token scaling by
+    length / 1024 overstated a Transformer's 60k forward 100-fold: 203 min for about 1)."""
+    fixed, per_key = 2e-5, 3e-8
+
+    def timed(model, ids, repeats):
+        n = ids.shape[1]
+        return n * fixed + n * n / 2 * per_key
+
+    monkeypatch.setattr(fidelity.budget, "_forward_seconds", timed)
+    transformer = build_model("transformer", "tiny")
+    cost = forward_cost(transformer, 1024)
+    assert cost.fixed == pytest.approx(fixed, rel=1e-9)
+    assert cost.per_key == pytest.approx(per_key, rel=1e-9)
+    length = 60_000
+    assert estimate_seconds(transformer, length, 2, cost) == pytest.approx(
+        2 * timed(None, torch.zeros(1, length), 1), rel=1e-9
+    )
+    mamba = build_model("mamba", "tiny")
+    linear = forward_cost(mamba, 1024)
+    assert linear == ForwardCost(fixed=fixed + 1024 / 2 * per_key)
+    assert estimate_seconds(mamba, length, 1, linear) == pytest.approx(linear.fixed * length)
+
+
+def test_estimate_seconds_counts_the_keys_a_window_leaves_visible():
+    model = build_model("transformer", "tiny")
+    model.config.sliding_window = 100
+    cost = ForwardCost(fixed=0.0, per_key=1.0)
+    # positions 0..99 see 1..100 keys (about 100**2 / 2 in all), the other 900 see 100 each
+    assert estimate_seconds(model, 1000, 1, cost) == pytest.approx(100 * 100 / 2 + 900 * 100)
