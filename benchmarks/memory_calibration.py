@@ -202,6 +202,13 @@ def table_row(measured: dict, estimate: dict) -> str:
     )
 
 
+def _table_order(key: tuple[str, str, int]) -> tuple:
+    """Shipped weights first, the models in the README's order, then by length."""
+    name, weights, length = key
+    rank = SHIPPED.index(name) if name in SHIPPED else len(SHIPPED)
+    return (weights != "shipped", rank, name, weights, length)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SHIPPED))
@@ -236,10 +243,12 @@ def main() -> None:
         "| baseline from | measured in |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = [(name, weights, length) for name, weights in jobs for length in lengths]
+    measured = _read_measured()  # with any row another call stored meanwhile
+    # every stored row stays in the table: a call for a few models must not drop the others
+    asked = {(name, weights, length) for name, weights in jobs for length in lengths}
+    keys = sorted(asked | set(measured), key=_table_order)
     with ThreadPoolExecutor(args.workers) as pool:
         estimates = list(pool.map(lambda key: _worker("table", *key), keys))
-    measured = _read_measured()  # with any row another call stored meanwhile
     for (name, weights, length), estimate in zip(keys, estimates, strict=True):
         row = measured.get((name, weights, length))
         if row is None:
