@@ -921,6 +921,7 @@ def _meta(
         "chunk_size": plan.chunk_size,
         "centered_readout": CENTERED,
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,

@@ -67,6 +67,11 @@ EARLY_PROBE_TOKENS = 1 << 20
 """Synthetic probes up to this length are built (and checked) before the model loads."""
 
 
+THREADS_HELP = (
+    "CPU threads: auto (the cores idle at the start; OMP_NUM_THREADS, when set, wins) or a number."
+)
+
+
 def _fail(message: str) -> None:
     raise InputError(message)
 
@@ -150,6 +155,7 @@ def analyze(
     max_memory: Annotated[
         str | None, typer.Option(help="Memory limit overriding the check, e.g. 4GB.")
     ] = None,
+    threads: Annotated[str, typer.Option(help=THREADS_HELP)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Measure forgetting on one probe and print a per-layer summary."""
@@ -159,7 +165,9 @@ def analyze(
     from fidelity.probes.tasks import make_probe
     from fidelity.probes.tokenizer import load_tokenizer
     from fidelity.results import LEGACY_RESULT
+    from fidelity.threads import parse_threads, set_threads
 
+    threads = _as_input(parse_threads, threads)
     options = AnalysisOptions(
         length,
         probe,
@@ -205,8 +213,9 @@ def analyze(
         if preset or random_init
         else load_model(model)
     )
+    n_threads, why = set_threads(threads)
     plan = plan_run(loaded, options)
-    console.print(f"[bold]plan[/]: {plan.describe()}")
+    console.print(f"[bold]plan[/]: {plan.describe()}; {n_threads} CPU thread(s) ({why})")
     result = run_analysis(loaded, options, progress=progress)
     _print_summary(result)
     path = result.save(out_dir, force=force)
@@ -673,6 +682,7 @@ def train(
         str | None,
         typer.Option(help="Start from these weights (checkpoint directory or shipped name)."),
     ] = None,
+    threads: Annotated[str, typer.Option(help=THREADS_HELP)] = "auto",
 ) -> None:
     """Train a model (from scratch, or from --init) and write loadable checkpoints every
     --save-every steps."""
@@ -686,9 +696,11 @@ def train(
 
     from fidelity.devices import resolve_device
     from fidelity.models.registry import build_config
+    from fidelity.threads import parse_threads, set_threads
     from fidelity.train import TrainConfig, check_run_directory, checkpoint_dirs
     from fidelity.train import train as run_train
 
+    threads = _as_input(parse_threads, threads)
     config = TrainConfig(
         model=model,
         preset=preset,
@@ -712,6 +724,8 @@ def train(
     check_run_directory(out_dir, resume=resume, force=force)
     if resume and not (out_dir.is_dir() and checkpoint_dirs(out_dir)):
         console.print(f"note: no complete checkpoint to resume in {out_dir}; starting at step 0")
+    n_threads, why = set_threads(threads)
+    console.print(f"{n_threads} CPU thread(s) ({why})")
     bar = Progress(
         TextColumn("training"),
         BarColumn(),

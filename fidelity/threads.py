@@ -1,0 +1,70 @@
+"""How many CPU threads torch uses: by default, as many as the cores other processes leave idle.
+
+torch's own default (one thread per core) is right on a quiet machine. When other processes keep
+cores busy it is not: every parallel operation waits for its slowest thread, and a thread that
+shares its core with another process is often the slowest. Measured on a 2-core machine with
+other jobs running (load 8): `fidelity analyze --model memmamba --length 60k` took 161 s with 2
+threads and 50 s with 1; the many small operations of the read-outs and of MemMamba's pool lose
+most. So the CLI's ``--threads auto`` counts the cores idle when a run starts (a short sample of
+CPU use) and uses that many threads, at least one. ``OMP_NUM_THREADS`` or a number given with
+``--threads`` wins; a load that starts later is not followed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch
+
+from fidelity.errors import InputError
+
+AUTO = "auto"
+SAMPLE_SECONDS = 0.25
+"""How long CPU use is sampled to count the idle cores."""
+IDLE_SHARE = 0.75
+"""A core counts as idle when at least this share of it was idle during the sample."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def idle_cores(sample_seconds: float = SAMPLE_SECONDS) -> int:
+    """Cores other processes left idle over a ``sample_seconds`` sample: at least 1."""
+    total = os.cpu_count() or 1
+    idle = total * (1 - psutil.cpu_percent(interval=sample_seconds) / 100)
+    return max(1, min(usable_cores(), int(idle + (1 - IDLE_SHARE))))
+
+
+def parse_threads(value: str | int) -> str | int:
+    """``"auto"`` or a positive thread count; anything else is an :class:`InputError`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    raise InputError(f"--threads must be 'auto' or a positive number, got {value!r}")
+
+
+def set_threads(value: str | int = AUTO) -> tuple[int, str]:
+    """Set torch's intra-op threads and say why: ``(threads, reason)``.
+
+    ``value`` is ``"auto"`` (the idle cores, unless ``OMP_NUM_THREADS`` is set: then torch's
+    setting stays) or a positive count.
+    """
+    value = parse_threads(value)
+    if value != AUTO:
+        torch.set_num_threads(value)
+        return value, "as asked"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    threads = idle_cores()
+    torch.set_num_threads(threads)
+    return threads, f"auto: {threads} of {usable_cores()} cores idle"
