@@ -29,11 +29,11 @@ import math
 import warnings
 from collections.abc import Sequence
 from itertools import combinations, pairwise
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import norm
 
 from fidelity.metrics.curves import (
     DEFAULT_LEVEL,
@@ -194,7 +194,7 @@ def _cka_with_interval(
     leave_out = (sample_anchor[:, None] != anchors[None, :]).double().numpy()  # (m, n)
     replicates = cka_replicates(source, target, leave_out)  # (n,): replicate i drops anchor i
     spread = math.sqrt((n - 1) / n * float(((replicates - replicates.mean()) ** 2).sum()))
-    half_width = float(norm.ppf(0.5 + level / 2)) * spread
+    half_width = NormalDist().inv_cdf(0.5 + level / 2) * spread
     return value, max(0.0, value - half_width), min(1.0, value + half_width)
 
 

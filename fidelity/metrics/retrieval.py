@@ -29,11 +29,11 @@ import math
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import norm
 from torch import nn
 
 from fidelity.errors import InputError
@@ -60,7 +60,7 @@ def wilson_interval(successes: int, n: int, level: float = DEFAULT_LEVEL) -> tup
         raise ValueError(f"successes must lie in [0, n={n}], got {successes!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
-    z = float(norm.ppf(0.5 + level / 2))
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     p = successes / n
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
