@@ -15,14 +15,16 @@ for anchors ``s = t_i`` and targets ``t = t_i + d``, averaged over anchors (and 
 with a percentile bootstrap interval over anchors. It describes the scan path only: the skip
 term, the gate, MemMamba's pools and attention and every other layer are outside it.
 
-Nothing of size ``length x d_inner x d_state`` is built. Forward hooks on the mixers see each
-chunk's normalized block input, recompute the scan inputs (keeping the convolution's last
-inputs across chunks, so chunked passes give the values of one pass), carry ``S`` in float64
-(memory ``O(d_inner)`` per layer across chunks), keep ``S``, ``delta'`` and ``B`` at the anchors
-only and evaluate every (anchor, target) pair as soon as its target arrives (the exponentials
-in the model's dtype, at least float32: about 1e-6 relative for float32 models). Memory per layer:
-``batch x n_anchors x (2 d_inner + d_state)`` float64 plus the results; time per chunk: the
-mixer's input projections again plus ``pairs x d_inner x d_state`` exponentials.
+Nothing of size ``length x d_inner x d_state`` is built. Hooks see each chunk's scan inputs:
+for our Mamba-1 mixer, the output of its ``x_proj`` as the forward pass computes it; for the
+other mixers, the normalized block input, from which the scan inputs are recomputed (keeping the
+convolution's last inputs across chunks, so chunked passes give the values of one pass). ``S``
+is carried in float64 (memory ``O(d_inner)`` per layer across chunks); ``S``, ``delta'`` and
+``B`` are kept at the anchors only, and every (anchor, target) pair is evaluated as soon as its
+target arrives (the exponentials in the model's dtype, at least float32: about 1e-6 relative
+for float32 models). Memory per layer: ``batch x n_anchors x (2 d_inner + d_state)`` float64
+plus the results; time per chunk: ``pairs x d_inner x d_state`` exponentials (and, for mixers
+other than ours, the mixer's input projections again).
 
 Supported mixers: our Mamba-1 ``MambaMixer`` (MambaLM, MemMambaLM, DeciMambaLM), Hugging Face
 ``MambaForCausalLM``'s ``MambaMixer`` (same parameters), and our ``Mamba2Mixer`` (one decay per
@@ -70,7 +72,8 @@ class ScanParts:
     `(n_channels, n_a)` with ``n_a = d_state`` (Mamba-1) or 1 (Mamba-2, one decay per head);
     ``B``, ``C`` `(batch, n_groups, d_state, length)`; ``group`` `(n_channels,)`: the group whose
     ``B``/``C`` each channel reads; ``conv_input`` `(batch, conv_channels, length)`: the raw
-    convolution inputs (the next chunk's prefix is their tail); ``work_dtype``: the model's
+    convolution inputs (the next chunk's prefix is their tail; None when the parts come from the
+    mixer's own forward pass); ``work_dtype``: the model's
     dtype, at least float32, in which pair kernels are evaluated.
     """
 
@@ -79,7 +82,7 @@ class ScanParts:
     B: torch.Tensor
     C: torch.Tensor
     group: torch.Tensor
-    conv_input: torch.Tensor
+    conv_input: torch.Tensor | None
     work_dtype: torch.dtype
 
 
@@ -110,7 +113,9 @@ class MixerReader:
 
 
 class OurMamba1Reader(MixerReader):
-    """Our :class:`~fidelity.models.mamba.MambaMixer`, through its ``ssm_inputs``."""
+    """Our :class:`~fidelity.models.mamba.MambaMixer`, through its ``ssm_inputs``; or, without
+    recomputing them, from the output of its ``x_proj`` during the forward pass
+    (:meth:`parts_from_projection`)."""
 
     def __init__(self, mixer: MambaMixer) -> None:
         self.mixer = mixer
@@ -119,15 +124,32 @@ class OurMamba1Reader(MixerReader):
 
     def parts(self, hidden: torch.Tensor, prefix: torch.Tensor) -> ScanParts:
         inputs = self.mixer.ssm_inputs(hidden, prefix)
+        return self._parts(inputs["delta"], inputs["B"], inputs["C"], inputs["conv_input"])
+
+    def parts_from_projection(self, projected: torch.Tensor) -> ScanParts:
+        """The parts from ``x_proj``'s output `(batch, length, dt_rank + 2 d_state)`; no
+        ``conv_input`` (the mixer itself carries the convolution across chunks)."""
+        config = self.mixer.config
+        dt, B, C = torch.split(
+            projected, [config.resolved_dt_rank, config.d_state, config.d_state], dim=-1
+        )
+        delta = (dt @ self.mixer.dt_proj.weight.t()).transpose(1, 2)  # (batch, d_inner, L)
+        return self._parts(delta, B.transpose(1, 2), C.transpose(1, 2), None)
+
+    def _parts(
+        self, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor, conv_input: torch.Tensor | None
+    ) -> ScanParts:
+        """``delta`` `(batch, d_inner, length)` before bias and softplus, ``B``, ``C`` `(batch,
+        d_state, length)`."""
         bias = self.mixer.dt_proj.bias.double()[:, None]
         return ScanParts(
-            step=F.softplus(inputs["delta"].double() + bias),
-            A=inputs["A"].double(),
-            B=inputs["B"].double()[:, None],  # (batch, 1, d_state, length)
-            C=inputs["C"].double()[:, None],
-            group=torch.zeros(self.conv_channels, dtype=torch.long, device=hidden.device),
-            conv_input=inputs["conv_input"],
-            work_dtype=_work_dtype(hidden),
+            step=F.softplus(delta.double() + bias),
+            A=-torch.exp(self.mixer.A_log.double()),
+            B=B.double()[:, None],  # (batch, 1, d_state, length)
+            C=C.double()[:, None],
+            group=torch.zeros(self.conv_channels, dtype=torch.long, device=delta.device),
+            conv_input=conv_input,
+            work_dtype=_work_dtype(delta),
         )
 
 
@@ -281,21 +303,31 @@ class LayerDecay:
         """Take the next chunk, ``hidden`` `(batch, length, d_model)` (the mixer's input)."""
         if self.watch.affects(self.block):
             self.skipped = True
-        if self.skipped:
+        if self.skipped:  # nothing recomputed for a skipped layer
             return
         if self.prefix is None:
             width = self.reader.conv_width - 1
             self.prefix = hidden.new_zeros(hidden.shape[0], self.reader.conv_channels, width)
-        parts = self.reader.parts(hidden, self.prefix)
+        self.take(self.reader.parts(hidden, self.prefix))
+
+    @torch.no_grad()
+    def take(self, parts: ScanParts) -> None:
+        """Take the next chunk's :class:`ScanParts` (from :meth:`observe`, or from the mixer's
+        own forward pass)."""
+        if self.watch.affects(self.block):
+            self.skipped = True
+        if self.skipped:
+            return
         if self.values is None:
             self._allocate(parts)
-        start, length = self.offset, hidden.shape[1]
+        start, length = self.offset, parts.step.shape[-1]
         sums = self.cumulative[:, :, None] + parts.step.cumsum(-1)  # (batch, n_channels, length)
         self.cumulative = sums[:, :, -1]
         self._keep_anchors(parts, sums, start, start + length)
         self._score_targets(parts, sums, start, start + length)
-        window = torch.cat([self.prefix, parts.conv_input.to(self.prefix.dtype)], dim=-1)
-        self.prefix = window[..., window.shape[-1] - self.prefix.shape[-1] :]
+        if parts.conv_input is not None:
+            window = torch.cat([self.prefix, parts.conv_input.to(self.prefix.dtype)], dim=-1)
+            self.prefix = window[..., window.shape[-1] - self.prefix.shape[-1] :]
         self.offset = start + length
 
     def _keep_anchors(self, parts: ScanParts, sums: torch.Tensor, start: int, end: int) -> None:
@@ -312,8 +344,8 @@ class LayerDecay:
 
         The running sums stay float64 (their differences are the exact elapsed step sizes);
         the exponentials and products are computed in ``parts.work_dtype`` (the model's dtype,
-        at least float32), with the ``d_state`` sum as a matrix product for Mamba-1 and the
-        scalar decay factored out for Mamba-2."""
+        at least float32), summed over the ``d_state`` states for Mamba-1, with the scalar decay
+        factored out for Mamba-2."""
         inside = (self.targets >= start) & (self.targets < end)
         anchor_index, distance_index = inside.nonzero(as_tuple=True)  # (n_pairs,) each
         if anchor_index.numel() == 0:
@@ -479,6 +511,15 @@ def collect_ssm_decay(
                 handles.append(
                     block.decimation.register_forward_hook(
                         _decimation_hook(block, state.block, state, watch, collector)
+                    )
+                )
+            elif isinstance(state.reader, OurMamba1Reader):  # the mixer's own scan inputs
+                handles.append(
+                    block.mixer.x_proj.register_forward_hook(
+                        lambda _m, _args, output, state=state: (
+                            output.dim() == 3
+                            and state.take(state.reader.parts_from_projection(output))
+                        )
                     )
                 )
             else:
