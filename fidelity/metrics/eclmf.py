@@ -274,12 +274,12 @@ def eclmf(
             missing.append((source, target))
             continue
         scores = pooled_readout_scores(
-            states[target],
+            states[target][None],
             states[source],
             present,
             folds,
             alpha,
-            seeded_generator(seed, source, target),
+            [seeded_generator(seed, source, target)],
             centered,
         )
         score = per_anchor_mean(scores.score[0], present).numpy()
