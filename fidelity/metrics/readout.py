@@ -47,7 +47,8 @@ def as_float64_matrix(name: str, value: object) -> torch.Tensor:
     if value.dtype == torch.bool or value.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {value.dtype}")
     value = value.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(value).all():
+    # NaN and inf propagate into the sum: a finite sum (one pass) clears every entry
+    if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf; read-outs need finite values")
     return value
 
@@ -115,15 +116,24 @@ class _CentredSpectrum:
             eigenvalues, V = torch.linalg.eigh(Xc.mT @ Xc)  # (k, d), (k, d, d)
         top = eigenvalues.amax(dim=1, keepdim=True).clamp(min=0.0)  # (k, 1)
         self.kept = eigenvalues > top * max(n, d) * torch.finfo(torch.float64).eps  # (k, r)
-        self.s2 = torch.where(self.kept, eigenvalues, 0.0)  # (k, r)
+        all_kept = bool(self.kept.all())
+        self.s2 = eigenvalues if all_kept else torch.where(self.kept, eigenvalues, 0.0)  # (k, r)
+        self.U: torch.Tensor | None = None
         if n <= d:
-            self.U = U * self.kept[:, None, :]  # (k, n, r)
+            self.U = U if all_kept else U * self.kept[:, None, :]  # (k, n, r)
             self.VS = Xc.mT @ self.U  # (k, d, r) = V diag(s)
         else:
-            s = torch.where(self.kept, eigenvalues, 1.0).sqrt()[:, None, :]  # (k, 1, r)
-            V = V * self.kept[:, None, :]
-            self.U = (Xc @ V) / s  # (k, n, r)
-            self.VS = V * s  # (k, d, r)
+            V = V if all_kept else V * self.kept[:, None, :]
+            self.s = torch.where(self.kept, eigenvalues, 1.0).sqrt()[:, None, :]  # (k, 1, r)
+            self.Xc, self.V = Xc, V  # U = Xc V / s is never formed
+            self.VS = V * self.s  # (k, d, r)
+
+    def project(self, Yc: torch.Tensor) -> torch.Tensor:
+        """``Z = U^T Yc`` `(k, r, d_out)` of centred targets ``Yc`` `(k, n, d_out)` (0 for
+        masked directions)."""
+        if self.U is not None:
+            return self.U.mT @ Yc
+        return (self.V.mT @ (self.Xc.mT @ Yc)) / self.s.mT  # (d, d_out) products: no (n, r)
 
     def gcv_alpha(self, Yc: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
         """GCV-optimal alpha `(k,)` on the relative grid for centred targets ``Yc``
@@ -132,11 +142,11 @@ class _CentredSpectrum:
         mean_s2 = torch.where(n_kept > 0, self.s2.sum(dim=1) / n_kept.clamp(min=1), 1.0)
         grid = mean_s2[:, None] * GCV_RELATIVE_GRID  # (k, n_grid)
         z2 = (Z**2).sum(dim=2)  # (k, r), 0 for masked directions
-        total = (Yc**2).sum(dim=(1, 2))  # (k,)
+        total = (Yc**2).sum(dim=(-2, -1))  # (k,) or () for shared targets
         outside = total - z2.sum(dim=1)  # residual that no alpha fits
         # rounding of the two sums is no residual: with n <= d_in the kept directions span
         # every centred target, and noise in `outside` would decide GCV at small alpha
-        rounding = Yc.shape[1] * Yc.shape[2] * torch.finfo(torch.float64).eps * total
+        rounding = Yc.shape[-2] * Yc.shape[-1] * torch.finfo(torch.float64).eps * total
         outside = torch.where(outside > rounding, outside, 0.0)
         shrink = grid[:, :, None] / (self.s2[:, None, :] + grid[:, :, None])  # (k, n_grid, r)
         rss = outside[:, None] + (shrink**2 * z2[:, None, :]).sum(dim=2)  # (k, n_grid)
@@ -150,15 +160,16 @@ class _CentredSpectrum:
         self, Y: torch.Tensor, alpha: float | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(y_mean (k, 1, d_out), Z / (s^2 + alpha) (k, r, d_out), alpha (k,))`` for targets
-        ``Y`` `(k, n, d_out)`; constant states (nothing kept) fit the intercept alone."""
-        y_mean = Y.mean(dim=1, keepdim=True)
+        ``Y`` `(k, n, d_out)` (or `(n, d_out)`, shared by all ``k``); constant states (nothing
+        kept) fit the intercept alone."""
+        y_mean = Y.mean(dim=-2, keepdim=True)
         Yc = Y - y_mean  # (k, n, d_out)
-        Z = self.U.mT @ Yc  # (k, r, d_out)
+        Z = self.project(Yc)  # (k, r, d_out)
         if alpha is None:
             alphas = self.gcv_alpha(Yc, Z)
             alphas = torch.where(self.kept.any(dim=1), alphas, 0.0)
         else:
-            alphas = torch.full((Y.shape[0],), alpha, dtype=torch.float64)
+            alphas = torch.full((self.kept.shape[0],), alpha, dtype=torch.float64)
         inverse = torch.where(self.kept, 1.0 / (self.s2 + alphas[:, None]), 0.0)  # (k, r)
         return y_mean, Z * inverse[:, :, None], alphas
 
@@ -242,15 +253,35 @@ def _cross_fit(
     X: torch.Tensor, targets: list[torch.Tensor], masks: list[torch.Tensor], alpha: float | None
 ) -> list[torch.Tensor]:
     """Cross-fitted predictions `(k, n, d_out_j)` of ``k`` stacked read-outs: validated float64
-    states ``X`` `(k, n, d_in)`, targets `(k, n, d_out_j)`, held-out ``masks`` `(n,)`."""
-    predictions = [torch.empty(Y.shape, dtype=torch.float64) for Y in targets]
-    for held_out in masks:
-        fitted = _CentredSpectrum(X[:, ~held_out]).predict(
-            X[:, held_out], [Y[:, ~held_out] for Y in targets], alpha
+    states ``X`` `(k, n, d_in)`, targets `(k, n, d_out_j)` or `(n, d_out_j)` (shared by the
+    ``k``), held-out ``masks`` `(n,)`.
+
+    Samples are reordered once so that every fold is a contiguous block: fitting rows and
+    held-out rows are then slices, not masked copies.
+    """
+    order = torch.cat([held_out.nonzero().squeeze(1) for held_out in masks])  # fold by fold
+    sizes = [int(held_out.sum()) for held_out in masks]
+    X = X.index_select(1, order)
+    targets = [Y.index_select(-2, order) for Y in targets]
+    k, n = X.shape[:2]
+    grouped = [torch.empty(k, n, Y.shape[-1], dtype=torch.float64) for Y in targets]
+    start = 0
+    for size in sizes:
+        held, end = slice(start, start + size), start + size
+
+        def others(values: torch.Tensor, end: int = end, start: int = start) -> torch.Tensor:
+            """The rows of ``values`` `(..., n, d)` outside the held-out block."""
+            if start == 0 or end == n:  # one contiguous block: a view
+                return values[..., end:, :] if start == 0 else values[..., :start, :]
+            return torch.cat([values[..., :start, :], values[..., end:, :]], dim=-2)
+
+        fitted = _CentredSpectrum(others(X)).predict(
+            X[:, held], [others(Y) for Y in targets], alpha
         )
-        for prediction, rows in zip(predictions, fitted, strict=True):
-            prediction[:, held_out] = rows
-    return predictions
+        for prediction, rows in zip(grouped, fitted, strict=True):
+            prediction[:, held] = rows
+        start = end
+    return [torch.empty_like(g).index_copy_(1, order, g) for g in grouped]
 
 
 def cross_fitted_predict_many(
@@ -427,8 +458,7 @@ def _stacked_scores(
     unrelated = torch.stack(
         [targets[_within_fold_shuffle(masks, generator)] for generator in generators]
     )  # (k, m, d_out)
-    shared = targets.expand(k, -1, -1)
-    prediction, unrelated_prediction = _cross_fit(states, [shared, unrelated], masks, alpha)
+    prediction, unrelated_prediction = _cross_fit(states, [targets, unrelated], masks, alpha)
     # shuffling within folds keeps each fold's set of targets, hence the same intercepts
     origin = _other_fold_means(targets, masks) if centered else 0.0
     return ReadoutScores(
