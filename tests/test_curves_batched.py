@@ -11,11 +11,6 @@ from fidelity.metrics.curves import (
     bootstrap_counts,
     fit_exponential,
     fit_exponentials,
-    means_with_intervals,
-    normalized_with_interval,
-    normalized_with_intervals,
-    percentile_interval,
-    percentile_intervals,
     present_mean,
     summarize_curve,
 )
@@ -114,30 +109,3 @@ def test_half_life_interval_matches_the_scipy_refits():
     assert summary.n_boot_converged == half_lives.size
     low, high = np.percentile(half_lives, [2.5, 97.5])
     assert summary.half_life_ci == pytest.approx((low, high), rel=1e-4)
-
-
-def test_row_intervals_equal_the_intervals_of_each_row():
-    rng = np.random.default_rng(4)
-    values = rng.normal(size=(6, 30))
-    values[1, :4] = np.nan  # anchors without a sample
-    values[2] = np.nan  # a row without any
-    chance = rng.normal(size=(6, 30)) * 0.1
-    chance[3, 7] = np.nan
-    counts = bootstrap_counts(30, 50, seed=2)
-    means = means_with_intervals(values, counts)
-    normalized = normalized_with_intervals(values, chance, counts)
-    for row in range(6):
-        present = ~np.isnan(values[row])
-        replicates = present_mean(values[row], counts)
-        if present.any():
-            low, high = np.percentile(replicates[np.isfinite(replicates)], [2.5, 97.5])
-            expected = (values[row, present].mean(), low, high)
-            assert means[row] == pytest.approx(expected, rel=1e-12)
-        else:
-            assert np.isnan(means[row]).all() and np.isnan(normalized[row]).all()
-        expected = normalized_with_interval(values[row], chance[row], counts)
-        assert normalized[row] == pytest.approx(expected, rel=1e-12, nan_ok=True)
-    samples = rng.normal(size=(4, 20))
-    samples[0, 3] = np.nan
-    expected = [percentile_interval(row) for row in samples]
-    assert percentile_intervals(samples) == pytest.approx(np.array(expected), rel=1e-15)

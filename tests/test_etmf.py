@@ -462,15 +462,14 @@ def test_etmf_with_holes_equals_etmf_of_the_explicitly_filtered_samples(batch, d
         assert (
             rows.loc["etmf", "ci_low"] <= rows.loc["etmf", "value"] <= rows.loc["etmf", "ci_high"]
         )
-    # layer 0 has no holes: identical to the capture without any (up to rounding: the frame
-    # resamples all layers of a distance in one matrix product, whose rows may round apart)
+    # layer 0 has no holes: identical to the capture without any
     whole = etmf_frame(
         etmf_per_anchor(full, anchors, distances, [0], embedding, seed=seed, centered=centered),
         n_boot=20,
         seed=seed,
     )
     pd.testing.assert_frame_equal(
-        frame[frame.layer == 0].reset_index(drop=True), whole, rtol=1e-12, atol=1e-15
+        frame[frame.layer == 0].reset_index(drop=True), whole, check_exact=True
     )
 
 

@@ -125,58 +125,6 @@ def present_mean(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return np.where(counts > 0, totals / counts, np.nan)
 
 
-def percentile_intervals(samples: np.ndarray, level: float = DEFAULT_LEVEL) -> np.ndarray:
-    """:func:`percentile_interval` of each row of ``samples`` `(r, n_boot)` -> `(r, 2)`.
-
-    Rows whose samples are all finite are computed together; the others one by one.
-    """
-    samples = np.asarray(samples, dtype=np.float64)
-    bounds = np.empty((samples.shape[0], 2))
-    complete = np.isfinite(samples).all(axis=1)
-    if complete.any() and samples.shape[1]:
-        tail = (1 - _check_level(level)) / 2 * 100
-        bounds[complete] = np.percentile(samples[complete], [tail, 100 - tail], axis=1).T
-    for row in np.flatnonzero(~complete | (samples.shape[1] == 0)):
-        bounds[row] = percentile_interval(samples[row], level)
-    return bounds
-
-
-def means_with_intervals(
-    values: np.ndarray, counts: np.ndarray | None, level: float = DEFAULT_LEVEL
-) -> np.ndarray:
-    """:func:`mean_with_interval` of each row of ``values`` `(r, n)` -> `(r, 3)` rows of
-    ``(mean, low, high)``; the replicates of all rows are one matrix product."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.full((values.shape[0], 3), np.nan)
-    present = ~np.isnan(values)
-    for row in np.flatnonzero(present.any(axis=1)):
-        out[row, 0] = values[row, present[row]].mean()
-    if counts is not None and counts.shape[1] > 0:
-        intervals = percentile_intervals(present_mean(values, counts), level)  # (r, 2)
-        out[:, 1:] = np.where(np.isnan(out[:, :1]), np.nan, intervals)
-    return out
-
-
-def normalized_with_intervals(
-    score: np.ndarray, chance: np.ndarray, counts: np.ndarray | None, level: float = DEFAULT_LEVEL
-) -> np.ndarray:
-    """:func:`normalized_with_interval` of each row of ``score`` and ``chance`` `(r, n)` ->
-    `(r, 3)` rows of ``(value, low, high)``."""
-    score = np.asarray(score, dtype=np.float64)
-    chance = np.asarray(chance, dtype=np.float64)
-    present = ~(np.isnan(score) | np.isnan(chance))
-    out = np.full((score.shape[0], 3), np.nan)
-    for row in np.flatnonzero(present.any(axis=1)):
-        keep = present[row]
-        out[row, 0] = normalize(score[row, keep].mean(), chance[row, keep].mean())
-    if counts is not None and counts.shape[1] > 0:
-        score, chance = np.where(present, score, np.nan), np.where(present, chance, np.nan)
-        replicates = normalize(present_mean(score, counts), present_mean(chance, counts))
-        intervals = percentile_intervals(replicates, level)  # (r, 2)
-        out[:, 1:] = np.where(np.isnan(out[:, :1]), np.nan, intervals)
-    return out
-
-
 def mean_with_interval(
     values: np.ndarray, counts: np.ndarray | None, level: float = DEFAULT_LEVEL
 ) -> tuple[float, float, float]:
@@ -188,7 +136,14 @@ def mean_with_interval(
     interval). Returns ``(mean, low, high)``; all NaN when no anchor has a value.
     """
     values = np.asarray(values, dtype=np.float64)
-    return tuple(float(x) for x in means_with_intervals(values[None], counts, level)[0])
+    present = ~np.isnan(values)
+    if not present.any():
+        return math.nan, math.nan, math.nan
+    mean = float(values[present].mean())
+    if counts is None or counts.shape[1] == 0:
+        return mean, math.nan, math.nan
+    replicates = present_mean(values, counts)  # (n_boot,)
+    return (mean, *percentile_interval(replicates, level))
 
 
 def normalized_with_interval(
@@ -200,9 +155,17 @@ def normalized_with_interval(
     same anchors. An anchor where either is NaN has no sample and is left out of both.
     ``counts`` as in :func:`mean_with_interval`. Returns ``(value, low, high)``.
     """
-    score = np.asarray(score, dtype=np.float64)[None]
-    chance = np.asarray(chance, dtype=np.float64)[None]
-    return tuple(float(x) for x in normalized_with_intervals(score, chance, counts, level)[0])
+    score = np.asarray(score, dtype=np.float64)
+    chance = np.asarray(chance, dtype=np.float64)
+    present = ~(np.isnan(score) | np.isnan(chance))
+    if not present.any():
+        return math.nan, math.nan, math.nan
+    value = float(normalize(score[present].mean(), chance[present].mean()))
+    if counts is None or counts.shape[1] == 0:
+        return value, math.nan, math.nan
+    score, chance = np.where(present, score, np.nan), np.where(present, chance, np.nan)
+    replicates = normalize(present_mean(score, counts), present_mean(chance, counts))
+    return (value, *percentile_interval(replicates, level))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -51,8 +50,8 @@ from fidelity.metrics.curves import (
     DEFAULT_LEVEL,
     CurveSummary,
     bootstrap_counts,
-    means_with_intervals,
-    normalized_with_intervals,
+    mean_with_interval,
+    normalized_with_interval,
     summarize_curve,
 )
 from fidelity.metrics.readout import rowwise_cosine
@@ -303,29 +302,31 @@ def etmf_frame(
     rows = []
     for j, distance in enumerate(result.distances.tolist()):
         valid = int(result.n_valid[j])
-        scored = [i for i in range(len(result.layers)) if int(result.n_samples[i, j]) > 0]
-        if valid == 0 or not scored:
+        if valid == 0:
             continue
         counts = bootstrap_counts(valid, n_boot, [seed, distance]) if n_boot else None
-        plain = {"etmf": result.score, "etmf_chance": result.chance}
-        if result.accuracy is not None:
-            plain["etmf_acc"] = result.accuracy
-        # every layer's means and intervals of this distance at once: (metric, layer, 3)
-        stacked = np.stack([values[scored, j, :valid].numpy() for values in plain.values()])
-        means = means_with_intervals(stacked.reshape(-1, valid), counts, level)
-        means = dict(zip(plain, means.reshape(len(plain), len(scored), 3), strict=True))
-        means["etmf_norm"] = normalized_with_intervals(stacked[0], stacked[1], counts, level)
-        raw = means_with_intervals(result.raw[scored, j, :valid].numpy(), counts, level)
-        for k, i in enumerate(scored):
-            layer, n = result.layers[i], int(result.n_samples[i, j])
+        for i, layer in enumerate(result.layers):
+            n = int(result.n_samples[i, j])
+            if n == 0:
+                continue
+            score = result.score[i, j, :valid].numpy()
+            chance = result.chance[i, j, :valid].numpy()
+            values = {
+                "etmf": mean_with_interval(score, counts, level),
+                "etmf_chance": mean_with_interval(chance, counts, level),
+                "etmf_norm": normalized_with_interval(score, chance, counts, level),
+            }
+            if result.accuracy is not None:
+                accuracy = result.accuracy[i, j, :valid].numpy()
+                values["etmf_acc"] = mean_with_interval(accuracy, counts, level)
             rows.extend(
-                (metric, layer, distance, *means[metric][k].tolist(), n, layer)
-                for metric in ("etmf", "etmf_chance", "etmf_norm", "etmf_acc")
-                if metric in means
+                (metric, layer, distance, value, low, high, n, layer)
+                for metric, (value, low, high) in values.items()
             )
             n_raw = int(result.n_raw_samples[i, j])
             if n_raw:
-                rows.append(("etmf_raw", layer, distance, *raw[k].tolist(), n_raw, layer))
+                raw = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
+                rows.append(("etmf_raw", layer, distance, *raw, n_raw, layer))
     return tidy_frame(rows)
 
 
