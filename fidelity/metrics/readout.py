@@ -99,8 +99,9 @@ class _CentredSpectrum:
     alpha.
 
     For each of the ``k`` state matrices ``X`` `(n, d_in)` with ``Xc = U diag(s) V^T``, keeps
-    ``U`` `(k, n, r)`, ``V diag(s)`` `(k, d_in, r)` and ``s^2`` `(k, r)` with
-    ``r = min(n, d_in)``; directions whose eigenvalue is numerically zero are masked
+    ``V diag(s)`` `(k, d_in, r)` and ``s^2`` `(k, r)` with ``r = min(n, d_in)``, plus ``U``
+    `(k, n, r)` when ``n <= d_in`` (else ``Xc`` and ``V``: ``U^T Yc = diag(1/s) V^T Xc^T Yc``
+    needs no `(n, r)` matrix); directions whose eigenvalue is numerically zero are masked
     (``kept`` `(k, r)`, their columns and ``s^2`` set to 0), so every slice has the same shape.
     Ridge then reads ``W = V diag(s / (s^2 + alpha)) U^T Yc`` over the kept directions.
     """
