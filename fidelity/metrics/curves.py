@@ -24,11 +24,10 @@ resampled mean is one matrix product (:func:`bootstrap_counts`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import curve_fit
 
 DEFAULT_LEVEL = 0.95
 """Coverage of the percentile intervals."""
@@ -42,6 +41,8 @@ noise around chance (the largest of many near-zero values), not a place where me
 
 _TAU_GRID_SIZE = 120
 _TAU_GRID_SPAN = 1e3  # tau is searched within [min spacing / 1e3, span * 1e3]
+_GOLDEN_STEPS = 64  # shrink the bracket in log tau by 0.618**64 ~ 1e-13
+_INVERSE_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def _as_1d_float(name: str, values: object) -> np.ndarray:
@@ -171,10 +172,9 @@ def normalized_with_interval(
 class ExponentialFit:
     """``value(d) = a * exp(-d / tau) + c``; ``half_life = tau * ln 2``.
 
-    ``converged`` is False when the optimizer failed, the amplitude is negligible (a flat
-    curve), or ``tau`` ended at a search bound (no decay visible within the distances, or a
-    drop faster than the first step); the parameters are then the best found, to be read with
-    care.
+    ``converged`` is False when the amplitude is negligible (a flat curve), or ``tau`` ended at
+    a search bound (no decay visible within the distances, or a drop faster than the first
+    step); the parameters are then the best found, to be read with care.
     """
 
     a: float
@@ -184,87 +184,125 @@ class ExponentialFit:
     converged: bool
 
 
-def _exponential(d: np.ndarray, a: float, tau: float, c: float) -> np.ndarray:
-    return a * np.exp(-d / tau) + c
+@dataclass(frozen=True)
+class ExponentialFits:
+    """Fits of several curves at once: :class:`ExponentialFit`'s fields as `(k,)` arrays.
+
+    A curve with values at fewer than three distinct distances has NaN parameters and
+    ``converged`` False.
+    """
+
+    a: np.ndarray
+    tau: np.ndarray
+    c: np.ndarray
+    half_life: np.ndarray
+    converged: np.ndarray
 
 
-def _exponential_jacobian(d: np.ndarray, a: float, tau: float, c: float) -> np.ndarray:
-    """Partial derivatives `(n, 3)` of :func:`_exponential` with respect to ``a, tau, c``."""
-    decay = np.exp(-d / tau)
-    return np.stack([decay, a * d / tau**2 * decay, np.ones_like(d)], axis=1)
+def _profiled(
+    d: np.ndarray, v: np.ndarray, taus: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares ``a``, ``c`` and the sum of squared errors for each curve at given ``tau``.
 
-
-def _best_on_tau_grid(d: np.ndarray, v: np.ndarray, taus: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares ``(a, tau, c)`` with ``tau`` on a grid and ``a, c`` solved exactly."""
-    basis = np.exp(-d[None, :] / taus[:, None])  # (n_tau, n)
+    ``d`` `(n,)`, curves ``v`` `(n, k)`, ``taus`` `(m, k)` (``m`` candidates per curve).
+    Returns ``(a, c, sse)``, each `(m, k)`; ``a = 0``, ``c = mean`` where the basis is constant.
+    """
     n = d.size
-    sum_b, sum_bb = basis.sum(1), (basis**2).sum(1)
-    sum_v, sum_bv = v.sum(), basis @ v
+    basis = np.exp(-d / taus[:, :, None])  # (m, k, n)
+    sum_b, sum_bb = basis.sum(2), (basis**2).sum(2)  # (m, k)
+    sum_v, sum_bv = v.sum(0), np.einsum("mkn,nk->mk", basis, v)
     det = n * sum_bb - sum_b**2
     ok = det > 1e-12 * n * np.maximum(sum_bb, 1e-300)
     safe_det = np.where(ok, det, 1.0)
     a = np.where(ok, (n * sum_bv - sum_b * sum_v) / safe_det, 0.0)
-    c = np.where(ok, (sum_v - a * sum_b) / n, v.mean())
-    sse = (((a[:, None] * basis + c[:, None]) - v[None, :]) ** 2).sum(1)
-    best = int(np.argmin(sse))
-    return float(a[best]), float(taus[best]), float(c[best])
+    c = np.where(ok, (sum_v - a * sum_b) / n, v.mean(0))
+    sse = (((a[:, :, None] * basis + c[:, :, None]) - v.T) ** 2).sum(2)
+    return a, c, sse
+
+
+def _fit_complete(d: np.ndarray, v: np.ndarray) -> ExponentialFits:
+    """Fit curves ``v`` `(n, k)` with a value at every one of the distances ``d`` `(n,)` (at
+    least three distinct); see :func:`fit_exponentials`."""
+    unique = np.unique(d)
+    origin = unique[0]
+    d = d - origin  # fit on shifted distances for conditioning; a is shifted back below
+    tau_low = float(np.diff(unique).min()) / _TAU_GRID_SPAN
+    tau_high = float(unique[-1] - origin) * _TAU_GRID_SPAN
+    k = v.shape[1]
+    columns = np.arange(k)
+    grid = np.geomspace(tau_low, tau_high, _TAU_GRID_SIZE)
+    a, c, sse = _profiled(d, v, np.repeat(grid[:, None], k, axis=1))  # (n_tau, k)
+    best = np.argmin(sse, axis=0)  # (k,)
+    tau = grid[best]
+    a, c, sse = a[best, columns], c[best, columns], sse[best, columns]
+    # the profiled SSE has a local minimum between the grid neighbours of the best grid point
+    low = np.log(grid[np.maximum(best - 1, 0)])
+    high = np.log(grid[np.minimum(best + 1, _TAU_GRID_SIZE - 1)])
+    for _ in range(_GOLDEN_STEPS):
+        inner = (high - low) * _INVERSE_GOLDEN
+        probes = np.stack([high - inner, low + inner])  # (2, k) in log tau
+        _, _, probe_sse = _profiled(d, v, np.exp(probes))
+        left = probe_sse[0] <= probe_sse[1]  # a minimum lies in [low, right probe]
+        high = np.where(left, probes[1], high)
+        low = np.where(left, low, probes[0])
+    refined = np.exp((low + high) / 2)[None, :]
+    a_refined, c_refined, sse_refined = (x[0] for x in _profiled(d, v, refined))
+    better = sse_refined <= sse
+    tau = np.where(better, refined[0], tau)
+    a, c = np.where(better, a_refined, a), np.where(better, c_refined, c)
+    inside = (tau_low * 1.01 < tau) & (tau < tau_high / 1.01)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a_origin = np.where(origin / tau < 700, a * np.exp(np.minimum(origin / tau, 700)), np.inf)
+    visible = np.abs(a) > 1e-9 * np.maximum(np.abs(v).max(0), 1e-300)  # any decay at all
+    converged = inside & visible & np.isfinite(a_origin)
+    return ExponentialFits(a_origin, tau, c, tau * math.log(2), converged)
+
+
+def fit_exponentials(distances: object, curves: object) -> ExponentialFits:
+    """Fit each column of ``curves`` `(n_dist, k)` as ``a * exp(-distances / tau) + c``.
+
+    ``distances`` `(n_dist,)`. Each curve ignores its non-finite values and needs values at
+    three distinct distances (else NaN parameters, not converged). For each curve, ``a`` and
+    ``c`` are solved in closed form for any ``tau``, so the fit searches ``tau`` alone: the
+    best of a log grid within ``[min spacing / 1e3, span * 1e3]`` (of the curve's distances),
+    then a golden-section search of the sum of squared errors between that point's grid
+    neighbours. All curves with the same finite distances are fitted together.
+    """
+    d = _as_1d_float("distances", distances)
+    v = _curves_matrix("curves", d, curves)
+    k = v.shape[1]
+    fields = [np.full(k, np.nan) for _ in range(4)] + [np.zeros(k, dtype=bool)]
+    finite = np.isfinite(v) & np.isfinite(d)[:, None]  # (n_dist, k)
+    patterns, which = np.unique(finite.T, axis=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        if np.unique(d[pattern]).size < 3:
+            continue
+        columns = np.flatnonzero(which.ravel() == p)
+        fits = _fit_complete(d[pattern], v[np.ix_(pattern, columns)])
+        for field, values in zip(fields, astuple(fits), strict=True):
+            field[columns] = values
+    return ExponentialFits(*fields)
 
 
 def fit_exponential(distances: object, values: object) -> ExponentialFit:
     """Fit ``values ~ a * exp(-distances / tau) + c`` with ``tau > 0``.
 
     ``distances``, ``values`` `(n,)`; pairs with a non-finite value are ignored and at least
-    three distinct distances must remain. Starting values come from a log grid of ``tau``
-    (``a``, ``c`` solved in closed form for each), refined by
-    :func:`scipy.optimize.curve_fit` within ``tau in [min spacing / 1e3, span * 1e3]``.
+    three distinct distances must remain. The method is that of :func:`fit_exponentials`.
     """
     d = _as_1d_float("distances", distances)
     v = _as_1d_float("values", values)
     if d.shape != v.shape:
         raise ValueError(f"distances and values need the same length, got {d.size} and {v.size}")
     finite = np.isfinite(v) & np.isfinite(d)
-    d, v = d[finite], v[finite]
-    unique = np.unique(d)
-    if unique.size < 3:
+    if np.unique(d[finite]).size < 3:
         raise ValueError(
-            f"need values at >= 3 distinct distances to fit a, tau, c; got {unique.size}"
+            f"need values at >= 3 distinct distances to fit a, tau, c; got "
+            f"{np.unique(d[finite]).size}"
         )
-    origin = unique[0]
-    d = d - origin  # fit on shifted distances for conditioning; a is shifted back below
-    tau_low = float(np.diff(unique).min()) / _TAU_GRID_SPAN
-    tau_high = float(unique[-1] - origin) * _TAU_GRID_SPAN
-    taus = np.geomspace(tau_low, tau_high, _TAU_GRID_SIZE)
-    start = _best_on_tau_grid(d, v, taus)
-    params, optimized = np.array(start), False
-    try:
-        fitted, _ = curve_fit(
-            _exponential,
-            d,
-            v,
-            p0=start,
-            jac=_exponential_jacobian,
-            bounds=([-np.inf, tau_low, -np.inf], [np.inf, tau_high, np.inf]),
-            method="trf",
-            x_scale="jac",
-            ftol=1e-12,
-            xtol=1e-12,
-            gtol=1e-12,
-            max_nfev=2000,
-        )
-    except (RuntimeError, ValueError):
-        fitted = None
-    if fitted is not None and np.all(np.isfinite(fitted)):
-        sse_fit = float(((_exponential(d, *fitted) - v) ** 2).sum())
-        sse_start = float(((_exponential(d, *start) - v) ** 2).sum())
-        if sse_fit <= sse_start:
-            params, optimized = fitted, True
-    a_shifted, tau, c = (float(p) for p in params)
-    inside = tau_low * 1.01 < tau < tau_high / 1.01
-    with np.errstate(over="ignore"):
-        a = a_shifted * math.exp(origin / tau) if origin / tau < 700 else math.inf
-    visible = abs(a_shifted) > 1e-9 * max(float(np.abs(v).max()), 1e-300)  # any decay at all
-    converged = optimized and inside and visible and math.isfinite(a)
-    return ExponentialFit(a=a, tau=tau, c=c, half_life=tau * math.log(2), converged=converged)
+    fits = fit_exponentials(d[finite], v[finite])
+    a, tau, c, half_life, converged = (field[0] for field in astuple(fits))
+    return ExponentialFit(float(a), float(tau), float(c), float(half_life), bool(converged))
 
 
 DECAY_MIN_R2 = 0.9
@@ -487,12 +525,8 @@ def _try_fit(distances: np.ndarray, curve: np.ndarray) -> ExponentialFit | None:
 def _replicate_half_lives(distances: np.ndarray, replicates: np.ndarray) -> np.ndarray:
     """Half-lives `(n_converged,)` of the replicate curves `(n_dist, n_boot)` whose refit
     converged."""
-    half_lives = []
-    for column in replicates.T:
-        fit = _try_fit(distances, column)
-        if fit is not None and fit.converged:
-            half_lives.append(fit.half_life)
-    return np.array(half_lives, dtype=np.float64)
+    fits = fit_exponentials(distances, replicates)
+    return fits.half_life[fits.converged]
 
 
 def summarize_curve(

@@ -121,6 +121,44 @@ def cka_replicates(X: torch.Tensor, Y: torch.Tensor, weights: np.ndarray) -> np.
     return cka.numpy()
 
 
+def leave_one_out_cka(X: torch.Tensor, Y: torch.Tensor, group: torch.Tensor) -> np.ndarray:
+    """Linear CKA of ``X`` `(m, d1)` and ``Y`` `(m, d2)` leaving out one group of rows at a time.
+
+    ``group`` `(m,)` labels each row with a group in ``[0, n)`` (every label present); result
+    ``[i]`` `(n,)` is :func:`linear_cka` without the rows of group ``i``, i.e.
+    :func:`cka_replicates` with 0/1 leave-out weights, computed without its `(n, m)` by
+    `(m, m)` products: a sum over the kept rows is the sum over all rows less the group's own
+    (``O(m^2)`` work instead of ``O(n m^2)``).
+    """
+    X = as_float64_matrix("X", X)
+    Y = as_float64_matrix("Y", Y)
+    Xc, Yc = X - X.mean(dim=0), Y - Y.mean(dim=0)
+    K, L = Xc @ Xc.T, Yc @ Yc.T  # (m, m)
+    group = torch.as_tensor(group, dtype=torch.long)
+    n, m = int(group.max()) + 1, group.numel()
+    kept = (group[None, :] != torch.arange(n)[:, None]).double()  # (n, m): 0/1 weights
+    total = m - torch.bincount(group, minlength=n).double()  # (n,): rows kept
+
+    def weighted(G: torch.Tensor) -> torch.Tensor:
+        """``P @ G`` `(n, m)` for a symmetric `(m, m)` ``G``, ``P = kept / total``."""
+        own = torch.zeros(n, m, dtype=torch.float64).index_add_(0, group, G)  # group row sums
+        return (G.sum(dim=0) - own) / total[:, None]
+
+    def hsic(product: torch.Tensor, GP: torch.Tensor, HP: torch.Tensor) -> torch.Tensor:
+        """:func:`_weighted_hsic` from ``product = G o H`` and ``GP``, ``HP`` `(n, m)`."""
+        return (
+            (kept * weighted(product)).sum(dim=1) / total
+            - 2 * (kept * GP * HP).sum(dim=1) / total
+            + (kept * GP).sum(dim=1) / total * (kept * HP).sum(dim=1) / total
+        )
+
+    KP, LP = weighted(K), weighted(L)
+    cross = hsic(K * L, KP, LP)
+    scale = (hsic(K * K, KP, KP) * hsic(L * L, LP, LP)).clamp(min=0).sqrt()
+    cka = torch.where(scale > 0, cross / scale.clamp(min=1e-300), torch.nan).clamp(0.0, 1.0)
+    return cka.numpy()
+
+
 def resolve_pairs(
     layers: Sequence[int], pairs: str | Sequence[tuple[int, int]] | None
 ) -> list[tuple[int, int]]:
@@ -189,10 +227,9 @@ def _cka_with_interval(
             stacklevel=3,
         )
         return value, math.nan, math.nan
-    anchors = sample_anchor.unique()  # (n,)
+    anchors, group = sample_anchor.unique(return_inverse=True)  # (n,), (m,)
     n = anchors.numel()
-    leave_out = (sample_anchor[:, None] != anchors[None, :]).double().numpy()  # (m, n)
-    replicates = cka_replicates(source, target, leave_out)  # (n,): replicate i drops anchor i
+    replicates = leave_one_out_cka(source, target, group)  # (n,): replicate i drops anchor i
     spread = math.sqrt((n - 1) / n * float(((replicates - replicates.mean()) ** 2).sum()))
     half_width = NormalDist().inv_cdf(0.5 + level / 2) * spread
     return value, max(0.0, value - half_width), min(1.0, value + half_width)
@@ -237,12 +274,12 @@ def eclmf(
             missing.append((source, target))
             continue
         scores = pooled_readout_scores(
-            states[target],
+            states[target][None],
             states[source],
             present,
             folds,
             alpha,
-            seeded_generator(seed, source, target),
+            [seeded_generator(seed, source, target)],
             centered,
         )
         score = per_anchor_mean(scores.score[0], present).numpy()

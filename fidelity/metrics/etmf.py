@@ -75,6 +75,7 @@ MIN_SCORED_DISTANCES = 3
 """A layer's forgetting curve is fitted (``a``, ``tau``, ``c``) only with this many distances."""
 
 _ACCURACY_CHUNK = 4096  # predictions compared with the vocabulary at a time
+_STACK_ELEMENTS = 2**22  # state values (float64) of the layers whose read-outs run together
 
 
 def _validate_distances(distances: object) -> torch.Tensor:
@@ -126,6 +127,24 @@ def _anchor_tokens(cap: Capture, anchors: torch.Tensor, embedding: object) -> to
     if tokens.min() < 0 or tokens.max() >= embedding.shape[0]:
         raise ValueError(f"token ids must lie in [0, vocab={embedding.shape[0]})")
     return tokens
+
+
+def _stacks(
+    cells: list[tuple[int, torch.Tensor]], elements_per_cell: int
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Group cells ``(layer index, present (batch, n))`` with the same present samples into
+    stacks scored at once, each holding at most :data:`_STACK_ELEMENTS` state values
+    (``elements_per_cell`` per cell). Returns ``(layer indices, present)`` per stack."""
+    per_stack = max(1, _STACK_ELEMENTS // max(elements_per_cell, 1))
+    groups: list[tuple[list[int], torch.Tensor]] = []
+    for i, present in cells:
+        same = (g for g in groups if len(g[0]) < per_stack and torch.equal(g[1], present))
+        group = next(same, None)
+        if group is None:
+            groups.append(([i], present))
+        else:
+            group[0].append(i)
+    return groups
 
 
 @dataclass(frozen=True)
@@ -203,33 +222,40 @@ def etmf_per_anchor(
         n_valid[j] = valid
         shifted = anchors[:valid] + distance  # (valid,)
         require_kept(cap, shifted)
+        states = [captured_states(cap, layer, shifted) for layer in layers]  # (batch, valid, d)
+        cells = []  # (i, present) of the cells to score
         for i, layer in enumerate(layers):
-            states = captured_states(cap, layer, shifted)  # (batch, valid, d_model)
-            present = present_samples(states, targets[:, :valid])  # (batch, valid)
-            if not enough_anchors(present, folds[:valid]):
+            present = present_samples(states[i], targets[:, :valid])  # (batch, valid)
+            if enough_anchors(present, folds[:valid]):
+                cells.append((i, present))
+            else:
                 missing.append((layer, distance))
-                continue
+        for stack, present in _stacks(cells, batch * valid * targets.shape[-1]):
             scores = pooled_readout_scores(
-                states,
+                torch.stack([states[i] for i in stack]),
                 targets[:, :valid],
                 present,
                 folds[:valid],
                 alpha,
-                seeded_generator(seed, layer, distance),
+                [seeded_generator(seed, layers[i], distance) for i in stack],
                 centered,
-            )
-            n_samples[i, j] = int(present.sum())
-            score[i, j, :valid] = per_anchor_mean(scores.score[0], present)
-            chance[i, j, :valid] = per_anchor_mean(scores.chance[0], present)
+            )  # (k, m, ...) for the k layers of the stack
+            n_samples[stack, j] = int(present.sum())
+            score[stack, j, :valid] = per_anchor_mean(scores.score, present)
+            chance[stack, j, :valid] = per_anchor_mean(scores.chance, present)
             if accuracy is not None:
                 hits = nearest_token_accuracy(
-                    scores.prediction[0], tokens[:, :valid][present], embedding
-                )  # (m,)
-                accuracy[i, j, :valid] = per_anchor_mean(hits.double(), present)
+                    scores.prediction.flatten(0, 1),
+                    tokens[:, :valid][present].repeat(len(stack)),
+                    embedding,
+                )  # (k * m,)
+                hits = hits.double().reshape(len(stack), -1)
+                accuracy[stack, j, :valid] = per_anchor_mean(hits, present)
+        for i, layer in enumerate(layers):
             origin = at_anchors[layer][:, :valid]  # (batch, valid, d_model): h[l][t]
-            raw_present = present_samples(origin, states)
+            raw_present = present_samples(origin, states[i])
             if int(raw_present.any(dim=0).sum()) >= MIN_ANCHORS_PER_CELL:
-                cosines = rowwise_cosine(origin[raw_present], states[raw_present])  # (m_raw,)
+                cosines = rowwise_cosine(origin[raw_present], states[i][raw_present])  # (m_raw,)
                 raw[i, j, :valid] = per_anchor_mean(cosines, raw_present)
                 n_raw_samples[i, j] = int(raw_present.sum())
     if skipped:

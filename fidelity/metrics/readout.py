@@ -10,7 +10,9 @@ Unless given, ``alpha`` is chosen by generalized cross-validation (GCV) on a log
 the mean non-zero eigenvalue ``m`` of ``Xc^T Xc``: ``alpha in m * 10**[-6 .. 4]`` (41 values),
 minimizing ``GCV(alpha) = (RSS(alpha) / n) / (1 - (df(alpha) + 1) / n) ** 2`` with
 ``df(alpha) = sum_i s_i^2 / (s_i^2 + alpha)`` (the ``+ 1`` counts the intercept) and RSS
-summed over all target columns (one shared ``alpha`` per target matrix).
+summed over all target columns (one shared ``alpha`` per target matrix). The part of RSS that
+no ``alpha`` fits (targets outside the states' span) counts as 0 when it is below the
+rounding of its sums, so that rounding never picks ``alpha``.
 
 Cross-fitting (:func:`cross_fitted_predict`) predicts every row with a read-out fitted only on
 rows of the other folds, so a read-out that could memorize its fitting rows never scores them.
@@ -45,7 +47,8 @@ def as_float64_matrix(name: str, value: object) -> torch.Tensor:
     if value.dtype == torch.bool or value.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {value.dtype}")
     value = value.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(value).all():
+    # NaN and inf propagate into the sum: a finite sum (one pass) clears every entry
+    if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf; read-outs need finite values")
     return value
 
@@ -92,72 +95,104 @@ class RidgeReadout:
 
 
 class _CentredSpectrum:
-    """Eigendecomposition of centred fitting states: solves ridge for any target and alpha.
+    """Eigendecompositions of ``k`` stacked centred fitting states: ridge for any target and
+    alpha.
 
-    With ``Xc = U diag(s) V^T`` (non-zero part only), keeps ``U`` `(n, r)`, ``V diag(s)``
-    `(d_in, r)` and ``s^2`` `(r,)`. Ridge then reads ``W = V diag(s / (s^2 + alpha)) U^T Yc``.
+    For each of the ``k`` state matrices ``X`` `(n, d_in)` with ``Xc = U diag(s) V^T``, keeps
+    ``V diag(s)`` `(k, d_in, r)` and ``s^2`` `(k, r)` with ``r = min(n, d_in)``, plus ``U``
+    `(k, n, r)` when ``n <= d_in`` (else ``Xc`` and ``V``: ``U^T Yc = diag(1/s) V^T Xc^T Yc``
+    needs no `(n, r)` matrix); directions whose eigenvalue is numerically zero are masked
+    (``kept`` `(k, r)`, their columns and ``s^2`` set to 0), so every slice has the same shape.
+    Ridge then reads ``W = V diag(s / (s^2 + alpha)) U^T Yc`` over the kept directions.
     """
 
     def __init__(self, X: torch.Tensor) -> None:
-        n, d = X.shape
+        _, n, d = X.shape
         self.n = n
-        self.x_mean = X.mean(dim=0)
-        Xc = X - self.x_mean  # (n, d)
+        self.x_mean = X.mean(dim=1, keepdim=True)  # (k, 1, d)
+        Xc = X - self.x_mean  # (k, n, d)
         if n <= d:
-            eigenvalues, U = torch.linalg.eigh(Xc @ Xc.T)  # (n,), (n, n)
+            eigenvalues, U = torch.linalg.eigh(Xc @ Xc.mT)  # (k, n), (k, n, n)
         else:
-            eigenvalues, V = torch.linalg.eigh(Xc.T @ Xc)  # (d,), (d, d)
-        top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
-        keep = eigenvalues > max(top, 0.0) * max(n, d) * torch.finfo(torch.float64).eps
-        self.s2 = eigenvalues[keep]  # (r,)
+            eigenvalues, V = torch.linalg.eigh(Xc.mT @ Xc)  # (k, d), (k, d, d)
+        top = eigenvalues.amax(dim=1, keepdim=True).clamp(min=0.0)  # (k, 1)
+        self.kept = eigenvalues > top * max(n, d) * torch.finfo(torch.float64).eps  # (k, r)
+        all_kept = bool(self.kept.all())
+        self.s2 = eigenvalues if all_kept else torch.where(self.kept, eigenvalues, 0.0)  # (k, r)
+        self.U: torch.Tensor | None = None
         if n <= d:
-            self.U = U[:, keep]  # (n, r)
-            self.VS = Xc.T @ self.U  # (d, r) = V diag(s)
+            self.U = U if all_kept else U * self.kept[:, None, :]  # (k, n, r)
+            self.VS = Xc.mT @ self.U  # (k, d, r) = V diag(s)
         else:
-            s = self.s2.sqrt()
-            V = V[:, keep]
-            self.U = (Xc @ V) / s  # (n, r)
-            self.VS = V * s  # (d, r)
+            V = V if all_kept else V * self.kept[:, None, :]
+            self.s = torch.where(self.kept, eigenvalues, 1.0).sqrt()[:, None, :]  # (k, 1, r)
+            self.Xc, self.V = Xc, V  # U = Xc V / s is never formed
+            self.VS = V * self.s  # (k, d, r)
 
-    def gcv_alpha(self, Yc: torch.Tensor, Z: torch.Tensor) -> float:
-        """GCV-optimal alpha on the relative grid for centred targets ``Yc`` `(n, d_out)`."""
-        grid = self.s2.mean() * GCV_RELATIVE_GRID  # (n_grid,)
-        z2 = (Z**2).sum(dim=1)  # (r,)
-        outside = ((Yc**2).sum() - z2.sum()).clamp(min=0.0)  # residual no alpha can fit
-        shrink = grid[:, None] / (self.s2[None, :] + grid[:, None])  # (n_grid, r)
-        rss = outside + (shrink**2) @ z2  # (n_grid,)
-        df = (1.0 - shrink).sum(dim=1)  # (n_grid,)
-        slack = 1.0 - (df + 1.0) / self.n
+    def project(self, Yc: torch.Tensor) -> torch.Tensor:
+        """``Z = U^T Yc`` `(k, r, d_out)` of centred targets ``Yc`` `(k, n, d_out)` (0 for
+        masked directions)."""
+        if self.U is not None:
+            return self.U.mT @ Yc
+        return (self.V.mT @ (self.Xc.mT @ Yc)) / self.s.mT  # (d, d_out) products: no (n, r)
+
+    def gcv_alpha(self, Yc: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+        """GCV-optimal alpha `(k,)` on the relative grid for centred targets ``Yc``
+        `(k, n, d_out)`, ``Z = U^T Yc`` `(k, r, d_out)`."""
+        n_kept = self.kept.sum(dim=1)  # (k,)
+        mean_s2 = torch.where(n_kept > 0, self.s2.sum(dim=1) / n_kept.clamp(min=1), 1.0)
+        grid = mean_s2[:, None] * GCV_RELATIVE_GRID  # (k, n_grid)
+        z2 = (Z**2).sum(dim=2)  # (k, r), 0 for masked directions
+        total = (Yc**2).sum(dim=(-2, -1))  # (k,) or () for shared targets
+        outside = total - z2.sum(dim=1)  # residual that no alpha fits
+        # rounding of the two sums is no residual: with n <= d_in the kept directions span
+        # every centred target, and noise in `outside` would decide GCV at small alpha
+        rounding = Yc.shape[-2] * Yc.shape[-1] * torch.finfo(torch.float64).eps * total
+        outside = torch.where(outside > rounding, outside, 0.0)
+        shrink = grid[:, :, None] / (self.s2[:, None, :] + grid[:, :, None])  # (k, n_grid, r)
+        rss = outside[:, None] + (shrink**2 * z2[:, None, :]).sum(dim=2)  # (k, n_grid)
+        # 1 - (df + 1) / n with df = sum over kept (1 - shrink), without its cancellation
+        kept_shrink = (shrink * self.kept[:, None, :]).sum(dim=2)  # (k, n_grid)
+        slack = (self.n - 1 - n_kept[:, None] + kept_shrink) / self.n
         gcv = torch.where(slack > 0, rss / self.n / slack.clamp(min=1e-300) ** 2, torch.inf)
-        return float(grid[int(gcv.argmin())])
+        return grid.gather(1, gcv.argmin(dim=1, keepdim=True))[:, 0]
 
     def coefficients(
         self, Y: torch.Tensor, alpha: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(y_mean (d_out,), Z / (s^2 + alpha) (r, d_out), alpha)`` for targets ``Y``."""
-        y_mean = Y.mean(dim=0)
-        Yc = Y - y_mean  # (n, d_out)
-        if self.s2.numel() == 0:  # constant states: only the intercept can be fitted
-            return y_mean, torch.zeros(0, Y.shape[1], dtype=torch.float64), alpha or 0.0
-        Z = self.U.T @ Yc  # (r, d_out)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y_mean (k, 1, d_out), Z / (s^2 + alpha) (k, r, d_out), alpha (k,))`` for targets
+        ``Y`` `(k, n, d_out)` (or `(n, d_out)`, shared by all ``k``); constant states (nothing
+        kept) fit the intercept alone."""
+        y_mean = Y.mean(dim=-2, keepdim=True)
+        Yc = Y - y_mean  # (k, n, d_out)
+        Z = self.project(Yc)  # (k, r, d_out)
         if alpha is None:
-            alpha = self.gcv_alpha(Yc, Z)
-        return y_mean, Z / (self.s2 + alpha)[:, None], alpha
+            alphas = self.gcv_alpha(Yc, Z)
+            alphas = torch.where(self.kept.any(dim=1), alphas, 0.0)
+        else:
+            alphas = torch.full((self.kept.shape[0],), alpha, dtype=torch.float64)
+        inverse = torch.where(self.kept, 1.0 / (self.s2 + alphas[:, None]), 0.0)  # (k, r)
+        return y_mean, Z * inverse[:, :, None], alphas
 
-    def solve(self, Y: torch.Tensor, alpha: float | None) -> RidgeReadout:
-        """Fit targets ``Y`` `(n, d_out)` (rows matching the states) with ``alpha`` or GCV."""
-        y_mean, scaled, alpha = self.coefficients(Y, alpha)
-        return RidgeReadout(self.VS @ scaled, self.x_mean, y_mean, alpha)  # weight (d_in, d_out)
+    def solve(self, Y: torch.Tensor, alpha: float | None) -> list[RidgeReadout]:
+        """Fit targets ``Y`` `(k, n, d_out)` (rows matching the states) with ``alpha`` or GCV."""
+        y_mean, scaled, alphas = self.coefficients(Y, alpha)
+        weight = self.VS @ scaled  # (k, d_in, d_out)
+        return [
+            RidgeReadout(weight[i], self.x_mean[i, 0], y_mean[i, 0], float(alphas[i]))
+            for i in range(Y.shape[0])
+        ]
 
     def predict(
         self, X_new: torch.Tensor, targets: Sequence[torch.Tensor], alpha: float | None
     ) -> list[torch.Tensor]:
-        """Predictions `(m, d_out_k)` for new states ``X_new`` `(m, d_in)`, one per target.
+        """Predictions `(k, m, d_out_j)` for new states ``X_new`` `(k, m, d_in)`, one per
+        target `(k, n, d_out_j)`.
 
-        Same as ``solve(Y, alpha).predict(X_new)`` but never forms the `(d_in, d_out)` weight:
-        the states are projected once, ``(X_new - x_mean) V diag(s)`` `(m, r)`, and reused.
+        Same as ``solve(Y, alpha)[i].predict(X_new[i])`` but never forms the weights: the
+        states are projected once, ``(X_new - x_mean) V diag(s)`` `(k, m, r)`, and reused.
         """
-        projected = (X_new - self.x_mean) @ self.VS  # (m, r)
+        projected = (X_new - self.x_mean) @ self.VS  # (k, m, r)
         predictions = []
         for Y in targets:
             y_mean, scaled, _ = self.coefficients(Y, alpha)
@@ -196,7 +231,7 @@ def fit_ridge(X: torch.Tensor, Y: torch.Tensor, alpha: float | None = None) -> R
         raise ValueError(
             f"fit_ridge needs at least 2 rows (one goes to the intercept), got {X.shape[0]}"
         )
-    return _CentredSpectrum(X).solve(Y, alpha)
+    return _CentredSpectrum(X[None]).solve(Y[None], alpha)[0]
 
 
 def _fold_masks(folds: object, n: int) -> list[torch.Tensor]:
@@ -218,15 +253,36 @@ def _fold_masks(folds: object, n: int) -> list[torch.Tensor]:
 def _cross_fit(
     X: torch.Tensor, targets: list[torch.Tensor], masks: list[torch.Tensor], alpha: float | None
 ) -> list[torch.Tensor]:
-    """Cross-fitted predictions for validated float64 inputs and held-out ``masks``."""
-    predictions = [torch.empty_like(Y) for Y in targets]
-    for held_out in masks:
-        fitted = _CentredSpectrum(X[~held_out]).predict(
-            X[held_out], [Y[~held_out] for Y in targets], alpha
+    """Cross-fitted predictions `(k, n, d_out_j)` of ``k`` stacked read-outs: validated float64
+    states ``X`` `(k, n, d_in)`, targets `(k, n, d_out_j)` or `(n, d_out_j)` (shared by the
+    ``k``), held-out ``masks`` `(n,)`.
+
+    Samples are reordered once so that every fold is a contiguous block: fitting rows and
+    held-out rows are then slices, not masked copies.
+    """
+    order = torch.cat([held_out.nonzero().squeeze(1) for held_out in masks])  # fold by fold
+    sizes = [int(held_out.sum()) for held_out in masks]
+    X = X.index_select(1, order)
+    targets = [Y.index_select(-2, order) for Y in targets]
+    k, n = X.shape[:2]
+    grouped = [torch.empty(k, n, Y.shape[-1], dtype=torch.float64) for Y in targets]
+    start = 0
+    for size in sizes:
+        held, end = slice(start, start + size), start + size
+
+        def others(values: torch.Tensor, end: int = end, start: int = start) -> torch.Tensor:
+            """The rows of ``values`` `(..., n, d)` outside the held-out block."""
+            if start == 0 or end == n:  # one contiguous block: a view
+                return values[..., end:, :] if start == 0 else values[..., :start, :]
+            return torch.cat([values[..., :start, :], values[..., end:, :]], dim=-2)
+
+        fitted = _CentredSpectrum(others(X)).predict(
+            X[:, held], [others(Y) for Y in targets], alpha
         )
-        for prediction, rows in zip(predictions, fitted, strict=True):
-            prediction[held_out] = rows
-    return predictions
+        for prediction, rows in zip(grouped, fitted, strict=True):
+            prediction[:, held] = rows
+        start = end
+    return [torch.empty_like(g).index_copy_(1, order, g) for g in grouped]
 
 
 def cross_fitted_predict_many(
@@ -247,7 +303,9 @@ def cross_fitted_predict_many(
     for k, Y in enumerate(targets):
         if Y.shape[0] != X.shape[0]:
             raise ValueError(f"targets[{k}] has {Y.shape[0]} rows but X has {X.shape[0]}")
-    return _cross_fit(X, targets, _fold_masks(folds, X.shape[0]), _check_alpha(alpha))
+    masks = _fold_masks(folds, X.shape[0])
+    predictions = _cross_fit(X[None], [Y[None] for Y in targets], masks, _check_alpha(alpha))
+    return [prediction[0] for prediction in predictions]
 
 
 def cross_fitted_predict(
@@ -271,7 +329,8 @@ def cross_fitted_predict(
 
 @dataclass(frozen=True)
 class ReadoutScores:
-    """Per-sample read-out fidelity of one pairing of states and targets.
+    """Per-sample read-out fidelity of one pairing of states and targets (or of ``k`` stacked
+    ones, see :func:`stacked_readout_scores`).
 
     ``score`` `(batch, n)`: cosine between each target and its cross-fitted prediction;
     ``chance`` `(batch, n)`: the same procedure after pairing targets with states of unrelated
@@ -334,17 +393,77 @@ def readout_scores(
         )
     batch, n = states.shape[:2]
     # samples are (row, anchor) pairs in row-major order: sample = row * n + anchor
-    flat_states = as_float64_matrix("states", states.reshape(batch * n, -1))
-    flat_targets = as_float64_matrix("targets", targets.reshape(batch * n, -1))
     masks = [held_out.repeat(batch) for held_out in _fold_masks(folds, n)]  # (batch * n,) each
-    unrelated = flat_targets[_within_fold_shuffle(masks, generator)]
-    prediction, unrelated_prediction = _cross_fit(
-        flat_states, [flat_targets, unrelated], masks, _check_alpha(alpha)
+    scores = _stacked_scores(
+        as_float64_matrix("states", states.reshape(batch * n, -1))[None],
+        as_float64_matrix("targets", targets.reshape(batch * n, -1)),
+        masks,
+        _check_alpha(alpha),
+        [generator],
+        centered,
     )
-    # shuffling within folds keeps each fold's set of targets, hence the same intercepts
-    origin = _other_fold_means(flat_targets, masks) if centered else 0.0
     return ReadoutScores(
-        score=rowwise_cosine(flat_targets - origin, prediction - origin).reshape(batch, n),
-        chance=rowwise_cosine(unrelated - origin, unrelated_prediction - origin).reshape(batch, n),
-        prediction=prediction.reshape(batch, n, -1),
+        score=scores.score.reshape(batch, n),
+        chance=scores.chance.reshape(batch, n),
+        prediction=scores.prediction.reshape(batch, n, -1),
+    )
+
+
+def stacked_readout_scores(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    folds: torch.Tensor,
+    alpha: float | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+    centered: bool = False,
+) -> ReadoutScores:
+    """:func:`readout_scores` of ``k`` state matrices against the same targets, at once.
+
+    ``states`` `(k, m, d_in)` (e.g. ``k`` layers at the same samples), ``targets`` `(m, d_out)`,
+    ``folds`` `(m,)` sample folds, ``generators`` one per state matrix (its chance
+    permutation; None: ``k`` times the global generator). Slice ``i`` of the result (``score``
+    and ``chance`` `(k, m)`, ``prediction`` `(k, m, d_out)`) is
+    ``readout_scores(states[i][None], targets[None], folds, alpha, generators[i], centered)``:
+    the ``k`` read-outs of a fold share one batched eigendecomposition and GCV.
+    """
+    if states.dim() != 3 or targets.dim() != 2 or states.shape[1] != targets.shape[0]:
+        raise ValueError(
+            "states must be (k, m, d_in) and targets (m, d_out) with matching m, got "
+            f"{tuple(states.shape)} and {tuple(targets.shape)}"
+        )
+    k, m = states.shape[:2]
+    generators = [None] * k if generators is None else list(generators)
+    if len(generators) != k:
+        raise ValueError(f"need one generator per state matrix ({k}), got {len(generators)}")
+    return _stacked_scores(
+        as_float64_matrix("states", states.reshape(k * m, -1)).reshape(k, m, -1),
+        as_float64_matrix("targets", targets),
+        _fold_masks(folds, m),
+        _check_alpha(alpha),
+        generators,
+        centered,
+    )
+
+
+def _stacked_scores(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    masks: list[torch.Tensor],
+    alpha: float | None,
+    generators: list[torch.Generator | None],
+    centered: bool,
+) -> ReadoutScores:
+    """Scores `(k, m)` of validated float64 ``states`` `(k, m, d_in)` against ``targets``
+    `(m, d_out)` with held-out ``masks`` `(m,)`; see :func:`readout_scores`."""
+    k = states.shape[0]
+    unrelated = torch.stack(
+        [targets[_within_fold_shuffle(masks, generator)] for generator in generators]
+    )  # (k, m, d_out)
+    prediction, unrelated_prediction = _cross_fit(states, [targets, unrelated], masks, alpha)
+    # shuffling within folds keeps each fold's set of targets, hence the same intercepts
+    origin = _other_fold_means(targets, masks) if centered else 0.0
+    return ReadoutScores(
+        score=rowwise_cosine((targets - origin).expand(k, -1, -1), prediction - origin),
+        chance=rowwise_cosine(unrelated - origin, unrelated_prediction - origin),
+        prediction=prediction,
     )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fidelity.errors import InputError
-from fidelity.metrics.readout import ReadoutScores, readout_scores
+from fidelity.metrics.readout import ReadoutScores, stacked_readout_scores
 from fidelity.metrics.sampling import check_positions
 from fidelity.models.base import CausalLM
 from fidelity.probes.capture_types import Capture
@@ -144,32 +144,34 @@ def pooled_readout_scores(
     present: torch.Tensor,
     folds: torch.Tensor,
     alpha: float | None,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     centered: bool,
 ) -> ReadoutScores:
-    """:func:`~fidelity.metrics.readout.readout_scores` on the present samples only.
+    """:func:`~fidelity.metrics.readout.stacked_readout_scores` on the present samples only.
 
-    ``states`` `(batch, n, d_in)`, ``targets`` `(batch, n, d_out)`, ``present`` `(batch, n)`
-    bool, ``folds`` `(n,)` anchor folds. The ``m`` present samples, in row-major order, are
-    pooled with their anchors' folds; the result's tensors are `(1, m, ...)`. With every sample
-    present this is exactly ``readout_scores(states, targets, folds, ...)``, flattened.
+    ``states`` `(k, batch, n, d_in)` (``k`` state tensors sharing the targets and the
+    samples' presence, e.g. layers), ``targets`` `(batch, n, d_out)`, ``present`` `(batch, n)`
+    bool, ``folds`` `(n,)` anchor folds, ``generators`` one per state tensor. The ``m``
+    present samples, in row-major order, are pooled with their anchors' folds; the result's
+    tensors are `(k, m, ...)`. With every sample present, slice ``i`` is exactly
+    ``readout_scores(states[i], targets, folds, alpha, generators[i], centered)``, flattened.
     """
     sample_folds = folds.expand(present.shape[0], -1)[present]  # (m,)
-    return readout_scores(
-        states[present][None], targets[present][None], sample_folds, alpha, generator, centered
+    return stacked_readout_scores(
+        states[:, present], targets[present], sample_folds, alpha, generators, centered
     )
 
 
 def per_anchor_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Average pooled sample ``values`` `(m,)` per anchor.
+    """Average pooled sample ``values`` `(..., m)` per anchor.
 
     ``values`` follow the True entries of ``present`` `(batch, n)` in row-major order (as
-    ``x[present]`` does). Returns `(n,)` float64: the mean over the sequences that have the
+    ``x[present]`` does). Returns `(..., n)` float64: the mean over the sequences that have the
     anchor's sample, NaN for anchors with none.
     """
-    full = torch.full(present.shape, torch.nan, dtype=torch.float64)  # (batch, n)
-    full[present] = values.to(torch.float64)
-    return full.nanmean(dim=0)
+    full = torch.full((*values.shape[:-1], *present.shape), torch.nan, dtype=torch.float64)
+    full[..., present] = values.to(torch.float64)  # (..., batch, n)
+    return full.nanmean(dim=-2)
 
 
 # -- run policy -------------------------------------------------------------------------------
