@@ -654,9 +654,7 @@ def plan(models: dict, lengths: list[int], options: CellOptions, anchors: int) -
             )
             check_fits(estimate)
             seconds = (
-                passes
-                * len(options.depths)
-                * estimate_seconds(model, length, options.trials, cost)
+                passes * len(options.depths) * estimate_seconds(model, length, options.trials, cost)
             )
             total += seconds
             print(
