@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import fidelity.threads as threads_module
 from fidelity.cli import main
@@ -11,10 +12,15 @@ from fidelity.errors import InputError
 from fidelity.threads import idle_cores, parse_threads, set_threads
 
 
+def _blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     before = torch.get_num_threads()
-    yield
+    with threadpool_limits(limits=None):  # restores every pool's threads on exit
+        yield
     torch.set_num_threads(before)
 
 
@@ -49,6 +55,9 @@ def test_auto_sets_torch_to_the_idle_cores_unless_omp_num_threads_is_set(four_co
     assert set_threads("auto") == (3, "OMP_NUM_THREADS")
     assert set_threads("2") == (2, "as asked")
     assert torch.get_num_threads() == 2
+    assert _blas_threads() and set(_blas_threads()) == {2}  # numpy's BLAS too
+    set_threads("1")
+    assert set(_blas_threads()) == {1}
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "", "1.5", True])
