@@ -72,6 +72,12 @@ THREADS_HELP = (
 )
 
 
+def _threads_line(chosen: tuple[int, str]) -> str:
+    """``"2 CPU threads (auto: 2 of 2 cores idle)"`` from :func:`fidelity.threads.set_threads`."""
+    threads, why = chosen
+    return f"{threads} CPU thread{'s' if threads != 1 else ''} ({why})"
+
+
 def _fail(message: str) -> None:
     raise InputError(message)
 
@@ -213,9 +219,9 @@ def analyze(
         if preset or random_init
         else load_model(model)
     )
-    n_threads, why = set_threads(threads)
+    threads_line = _threads_line(set_threads(threads))
     plan = plan_run(loaded, options)
-    console.print(f"[bold]plan[/]: {plan.describe()}; {n_threads} CPU thread(s) ({why})")
+    console.print(f"[bold]plan[/]: {plan.describe()}; {threads_line}")
     result = run_analysis(loaded, options, progress=progress)
     _print_summary(result)
     path = result.save(out_dir, force=force)
@@ -381,6 +387,7 @@ def compare(
     ] = None,
     seed: Annotated[int, typer.Option(help="Series: seed for the probe and anchors.")] = 0,
     device: Annotated[str, typer.Option(help="Series: auto | cpu | cuda")] = "auto",
+    threads: Annotated[str, typer.Option(help="Series: " + THREADS_HELP)] = "auto",
     progress: Annotated[bool, typer.Option(help="Series: show a progress bar.")] = True,
 ) -> None:
     """Overlay the forgetting curves of several runs and tabulate their differences; given
@@ -388,7 +395,9 @@ def compare(
     from fidelity.analysis import compare as run_compare
     from fidelity.results import LEGACY_COMPARISON
     from fidelity.series import is_checkpoint_source
+    from fidelity.threads import parse_threads
 
+    threads = _as_input(parse_threads, threads)
     kinds = [is_checkpoint_source(run) for run in runs]
     series_options = {
         "--probe": probe,
@@ -407,7 +416,7 @@ def compare(
             )
         if labels is not None:
             _fail("--labels applies to run directories; a series is labelled by step")
-        _compare_series(runs, out_dir, force, series_options, seed, device, progress)
+        _compare_series(runs, out_dir, force, series_options, seed, device, threads, progress)
         return
     given = [name for name, value in series_options.items() if value is not None]
     if given:
@@ -440,12 +449,13 @@ def compare(
         console.print(f"saved comparison to [bold]{path}[/]")
 
 
-def _compare_series(runs, out_dir, force, given: dict, seed: int, device: str, progress):
+def _compare_series(runs, out_dir, force, given: dict, seed: int, device: str, threads, progress):
     """``compare`` on checkpoints: analyze each, print and save the series."""
     from fidelity.analysis import AnalysisOptions
     from fidelity.devices import resolve_device
     from fidelity.probes.tasks import TASKS
     from fidelity.series import SERIES_LEGACY, analyze_series, find_checkpoints
+    from fidelity.threads import set_threads
 
     checkpoints = find_checkpoints(runs)
     if len(checkpoints) < 2:
@@ -481,10 +491,11 @@ def _compare_series(runs, out_dir, force, given: dict, seed: int, device: str, p
         inputs=[c.path for c in checkpoints],
         legacy=SERIES_LEGACY,
     )
+    threads_line = _threads_line(set_threads(threads))
     console.print(
         f"[bold]series[/]: {len(checkpoints)} checkpoints (steps {checkpoints[0].step}.."
         f"{checkpoints[-1].step}), probe {probe}, {format_length(options.length)} tokens, "
-        f"metrics {','.join(options.metrics)}"
+        f"metrics {','.join(options.metrics)}; {threads_line}"
     )
 
     def report_checkpoint(index: int, total: int, result) -> None:
@@ -724,8 +735,7 @@ def train(
     check_run_directory(out_dir, resume=resume, force=force)
     if resume and not (out_dir.is_dir() and checkpoint_dirs(out_dir)):
         console.print(f"note: no complete checkpoint to resume in {out_dir}; starting at step 0")
-    n_threads, why = set_threads(threads)
-    console.print(f"{n_threads} CPU thread(s) ({why})")
+    console.print(_threads_line(set_threads(threads)))
     bar = Progress(
         TextColumn("training"),
         BarColumn(),

@@ -73,3 +73,5 @@ def test_the_cli_refuses_a_bad_threads_value_before_any_work(tmp_path, capsys):
     assert "--threads must be" in capsys.readouterr().err
     assert not out.exists()
     assert main(["train", "--out", str(tmp_path / "t"), "--threads", "0"]) == 2
+    assert main(["compare", str(tmp_path), str(tmp_path), "--threads", "-2"]) == 2
+    assert "--threads must be" in capsys.readouterr().err
