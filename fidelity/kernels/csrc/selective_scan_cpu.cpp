@@ -29,6 +29,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -378,10 +382,13 @@ inline void prefetch_row(const scalar_t* row, int64_t count, bool write) {
 
 // A 16 x 16 float32 block between rows and (step, lane) tiles with AVX-512 shuffles: 16 vector
 // loads, 64 shuffles and 16 vector stores instead of 256 scalar loads and stores.
-// dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 16.
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 16. With `stream` the stores
+// are non-temporal (dst and dst_stride must keep every row 64-byte aligned): each is a whole
+// cache line, so memory is written without first being read into the cache.
 #if defined(__AVX512F__)
 constexpr bool kBlockTranspose = true;
 
+template <bool stream = false>
 inline void transpose_16x16(const float* src, int64_t src_stride, float* dst,
                             int64_t dst_stride) {
   __m512 r[16], t[16];
@@ -404,19 +411,31 @@ inline void transpose_16x16(const float* src, int64_t src_stride, float* dst,
     t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
     t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
   }
+  const auto store = [](float* to, __m512 value) {
+    if constexpr (stream) {
+      _mm512_stream_ps(to, value);
+    } else {
+      _mm512_storeu_ps(to, value);
+    }
+  };
   for (int m = 0; m < 4; ++m) {
-    _mm512_storeu_ps(dst + m * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
-    _mm512_storeu_ps(dst + (m + 8) * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD));
-    _mm512_storeu_ps(dst + (m + 4) * dst_stride,
-                     _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88));
-    _mm512_storeu_ps(dst + (m + 12) * dst_stride,
-                     _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD));
+    store(dst + m * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
+    store(dst + (m + 8) * dst_stride, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD));
+    store(dst + (m + 4) * dst_stride, _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88));
+    store(dst + (m + 12) * dst_stride, _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD));
   }
 }
+
+// Orders this thread's non-temporal stores before whatever it does next (they are weakly
+// ordered); called before a thread's part of a parallel loop returns.
+inline void finish_streaming_stores() { _mm_sfence(); }
 #else
 constexpr bool kBlockTranspose = false;
 
+template <bool stream = false>
 inline void transpose_16x16(const float*, int64_t, float*, int64_t) {}
+
+inline void finish_streaming_stores() {}
 #endif
 
 // Steps [0, blocked) of a full group go through 16 x 16 blocks (float32 with AVX-512), the
@@ -688,7 +707,11 @@ FIDELITY_WIDE_VECTORS void group_recompute(BackwardScratch<scalar_t>& s,
       }
     }
     if (with_y) {
-      std::copy(y, y + W, s.y.data() + i * W);
+      scalar_t* __restrict__ y_out = s.y.data() + i * W;
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) {
+        y_out[c] = y[c];
+      }
     }
   }
 }
@@ -722,18 +745,35 @@ FIDELITY_WIDE_VECTORS void group_gate_backward(BackwardScratch<scalar_t>& s, boo
 template <typename scalar_t>
 struct LaneVector {
   typedef scalar_t type __attribute__((vector_size(64)));
+  // The same vector for loads and stores through scalar_t pointers: it may alias them and
+  // needs only scalar_t's alignment (a plain memcpy may alias anything, so the compiler would
+  // reload every pointer it keeps in memory after each store).
+  typedef scalar_t unaligned __attribute__((vector_size(64), aligned(alignof(scalar_t)),
+                                            may_alias));
 };
 
 template <typename scalar_t>
 inline typename LaneVector<scalar_t>::type load_lanes(const scalar_t* p) {
-  typename LaneVector<scalar_t>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const typename LaneVector<scalar_t>::unaligned*>(p);
 }
 
 template <typename scalar_t>
 inline void store_lanes(scalar_t* p, typename LaneVector<scalar_t>::type v) {
-  std::memcpy(p, &v, sizeof(v));
+  *reinterpret_cast<typename LaneVector<scalar_t>::unaligned*>(p) = v;
+}
+
+// `value` in every lane: one broadcast with AVX-512 (`V{} + value` adds a zero first).
+template <typename scalar_t>
+inline typename LaneVector<scalar_t>::type broadcast_lanes(scalar_t value) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_set1_ps(value);
+  } else {
+    return _mm512_set1_pd(value);
+  }
+#else
+  return typename LaneVector<scalar_t>::type{} + value;
+#endif
 }
 
 // States per pass of the adjoint: their adjoints and dL/dA sums stay in registers while the
@@ -744,13 +784,33 @@ constexpr int64_t kAdjointStates = 8;
 //   dL/dh_t = adjoint + grad_y_t C_t,   adjoint <- dL/dh_t * decay_t   (= dL/dh_{t-1}).
 // Adds the states' shares of dL/du (via B) and dL/d dt (via the decay) into the s.via_B and
 // s.via_decay (step, lane) tiles, and adds to gA and the B, C gradients (time-varying ones into
-// the scratch's lane tiles).
-template <typename scalar_t, int64_t K, bool B_vary, bool C_vary>
+// the scratch's lane tiles, which it overwrites instead when `first_group`: the first group of
+// a sweep starts the block's lane sums). Every pointer is offset to state k0 up front, so the
+// unrolled states address memory at constant offsets.
+template <typename scalar_t, int64_t K, bool B_vary, bool C_vary, bool first_group>
 FIDELITY_WIDE_VECTORS void adjoint_states(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
                                           const scalar_t* B_steps, const scalar_t* C_steps,
                                           int64_t t0, int64_t n, int64_t nst, int64_t k0) {
   using V = typename LaneVector<scalar_t>::type;
   constexpr int64_t W = kLanes<scalar_t>;
+  const int64_t stride = nst * W;  // between steps of the (step, state, lane) tiles
+  const scalar_t* __restrict__ A = g.A.data() + k0 * W;
+  const scalar_t* __restrict__ B_lanes = g.B.data() + k0 * W;
+  const scalar_t* __restrict__ C_lanes = g.C.data() + k0 * W;
+  const scalar_t* __restrict__ B_row = B_vary ? B_steps + t0 * nst + k0 : nullptr;
+  const scalar_t* __restrict__ C_row = C_vary ? C_steps + t0 * nst + k0 : nullptr;
+  const scalar_t* __restrict__ h_start = s.h_start.data() + k0 * W;
+  const scalar_t* __restrict__ states = s.states.data() + k0 * W;
+  const scalar_t* __restrict__ decays = s.decays.data() + k0 * W;
+  scalar_t* __restrict__ gB = (B_vary ? s.gB_lanes.data() : g.gB.data()) + k0 * W;
+  scalar_t* __restrict__ gC = (C_vary ? s.gC_lanes.data() : g.gC.data()) + k0 * W;
+  const scalar_t* __restrict__ dt_steps = s.dt.data();
+  const scalar_t* __restrict__ gy_steps = s.grad_y.data();
+  const scalar_t* __restrict__ u_steps = s.u.data();
+  scalar_t* __restrict__ via_B_steps = s.via_B.data();
+  scalar_t* __restrict__ via_decay_steps = s.via_decay.data();
+  // Time-varying B and C: accumulate into the lane tiles, or start them (first group).
+  constexpr bool add_B = !B_vary || !first_group, add_C = !C_vary || !first_group;
   V adjoint[K], gA[K];
 #pragma GCC unroll 16
   for (int64_t q = 0; q < K; ++q) {
@@ -758,34 +818,34 @@ FIDELITY_WIDE_VECTORS void adjoint_states(BackwardScratch<scalar_t>& s, GroupCar
     gA[q] = load_lanes(g.gA.data() + (k0 + q) * W);
   }
   for (int64_t i = n - 1; i >= 0; --i) {
-    const int64_t t = t0 + i;
-    const V dt = load_lanes(s.dt.data() + i * W);
-    const V gy = load_lanes(s.grad_y.data() + i * W);
-    const V drive = dt * load_lanes(s.u.data() + i * W);
-    const scalar_t* h_prev = i == 0 ? s.h_start.data() : s.states.data() + (i - 1) * nst * W;
-    const scalar_t* h_t = s.states.data() + i * nst * W;
-    const scalar_t* dA_t = s.decays.data() + i * nst * W;
-    scalar_t* gB_t = B_vary ? s.gB_lanes.data() + i * nst * W : g.gB.data();
-    scalar_t* gC_t = C_vary ? s.gC_lanes.data() + i * nst * W : g.gC.data();
-    V via_B = load_lanes(s.via_B.data() + i * W);
-    V via_decay = load_lanes(s.via_decay.data() + i * W);
+    const V dt = load_lanes(dt_steps + i * W);
+    const V gy = load_lanes(gy_steps + i * W);
+    const V drive = dt * load_lanes(u_steps + i * W);
+    const scalar_t* __restrict__ h_t = states + i * stride;
+    const scalar_t* __restrict__ h_prev = i == 0 ? h_start : h_t - stride;
+    const scalar_t* __restrict__ dA_t = decays + i * stride;
+    scalar_t* __restrict__ gB_t = B_vary ? gB + i * stride : gB;
+    scalar_t* __restrict__ gC_t = C_vary ? gC + i * stride : gC;
+    V via_B = load_lanes(via_B_steps + i * W);
+    V via_decay = load_lanes(via_decay_steps + i * W);
 #pragma GCC unroll 16
     for (int64_t q = 0; q < K; ++q) {
-      const int64_t k = k0 + q, j = k * W;
-      const V B_val = B_vary ? V{} + B_steps[t * nst + k] : load_lanes(g.B.data() + j);
-      const V C_val = C_vary ? V{} + C_steps[t * nst + k] : load_lanes(g.C.data() + j);
-      const V decay = load_lanes(dA_t + j);
+      const int64_t j = q * W;
+      const V B_val = B_vary ? broadcast_lanes(B_row[i * nst + q]) : load_lanes(B_lanes + j);
+      const V C_val = C_vary ? broadcast_lanes(C_row[i * nst + q]) : load_lanes(C_lanes + j);
       const V g_k = adjoint[q] + gy * C_val;  // dL/dh_t
-      store_lanes(gC_t + j, load_lanes(gC_t + j) + gy * load_lanes(h_t + j));
-      store_lanes(gB_t + j, load_lanes(gB_t + j) + g_k * drive);
+      const V gC_add = gy * load_lanes(h_t + j);
+      const V gB_add = g_k * drive;
+      store_lanes(gC_t + j, add_C ? load_lanes(gC_t + j) + gC_add : gC_add);
+      store_lanes(gB_t + j, add_B ? load_lanes(gB_t + j) + gB_add : gB_add);
       via_B += g_k * B_val;
-      const V through_decay = g_k * decay * load_lanes(h_prev + j);
-      via_decay += through_decay * load_lanes(g.A.data() + j);
+      adjoint[q] = g_k * load_lanes(dA_t + j);  // dL/dh_{t-1}
+      const V through_decay = adjoint[q] * load_lanes(h_prev + j);
+      via_decay += through_decay * load_lanes(A + j);
       gA[q] += through_decay * dt;
-      adjoint[q] = g_k * decay;  // dL/dh_{t-1}
     }
-    store_lanes(s.via_B.data() + i * W, via_B);
-    store_lanes(s.via_decay.data() + i * W, via_decay);
+    store_lanes(via_B_steps + i * W, via_B);
+    store_lanes(via_decay_steps + i * W, via_decay);
   }
 #pragma GCC unroll 16
   for (int64_t q = 0; q < K; ++q) {
@@ -799,17 +859,29 @@ FIDELITY_WIDE_VECTORS void adjoint_states(BackwardScratch<scalar_t>& s, GroupCar
 template <typename scalar_t, bool B_vary, bool C_vary>
 FIDELITY_WIDE_VECTORS void group_adjoint(BackwardScratch<scalar_t>& s, GroupCarry<scalar_t>& g,
                                          const scalar_t* B_steps, const scalar_t* C_steps,
-                                         int64_t t0, int64_t n, int64_t nst) {
+                                         int64_t t0, int64_t n, int64_t nst, bool first_group) {
   constexpr int64_t W = kLanes<scalar_t>;
   std::fill(s.via_B.begin(), s.via_B.begin() + n * W, scalar_t(0));
   std::fill(s.via_decay.begin(), s.via_decay.begin() + n * W, scalar_t(0));
-  int64_t k0 = 0;
-  for (; k0 + kAdjointStates <= nst; k0 += kAdjointStates) {
-    adjoint_states<scalar_t, kAdjointStates, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst,
-                                                             k0);
-  }
-  for (; k0 < nst; ++k0) {
-    adjoint_states<scalar_t, 1, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst, k0);
+  const auto states = [&](auto first) {  // first: std::bool_constant, the first group or not
+    int64_t k0 = 0;
+    for (; k0 + kAdjointStates <= nst; k0 += kAdjointStates) {
+      adjoint_states<scalar_t, kAdjointStates, B_vary, C_vary, first()>(s, g, B_steps, C_steps,
+                                                                         t0, n, nst, k0);
+    }
+    for (; k0 < nst; ++k0) {
+      adjoint_states<scalar_t, 1, B_vary, C_vary, first()>(s, g, B_steps, C_steps, t0, n, nst,
+                                                           k0);
+    }
+  };
+  if constexpr (B_vary || C_vary) {  // only time-varying lane tiles are started or added to
+    if (first_group) {
+      states(std::true_type{});
+    } else {
+      states(std::false_type{});
+    }
+  } else {
+    states(std::false_type{});
   }
   scalar_t* __restrict__ gD = g.gD.data();
   const scalar_t* __restrict__ D = g.D.data();
@@ -834,15 +906,32 @@ FIDELITY_WIDE_VECTORS void group_adjoint(BackwardScratch<scalar_t>& s, GroupCarr
   }
 }
 
-// rows[c * row_stride + i] = tile[i * kLanes + c] for i < n and c < lanes.
+// Whether transpose_out writes these rows' 16 x 16 blocks with non-temporal stores: float32
+// with AVX-512, 64-byte aligned rows and a row stride that keeps them aligned.
+template <typename scalar_t>
+bool streamed_rows(const scalar_t* rows, int64_t row_stride) {
+  return kBlockTranspose && std::is_same_v<scalar_t, float> &&
+         reinterpret_cast<uintptr_t>(rows) % 64 == 0 && row_stride % 16 == 0;
+}
+
+// rows[c * row_stride + i] = tile[i * kLanes + c] for i < n and c < lanes. The 16 x 16 blocks
+// of a full float32 group are stored non-temporally when every row they write starts on a
+// cache line (64-byte aligned rows and row_stride a multiple of 16): the backward's gradient
+// rows are written once and not read again here, so they need not pass through the cache.
 template <typename scalar_t>
 void transpose_out(const scalar_t* tile, int64_t lanes, int64_t n, scalar_t* rows,
                    int64_t row_stride) {
   constexpr int64_t W = kLanes<scalar_t>;
   const int64_t blocked = blocked_steps<scalar_t>(lanes, n);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (int64_t i = 0; i < blocked; i += 16) {
-      transpose_16x16(tile + i * W, W, rows + i, row_stride);
+    if (streamed_rows(rows, row_stride)) {
+      for (int64_t i = 0; i < blocked; i += 16) {
+        transpose_16x16<true>(tile + i * W, W, rows + i, row_stride);
+      }
+    } else {
+      for (int64_t i = 0; i < blocked; i += 16) {
+        transpose_16x16(tile + i * W, W, rows + i, row_stride);
+      }
     }
   }
   for (int64_t c = 0; c < lanes; ++c) {
@@ -878,12 +967,13 @@ void group_begin(const Inputs<scalar_t>& in, int64_t b, int64_t d0,
   }
 }
 
-// One block of one group: steps [t0, t0 + n) backwards.
+// One block of one group: steps [t0, t0 + n) backwards; the first group of a sweep starts the
+// block's time-varying B and C lane tiles, the others add to them.
 template <typename scalar_t, bool B_vary, bool C_vary>
 void group_block(const Inputs<scalar_t>& in, int64_t b, int64_t block, int64_t every,
                  const scalar_t* checkpoints, int64_t n_ckpt, const scalar_t* grad_out,
                  const Grads<scalar_t>& grads, GroupCarry<scalar_t>& g,
-                 BackwardScratch<scalar_t>& s) {
+                 BackwardScratch<scalar_t>& s, bool first_group) {
   constexpr int64_t W = kLanes<scalar_t>;
   const int64_t nst = in.nst, len = in.len;
   const int64_t t0 = block * every, n = std::min(every, len - t0);
@@ -910,7 +1000,7 @@ void group_block(const Inputs<scalar_t>& in, int64_t b, int64_t block, int64_t e
     group_recompute<scalar_t, B_vary, C_vary, false>(s, g, B_steps, C_steps, t0, n, nst);
   }
   group_gate_backward(s, has_z, n);
-  group_adjoint<scalar_t, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst);
+  group_adjoint<scalar_t, B_vary, C_vary>(s, g, B_steps, C_steps, t0, n, nst, first_group);
   transpose_out(s.g_u.data(), g.lanes, n, grads.u + offset, len);
   transpose_out(s.g_dt.data(), g.lanes, n, grads.delta + offset, len);
   if (has_z) {
@@ -952,23 +1042,26 @@ void group_finish(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar
 constexpr int64_t kGroupsPerSweep = 4;
 
 // Ask for the row segments of `block` of one group (inputs for reading, gradients for
-// writing) while the current block computes: the block-by-block walk jumps between rows, so
-// the hardware prefetcher does not follow it.
+// writing unless transpose_out streams them) while the current block computes: the
+// block-by-block walk jumps between rows, so the hardware prefetcher does not follow it.
 template <typename scalar_t>
 void prefetch_block(const Inputs<scalar_t>& in, int64_t b, const GroupCarry<scalar_t>& g,
                     int64_t block, int64_t every, const scalar_t* grad_out,
                     const Grads<scalar_t>& grads) {
   const int64_t t0 = block * every, count = std::min(every, in.len - t0);
+  const bool full = g.lanes == kLanes<scalar_t>;
+  const bool has_z = in.z != nullptr;
+  const scalar_t* reads[] = {in.u, in.delta, grad_out, in.z};
+  const scalar_t* writes[] = {grads.u, grads.delta, grads.z};
   for (int64_t c = 0; c < g.lanes; ++c) {
     const int64_t offset = (b * in.dim + g.d0 + c) * in.len + t0;
-    prefetch_row(in.u + offset, count, false);
-    prefetch_row(in.delta + offset, count, false);
-    prefetch_row(grad_out + offset, count, false);
-    prefetch_row(grads.u + offset, count, true);
-    prefetch_row(grads.delta + offset, count, true);
-    if (in.z != nullptr) {
-      prefetch_row(in.z + offset, count, false);
-      prefetch_row(grads.z + offset, count, true);
+    for (int64_t r = 0; r < (has_z ? 4 : 3); ++r) {
+      prefetch_row(reads[r] + offset, count, false);
+    }
+    for (int64_t w = 0; w < (has_z ? 3 : 2); ++w) {
+      if (!full || !streamed_rows(writes[w], in.len)) {
+        prefetch_row(writes[w] + offset, count, true);
+      }
     }
   }
 }
@@ -1046,14 +1139,13 @@ void scan_backward_groups(const Inputs<scalar_t>& in, const scalar_t* checkpoint
         const int64_t last = std::min(n_carries, first + kGroupsPerSweep);
         for (int64_t block = n_ckpt - 1; block >= 0; --block) {
           const int64_t t0 = block * every, n = std::min(every, in.len - t0);
-          std::fill(s.gB_lanes.begin(), s.gB_lanes.end(), scalar_t(0));
-          std::fill(s.gC_lanes.begin(), s.gC_lanes.end(), scalar_t(0));
           for (int64_t index = first; index < last; ++index) {
             if (block > 0) {
               prefetch_block(in, b, carries[index], block - 1, every, grad_out, grads);
             }
             group_block<scalar_t, B_vary, C_vary>(in, b, block, every, checkpoints, n_ckpt,
-                                                  grad_out, grads, carries[index], s);
+                                                  grad_out, grads, carries[index], s,
+                                                  index == first);
           }
           if (B_vary) {
             sum_lanes(s.gB_lanes.data(), n * nst, own_B + t0 * nst);
@@ -1066,6 +1158,7 @@ void scan_backward_groups(const Inputs<scalar_t>& in, const scalar_t* checkpoint
       for (const auto& carry : carries) {
         group_finish<scalar_t, B_vary, C_vary>(in, b, carry, grads);
       }
+      finish_streaming_stores();
     });
     sum_partials(partial_B, n_threads, slice, grads.B + b * slice);
     sum_partials(partial_C, n_threads, slice, grads.C + b * slice);
@@ -1111,6 +1204,25 @@ void sum_partials(const std::vector<scalar_t>& partials, int64_t n_threads, int6
 
 // ---------------------------------------------------------------------------------------------
 // Entry points. The Python wrapper validates user input; these checks guard the kernel.
+
+// An uninitialised tensor like `like` for a large output the kernel writes whole: on Linux its
+// 2 MiB-aligned interior is advised to use transparent huge pages (in THP's "madvise" mode
+// nothing else asks for them), so a fresh allocation takes one page fault per 2 MiB instead of
+// 512 and the row-segment walks miss the TLB less. The advice is only a hint: if it is refused
+// or unsupported, the tensor is the same.
+at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (start + out.nbytes()) & ~(kHugePage - 1);
+  if (end >= begin + 4 * kHugePage) {  // small tensors: not worth a system call
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
 
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                   const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
@@ -1159,7 +1271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   check_inputs(u, delta, A, B, C, D, z, bias, h0);
   TORCH_CHECK(every >= 1, "selective_scan_cpu: checkpoint interval must be >= 1");
   const int64_t n_ckpt = (u.size(2) + every - 1) / every;
-  at::Tensor out = at::empty_like(u);
+  at::Tensor out = empty_output(u);
   at::Tensor h_last = at::empty_like(h0);
   at::Tensor checkpoints = save_checkpoints
                                ? at::empty({u.size(0), u.size(1), n_ckpt, A.size(1)}, u.options())
@@ -1195,10 +1307,10 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta,
                   grad_h_last.scalar_type() == u.scalar_type(),
               "selective_scan_cpu: grad_h_last must match h0");
   const auto empty = at::empty({0}, u.options());
-  at::Tensor g_u = at::empty_like(u), g_delta = at::empty_like(delta);
+  at::Tensor g_u = empty_output(u), g_delta = empty_output(delta);
   at::Tensor g_A = at::zeros_like(A), g_B = at::zeros_like(B), g_C = at::zeros_like(C);
   at::Tensor g_D = D.has_value() ? at::zeros_like(*D) : empty;
-  at::Tensor g_z = z.has_value() ? at::empty_like(*z) : empty;
+  at::Tensor g_z = z.has_value() ? empty_output(*z) : empty;
   at::Tensor g_bias = bias.has_value() ? at::zeros_like(*bias) : empty;
   at::Tensor g_h0 = at::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
