@@ -6,10 +6,11 @@ runs in ``csrc/selective_scan_cpu.cpp`` on ATen's OpenMP pool. The forward walks
 backward (the sums over channels that time-varying B and C need are horizontal sums of the
 lanes). The forward keeps the state every ``checkpoint_every`` steps (not all ``length``
 states) and the backward recomputes each block of states from its checkpoint while walking
-time in reverse, giving gradients for every input including ``initial_state``. The large
-outputs (the forward's ``out``, the backward's gradients of ``u``, ``delta``, ``z``) are
-advised to use transparent huge pages on Linux (fewer page faults on fresh memory), and the
-backward writes its gradient rows with non-temporal stores when they are 64-byte aligned.
+time in reverse, giving gradients for every input including ``initial_state``. The backward
+writes its gradient rows with non-temporal stores when they are 64-byte aligned. (Advising
+transparent huge pages for the large outputs was tried and left out: with THP defrag in
+"madvise" mode a fault may compact memory, and when memory was short the backward ran up to
+twice as slow.)
 
 Compilation happens on the first call of :func:`load_extension`, never at import. It runs
 ``torch.utils.cpp_extension.load`` (ninja) with ``-O3 -march=native -fopenmp`` into

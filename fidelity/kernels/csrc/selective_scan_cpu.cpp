@@ -29,10 +29,6 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -1205,25 +1201,6 @@ void sum_partials(const std::vector<scalar_t>& partials, int64_t n_threads, int6
 // ---------------------------------------------------------------------------------------------
 // Entry points. The Python wrapper validates user input; these checks guard the kernel.
 
-// An uninitialised tensor like `like` for a large output the kernel writes whole: on Linux its
-// 2 MiB-aligned interior is advised to use transparent huge pages (in THP's "madvise" mode
-// nothing else asks for them), so a fresh allocation takes one page fault per 2 MiB instead of
-// 512 and the row-segment walks miss the TLB less. The advice is only a hint: if it is refused
-// or unsupported, the tensor is the same.
-at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (start + out.nbytes()) & ~(kHugePage - 1);
-  if (end >= begin + 4 * kHugePage) {  // small tensors: not worth a system call
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
-
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                   const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                   const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
@@ -1271,7 +1248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   check_inputs(u, delta, A, B, C, D, z, bias, h0);
   TORCH_CHECK(every >= 1, "selective_scan_cpu: checkpoint interval must be >= 1");
   const int64_t n_ckpt = (u.size(2) + every - 1) / every;
-  at::Tensor out = empty_output(u);
+  at::Tensor out = at::empty_like(u);
   at::Tensor h_last = at::empty_like(h0);
   at::Tensor checkpoints = save_checkpoints
                                ? at::empty({u.size(0), u.size(1), n_ckpt, A.size(1)}, u.options())
@@ -1307,10 +1284,10 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta,
                   grad_h_last.scalar_type() == u.scalar_type(),
               "selective_scan_cpu: grad_h_last must match h0");
   const auto empty = at::empty({0}, u.options());
-  at::Tensor g_u = empty_output(u), g_delta = empty_output(delta);
+  at::Tensor g_u = at::empty_like(u), g_delta = at::empty_like(delta);
   at::Tensor g_A = at::zeros_like(A), g_B = at::zeros_like(B), g_C = at::zeros_like(C);
   at::Tensor g_D = D.has_value() ? at::zeros_like(*D) : empty;
-  at::Tensor g_z = z.has_value() ? empty_output(*z) : empty;
+  at::Tensor g_z = z.has_value() ? at::empty_like(*z) : empty;
   at::Tensor g_bias = bias.has_value() ? at::zeros_like(*bias) : empty;
   at::Tensor g_h0 = at::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
