@@ -1,7 +1,7 @@
 """MemMamba against Mamba of the same width and depth: forward and training time, one run.
 
     python benchmarks/bench_models.py [--presets mini,small] [--lengths 8k,60k] [--repeats 3]
-        [--hogs N] [--out benchmarks/results/models_cpu.md]
+        [--hogs N] [--baseline REF] [--out benchmarks/results/models_cpu.md]
 
 For every preset and length, in one process, alternating the two models (so that background
 load hits both alike), best of ``--repeats``:
@@ -21,16 +21,24 @@ around each part (best run). Untrained models (random init, seed 0); the shipped
 have the same shapes, and the pool's cost depends on how many positions write notes, which
 the untrained scorer's bias sets to about the trained rate (2% against 5%). The machine's load
 average is printed with every row: on a shared machine, compare ratios, not seconds.
+
+With ``--baseline REF`` (a git revision of this repository), MemMamba's model code as it was at
+``REF`` (``fidelity/models/memmamba.py`` and ``state_pool.py``, read with ``git show``) runs as
+a third model in the same alternation, with the same weights: a before/after comparison in one
+process. Its outputs are checked against the current code's before timing (the largest
+difference of the logits over the first 2000 tokens is printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -43,6 +51,7 @@ from fidelity.models import memmamba as memmamba_module
 from fidelity.models.base import CausalLM
 from fidelity.models.registry import build_model
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 COMPONENTS = ("mixer", "note block", "pool", "attention", "fusion")
 
 
@@ -99,6 +108,47 @@ def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, fl
         for name, run in runs.items():
             best[name] = min(best[name], timed(run))
     return best
+
+
+def baseline_module(ref: str, directory: Path):
+    """MemMamba's model module as it was at git revision ``ref``: ``memmamba.py`` and
+    ``state_pool.py`` written to ``directory`` and imported under their own names (the old
+    ``memmamba.py`` is made to import the old ``state_pool.py``)."""
+    sources = {}
+    for name in ("state_pool", "memmamba"):
+        command = ["git", "-C", str(REPOSITORY), "show", f"{ref}:fidelity/models/{name}.py"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"--baseline {ref}: {result.stderr.strip() or 'git show failed'}")
+        sources[name] = result.stdout
+    sources["memmamba"] = sources["memmamba"].replace(
+        "from fidelity.models.state_pool import", "from baseline_state_pool import"
+    )
+    module = None
+    for name in ("state_pool", "memmamba"):
+        path = directory / f"baseline_{name}.py"
+        path.write_text(sources[name])
+        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def baseline_model(module, current: CausalLM) -> CausalLM:
+    """The baseline code's MemMambaLM with ``current``'s config and weights."""
+    model = module.MemMambaLM(current.config)
+    model.load_state_dict(current.state_dict())
+    return model.eval()
+
+
+def largest_difference(models: dict[str, CausalLM], ids: torch.Tensor) -> float:
+    """Largest absolute difference between the logits of the MemMambas (current and baseline)
+    over the first 2000 tokens of ``ids``."""
+    with torch.no_grad():
+        current = models["memmamba"](ids[:, :2000]).logits
+        baseline = models["baseline"](ids[:, :2000]).logits
+    return (current - baseline).abs().max().item()
 
 
 @contextlib.contextmanager
@@ -175,6 +225,9 @@ def main() -> None:
     parser.add_argument(
         "--hogs", type=int, default=0, help="also time every row with this many CPU hogs running"
     )
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also time MemMamba's model code at this git revision"
+    )
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = parser.parse_args()
     presets = args.presets.split(",")
@@ -188,13 +241,24 @@ def main() -> None:
         parser.error("--hogs must be >= 0")
     hog_counts = [0, args.hogs] if args.hogs else [0]
     overrides = {} if args.note_block == "on" else {"use_note_block": False}
+    baseline = None
+    if args.baseline:
+        baseline = baseline_module(args.baseline, Path(tempfile.mkdtemp(prefix="bench-models-")))
+    header = "| preset | length | mode | CPU hogs | Mamba (s) | MemMamba (s) | ratio |"
+    rule = "|---|---|---|---|---|---|---|"
+    if baseline is not None:
+        header += f" MemMamba at {args.baseline} (s) | its ratio | current / {args.baseline} |"
+        rule += "---|---|---|"
     lines = [
+        f"`{' '.join(['python', *sys.argv])}`",
+        "",
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
-        f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating.",
+        f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating; "
+        f"load average at the start {os.getloadavg()}.",
         "",
-        "| preset | length | mode | CPU hogs | Mamba (s) | MemMamba (s) | ratio | load |",
-        "|---|---|---|---|---|---|---|---|",
+        header + " load |",
+        rule + "---|",
     ]
     print("\n".join(lines), flush=True)
     parts_lines = [
@@ -210,10 +274,19 @@ def main() -> None:
             "mamba": build_model("mamba", preset).eval(),
             "memmamba": build_model("memmamba", preset, **overrides).eval(),
         }
+        if baseline is not None:
+            models["baseline"] = baseline_model(baseline, models["memmamba"])
         for length in lengths:
             ids = torch.randint(
                 0, models["mamba"].config.vocab_size, (1, length), generator=generator
             )
+            if baseline is not None:
+                difference = largest_difference(models, ids)
+                print(
+                    f"{preset} {length}: logits of current and baseline differ by at most "
+                    f"{difference:.1e}",
+                    flush=True,
+                )
             for mode in modes:
                 if mode == "one pass":
                     runs = {name: forward_one_pass(m, ids) for name, m in models.items()}
@@ -229,8 +302,15 @@ def main() -> None:
                         row = (
                             f"| {preset} | {length} | {mode} | {hogs} | {times['mamba']:.3f} | "
                             f"{times['memmamba']:.3f} | "
-                            f"{times['memmamba'] / times['mamba']:.2f}x | {load()} |"
+                            f"{times['memmamba'] / times['mamba']:.2f}x |"
                         )
+                        if baseline is not None:
+                            row += (
+                                f" {times['baseline']:.3f} | "
+                                f"{times['baseline'] / times['mamba']:.2f}x | "
+                                f"{times['memmamba'] / times['baseline']:.2f} |"
+                            )
+                        row += f" {load()} |"
                     lines.append(row)
                     print(row, flush=True)
                 for m in models.values():
