@@ -103,3 +103,19 @@ def test_straight_through_is_exactly_hard_with_the_soft_gradient():
     assert torch.equal(soft.grad, weights)
     with torch.no_grad():
         assert torch.equal(straight_through(hard, soft), hard.float())
+
+
+def test_biased_softmax_attention_passes_gradcheck():
+    from fidelity.models.memmamba import _BiasedSoftmaxAttention
+
+    generator = torch.Generator().manual_seed(3)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    q, k, v = tensor(2, 3, 4, 5), tensor(2, 3, 6, 5), tensor(2, 3, 6, 5)
+    bias = torch.zeros(2, 1, 4, 6, dtype=torch.float64)
+    bias[..., :2] = torch.finfo(torch.float64).min  # masked keys
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _BiasedSoftmaxAttention.apply(q, k, v, bias)[0], (q, k, v)
+    )

@@ -293,14 +293,39 @@ class PoolAttention(nn.Module):
         nonempty = member.view(torch.uint8).amax(dim=-1, keepdim=True)  # (any() is slower)
         visible = torch.cat([member, nonempty == 0], dim=-1).to(q.dtype)
         bias = visible.sub_(1).mul_(torch.finfo(q.dtype).max)  # 0 or the lowest float
-        scores = q @ k.permute(0, 1, 3, 4, 2)  # (..., queries, candidates + 1)
-        scores += bias[:, :, None]
-        if scores.requires_grad:
-            weights = torch.softmax(scores, dim=-1)
-        else:  # in place: a fresh tensor as large as the scores costs page faults on CPU
-            weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-        context = (weights @ v.transpose(2, 3)).transpose(2, 3).flatten(-2)
+        context, weights = _BiasedSoftmaxAttention.apply(
+            q, k.transpose(2, 3), v.transpose(2, 3), bias[:, :, None]
+        )
+        context = context.transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
         return PoolAttentionOutput(self.o_proj(context), weights[..., :-1])
+
+
+class _BiasedSoftmaxAttention(torch.autograd.Function):
+    """``softmax(q k^T + bias) v`` for ``q`` `(..., queries, width)`, ``k``, ``v`` `(...,
+    keys, width)` and ``bias`` broadcastable to `(..., queries, keys)` (no gradient) ->
+    (context `(..., queries, width)`, weights `(..., queries, keys)`, no gradient).
+
+    The same arithmetic as autograd through the plain operations (tested), with two tensors
+    as large as the scores per call instead of four: the softmax runs in place on the scores,
+    and its backward in place on the weights' gradient. On CPU every fresh tensor that large
+    costs page faults."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        scores = q @ k.transpose(-1, -2)
+        scores += bias
+        weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.mark_non_differentiable(weights)
+        return weights @ v, weights
+
+    @staticmethod
+    def backward(ctx, grad_context, _grad_weights):
+        q, k, v, weights = ctx.saved_tensors
+        grad_v = weights.transpose(-1, -2) @ grad_context
+        grad = grad_context @ v.transpose(-1, -2)  # d loss / d weights, then / d scores
+        torch.ops.aten._softmax_backward_data.out(grad, weights, -1, grad.dtype, grad_input=grad)
+        return grad @ k, grad.transpose(-1, -2) @ q, grad_v, None
 
 
 class CrossTokenAttention(PoolAttention):
