@@ -15,7 +15,9 @@ load hits both alike), best of ``--repeats``:
 The ratio is MemMamba / Mamba. With ``--hogs N`` every row is measured twice, without and
 then with N busy-looping processes (``python -c "while True: pass"``, started and stopped by
 the benchmark) sharing the cores: the two ratios show how MemMamba's many small operations
-fare under contention. Then a breakdown of MemMamba's one-pass forward into its
+fare under contention (run it on a quiet machine, e.g. through a wrapper that pauses other
+jobs, to see the hogs' effect alone; the load column is a one-minute average and lags the
+hogs). Then a breakdown of MemMamba's one-pass forward into its
 components (mixer, note block, pool, attention, fusion, the rest), timed with wall clocks
 around each part (best run). Untrained models (random init, seed 0); the shipped checkpoints
 have the same shapes, and the pool's cost depends on how many positions write notes, which
@@ -325,6 +327,7 @@ def main() -> None:
                 + " | ".join(cells)
                 + f" | {rest:.3f} ({rest / total:.0%}) | {load()} |"
             )
+            print(f"breakdown: {parts_lines[-1]}", flush=True)  # kept if the run is cut short
     print("\n".join(parts_lines), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
