@@ -18,7 +18,7 @@ the benchmark) sharing the cores: the two ratios show how MemMamba's many small 
 fare under contention (run it on a quiet machine, e.g. through a wrapper that pauses other
 jobs, to see the hogs' effect alone; the load column is a one-minute average and lags the
 hogs). Then a breakdown of MemMamba's one-pass forward into its
-components (mixer, note block, pool, attention, fusion, the rest), timed with wall clocks
+components (mixer, note block, pool, attention, fusion, the rest), timed with the same clock
 around each part (best run). Untrained models (random init, seed 0); the shipped checkpoints
 have the same shapes, and the pool's cost depends on how many positions write notes, which
 the untrained scorer's bias sets to about the trained rate (2% against 5%). The machine's load
@@ -95,10 +95,14 @@ def training_step(model: CausalLM, ids: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
+    start = clock()
     run()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -176,11 +180,11 @@ def component_clock(model: CausalLM) -> Iterator[dict[str, float]]:
         original = getattr(owner, attribute)
 
         def clocked(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                totals[component] += time.perf_counter() - start
+                totals[component] += clock() - start
 
         originals.append((owner, attribute, original, attribute in vars(owner)))
         setattr(owner, attribute, clocked)
@@ -222,6 +226,14 @@ def main() -> None:
     parser.add_argument("--lengths", default="8k,60k")
     parser.add_argument("--chunk", default="8k", help="chunk length of the cached forward")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=tuple(CLOCKS),
+        help="wall time, or the process's CPU time (with --threads 1: the work done, much "
+        "less sensitive to other jobs on a shared machine than wall time)",
+    )
     parser.add_argument("--modes", default="one pass,chunked,training", help="which timings to run")
     parser.add_argument("--note-block", default="on", choices=("on", "off"))
     parser.add_argument(
@@ -241,6 +253,12 @@ def main() -> None:
         parser.error(f"unknown modes {sorted(unknown)}")
     if args.hogs < 0:
         parser.error("--hogs must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     hog_counts = [0, args.hogs] if args.hogs else [0]
     overrides = {} if args.note_block == "on" else {"use_note_block": False}
     baseline = None
@@ -257,6 +275,7 @@ def main() -> None:
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
         f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating; "
+        f"{args.clock} time; "
         f"load average at the start {os.getloadavg()}.",
         "",
         header + " load |",
