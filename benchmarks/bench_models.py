@@ -1,7 +1,7 @@
 """MemMamba against Mamba of the same width and depth: forward and training time, one run.
 
     python benchmarks/bench_models.py [--presets mini,small] [--lengths 8k,60k] [--repeats 3]
-        [--hogs N] [--out benchmarks/results/models_cpu.md]
+        [--hogs N] [--baseline REF] [--out benchmarks/results/models_cpu.md]
 
 For every preset and length, in one process, alternating the two models (so that background
 load hits both alike), best of ``--repeats``:
@@ -15,22 +15,32 @@ load hits both alike), best of ``--repeats``:
 The ratio is MemMamba / Mamba. With ``--hogs N`` every row is measured twice, without and
 then with N busy-looping processes (``python -c "while True: pass"``, started and stopped by
 the benchmark) sharing the cores: the two ratios show how MemMamba's many small operations
-fare under contention. Then a breakdown of MemMamba's one-pass forward into its
-components (mixer, note block, pool, attention, fusion, the rest), timed with wall clocks
+fare under contention (run it on a quiet machine, e.g. through a wrapper that pauses other
+jobs, to see the hogs' effect alone; the load column is a one-minute average and lags the
+hogs). Then a breakdown of MemMamba's one-pass forward into its
+components (mixer, note block, pool, attention, fusion, the rest), timed with the same clock
 around each part (best run). Untrained models (random init, seed 0); the shipped checkpoints
 have the same shapes, and the pool's cost depends on how many positions write notes, which
 the untrained scorer's bias sets to about the trained rate (2% against 5%). The machine's load
 average is printed with every row: on a shared machine, compare ratios, not seconds.
+
+With ``--baseline REF`` (a git revision of this repository), MemMamba's model code as it was at
+``REF`` (``fidelity/models/memmamba.py`` and ``state_pool.py``, read with ``git show``) runs as
+a third model in the same alternation, with the same weights: a before/after comparison in one
+process. Its outputs are checked against the current code's before timing (the largest
+difference of the logits over the first 2000 tokens is printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -43,6 +53,7 @@ from fidelity.models import memmamba as memmamba_module
 from fidelity.models.base import CausalLM
 from fidelity.models.registry import build_model
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 COMPONENTS = ("mixer", "note block", "pool", "attention", "fusion")
 
 
@@ -84,10 +95,14 @@ def training_step(model: CausalLM, ids: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
+    start = clock()
     run()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -99,6 +114,47 @@ def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, fl
         for name, run in runs.items():
             best[name] = min(best[name], timed(run))
     return best
+
+
+def baseline_module(ref: str, directory: Path):
+    """MemMamba's model module as it was at git revision ``ref``: ``memmamba.py`` and
+    ``state_pool.py`` written to ``directory`` and imported under their own names (the old
+    ``memmamba.py`` is made to import the old ``state_pool.py``)."""
+    sources = {}
+    for name in ("state_pool", "memmamba"):
+        command = ["git", "-C", str(REPOSITORY), "show", f"{ref}:fidelity/models/{name}.py"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"--baseline {ref}: {result.stderr.strip() or 'git show failed'}")
+        sources[name] = result.stdout
+    sources["memmamba"] = sources["memmamba"].replace(
+        "from fidelity.models.state_pool import", "from baseline_state_pool import"
+    )
+    module = None
+    for name in ("state_pool", "memmamba"):
+        path = directory / f"baseline_{name}.py"
+        path.write_text(sources[name])
+        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def baseline_model(module, current: CausalLM) -> CausalLM:
+    """The baseline code's MemMambaLM with ``current``'s config and weights."""
+    model = module.MemMambaLM(current.config)
+    model.load_state_dict(current.state_dict())
+    return model.eval()
+
+
+def largest_difference(models: dict[str, CausalLM], ids: torch.Tensor) -> float:
+    """Largest absolute difference between the logits of the MemMambas (current and baseline)
+    over the first 2000 tokens of ``ids``."""
+    with torch.no_grad():
+        current = models["memmamba"](ids[:, :2000]).logits
+        baseline = models["baseline"](ids[:, :2000]).logits
+    return (current - baseline).abs().max().item()
 
 
 @contextlib.contextmanager
@@ -124,11 +180,11 @@ def component_clock(model: CausalLM) -> Iterator[dict[str, float]]:
         original = getattr(owner, attribute)
 
         def clocked(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                totals[component] += time.perf_counter() - start
+                totals[component] += clock() - start
 
         originals.append((owner, attribute, original, attribute in vars(owner)))
         setattr(owner, attribute, clocked)
@@ -170,10 +226,21 @@ def main() -> None:
     parser.add_argument("--lengths", default="8k,60k")
     parser.add_argument("--chunk", default="8k", help="chunk length of the cached forward")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=tuple(CLOCKS),
+        help="wall time, or the process's CPU time (with --threads 1: the work done, much "
+        "less sensitive to other jobs on a shared machine than wall time)",
+    )
     parser.add_argument("--modes", default="one pass,chunked,training", help="which timings to run")
     parser.add_argument("--note-block", default="on", choices=("on", "off"))
     parser.add_argument(
         "--hogs", type=int, default=0, help="also time every row with this many CPU hogs running"
+    )
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also time MemMamba's model code at this git revision"
     )
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = parser.parse_args()
@@ -186,15 +253,33 @@ def main() -> None:
         parser.error(f"unknown modes {sorted(unknown)}")
     if args.hogs < 0:
         parser.error("--hogs must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     hog_counts = [0, args.hogs] if args.hogs else [0]
     overrides = {} if args.note_block == "on" else {"use_note_block": False}
+    baseline = None
+    if args.baseline:
+        baseline = baseline_module(args.baseline, Path(tempfile.mkdtemp(prefix="bench-models-")))
+    header = "| preset | length | mode | CPU hogs | Mamba (s) | MemMamba (s) | ratio |"
+    rule = "|---|---|---|---|---|---|---|"
+    if baseline is not None:
+        header += f" MemMamba at {args.baseline} (s) | its ratio | current / {args.baseline} |"
+        rule += "---|---|---|"
     lines = [
+        f"`{' '.join(['python', *sys.argv])}`",
+        "",
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
-        f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating.",
+        f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating; "
+        f"{args.clock} time; "
+        f"load average at the start {os.getloadavg()}.",
         "",
-        "| preset | length | mode | CPU hogs | Mamba (s) | MemMamba (s) | ratio | load |",
-        "|---|---|---|---|---|---|---|---|",
+        header + " load |",
+        rule + "---|",
     ]
     print("\n".join(lines), flush=True)
     parts_lines = [
@@ -210,10 +295,19 @@ def main() -> None:
             "mamba": build_model("mamba", preset).eval(),
             "memmamba": build_model("memmamba", preset, **overrides).eval(),
         }
+        if baseline is not None:
+            models["baseline"] = baseline_model(baseline, models["memmamba"])
         for length in lengths:
             ids = torch.randint(
                 0, models["mamba"].config.vocab_size, (1, length), generator=generator
             )
+            if baseline is not None:
+                difference = largest_difference(models, ids)
+                print(
+                    f"{preset} {length}: logits of current and baseline differ by at most "
+                    f"{difference:.1e}",
+                    flush=True,
+                )
             for mode in modes:
                 if mode == "one pass":
                     runs = {name: forward_one_pass(m, ids) for name, m in models.items()}
@@ -229,8 +323,15 @@ def main() -> None:
                         row = (
                             f"| {preset} | {length} | {mode} | {hogs} | {times['mamba']:.3f} | "
                             f"{times['memmamba']:.3f} | "
-                            f"{times['memmamba'] / times['mamba']:.2f}x | {load()} |"
+                            f"{times['memmamba'] / times['mamba']:.2f}x |"
                         )
+                        if baseline is not None:
+                            row += (
+                                f" {times['baseline']:.3f} | "
+                                f"{times['baseline'] / times['mamba']:.2f}x | "
+                                f"{times['memmamba'] / times['baseline']:.2f} |"
+                            )
+                        row += f" {load()} |"
                     lines.append(row)
                     print(row, flush=True)
                 for m in models.values():
@@ -245,6 +346,7 @@ def main() -> None:
                 + " | ".join(cells)
                 + f" | {rest:.3f} ({rest / total:.0%}) | {load()} |"
             )
+            print(f"breakdown: {parts_lines[-1]}", flush=True)  # kept if the run is cut short
     print("\n".join(parts_lines), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ Each block, for input ``x`` `(batch, length, d_model)`:
 Thresholds and gradients: the decisions (write a note, fire cross-token attention) are hard
 in the forward pass, and a straight-through estimator carries gradients to the scorers: the
 written note is ``summary * g`` and the attention output is ``context * g`` with
-``g = hard + p - p.detach()`` (``p`` the sigmoid score), so ``g == hard`` in value and
+``g = hard + (p - p.detach())`` (``p`` the sigmoid score), so ``g == hard`` in value and
 ``dg/dp == 1`` for the backward pass.
 
 Choices the paper leaves open are configuration (:class:`MemMambaConfig`, each default with its
@@ -133,8 +133,12 @@ class MemMambaConfig(MambaConfig):
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """``hard`` in value, with the gradient of ``soft`` (same shape)."""
-    return hard.to(soft.dtype) + soft - soft.detach()
+    """``hard`` in value (exactly: ``soft - soft.detach()`` is 0), with the gradient of
+    ``soft`` (same shape)."""
+    hard = hard.to(soft.dtype)
+    if not soft.requires_grad:
+        return hard
+    return hard + (soft - soft.detach())
 
 
 def window_pool(
@@ -272,18 +276,56 @@ class PoolAttention(nn.Module):
             self.o_proj.weight.normal_(std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, normed: torch.Tensor, view: PoolView) -> PoolAttentionOutput:
+        """Masking is one added bias `(batch, segments, 1, queries, candidates + 1)` (0 for a
+        member, the lowest float otherwise: its softmax weight underflows to exactly 0),
+        broadcast over the heads. The extra candidate is a null note
+        (zero key and value) that only queries with an empty pool see: their softmax puts all
+        its weight there, so their context and their weights over the real candidates are
+        exactly zero, with no special case."""
         heads = self.n_heads
         # (batch, segments, heads, queries or candidates, head width)
         q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
-        k = self.k_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
-        v = self.v_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (..., queries, candidates)
-        member = view.member[:, :, None]  # (batch, segments, 1, queries, candidates)
-        nonempty = member.any(dim=-1, keepdim=True)
-        scores = scores.masked_fill(~member, float("-inf")).masked_fill(~nonempty, 0.0)
-        weights = torch.softmax(scores, dim=-1) * nonempty
-        context = (weights @ v).transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
-        return PoolAttentionOutput(self.o_proj(context), weights)
+        scale = q.shape[-1] ** -0.5
+        null = (0, 0, 0, 1)  # one zero row after the candidates
+        k = F.pad(self.k_proj(view.values) * scale, null).unflatten(-1, (heads, -1))
+        v = F.pad(self.v_proj(view.values), null).unflatten(-1, (heads, -1))
+        member = view.member  # (batch, segments, queries, candidates)
+        nonempty = member.view(torch.uint8).amax(dim=-1, keepdim=True)  # (any() is slower)
+        visible = torch.cat([member, nonempty == 0], dim=-1).to(q.dtype)
+        bias = visible.sub_(1).mul_(torch.finfo(q.dtype).max)  # 0 or the lowest float
+        context, weights = _BiasedSoftmaxAttention.apply(
+            q, k.transpose(2, 3), v.transpose(2, 3), bias[:, :, None]
+        )
+        context = context.transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
+        return PoolAttentionOutput(self.o_proj(context), weights[..., :-1])
+
+
+class _BiasedSoftmaxAttention(torch.autograd.Function):
+    """``softmax(q k^T + bias) v`` for ``q`` `(..., queries, width)`, ``k``, ``v`` `(...,
+    keys, width)` and ``bias`` broadcastable to `(..., queries, keys)` (no gradient) ->
+    (context `(..., queries, width)`, weights `(..., queries, keys)`, no gradient).
+
+    The same arithmetic as autograd through the plain operations (tested), with two tensors
+    as large as the scores per call instead of four: the softmax runs in place on the scores,
+    and its backward in place on the weights' gradient. On CPU every fresh tensor that large
+    costs page faults."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        scores = q @ k.transpose(-1, -2)
+        scores += bias
+        weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.mark_non_differentiable(weights)
+        return weights @ v, weights
+
+    @staticmethod
+    def backward(ctx, grad_context, _grad_weights):
+        q, k, v, weights = ctx.saved_tensors
+        grad_v = weights.transpose(-1, -2) @ grad_context
+        grad = grad_context @ v.transpose(-1, -2)  # d loss / d weights, then / d scores
+        torch.ops.aten._softmax_backward_data.out(grad, weights, -1, grad.dtype, grad_input=grad)
+        return grad @ k, grad.transpose(-1, -2) @ q, grad_v, None
 
 
 class CrossTokenAttention(PoolAttention):
@@ -314,7 +356,7 @@ class Fusion(nn.Module):
         out = h
         for index, context in enumerate(contexts):
             if self.mode == "weighted":
-                out = out + self.weights[index] * context
+                out = torch.addcmul(out, self.weights[index], context)
             elif self.mode == "gated":
                 gate = torch.sigmoid(self.gates[index](torch.cat([h, context], dim=-1)))
                 out = out + gate * context
@@ -400,8 +442,10 @@ class MemMambaBlock(nn.Module):
         out = self.fusion(h, contexts)
         if cache is not None:
             cache.pool = final_pool
-            carried = torch.cat([cache.note_prefix, notes.features.to(cache.note_prefix.dtype)], 1)
-            cache.note_prefix = carried[:, carried.shape[1] - cache.note_prefix.shape[1] :]
+            keep = cache.note_prefix.shape[1]
+            recent = notes.features[:, notes.features.shape[1] - keep :]  # the last `keep` only
+            carried = torch.cat([cache.note_prefix, recent.to(cache.note_prefix.dtype)], 1)
+            cache.note_prefix = carried[:, carried.shape[1] - keep :]
             if self.trigger is not None:
                 cache.previous_state_importance = state_importance[:, -1].detach()
         return out, segments, notes.rate_logits
@@ -429,7 +473,8 @@ class MemMambaBlock(nn.Module):
             ),
             query_positions=sources[0][1].query_positions,
         )
-        queries = F.pad(normed, (0, 0, 0, n_segments * segment_size - length))
+        pad = n_segments * segment_size - length
+        queries = F.pad(normed, (0, 0, 0, pad)) if pad else normed
         queries = queries.view(batch, n_segments, segment_size, width)
         output = attention(queries, view).output
         return output.view(batch, n_segments * segment_size, -1)[:, :length]

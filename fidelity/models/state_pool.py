@@ -15,8 +15,11 @@ is the top-``size`` of the notes written before ``t``. Queries are processed in 
 segment's candidates are the pool at the segment start plus the notes written inside the segment
 (compacted to the written ones, sorted best-first), and a boolean membership mask `(batch,
 n_segments, segment_size, n_candidates)` says which candidates each query sees: the first
-``size`` candidates written before it. Only the merge of the pool with each segment's new notes
-runs segment after segment; the rest is computed for all segments at once. Memory is
+``size`` candidates written before it. A candidate is in the pools of an interval of queries:
+from just after its own position until the query at which ``size`` better candidates have
+been written (the ``size``-th smallest position among the better candidates), so the masks
+take two comparisons per query and candidate. Only the merge of the pool with each segment's
+new notes runs segment after segment; the rest is computed for all segments at once. Memory is
 O(length * (size + segment)), never O(length^2).
 """
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 POOL_POLICIES = ("fifo", "priority")
+_NEVER = torch.iinfo(torch.long).max  # a position no query reaches
 
 
 @dataclass
@@ -154,8 +158,10 @@ def pool_segments(
     ``initial`` is the pool before the chunk; ``values`` `(batch, length, summary_dim)`,
     ``importance`` `(batch, length)` and ``written`` `(batch, length)` describe the notes the
     chunk's tokens write; ``start_position`` is the absolute position of the chunk's first
-    token. With ``inclusive`` the segments also carry ``member_inclusive``. Gradients flow
-    through ``values`` (and ``initial.values``) into the segments.
+    token; ``segment_size`` is the most queries per segment (the chunk is cut into as few
+    segments as that allows, of equal sizes up to one, so that little padding is needed). With
+    ``inclusive`` the segments also carry ``member_inclusive``. Gradients flow through
+    ``values`` (and ``initial.values``) into the segments.
 
     Cost: one short loop over segments that merges the pool (``size`` notes) with the segment's
     new notes on (key, index) pairs only, O(size + new notes) per segment; everything else (the
@@ -165,6 +171,7 @@ def pool_segments(
     size = initial.size
     device = values.device
     n_segments = -(-length // segment_size)
+    segment_size = -(-length // n_segments) if n_segments else segment_size  # balanced
     pad = n_segments * segment_size - length
     # Notes table: the initial pool (best-first) in rows 0 .. size - 1, the chunk's positions
     # (padded to whole segments) after it. Candidates are indices into this table.
@@ -246,12 +253,13 @@ def pool_segments(
     cand_valid = table_valid.gather(1, flat).view(batch, n_segments, n_candidates)
     query_positions = chunk_positions.masked_fill(chunk_positions >= start_position + length, -1)
     query_positions = query_positions.view(n_segments, segment_size)  # padding queries: -1
-    member = _top_members(cand_valid, cand_positions, query_positions, size, inclusive=False)
+    written_at = cand_positions.masked_fill(~cand_valid, _NEVER)
+    evicted_at = _eviction_positions(written_at, size)
+    queries = query_positions[None, :, :, None]  # (1, n_segments, segment_size, 1)
+    member = (written_at[:, :, None] < queries) & (queries <= evicted_at[:, :, None])
     member_inclusive = None
     if inclusive:
-        member_inclusive = _top_members(
-            cand_valid, cand_positions, query_positions, size, inclusive=True
-        )
+        member_inclusive = (written_at[:, :, None] <= queries) & (queries < evicted_at[:, :, None])
     segments = PoolSegments(
         cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
     )
@@ -266,23 +274,20 @@ def pool_segments(
     return segments, final
 
 
-def _top_members(
-    valid: torch.Tensor,
-    positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    size: int,
-    inclusive: bool,
-) -> torch.Tensor:
-    """Keep, per query, the ``size`` best candidates written before it (or at it, with
-    ``inclusive``).
+def _eviction_positions(written_at: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each candidate leaves the pools: the ``size``-th smallest position among the
+    candidates better than it (``_NEVER`` when fewer than ``size`` are better).
 
-    ``valid``, ``positions`` `(batch, n_segments, n_candidates)` (best-first),
-    ``query_positions`` `(n_segments, segment_size)` -> `(batch, n_segments, segment_size,
-    n_candidates)` bool.
+    ``written_at`` `(batch, n_segments, n_candidates)` (best-first; ``_NEVER`` for invalid
+    candidates) -> `(batch, n_segments, n_candidates)` long. A query at ``t`` sees the
+    candidates with ``written_at < t <= evicted_at`` (``written_at <= t < evicted_at`` once it
+    has written its own note): those written before it of which fewer than ``size`` better ones
+    were written before it, i.e. the first ``size`` candidates written before it.
     """
-    if inclusive:
-        seen = positions[:, :, None, :] <= query_positions[None, :, :, None]
-    else:
-        seen = positions[:, :, None, :] < query_positions[None, :, :, None]
-    visible = seen & valid[:, :, None, :]
-    return visible & (visible.cumsum(-1, dtype=torch.int32) <= size)
+    n_candidates = written_at.shape[-1]
+    if n_candidates <= size:
+        return torch.full_like(written_at, _NEVER)
+    # better[..., i, j]: the position of candidate j if it is better than i (j < i)
+    later = torch.ones(n_candidates, n_candidates, dtype=torch.bool, device=written_at.device)
+    better = written_at[..., None, :].masked_fill(later.triu(), _NEVER)
+    return better.kthvalue(size, dim=-1).values

@@ -1,0 +1,121 @@
+"""MemMamba's pool attention (one added bias, a null note for empty pools, softmax in place
+without gradients) against the plain masked softmax it replaces, and the exact straight-through
+gate."""
+
+import math
+
+import pytest
+import torch
+
+from fidelity.models.memmamba import (
+    MemMambaConfig,
+    PoolAttention,
+    PoolView,
+    straight_through,
+)
+
+
+def reference_attention(attention: PoolAttention, normed: torch.Tensor, view: PoolView):
+    """The textbook form: scaled scores, -inf outside each query's pool, softmax, and all-zero
+    weights (hence a zero context) for a query whose pool is empty."""
+    heads = attention.n_heads
+    q = attention.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
+    k = attention.k_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
+    v = attention.v_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    member = view.member[:, :, None]
+    nonempty = member.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~member, float("-inf")).masked_fill(~nonempty, 0.0)
+    weights = torch.softmax(scores, dim=-1) * nonempty
+    context = (weights @ v).transpose(2, 3).flatten(-2)
+    return attention.o_proj(context), weights
+
+
+def random_view(batch, n_segments, n_queries, n_candidates, summary_dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(
+        batch, n_segments, n_candidates, summary_dim, generator=generator, dtype=torch.float64
+    )
+    member = torch.rand(batch, n_segments, n_queries, n_candidates, generator=generator) < 0.4
+    member[0, 0, :3] = False  # empty pools, as before a sequence's first note
+    member[-1, -1, -1] = False
+    positions = torch.randint(0, 1000, (batch, n_segments, n_candidates), generator=generator)
+    query_positions = torch.arange(n_segments * n_queries).view(n_segments, n_queries)
+    return PoolView(values, member, positions, torch.zeros_like(positions), query_positions)
+
+
+@pytest.mark.parametrize("n_candidates", [1, 7, 60])
+def test_pool_attention_matches_the_masked_softmax(n_candidates):
+    config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
+    torch.manual_seed(0)
+    attention = PoolAttention(config).double()
+    with torch.no_grad():  # o_proj starts near zero: make every part count
+        attention.o_proj.weight.normal_()
+    view = random_view(2, 3, 5, n_candidates, 16, seed=n_candidates)
+    normed = torch.randn(2, 3, 5, 24, dtype=torch.float64)
+    want_output, want_weights = reference_attention(attention, normed, view)
+    with torch.no_grad():  # the in-place softmax
+        fast = attention(normed, view)
+    slow = attention(normed, view)  # with gradients: the out-of-place softmax
+    for got in (fast, slow):
+        # float64; the two forms differ only in where the scale is applied: rounding
+        torch.testing.assert_close(got.output, want_output, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.weights, want_weights, rtol=1e-12, atol=1e-12)
+        empty = ~view.member.any(dim=-1)  # (batch, segments, queries)
+        assert empty.any()
+        assert torch.equal(
+            got.weights.permute(0, 1, 3, 2, 4)[empty],
+            torch.zeros_like(got.weights.permute(0, 1, 3, 2, 4)[empty]),
+        )
+        outside = ~view.member[:, :, None].expand_as(got.weights)
+        assert torch.equal(got.weights[outside], torch.zeros_like(got.weights[outside]))
+
+
+def test_pool_attention_gradients_match_the_masked_softmax():
+    config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
+    torch.manual_seed(1)
+    attention = PoolAttention(config).double()
+    view = random_view(2, 2, 6, 9, 16, seed=5)
+    view.values.requires_grad_(True)
+    normed = torch.randn(2, 2, 6, 24, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 2, 6, 24, dtype=torch.float64)
+    grads = []
+    for forward in (
+        lambda: attention(normed, view).output,
+        lambda: reference_attention(attention, normed, view)[0],
+    ):
+        attention.zero_grad()
+        normed.grad = view.values.grad = None
+        forward().backward(grad)
+        grads.append([normed.grad, view.values.grad, attention.q_proj.weight.grad])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_straight_through_is_exactly_hard_with_the_soft_gradient():
+    generator = torch.Generator().manual_seed(2)
+    soft = torch.rand(1000, generator=generator, dtype=torch.float32, requires_grad=True)
+    hard = soft > 0.5
+    gate = straight_through(hard, soft)
+    assert torch.equal(gate, hard.float())  # no rounding from adding and subtracting soft
+    weights = torch.randn(1000, generator=generator)
+    (gate * weights).sum().backward()
+    assert torch.equal(soft.grad, weights)
+    with torch.no_grad():
+        assert torch.equal(straight_through(hard, soft), hard.float())
+
+
+def test_biased_softmax_attention_passes_gradcheck():
+    from fidelity.models.memmamba import _BiasedSoftmaxAttention
+
+    generator = torch.Generator().manual_seed(3)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    q, k, v = tensor(2, 3, 4, 5), tensor(2, 3, 6, 5), tensor(2, 3, 6, 5)
+    bias = torch.zeros(2, 1, 4, 6, dtype=torch.float64)
+    bias[..., :2] = torch.finfo(torch.float64).min  # masked keys
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _BiasedSoftmaxAttention.apply(q, k, v, bias)[0], (q, k, v)
+    )
