@@ -735,7 +735,7 @@ def train(
     check_run_directory(out_dir, resume=resume, force=force)
     if resume and not (out_dir.is_dir() and checkpoint_dirs(out_dir)):
         console.print(f"note: no complete checkpoint to resume in {out_dir}; starting at step 0")
-    console.print(_threads_line(set_threads(threads)))
+    threads_line = _threads_line(set_threads(threads))
     bar = Progress(
         TextColumn("training"),
         BarColumn(),
@@ -748,6 +748,7 @@ def train(
 
     def report_step(info: dict) -> None:
         if not bar.live.is_started:  # shown from the first step: checks print alone
+            console.print(threads_line)
             bar.start()
         bar.update(task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"])
 

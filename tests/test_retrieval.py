@@ -271,3 +271,11 @@ def test_prompts_read_a_few_at_a_time_give_the_same_rows(name):
     assert together.equals(apart)
     with pytest.raises(InputError, match="rows_per_pass"):
         retrieval_accuracy(model, "passkey", lengths=[300], rows_per_pass=0)
+
+
+def test_wilson_interval_contains_the_estimate_and_is_exact_at_the_ends():
+    for n in range(1, 80):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        for successes in range(n + 1):
+            low, high = wilson_interval(successes, n)
+            assert 0.0 <= low <= successes / n <= high <= 1.0

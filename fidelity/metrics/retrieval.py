@@ -65,7 +65,11 @@ def wilson_interval(successes: int, n: int, level: float = DEFAULT_LEVEL) -> tup
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
+    # at 0 and n successes the bound is exactly 0 (or 1); rounding in center - half must not
+    # leave it a hair above the estimate
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
 
 
 def _logits(output: object) -> torch.Tensor:
