@@ -355,13 +355,18 @@ class LayerDecay:
         block = max(1, PAIR_BLOCK_ELEMENTS // (batch * n_channels * d_state))
         device, work = sums.device, parts.work_dtype
         A_by_state = parts.A.to(work).T.contiguous()  # (n_a, n_channels)
-        # position-major copies, so that each pair gathers contiguous rows
-        sums_at = sums.transpose(1, 2).contiguous()  # (batch, length, n_channels)
-        C_at = parts.C.permute(0, 3, 1, 2).contiguous()  # (batch, length, n_groups, d_state)
+        # position-major copies of the target positions only, so that each pair gathers
+        # contiguous rows
+        targets, slot = torch.unique(
+            self.targets[anchor_index, distance_index] - start, return_inverse=True
+        )
+        targets, slot = targets.to(device), slot.to(device)
+        sums_at = sums[:, :, targets].transpose(1, 2).contiguous()  # (batch, n_targets, n_chan)
+        C_at = parts.C[..., targets].permute(0, 3, 1, 2).contiguous()  # (b, n_targets, g, n)
         for first in range(0, anchor_index.numel(), block):
             i = anchor_index[first : first + block]
             j = distance_index[first : first + block]
-            local = (self.targets[i, j] - start).to(device)
+            local = slot[first : first + block]
             i = i.to(device)
             elapsed = (sums_at[:, local] - self.anchor_sum[:, i]).to(work)  # (b, P, chan)
             readout = (C_at[:, local] * self.anchor_B[:, i]).to(work)  # (b, P, g, n)
