@@ -67,7 +67,7 @@ most this many tokens, so that a 60k analysis costs about 1.14 forwards, not 2."
 BLOCK_TOKENS = 128
 """Contiguous positions per block that the rate, context-share and loss intervals resample."""
 AGE_BLOCK_ELEMENTS = 1 << 20
-"""Most (anchor, note) pairs the note-age rows mask at once (about 25 MB of masks, counts and float64 ages)."""
+"""Most (anchor, note) pairs the note-age rows mask at once (~25 MB of masks, counts, ages)."""
 WRITE_RATE = "memmamba_write_rate"
 FIRE_RATE = "memmamba_fire_rate"
 NOTE_AGE = "memmamba_note_age"

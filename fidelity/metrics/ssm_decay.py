@@ -50,8 +50,8 @@ from torch import nn
 
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
 from fidelity.metrics.toolkit import tidy_frame
-from fidelity.models.base import causal_conv1d
-from fidelity.models.mamba import MambaMixer
+from fidelity.models.base import causal_conv1d, conv_window
+from fidelity.models.mamba import MambaMixer, channel_major_product
 from fidelity.models.mamba2 import Mamba2Mixer
 from fidelity.probes.capture import find_blocks
 from fidelity.probes.capture_types import block_before, layer_after
@@ -133,7 +133,7 @@ class OurMamba1Reader(MixerReader):
         dt, B, C = torch.split(
             projected, [config.resolved_dt_rank, config.d_state, config.d_state], dim=-1
         )
-        delta = (dt @ self.mixer.dt_proj.weight.t()).transpose(1, 2)  # (batch, d_inner, L)
+        delta = channel_major_product(self.mixer.dt_proj.weight, dt)  # (batch, d_inner, L)
         return self._parts(delta, B.transpose(1, 2), C.transpose(1, 2), None)
 
     def _parts(
@@ -141,9 +141,9 @@ class OurMamba1Reader(MixerReader):
     ) -> ScanParts:
         """``delta`` `(batch, d_inner, length)` before bias and softplus, ``B``, ``C`` `(batch,
         d_state, length)`."""
-        bias = self.mixer.dt_proj.bias.double()[:, None]
+        bias = self.mixer.dt_proj.bias.to(delta.dtype)[:, None]
         return ScanParts(
-            step=F.softplus(delta.double() + bias),
+            step=F.softplus(delta + bias).double(),  # in the model's dtype, as its scan does
             A=-torch.exp(self.mixer.A_log.double()),
             B=B.double()[:, None],  # (batch, 1, d_state, length)
             C=C.double()[:, None],
@@ -326,8 +326,7 @@ class LayerDecay:
         self._keep_anchors(parts, sums, start, start + length)
         self._score_targets(parts, sums, start, start + length)
         if parts.conv_input is not None:
-            window = torch.cat([self.prefix, parts.conv_input.to(self.prefix.dtype)], dim=-1)
-            self.prefix = window[..., window.shape[-1] - self.prefix.shape[-1] :]
+            self.prefix = conv_window(self.prefix, parts.conv_input)
         self.offset = start + length
 
     def _keep_anchors(self, parts: ScanParts, sums: torch.Tensor, start: int, end: int) -> None:
