@@ -247,3 +247,49 @@ def test_report_html_has_the_panel(memmamba_run):
     (target / "report.html").unlink()  # rebuilt from the saved tables
     assert main(["report", str(target)]) == 0
     assert (target / "report.html").read_text().count("MemMamba memory by layer") == 1
+
+
+@pytest.mark.parametrize("policy", ["priority", "fifo"])
+def test_pools_at_equals_a_rebuild_per_position_with_tied_importances(policy):
+    from fidelity.models.state_pool import rank_order
+    from fidelity.probes.memmamba_trace import MemMambaTrace, _BlockLog
+
+    generator = torch.Generator().manual_seed(3)
+    positions = torch.randperm(300, generator=generator)[:120].sort().values
+    importance = torch.randint(0, 4, (120,), generator=generator).float() / 4  # many ties
+    rows = torch.randint(0, 2, (120,), generator=generator)
+    log = _BlockLog(write_rows=[rows], write_positions=[positions], write_importance=[importance])
+    trace = MemMambaTrace(pool_size=7, policy=policy, tau2=0.5, logs={0: log})
+    queries = torch.arange(0, 302, 3)
+    for row in range(2):
+        ranked, member = trace.pools_at(0, queries, row)
+        for query, kept in zip(queries.tolist(), member, strict=True):
+            mine = (rows == row) & (positions < query)  # the old rebuild: rank what came before
+            p, i = positions[mine], importance[mine]
+            order = rank_order(i[None], p[None], torch.ones_like(p[None], dtype=torch.bool), policy)
+            expected = p[order[0][:7]].sort().values
+            assert torch.equal(ranked[kept].sort().values, expected)
+            assert torch.equal(trace.pool_at(0, query, row), expected)
+
+
+@torch.no_grad()
+def test_note_ages_do_not_depend_on_the_anchor_blocks(monkeypatch):
+    model = tiny_memmamba()
+    input_ids = ids()
+    whole, _ = run_metric(model, input_ids)
+    monkeypatch.setattr(memory, "AGE_BLOCK_ELEMENTS", 3)  # one anchor per block
+    blocked, _ = run_metric(model, input_ids)
+    ages = [NOTE_AGE, NOTE_AGE_OLDEST, NOTE_AGE_MEDIAN, POOL_FILL]
+    assert whole.loc[ages].equals(blocked.loc[ages])
+
+
+def test_block_means_equal_nanmeans_of_each_block():
+    generator = torch.Generator().manual_seed(4)
+    for n in (1, 127, 128, 300, 1000):
+        values = torch.randn(3, n, generator=generator, dtype=torch.float64)
+        values[torch.rand(3, n, generator=generator) < 0.2] = torch.nan
+        values[1, : min(n, 200)] = torch.nan  # whole blocks empty: NaN means
+        bounds = torch.tensor_split(torch.arange(n), max(1, -(-n // memory.BLOCK_TOKENS)))
+        expected = torch.stack([values[:, b].nanmean(dim=1) for b in bounds]).flatten()
+        got = torch.from_numpy(memory._block_means(values))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)

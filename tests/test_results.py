@@ -518,3 +518,21 @@ def test_comparison_save_is_atomic(small, tmp_path, monkeypatch):
 def test_results_module_refuses_non_path_directories(small):
     with pytest.raises(TypeError, match="directory must be a str or path"):
         small.save(42)
+
+
+def test_svg_reuses_the_png_layout_within_a_fraction_of_a_percent(small, tmp_path):
+    """The SVG is drawn with the layout computed for the PNG (engine switched off after it):
+    its axes sit where a fresh constrained layout would put them, to 0.5% of the figure."""
+    import io
+
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    from fidelity.results import _write_figures
+
+    written, fresh = small.figures(), small.figures()
+    _write_figures(written, tmp_path)
+    for name, figure in written.items():
+        assert not isinstance(figure.get_layout_engine(), ConstrainedLayoutEngine)
+        fresh[name].savefig(io.BytesIO(), format="svg")  # constrained layout, drawn for the SVG
+        for mine, theirs in zip(figure.axes, fresh[name].axes, strict=True):
+            assert np.allclose(mine.get_position().bounds, theirs.get_position().bounds, atol=5e-3)

@@ -66,6 +66,8 @@ ZEROED_TOKENS = 8192
 most this many tokens, so that a 60k analysis costs about 1.14 forwards, not 2."""
 BLOCK_TOKENS = 128
 """Contiguous positions per block that the rate, context-share and loss intervals resample."""
+AGE_BLOCK_ELEMENTS = 1 << 20
+"""Most (anchor, note) pairs the note-age rows mask at once (~25 MB of masks, counts, ages)."""
 WRITE_RATE = "memmamba_write_rate"
 FIRE_RATE = "memmamba_fire_rate"
 NOTE_AGE = "memmamba_note_age"
@@ -173,9 +175,15 @@ def _block_means(values: torch.Tensor) -> np.ndarray:
     """Means of contiguous blocks of :data:`BLOCK_TOKENS` positions of ``values`` `(batch, n)`
     (NaN ignored), every sequence's blocks together: `(batch * n_blocks,)`."""
     n = values.shape[1]
-    bounds = np.array_split(np.arange(n), max(1, -(-n // BLOCK_TOKENS)))
-    means = torch.stack([values[:, torch.as_tensor(b)].nanmean(dim=1) for b in bounds])
-    return means.flatten().numpy()
+    sizes = [len(b) for b in np.array_split(np.arange(n), max(1, -(-n // BLOCK_TOKENS)))]
+    starts = np.cumsum([0, *sizes[:-1]])
+    array = values.double().numpy()
+    finite = np.isfinite(array)
+    sums = np.add.reduceat(np.where(finite, array, 0.0), starts, axis=1)  # (batch, n_blocks)
+    counts = np.add.reduceat(finite, starts, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / counts, np.nan)
+    return means.T.flatten()
 
 
 def _rate_row(
@@ -210,24 +218,33 @@ def _age_rows(
     layer = block + 1
     means, oldest, fill, ages = [], [], [], []
     for row in range(batch):
-        for anchor in anchors.tolist():
-            pool = trace.pool_at(block, anchor, row)  # (n_notes,) sorted write positions
-            fill.append(len(pool))
-            if len(pool) == 0:
-                means.append(np.nan)
-                oldest.append(np.nan)
-                continue
-            age = (anchor - pool).double()
-            means.append(float(age.mean()))
-            oldest.append(float(age.max()))
-            ages.append(age)
+        ranked, _ = trace.pools_at(block, anchors[:0], row)  # (n_writes,) best-first
+        if len(ranked) == 0:
+            means.append(torch.full((len(anchors),), torch.nan, dtype=torch.float64))
+            oldest.append(means[-1])
+            fill.append(torch.zeros(len(anchors), dtype=torch.float64))
+            continue
+        step = max(1, AGE_BLOCK_ELEMENTS // len(ranked))
+        for first in range(0, len(anchors), step):  # (anchors x notes) masks in bounded blocks
+            at = anchors[first : first + step].to(torch.long)  # (m,)
+            _, member = trace.pools_at(block, at, row)  # (m, n_writes)
+            age = (at[:, None] - ranked[None, :]).double()  # (m, n_writes)
+            count = member.sum(dim=1)  # (m,)
+            empty = count == 0
+            total = torch.where(member, age, 0.0).sum(dim=1)
+            means.append(torch.where(empty, torch.nan, total / count.clamp(min=1)))
+            most = torch.where(member, age, -torch.inf).amax(dim=1)
+            oldest.append(torch.where(empty, torch.nan, most))
+            fill.append(count.double())
+            ages.append(age[member])
+    means, oldest, fill = (
+        torch.cat(v).numpy() if v else np.empty(0) for v in (means, oldest, fill)
+    )
     rows = []
     for index, (metric, samples) in enumerate(
         ((NOTE_AGE, means), (NOTE_AGE_OLDEST, oldest), (POOL_FILL, fill))
     ):
-        value, low, high, n = interval_row(
-            np.asarray(samples, dtype=float), n_boot, [seed, layer, 10 + index], level
-        )
+        value, low, high, n = interval_row(samples, n_boot, [seed, layer, 10 + index], level)
         rows.append((metric, layer, 0, value, low, high, n, layer))
     every = torch.cat(ages) if ages else torch.empty(0, dtype=torch.float64)
     median = float(every.median()) if len(every) else np.nan

@@ -50,8 +50,8 @@ from torch import nn
 
 from fidelity.metrics.curves import DEFAULT_LEVEL, bootstrap_counts, mean_with_interval
 from fidelity.metrics.toolkit import tidy_frame
-from fidelity.models.base import causal_conv1d
-from fidelity.models.mamba import MambaMixer
+from fidelity.models.base import causal_conv1d, conv_window
+from fidelity.models.mamba import MambaMixer, channel_major_product
 from fidelity.models.mamba2 import Mamba2Mixer
 from fidelity.probes.capture import find_blocks
 from fidelity.probes.capture_types import block_before, layer_after
@@ -133,7 +133,7 @@ class OurMamba1Reader(MixerReader):
         dt, B, C = torch.split(
             projected, [config.resolved_dt_rank, config.d_state, config.d_state], dim=-1
         )
-        delta = (dt @ self.mixer.dt_proj.weight.t()).transpose(1, 2)  # (batch, d_inner, L)
+        delta = channel_major_product(self.mixer.dt_proj.weight, dt)  # (batch, d_inner, L)
         return self._parts(delta, B.transpose(1, 2), C.transpose(1, 2), None)
 
     def _parts(
@@ -141,9 +141,9 @@ class OurMamba1Reader(MixerReader):
     ) -> ScanParts:
         """``delta`` `(batch, d_inner, length)` before bias and softplus, ``B``, ``C`` `(batch,
         d_state, length)`."""
-        bias = self.mixer.dt_proj.bias.double()[:, None]
+        bias = self.mixer.dt_proj.bias.to(delta.dtype)[:, None]
         return ScanParts(
-            step=F.softplus(delta.double() + bias),
+            step=F.softplus(delta + bias).double(),  # in the model's dtype, as its scan does
             A=-torch.exp(self.mixer.A_log.double()),
             B=B.double()[:, None],  # (batch, 1, d_state, length)
             C=C.double()[:, None],
@@ -326,8 +326,7 @@ class LayerDecay:
         self._keep_anchors(parts, sums, start, start + length)
         self._score_targets(parts, sums, start, start + length)
         if parts.conv_input is not None:
-            window = torch.cat([self.prefix, parts.conv_input.to(self.prefix.dtype)], dim=-1)
-            self.prefix = window[..., window.shape[-1] - self.prefix.shape[-1] :]
+            self.prefix = conv_window(self.prefix, parts.conv_input)
         self.offset = start + length
 
     def _keep_anchors(self, parts: ScanParts, sums: torch.Tensor, start: int, end: int) -> None:
@@ -355,13 +354,18 @@ class LayerDecay:
         block = max(1, PAIR_BLOCK_ELEMENTS // (batch * n_channels * d_state))
         device, work = sums.device, parts.work_dtype
         A_by_state = parts.A.to(work).T.contiguous()  # (n_a, n_channels)
-        # position-major copies, so that each pair gathers contiguous rows
-        sums_at = sums.transpose(1, 2).contiguous()  # (batch, length, n_channels)
-        C_at = parts.C.permute(0, 3, 1, 2).contiguous()  # (batch, length, n_groups, d_state)
+        # position-major copies of the target positions only, so that each pair gathers
+        # contiguous rows
+        targets, slot = torch.unique(
+            self.targets[anchor_index, distance_index] - start, return_inverse=True
+        )
+        targets, slot = targets.to(device), slot.to(device)
+        sums_at = sums[:, :, targets].transpose(1, 2).contiguous()  # (batch, n_targets, n_chan)
+        C_at = parts.C[..., targets].permute(0, 3, 1, 2).contiguous()  # (b, n_targets, g, n)
         for first in range(0, anchor_index.numel(), block):
             i = anchor_index[first : first + block]
             j = distance_index[first : first + block]
-            local = (self.targets[i, j] - start).to(device)
+            local = slot[first : first + block]
             i = i.to(device)
             elapsed = (sums_at[:, local] - self.anchor_sum[:, i]).to(work)  # (b, P, chan)
             readout = (C_at[:, local] * self.anchor_B[:, i]).to(work)  # (b, P, g, n)

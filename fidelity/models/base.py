@@ -197,6 +197,14 @@ def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+def conv_window(window: torch.Tensor, conv_input: torch.Tensor) -> torch.Tensor:
+    """The convolution's next window `(batch, channels, width - 1)`: the last ``width - 1``
+    inputs of ``window`` followed by ``conv_input`` `(batch, channels, length)`."""
+    keep = window.shape[-1]
+    recent = conv_input[..., max(0, conv_input.shape[-1] - keep) :].to(window.dtype)
+    return torch.cat([window, recent], dim=-1)[..., -keep:] if keep else window
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor | None
 ) -> torch.Tensor:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidelity.kernels import selective_scan
-from fidelity.models.base import CausalLM, LMOutput, ModelCache
+from fidelity.models.base import CausalLM, LMOutput, ModelCache, conv_window
 from fidelity.models.mamba import (
     MambaBlock,
     MambaConfig,
@@ -279,8 +279,7 @@ class DeciMambaBlock(MambaBlock):
         if cache is not None:
             y, last_state = y
             cache.ssm = last_state.to(cache.ssm.dtype)
-            window = torch.cat([cache.conv, inputs["conv_input"].to(cache.conv.dtype)], -1)
-            cache.conv = window[..., window.shape[-1] - cache.conv.shape[-1] :]
+            cache.conv = conv_window(cache.conv, inputs["conv_input"])
         return kept.states + mixer.out_proj(y.transpose(1, 2))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidelity.kernels import selective_scan, selective_state_update
-from fidelity.models.base import CausalLM, RMSNorm, causal_conv1d, softplus_inverse
+from fidelity.models.base import CausalLM, RMSNorm, causal_conv1d, conv_window, softplus_inverse
 from fidelity.models.config import ModelConfig
 
 
@@ -111,20 +111,22 @@ class MambaMixer(nn.Module):
         before bias and softplus, ``B``, ``C`` `(batch, d_state, length)`, ``A`` `(d_inner,
         d_state)`, ``conv_input`` `(batch, d_inner, length)` (for the conv state)."""
         config = self.config
-        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2 * d_inner, length)
-        x, z = xz.chunk(2, dim=1)  # each (batch, d_inner, length)
+        xz = channel_major_product(self.in_proj.weight, hidden)  # (batch, 2 * d_inner, length)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        x, z = xz.chunk(2, dim=1)  # each (batch, d_inner, length), contiguous
         u = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, conv_prefix))
         x_dbl = self.x_proj(u.transpose(1, 2))  # (batch, length, dt_rank + 2 * d_state)
         dt, B, C = torch.split(
             x_dbl, [config.resolved_dt_rank, config.d_state, config.d_state], dim=-1
         )
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (batch, d_inner, length)
+        delta = channel_major_product(self.dt_proj.weight, dt)  # (batch, d_inner, length)
         return {
             "u": u,
             "z": z,
             "delta": delta,
-            "B": B.transpose(1, 2).contiguous(),  # (batch, d_state, length)
-            "C": C.transpose(1, 2).contiguous(),
+            "B": B.transpose(1, 2),  # (batch, d_state, length), views: the scan lays them out
+            "C": C.transpose(1, 2),
             "A": -torch.exp(self.A_log),
             "conv_input": x,
         }
@@ -150,8 +152,7 @@ class MambaMixer(nn.Module):
         if cache is not None:
             y, last_state = y
             cache.ssm = last_state.to(cache.ssm.dtype)
-            conv_input = torch.cat([cache.conv, inputs["conv_input"].to(cache.conv.dtype)], -1)
-            cache.conv = conv_input[..., conv_input.shape[-1] - cache.conv.shape[-1] :]
+            cache.conv = conv_window(cache.conv, inputs["conv_input"])
         return self.out_proj(y.transpose(1, 2))
 
     def step(self, hidden: torch.Tensor, cache: MambaLayerCache) -> torch.Tensor:
@@ -208,6 +209,14 @@ class MambaBlock(nn.Module):
 
     def init_cache(self, batch_size: int, device, dtype) -> MambaLayerCache:
         return self.mixer.init_cache(batch_size, device, dtype)
+
+
+def channel_major_product(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``weight`` `(d_out, d_in)` times ``hidden`` `(batch, length, d_in)` position by
+    position, returned channel-major and contiguous, `(batch, d_out, length)`: the layout the
+    convolution and the scan read, so that neither copies a transposed view (``W @ x^T`` as one
+    batched product; ``torch.matmul`` would compute ``x W^T`` and copy its transpose)."""
+    return torch.bmm(weight.expand(hidden.shape[0], -1, -1), hidden.transpose(1, 2))
 
 
 def init_lm_weights(model: CausalLM, n_residuals_per_layer: int = 1) -> None:

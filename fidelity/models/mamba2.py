@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidelity.kernels import selective_scan
-from fidelity.models.base import CausalLM, RMSNorm, causal_conv1d, softplus_inverse
+from fidelity.models.base import CausalLM, RMSNorm, causal_conv1d, conv_window, softplus_inverse
 from fidelity.models.config import ModelConfig
 from fidelity.models.mamba import init_lm_weights
 
@@ -450,8 +450,7 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             y, last_state = result
             cache.ssm = last_state.to(cache.ssm.dtype)
-            window = torch.cat([cache.conv, conv_input.to(cache.conv.dtype)], dim=-1)
-            cache.conv = window[..., window.shape[-1] - cache.conv.shape[-1] :]
+            cache.conv = conv_window(cache.conv, conv_input)
         else:
             y = result
         return self._output(y.flatten(-2), z)

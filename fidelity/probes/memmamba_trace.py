@@ -87,12 +87,27 @@ class MemMambaTrace:
         """Sorted positions of the notes in ``block``'s pool as seen by a query at
         ``position`` (notes written before it) in batch row ``row``, rebuilt with the model's
         eviction rule."""
-        rows, positions, importance = self.writes(block)
-        chosen = (rows == row) & (positions < position)
-        positions, importance = positions[chosen], importance[chosen]
-        valid = torch.ones_like(positions, dtype=torch.bool)
-        order = rank_order(importance[None], positions[None], valid[None], self.policy)[0]
-        return positions[order[: self.pool_size]].sort().values
+        ranked, member = self.pools_at(block, torch.tensor([position]), row)
+        return ranked[member[0]].sort().values
+
+    def pools_at(
+        self, block: int, positions: torch.Tensor, row: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pools of ``block`` seen by queries at ``positions`` `(m,)` in batch row ``row``,
+        all at once: ``(ranked, member)``, where ``ranked`` `(n_writes,)` holds the row's note
+        positions best-first and ``member`` `(m, n_writes)` bool marks the notes in each query's
+        pool (:meth:`pool_at` of one position).
+
+        The eviction rule ranks notes by a total order (fifo: newest first; priority: most
+        important, then newest), so the pool at any position is the first ``pool_size`` notes
+        of the one global ranking that were written before it: one sort for every query."""
+        rows, written, importance = self.writes(block)
+        chosen = rows == row
+        written, importance = written[chosen], importance[chosen]
+        valid = torch.ones_like(written, dtype=torch.bool)
+        ranked = written[rank_order(importance[None], written[None], valid[None], self.policy)[0]]
+        before = ranked[None, :] < torch.as_tensor(positions, dtype=torch.long)[:, None]
+        return ranked, before & (before.cumsum(dim=1) <= self.pool_size)
 
 
 def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
