@@ -79,7 +79,7 @@ def test_selective_copy_answers_are_the_data_in_order(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_mqar_queries_ask_every_key_once(seed):
     n_pairs = 6
-    task = mqar(64, batch=8, seed=seed, vocab_size=32, n_pairs=n_pairs)
+    task = mqar(64, batch=8, seed=seed, vocab_size=32, n_pairs=n_pairs, replace=False)
     for row in range(8):
         ids = task.input_ids[row].tolist()
         pairs = {ids[2 * i]: ids[2 * i + 1] for i in range(n_pairs)}
@@ -119,23 +119,23 @@ def test_mqar_with_replacement_asks_keys_of_the_row_at_exact_places(seed):
 
 
 def test_mqar_replacement_draws_each_query_key_uniformly():
-    task = mqar(16, batch=3000, seed=7, vocab_size=16, n_pairs=4, replace=True)
+    task = mqar(16, batch=3000, seed=7, vocab_size=16, n_pairs=4)  # replace=True by default
     pair = (task.cue_positions - 1) // 2  # which pair each query asks, (3000, 4)
     counts = torch.bincount(pair.flatten(), minlength=4).double() / pair.numel()
     assert torch.allclose(counts, torch.full((4,), 0.25, dtype=torch.double), atol=0.02)
     distinct = torch.tensor([len(set(r)) for r in pair.tolist()])
     # four independent uniform draws of four keys are all distinct with chance 4!/4^4 = 9.4%
     assert abs((distinct == 4).double().mean().item() - 24 / 256) < 0.02
-    without = mqar(16, batch=200, seed=7, vocab_size=16, n_pairs=4)
+    without = mqar(16, batch=200, seed=7, vocab_size=16, n_pairs=4, replace=False)
     assert all(len(set(r)) == 4 for r in ((without.cue_positions - 1) // 2).tolist())
-    fewer = mqar(16, batch=200, seed=7, vocab_size=16, n_pairs=4, n_queries=2)
+    fewer = mqar(16, batch=200, seed=7, vocab_size=16, n_pairs=4, n_queries=2, replace=False)
     assert fewer.answer_positions.shape == (200, 2)
     assert all(len(set(r)) == 2 for r in ((fewer.cue_positions - 1) // 2).tolist())
 
 
 def test_mqar_option_validation():
     with pytest.raises(ValueError, match="replace=true"):
-        mqar(64, n_pairs=4, n_queries=5)
+        mqar(64, n_pairs=4, n_queries=5, replace=False)
     with pytest.raises(ValueError, match="length"):
         mqar(24, n_pairs=4, n_queries=9, replace=True)  # needs 2 * (4 + 9) = 26
     with pytest.raises(TypeError, match="replace"):

@@ -26,9 +26,16 @@ greedy decoding.
   let the model generate them after one separator (autoregressive copying), the form the rest
   of the toolkit's tasks take.
 - ``mqar`` (Zoology, Arora et al. 2023): ``n_pairs`` key-value pairs (distinct keys from
-  ``1 .. vocab_size // 2 - 1``, values from ``vocab_size // 2 .. vocab_size - 1``), then a
-  region of noise tokens ``0`` in which every key is queried once, in random order and at
-  random positions: the key, then its value (the answer).
+  ``1 .. vocab_size // 2 - 1``, distinct values from ``vocab_size // 2 .. vocab_size - 1``),
+  then a region of noise tokens ``0`` holding ``n_queries`` queries (default: one per pair)
+  at random places: a key of the row, then its value (the answer). By default
+  (``replace=True``) each query's key is drawn from the row's keys anew, so a key may be asked
+  several times or never; ``replace=False`` asks distinct keys (every key once by default).
+  Because the answers are teacher-forced, the distinct-key form can be played without
+  binding keys to values: a model that rules out the values already answered reaches (1 +
+  1/2 + ... + 1/n) / n (52% at 4 pairs); with replacement the answers seen rule nothing
+  out and the no-binding level is 1 / n_pairs. (Zoology asks every key once but leaves the
+  answers out of the row, which has the same effect.)
 """
 
 from __future__ import annotations
@@ -155,19 +162,20 @@ def mqar(
     vocab_size: int = 64,
     n_pairs: int = 8,
     n_queries: int | None = None,
-    replace: bool = False,
+    replace: bool = True,
 ) -> MemoryTask:
     """Multi-query associative recall rows (see the module docstring); ``vocab_size >= 2 *
     n_pairs + 2`` and ``length >= 2 * (n_pairs + n_queries)``.
 
-    ``n_queries`` (default ``n_pairs``) queries follow the pairs. ``replace=False`` asks
-    distinct keys (``n_queries <= n_pairs``; with the default every key once): a model that
-    knows the row's values but not which key holds which can then eliminate the values
-    already answered and reach (1 + 1/2 + ... + 1/n) / n without binding. ``replace=True``
-    draws each query's key uniformly from the pairs, independently (a key may be asked
-    several times or never), so the answers seen before tell nothing about the next one
-    without the key: the no-binding level is 1 / n_pairs (values are distinct), and any
-    number of queries per row is possible.
+    ``n_queries`` (default ``n_pairs``) queries follow the pairs. ``replace=True`` (the
+    default) draws each query's key uniformly from the pairs, independently (a key may be
+    asked several times or never), so the answers seen before tell nothing about the next
+    one without the key: the no-binding level is 1 / n_pairs (values are distinct), and any
+    number of queries per row is possible. ``replace=False`` asks distinct keys
+    (``n_queries <= n_pairs``; with the default every key once): a model that knows the
+    row's values but not which key holds which can then rule out the values already
+    answered and reach (1 + 1/2 + ... + 1/n) / n without binding; this was the default
+    until 2 layers x 64 models were seen to stop at exactly that level.
     """
     n_pairs = _count("n_pairs", n_pairs, 1)
     if n_queries is None:
