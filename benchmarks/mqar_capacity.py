@@ -415,6 +415,26 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             lines.append(f"- {cell.name}: {steps or 'no checkpoint'}")
     lines += [
         "",
+        "Training loss (mean cross-entropy over the answers of the step's batch, from "
+        "train_log.csv) every 100 steps and at the last step logged"
+        + (
+            "; without binding it cannot go below ln(n) for n pairs "
+            "(ln 4 = 1.39, ln 8 = 2.08, ln 16 = 2.77, ln 32 = 3.47):"
+            if args.replace
+            else ":"
+        ),
+        "",
+    ]
+    for cell in cells:
+        logged = log_rows(args.runs / cell.name)
+        losses = ", ".join(
+            f"{row['step']}: {float(row['loss']):.2f}"
+            for row in logged
+            if int(row["step"]) % 100 == 0 or row is logged[-1]
+        )
+        lines.append(f"- {cell.name}: {losses or 'not trained'}")
+    lines += [
+        "",
         "Runs (step time: the training's own clock, `elapsed_s` in train_log.csv; wall: "
         "this script's clock over its training sessions, with the 1-minute load average at "
         "the start and end of each; the machine's 2 cores were shared with other jobs):",

@@ -32,6 +32,7 @@ def test_grid_trains_scores_and_reports(tmp_path):
     assert "| model | 2 pairs | 3 pairs |" in report
     assert report.count("| mamba-p3-lr0.003 | 2 |") == 1  # the runs table
     assert "- transformer-p2-lr0.003: 1: " in report  # the curve, checkpoints 1 and 2
+    assert "- mamba-p3-lr0.003: 2: " in report  # the training loss at the last step logged
 
     run = tmp_path / "runs" / "transformer-p3-lr0.003"
     saved = json.loads((run / "train_config.json").read_text())
