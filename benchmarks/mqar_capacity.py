@@ -234,7 +234,9 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> None:
                 flush=True,
             )
 
-    train(train_config(cell, args), out, resume=bool(done), progress=report)
+    # a run killed before its first checkpoint has nothing to resume: start it over
+    restart = not done and out.is_dir() and any(out.iterdir())
+    train(train_config(cell, args), out, resume=bool(done), force=restart, progress=report)
     meta["sessions"].append(
         {
             "started": time.strftime("%H:%M", time.localtime(started)),

@@ -2,6 +2,7 @@
 its checkpoints exactly as a direct count of argmax hits on the same test rows."""
 
 import json
+import shutil
 from argparse import Namespace
 
 import pytest
@@ -55,6 +56,12 @@ def test_grid_trains_scores_and_reports(tmp_path):
     before = (tmp_path / "runs" / "_meta" / "mamba-p2-lr0.003.json").read_text()
     benchmark.main(_grid(tmp_path))  # finished runs are evaluated, not trained again
     assert (tmp_path / "runs" / "_meta" / "mamba-p2-lr0.003.json").read_text() == before
+
+    killed = tmp_path / "runs" / "mamba-p3-lr0.003"  # as if killed before its first checkpoint
+    for checkpoint in killed.glob("ckpt-*"):
+        shutil.rmtree(checkpoint)
+    benchmark.main(_grid(tmp_path))  # started over, not refused
+    assert sorted(p.name for p in killed.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
 
 
 def _guess_right(task, rule, generator) -> float:
