@@ -335,15 +335,23 @@ def recipe_text(args: argparse.Namespace) -> str:
     if not args.replace:
         asked = "of distinct keys (each key at most once)"
     where = (
-        f"rows of {args.length} tokens"
+        f"at random places in the rest of a row of {args.length} tokens (noise tokens 0 "
+        "between them)"
         if args.length
-        else ("the rest of the row (back to back: the row is 2 x (pairs + queries) tokens)")
+        else "back to back after the pairs (the row is 2 x (pairs + queries) tokens)"
     )
     return (
         f"the pairs (vocabulary {words}: keys from the lower half, distinct values from the "
         f"upper half), then {args.queries or 'as many as the pairs'} queries, {asked}, each "
-        f"followed by its answer, at random places in {where}; the loss is on the answers"
+        f"followed by its answer, {where}; the loss is on the answers"
     )
+
+
+def chance_text(args: argparse.Namespace) -> str:
+    """The chance level of a query in words: one over the number of values."""
+    if args.vocab:
+        return f"1/{args.vocab - args.vocab // 2}"
+    return "1/(pairs + 1)"
 
 
 def unbound_text(args: argparse.Namespace) -> str:
@@ -378,7 +386,8 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
         f"{args.n_layer}-layer models, d_model {args.d_model}, {args.steps} steps of "
         f"{args.batch_size} rows, seed {args.seed}, the same budget for every cell, trained "
         f"and tested on rows of the same form: {recipe_text(args)}. Query accuracy in % "
-        f"[Wilson 95%] over {args.rows} test rows (rows x queries). "
+        f"[Wilson 95%] over {args.rows} test rows (rows x queries); chance (uniform over "
+        f"the vocabulary's values) is {chance_text(args)}. "
         "'-': not trained; '(step S of N)': the run was stopped at step S (another budget).",
         "",
         f"| {label} | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
@@ -407,7 +416,7 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             name = f"{model}, {lr:g}" if several else model
             lines.append(f"| {name} | " + " | ".join(row) + " |")
     row = [f"{100 * unbound_solved(p, queries(p, args), args.replace):.2g}" for p in pairs]
-    lines.append("| *no binding* (1/n!) | " + " | ".join(row) + " |")
+    lines.append("| *no binding* (%) | " + " | ".join(row) + " |")
     if args.curve:
         lines += ["", "Query accuracy (%) by training step:", ""]
         for cell in cells:
@@ -421,7 +430,8 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
         "train_log.csv) every 100 steps and at the last step logged"
         + (
             "; without binding it cannot go below ln(n) for n pairs "
-            "(ln 4 = 1.39, ln 8 = 2.08, ln 16 = 2.77, ln 32 = 3.47):"
+            "(ln 4 = 1.39, ln 8 = 2.08, ln 16 = 2.77, ln 32 = 3.47), and a model that "
+            "knows only the vocabulary's values sits at ln(number of values):"
             if args.replace
             else ":"
         ),
@@ -437,11 +447,12 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
         lines.append(f"- {cell.name}: {losses or 'not trained'}")
     lines += [
         "",
-        "Runs (step time: the training's own clock, `elapsed_s` in train_log.csv; wall: "
+        "Runs (training time: the training's own clock over all its steps, `elapsed_s` in "
+        "train_log.csv; wall: "
         "this script's clock over its training sessions, with the 1-minute load average at "
         "the start and end of each; the machine's 2 cores were shared with other jobs):",
         "",
-        "| run | steps done | final training loss | step time (s) | wall (s) | load |",
+        "| run | steps done | final training loss | training time (s) | wall (s) | load |",
         "|---|---|---|---|---|---|",
     ]
     for cell in cells:
