@@ -2,23 +2,31 @@
 Arora et al. 2023), for 2-layer, d_model 64 models trained with the same budget and seed.
 
 Each cell (model, pairs, learning rate) is one ``fidelity train --task mqar`` run under
-``--runs`` (``runs/mqar/MODEL-pPAIRS-lrLR``), trained here when missing or unfinished (runs
-resume from their newest checkpoint, so a killed benchmark continues where it stopped), one
-after another. Every run uses the same row length and vocabulary, so only the number of pairs
-changes between columns. The final checkpoint of each run is tested on ``--rows`` fresh rows
-(seeds from 10^9; training batches use seeds below 10^6) at the training length: every key
-is queried once, the answers teacher-forced in the row (fidelity/probes/memory_tasks.py).
+``--runs`` (``runs/mqar-capacity/MODEL-pPAIRS-lrLR``), trained here when missing or
+unfinished (runs resume from their newest checkpoint, so a killed benchmark continues where
+it stopped; one killed before its first checkpoint starts over), one after another. The
+final checkpoint of each run is tested on ``--rows`` fresh rows (seeds from 10^9; training
+batches use seeds below 10^6) of the training form, the answers teacher-forced in the row
+(fidelity/probes/memory_tasks.py).
+
+The default row form is the one under which 2 x 64 models were seen to bind keys to values
+on this CPU (README, MQAR capacity): ``--queries 16`` queries per row, keys drawn with
+replacement (``--replace``; with ``--no-replace`` every key is asked at most once and
+ruling out the values already answered scores without binding), the smallest vocabulary
+that holds the pairs (``--vocab 0``: 2 x pairs + 2; with vocabulary 32 or more Mamba did not
+bind at 4 pairs in 1,000 steps), rows of 2 x (pairs + queries) tokens, batch 64, 1,000 steps.
 
 Reported per cell: query accuracy (argmax at each query, Wilson 95% interval over the
 queries; the queries of one row share its keys and values, so this interval is somewhat
-optimistic) and rows solved (every query of the row right, Wilson interval over rows).
+optimistic), rows solved (every query of the row right, Wilson interval over rows), the
+training loss every 100 steps, and the training time.
 
-    # a learning-rate sweep on one model at few pairs (benchmarks/results/mqar_lr_sweep.md)
-    python benchmarks/mqar_capacity.py --models mamba --pairs 4 --lrs 1e-3,3e-3,1e-2 \\
-        --out benchmarks/results/mqar_lr_sweep.md --curve
     # the capacity grid (benchmarks/results/mqar_capacity.md)
-    python benchmarks/mqar_capacity.py --models mamba,memmamba,mamba2,transformer \\
-        --pairs 4,8,16,32 --lrs 3e-3
+    python benchmarks/mqar_capacity.py --models mamba,mamba2,transformer,memmamba \\
+        --pairs 4,8,16 --save-every 1000
+    # a learning-rate sweep on one model (benchmarks/results/mqar_lr_sweep.md)
+    python benchmarks/mqar_capacity.py --models mamba --pairs 8 --lrs 1e-3,3e-3,1e-2 \\
+        --save-every 1000 --out benchmarks/results/mqar_lr_sweep.md
 
 ``--eval-only`` evaluates the runs that exist (finished or not: the newest checkpoint) and
 trains nothing. ``--curve`` also evaluates every checkpoint of each run (accuracy by step).
