@@ -219,8 +219,8 @@ def make_memory_task(
     task: str, length: int, *, batch: int = 1, seed: int = 0, **options: object
 ) -> MemoryTask:
     """The memory task ``task`` (one of :data:`MEMORY_TASKS`) with ``options`` (vocab_size;
-    induction: n_queries; selective_copy: n_data; mqar: n_pairs). ``InputError`` for an
-    unknown task, ``TypeError`` for an option it does not take."""
+    induction: n_queries; selective_copy: n_data; mqar: n_pairs, n_queries, replace).
+    ``InputError`` for an unknown task, ``TypeError`` for an option it does not take."""
     if task not in _BUILDERS:
         raise InputError(f"unknown memory task {task!r}; expected one of {MEMORY_TASKS}")
     try:
