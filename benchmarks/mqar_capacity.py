@@ -2,23 +2,31 @@
 Arora et al. 2023), for 2-layer, d_model 64 models trained with the same budget and seed.
 
 Each cell (model, pairs, learning rate) is one ``fidelity train --task mqar`` run under
-``--runs`` (``runs/mqar/MODEL-pPAIRS-lrLR``), trained here when missing or unfinished (runs
-resume from their newest checkpoint, so a killed benchmark continues where it stopped), one
-after another. Every run uses the same row length and vocabulary, so only the number of pairs
-changes between columns. The final checkpoint of each run is tested on ``--rows`` fresh rows
-(seeds from 10^9; training batches use seeds below 10^6) at the training length: every key
-is queried once, the answers teacher-forced in the row (fidelity/probes/memory_tasks.py).
+``--runs`` (``runs/mqar-capacity/MODEL-pPAIRS-lrLR``), trained here when missing or
+unfinished (runs resume from their newest checkpoint, so a killed benchmark continues where
+it stopped; one killed before its first checkpoint starts over), one after another. The
+final checkpoint of each run is tested on ``--rows`` fresh rows (seeds from 10^9; training
+batches use seeds below 10^6) of the training form, the answers teacher-forced in the row
+(fidelity/probes/memory_tasks.py).
+
+The default row form is the one under which 2 x 64 models were seen to bind keys to values
+on this CPU (README, MQAR capacity): ``--queries 16`` queries per row, keys drawn with
+replacement (``--replace``; with ``--no-replace`` every key is asked at most once and
+ruling out the values already answered scores without binding), the smallest vocabulary
+that holds the pairs (``--vocab 0``: 2 x pairs + 2; with vocabulary 32 or more Mamba did not
+bind at 4 pairs in 1,000 steps), rows of 2 x (pairs + queries) tokens, batch 64, 1,000 steps.
 
 Reported per cell: query accuracy (argmax at each query, Wilson 95% interval over the
 queries; the queries of one row share its keys and values, so this interval is somewhat
-optimistic) and rows solved (every query of the row right, Wilson interval over rows).
+optimistic), rows solved (every query of the row right, Wilson interval over rows), the
+training loss every 100 steps, and the training time.
 
-    # a learning-rate sweep on one model at few pairs (benchmarks/results/mqar_lr_sweep.md)
-    python benchmarks/mqar_capacity.py --models mamba --pairs 4 --lrs 1e-3,3e-3,1e-2 \\
-        --out benchmarks/results/mqar_lr_sweep.md --curve
     # the capacity grid (benchmarks/results/mqar_capacity.md)
-    python benchmarks/mqar_capacity.py --models mamba,memmamba,mamba2,transformer \\
-        --pairs 4,8,16,32 --lrs 3e-3
+    python benchmarks/mqar_capacity.py --models mamba,mamba2,transformer,memmamba \\
+        --pairs 4,8,16 --save-every 1000
+    # a learning-rate sweep on one model (benchmarks/results/mqar_lr_sweep.md)
+    python benchmarks/mqar_capacity.py --models mamba --pairs 8 --lrs 1e-3,3e-3,1e-2 \\
+        --save-every 1000 --out benchmarks/results/mqar_lr_sweep.md
 
 ``--eval-only`` evaluates the runs that exist (finished or not: the newest checkpoint) and
 trains nothing. ``--curve`` also evaluates every checkpoint of each run (accuracy by step).
@@ -103,14 +111,36 @@ def train_config(cell: Cell, args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         device="cpu",
         overrides={"n_layer": args.n_layer, "d_model": args.d_model},
-        task_options={"n_pairs": cell.pairs, "vocab_size": args.vocab},
+        task_options=task_options(cell.pairs, args),
     )
 
 
+def task_options(pairs: int, args: argparse.Namespace) -> dict:
+    """The ``mqar`` options of a row with ``pairs`` pairs under ``args``."""
+    return {
+        "n_pairs": pairs,
+        "vocab_size": vocab(pairs, args),
+        "n_queries": queries(pairs, args),
+        "replace": args.replace,
+    }
+
+
+def vocab(pairs: int, args: argparse.Namespace) -> int:
+    """The task vocabulary: ``args.vocab``, or when it is 0 the smallest that holds ``pairs``
+    pairs, ``2 * pairs + 2`` (keys ``1 .. pairs``, every one in every row; values ``pairs +
+    1 .. 2 * pairs + 1``)."""
+    return args.vocab or 2 * pairs + 2
+
+
+def queries(pairs: int, args: argparse.Namespace) -> int:
+    """Queries per row: ``args.queries``, or one per pair when it is 0."""
+    return args.queries or pairs
+
+
 def row_length(cell: Cell, args: argparse.Namespace) -> int:
-    """``args.length`` if set, else ``4 * pairs`` (the shortest row that holds the pairs and
-    one query of each: every token after the pairs is a query or its answer)."""
-    return args.length or 4 * cell.pairs
+    """``args.length`` if set, else ``2 * (pairs + queries)``: the shortest row that holds
+    the pairs and the queries (every token after the pairs is a query or its answer)."""
+    return args.length or 2 * (cell.pairs + queries(cell.pairs, args))
 
 
 def command(cell: Cell, args: argparse.Namespace, out: Path) -> str:
@@ -118,39 +148,48 @@ def command(cell: Cell, args: argparse.Namespace, out: Path) -> str:
     return (
         f"fidelity train --model {cell.model} --preset mini --set n_layer={args.n_layer} "
         f"--set d_model={args.d_model} --task mqar --task-option n_pairs={cell.pairs} "
-        f"--task-option vocab_size={args.vocab} --length {row_length(cell, args)} "
+        f"--task-option vocab_size={vocab(cell.pairs, args)} "
+        f"--task-option n_queries={queries(cell.pairs, args)} "
+        f"--task-option replace={str(args.replace).lower()} --length {row_length(cell, args)} "
         f"--steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {cell.lr:g} --save-every {args.save_every} "
         f"--seed {args.seed} --device cpu --out {out}"
     )
 
 
-def score(checkpoint: Path, pairs: int, length: int, vocab: int, rows: int) -> Score:
-    """Accuracy of ``checkpoint`` on ``rows`` test rows of MQAR with ``pairs`` pairs."""
+def score(checkpoint: Path, options: dict, length: int, rows: int) -> Score:
+    """Accuracy of ``checkpoint`` on ``rows`` test rows of MQAR with the task ``options``."""
     model = fidelity.load_model(checkpoint)
     model.eval()
     result = task_accuracy(
-        model,
-        "mqar",
-        length,
-        trials=rows,
-        batch=min(rows, 64),
-        seed=TEST_SEED,
-        chunk_size=None,
-        n_pairs=pairs,
-        vocab_size=vocab,
-    )
-    queries = rows * pairs
+        model, "mqar", length, trials=rows, batch=min(rows, 64), seed=TEST_SEED,
+        chunk_size=None, **options,
+    )  # fmt: skip
+    queries = rows * options["n_queries"]
     step = int(checkpoint.name.removeprefix("ckpt-"))
     correct = round(result.answer_accuracy * queries)
     return Score(step, correct, queries, result.solved, rows)
 
 
-def unbound_accuracy(pairs: int) -> float:
-    """Expected query accuracy without key-value binding: every key is asked once, and the
-    guess is uniform over the row's values not yet asked, so the k-th query (of ``pairs``)
-    is right with probability 1 / (pairs - k + 1); the mean is H(pairs) / pairs."""
-    return sum(1 / k for k in range(1, pairs + 1)) / pairs
+def unbound_accuracy(pairs: int, queries: int, replace: bool) -> float:
+    """Expected query accuracy without key-value binding, for a guess uniform over the row's
+    (distinct) values not ruled out. With ``replace`` every query's key is drawn anew, so no
+    value is ruled out: 1 / pairs. Without, the keys asked are distinct and a value already
+    answered is ruled out, so the k-th query is right with probability 1 / (pairs - k + 1):
+    the mean over ``queries`` queries is (1 / pairs + ... + 1 / (pairs - queries + 1)) /
+    queries, H(pairs) / pairs when every key is asked."""
+    if replace:
+        return 1 / pairs
+    return sum(1 / (pairs - k) for k in range(queries)) / queries
+
+
+def unbound_solved(pairs: int, queries: int, replace: bool) -> float:
+    """The chance that the guess of :func:`unbound_accuracy` answers every query of a row:
+    (1 / pairs) ** queries with ``replace``, else 1 / (pairs (pairs - 1) ... (pairs - queries
+    + 1))."""
+    if replace:
+        return pairs**-queries
+    return 1 / math.prod(range(pairs - queries + 1, pairs + 1))
 
 
 def percent(value: float) -> str:
@@ -203,7 +242,9 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> None:
                 flush=True,
             )
 
-    train(train_config(cell, args), out, resume=bool(done), progress=report)
+    # a run killed before its first checkpoint has nothing to resume: start it over
+    restart = not done and out.is_dir() and any(out.iterdir())
+    train(train_config(cell, args), out, resume=bool(done), force=restart, progress=report)
     meta["sessions"].append(
         {
             "started": time.strftime("%H:%M", time.localtime(started)),
@@ -248,16 +289,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mamba,memmamba,mamba2,transformer")
     parser.add_argument("--pairs", default="4,8,16,32")
     parser.add_argument("--lrs", default="3e-3", help="peak learning rates (comma-separated)")
-    parser.add_argument("--length", type=int, default=0, help="row length; 0: 4 x pairs")
-    parser.add_argument("--vocab", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument(
+        "--length", type=int, default=0, help="row length; 0: 2 x (pairs + queries)"
+    )
+    parser.add_argument("--vocab", type=int, default=0, help="0: 2 x pairs + 2")
+    parser.add_argument("--queries", type=int, default=16, help="queries per row; 0: pairs")
+    parser.add_argument(
+        "--replace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="query keys drawn with replacement (--no-replace: each key at most once)",
+    )
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--rows", type=int, default=128, help="test rows per cell")
-    parser.add_argument("--runs", type=Path, default=Path("runs/mqar"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/mqar-capacity"))
     parser.add_argument("--out", type=Path, default=RESULTS / "mqar_capacity.md")
     parser.add_argument("--eval-only", action="store_true", help="train nothing")
     parser.add_argument("--curve", action="store_true", help="score every checkpoint")
@@ -278,11 +328,55 @@ def main(argv: list[str] | None = None) -> None:
         found = checkpoint_dirs(args.runs / cell.name) if (args.runs / cell.name).is_dir() else []
         chosen = found if args.curve else found[-1:]
         scores[cell] = [
-            score(c, cell.pairs, row_length(cell, args), args.vocab, args.rows) for c in chosen
+            score(c, task_options(cell.pairs, args), row_length(cell, args), args.rows)
+            for c in chosen
         ]
         if scores[cell]:
             print(f"{cell.name}: {cell_text(scores[cell][-1], args.steps)}", flush=True)
     write_report(args, models, pairs, lrs, cells, scores, argv)
+
+
+def recipe_text(args: argparse.Namespace) -> str:
+    """The row form of ``args`` in words."""
+    words = args.vocab or "the smallest that holds the pairs, 2 x pairs + 2"
+    asked = "with replacement (a key may be asked several times or never)"
+    if not args.replace:
+        asked = "of distinct keys (each key at most once)"
+    where = (
+        f"at random places in the rest of a row of {args.length} tokens (noise tokens 0 "
+        "between them)"
+        if args.length
+        else "back to back after the pairs (the row is 2 x (pairs + queries) tokens)"
+    )
+    return (
+        f"the pairs (vocabulary {words}: keys from the lower half, distinct values from the "
+        f"upper half), then {args.queries or 'as many as the pairs'} queries, {asked}, each "
+        f"followed by its answer, {where}; the loss is on the answers"
+    )
+
+
+def chance_text(args: argparse.Namespace) -> str:
+    """The chance level of a query in words: one over the number of values."""
+    if args.vocab:
+        return f"1/{args.vocab - args.vocab // 2}"
+    return "1/(pairs + 1)"
+
+
+def unbound_text(args: argparse.Namespace) -> str:
+    """What the *no binding* row means under ``args``."""
+    if args.replace:
+        return (
+            "the expected query accuracy of a model that knows which values the row holds "
+            "but not which key each belongs to: 1/n for n pairs, since each query's key is "
+            "drawn anew and the answers already seen rule nothing out (rows solved: "
+            "(1/n)^queries)."
+        )
+    return (
+        "the expected query accuracy of a model that knows which values the row holds and "
+        "which it has already answered, but not which key each value belongs to (it picks "
+        "uniformly among the values not yet asked): (1 + 1/2 + ... + 1/n) / n for n pairs "
+        "when every key is asked."
+    )
 
 
 def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
@@ -297,15 +391,11 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
         "",
         "## Ours",
         "",
-        f"{args.n_layer}-layer models, d_model {args.d_model}, trained and tested at length "
-        f"{args.length or '4 x pairs'} with vocabulary {args.vocab} (keys "
-        f"1..{args.vocab // 2 - 1}, values "
-        f"{args.vocab // 2}..{args.vocab - 1}), {args.steps} steps of {args.batch_size} rows, "
-        f"seed {args.seed}, the same budget for every cell; each row holds the pairs, then "
-        "every key queried once in random order (at length 4 x pairs the queries follow the "
-        "pairs back to back), and the loss is on the answers. Query "
-        f"accuracy in % [Wilson 95%] over {args.rows} test rows (rows x pairs queries); chance "
-        f"is 1/{args.vocab - args.vocab // 2} = {100 / (args.vocab - args.vocab // 2):.1f}%. "
+        f"{args.n_layer}-layer models, d_model {args.d_model}, {args.steps} steps of "
+        f"{args.batch_size} rows, seed {args.seed}, the same budget for every cell, trained "
+        f"and tested on rows of the same form: {recipe_text(args)}. Query accuracy in % "
+        f"[Wilson 95%] over {args.rows} test rows (rows x queries); chance (uniform over "
+        f"the vocabulary's values) is {chance_text(args)}. "
         "'-': not trained; '(step S of N)': the run was stopped at step S (another budget).",
         "",
         f"| {label} | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
@@ -317,14 +407,11 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             row = [cell_text(result, args.steps) for result in found]
             name = f"{model}, {lr:g}" if several else model
             lines.append(f"| {name} | " + " | ".join(row) + " |")
-    row = [percent(unbound_accuracy(p)) for p in pairs]
+    row = [percent(unbound_accuracy(p, queries(p, args), args.replace)) for p in pairs]
     lines += [
         "| *no binding* | " + " | ".join(row) + " |",
         "",
-        "*No binding*: the expected query accuracy of a model that knows which values the "
-        "row holds and which it has already answered, but not which key each value belongs "
-        "to (it picks uniformly among the values not yet asked): (1 + 1/2 + ... + 1/n) / n "
-        "for n pairs. A cell at this level shows no key-value binding, only that shortcut.",
+        f"*No binding*: {unbound_text(args)} A cell at this level shows no key-value binding.",
         "",
         f"Rows solved (every query of the row right) of {args.rows} [Wilson 95%, %]:",
         "",
@@ -336,8 +423,8 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             row = [rows_text((scores.get(Cell(model, p, lr)) or [None])[-1]) for p in pairs]
             name = f"{model}, {lr:g}" if several else model
             lines.append(f"| {name} | " + " | ".join(row) + " |")
-    row = [f"{100 / math.factorial(p):.2g}" for p in pairs]
-    lines.append("| *no binding* (1/n!) | " + " | ".join(row) + " |")
+    row = [f"{100 * unbound_solved(p, queries(p, args), args.replace):.2g}" for p in pairs]
+    lines.append("| *no binding* (%) | " + " | ".join(row) + " |")
     if args.curve:
         lines += ["", "Query accuracy (%) by training step:", ""]
         for cell in cells:
@@ -347,11 +434,33 @@ def write_report(args, models, pairs, lrs, cells, scores, argv) -> None:
             lines.append(f"- {cell.name}: {steps or 'no checkpoint'}")
     lines += [
         "",
-        "Runs (step time: the training's own clock, `elapsed_s` in train_log.csv; wall: "
+        "Training loss (mean cross-entropy over the answers of the step's batch, from "
+        "train_log.csv) every 100 steps and at the last step logged"
+        + (
+            "; without binding it cannot go below ln(n) for n pairs "
+            "(ln 4 = 1.39, ln 8 = 2.08, ln 16 = 2.77, ln 32 = 3.47), and a model that "
+            "knows only the vocabulary's values sits at ln(number of values):"
+            if args.replace
+            else ":"
+        ),
+        "",
+    ]
+    for cell in cells:
+        logged = log_rows(args.runs / cell.name)
+        losses = ", ".join(
+            f"{row['step']}: {float(row['loss']):.2f}"
+            for row in logged
+            if int(row["step"]) % 100 == 0 or row is logged[-1]
+        )
+        lines.append(f"- {cell.name}: {losses or 'not trained'}")
+    lines += [
+        "",
+        "Runs (training time: the training's own clock over all its steps, `elapsed_s` in "
+        "train_log.csv; wall: "
         "this script's clock over its training sessions, with the 1-minute load average at "
         "the start and end of each; the machine's 2 cores were shared with other jobs):",
         "",
-        "| run | steps done | final training loss | step time (s) | wall (s) | load |",
+        "| run | steps done | final training loss | training time (s) | wall (s) | load |",
         "|---|---|---|---|---|---|",
     ]
     for cell in cells:

@@ -79,7 +79,7 @@ def test_selective_copy_answers_are_the_data_in_order(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_mqar_queries_ask_every_key_once(seed):
     n_pairs = 6
-    task = mqar(64, batch=8, seed=seed, vocab_size=32, n_pairs=n_pairs)
+    task = mqar(64, batch=8, seed=seed, vocab_size=32, n_pairs=n_pairs, replace=False)
     for row in range(8):
         ids = task.input_ids[row].tolist()
         pairs = {ids[2 * i]: ids[2 * i + 1] for i in range(n_pairs)}
@@ -93,6 +93,55 @@ def test_mqar_queries_ask_every_key_once(seed):
             assert ids[cue] == ids[answer] and ids[cue - 1] == ids[answer - 1]
         others = set(range(2 * n_pairs, 64)) - set(answers) - {a - 1 for a in answers}
         assert all(ids[p] == 0 for p in others)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mqar_with_replacement_asks_keys_of_the_row_at_exact_places(seed):
+    n_pairs, n_queries = 3, 12
+    options = {"vocab_size": 32, "n_pairs": n_pairs, "n_queries": n_queries, "replace": True}
+    task = mqar(40, batch=8, seed=seed, **options)
+    again = mqar(40, batch=8, seed=seed, **options)
+    assert torch.equal(task.input_ids, again.input_ids)
+    assert torch.equal(task.answer_positions, again.answer_positions)
+    assert task.options == options
+    assert task.answer_positions.shape == (8, n_queries)
+    for row in range(8):
+        ids = task.input_ids[row].tolist()
+        pairs = {ids[2 * i]: ids[2 * i + 1] for i in range(n_pairs)}
+        assert len(pairs) == n_pairs and len(set(pairs.values())) == n_pairs  # distinct
+        answers = task.answer_positions[row].tolist()
+        assert answers == sorted(answers) and all(a % 2 == 1 for a in answers)
+        assert all(ids[a - 1] in pairs and ids[a] == pairs[ids[a - 1]] for a in answers)
+        for answer, cue in zip(answers, task.cue_positions[row].tolist(), strict=True):
+            assert cue < 2 * n_pairs and ids[cue - 1 : cue + 1] == ids[answer - 1 : answer + 1]
+        others = set(range(2 * n_pairs, 40)) - set(answers) - {a - 1 for a in answers}
+        assert all(ids[p] == 0 for p in others)
+
+
+def test_mqar_replacement_draws_each_query_key_uniformly():
+    task = mqar(16, batch=3000, seed=7, vocab_size=16, n_pairs=4)  # replace=True by default
+    pair = (task.cue_positions - 1) // 2  # which pair each query asks, (3000, 4)
+    counts = torch.bincount(pair.flatten(), minlength=4).double() / pair.numel()
+    assert torch.allclose(counts, torch.full((4,), 0.25, dtype=torch.double), atol=0.02)
+    distinct = torch.tensor([len(set(r)) for r in pair.tolist()])
+    # four independent uniform draws of four keys are all distinct with chance 4!/4^4 = 9.4%
+    assert abs((distinct == 4).double().mean().item() - 24 / 256) < 0.02
+    without = mqar(16, batch=200, seed=7, vocab_size=16, n_pairs=4, replace=False)
+    assert all(len(set(r)) == 4 for r in ((without.cue_positions - 1) // 2).tolist())
+    fewer = mqar(16, batch=200, seed=7, vocab_size=16, n_pairs=4, n_queries=2, replace=False)
+    assert fewer.answer_positions.shape == (200, 2)
+    assert all(len(set(r)) == 2 for r in ((fewer.cue_positions - 1) // 2).tolist())
+
+
+def test_mqar_option_validation():
+    with pytest.raises(ValueError, match="replace=true"):
+        mqar(64, n_pairs=4, n_queries=5, replace=False)
+    with pytest.raises(ValueError, match="length"):
+        mqar(24, n_pairs=4, n_queries=9, replace=True)  # needs 2 * (4 + 9) = 26
+    with pytest.raises(TypeError, match="replace"):
+        mqar(64, n_pairs=4, replace=1)
+    with pytest.raises(ValueError, match="n_queries"):
+        mqar(64, n_pairs=4, n_queries=0)
 
 
 @pytest.mark.parametrize("task", MEMORY_TASKS)
@@ -214,7 +263,7 @@ def test_cli_trains_and_analyzes_a_memory_task(tmp_path, capsys):
                 "--task",
                 "mqar",
                 "--task-option",
-                "n_queries=4",
+                "n_data=4",
                 "--length",
                 "64",
             ]

@@ -26,9 +26,16 @@ greedy decoding.
   let the model generate them after one separator (autoregressive copying), the form the rest
   of the toolkit's tasks take.
 - ``mqar`` (Zoology, Arora et al. 2023): ``n_pairs`` key-value pairs (distinct keys from
-  ``1 .. vocab_size // 2 - 1``, values from ``vocab_size // 2 .. vocab_size - 1``), then a
-  region of noise tokens ``0`` in which every key is queried once, in random order and at
-  random positions: the key, then its value (the answer).
+  ``1 .. vocab_size // 2 - 1``, distinct values from ``vocab_size // 2 .. vocab_size - 1``),
+  then a region of noise tokens ``0`` holding ``n_queries`` queries (default: one per pair)
+  at random places: a key of the row, then its value (the answer). By default
+  (``replace=True``) each query's key is drawn from the row's keys anew, so a key may be asked
+  several times or never; ``replace=False`` asks distinct keys (every key once by default).
+  Because the answers are teacher-forced, the distinct-key form can be played without
+  binding keys to values: a model that rules out the values already answered reaches (1 +
+  1/2 + ... + 1/n) / n (52% at 4 pairs); with replacement the answers seen rule nothing
+  out and the no-binding level is 1 / n_pairs. (Zoology asks every key once but leaves the
+  answers out of the row, which has the same effect.)
 """
 
 from __future__ import annotations
@@ -148,29 +155,61 @@ def selective_copy(
 
 
 def mqar(
-    length: int, *, batch: int = 1, seed: int = 0, vocab_size: int = 64, n_pairs: int = 8
+    length: int,
+    *,
+    batch: int = 1,
+    seed: int = 0,
+    vocab_size: int = 64,
+    n_pairs: int = 8,
+    n_queries: int | None = None,
+    replace: bool = True,
 ) -> MemoryTask:
-    """Multi-query associative recall rows (see the module docstring); ``length >= 4 *
-    n_pairs`` and ``vocab_size >= 2 * n_pairs + 2``."""
+    """Multi-query associative recall rows (see the module docstring); ``vocab_size >= 2 *
+    n_pairs + 2`` and ``length >= 2 * (n_pairs + n_queries)``.
+
+    ``n_queries`` (default ``n_pairs``) queries follow the pairs. ``replace=True`` (the
+    default) draws each query's key uniformly from the pairs, independently (a key may be
+    asked several times or never), so the answers seen before tell nothing about the next
+    one without the key: the no-binding level is 1 / n_pairs (values are distinct), and any
+    number of queries per row is possible. ``replace=False`` asks distinct keys
+    (``n_queries <= n_pairs``; with the default every key once): a model that knows the
+    row's values but not which key holds which can then rule out the values already
+    answered and reach (1 + 1/2 + ... + 1/n) / n without binding; this was the default
+    until 2 layers x 64 models were seen to stop at exactly that level.
+    """
     n_pairs = _count("n_pairs", n_pairs, 1)
-    length = _count("length", length, 4 * n_pairs)
+    if n_queries is None:
+        n_queries = n_pairs
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be true or false, got {replace!r}")
+    n_queries = _count("n_queries", n_queries, 1)
+    if not replace and n_queries > n_pairs:
+        raise InputError(
+            f"n_queries={n_queries} > n_pairs={n_pairs} asks some key twice: "
+            "set replace=true (keys drawn with replacement) or fewer queries"
+        )
+    length = _count("length", length, 2 * (n_pairs + n_queries))
     vocab_size = _count("vocab_size", vocab_size, 2 * n_pairs + 2)
     rng = _rng(batch, seed)
     half = vocab_size // 2
     rows = np.arange(batch)[:, None]
     keys = rng.random((batch, half - 1)).argsort(axis=1)[:, :n_pairs] + 1
-    values = rng.integers(half, vocab_size, size=(batch, n_pairs))
+    values = rng.random((batch, vocab_size - half)).argsort(axis=1)[:, :n_pairs] + half
     ids = np.zeros((batch, length), dtype=np.int64)
     ids[:, 0 : 2 * n_pairs : 2] = keys
     ids[:, 1 : 2 * n_pairs : 2] = values
-    # queries: n_pairs non-overlapping (key, value) slots among the (length - 2n) // 2 slots
+    # queries: n_queries non-overlapping (key, value) slots among the (length - 2n) // 2 slots
     slots = (length - 2 * n_pairs) // 2
-    chosen = np.sort(rng.random((batch, slots)).argsort(axis=1)[:, :n_pairs], axis=1)
-    order = rng.random((batch, n_pairs)).argsort(axis=1)  # which pair each query asks
+    chosen = np.sort(rng.random((batch, slots)).argsort(axis=1)[:, :n_queries], axis=1)
+    if replace:  # which pair each query asks
+        order = rng.integers(0, n_pairs, size=(batch, n_queries))
+    else:
+        order = rng.random((batch, n_pairs)).argsort(axis=1)[:, :n_queries]
     query_at = 2 * n_pairs + 2 * chosen
     ids[rows, query_at] = keys[rows, order]
     ids[rows, query_at + 1] = values[rows, order]
-    return _task("mqar", ids, query_at + 1, 2 * order + 1, seed, vocab_size, {"n_pairs": n_pairs})
+    options = {"n_pairs": n_pairs, "n_queries": n_queries, "replace": replace}
+    return _task("mqar", ids, query_at + 1, 2 * order + 1, seed, vocab_size, options)
 
 
 _BUILDERS = {"induction": induction, "selective_copy": selective_copy, "mqar": mqar}
@@ -180,8 +219,8 @@ def make_memory_task(
     task: str, length: int, *, batch: int = 1, seed: int = 0, **options: object
 ) -> MemoryTask:
     """The memory task ``task`` (one of :data:`MEMORY_TASKS`) with ``options`` (vocab_size;
-    induction: n_queries; selective_copy: n_data; mqar: n_pairs). ``InputError`` for an
-    unknown task, ``TypeError`` for an option it does not take."""
+    induction: n_queries; selective_copy: n_data; mqar: n_pairs, n_queries, replace).
+    ``InputError`` for an unknown task, ``TypeError`` for an option it does not take."""
     if task not in _BUILDERS:
         raise InputError(f"unknown memory task {task!r}; expected one of {MEMORY_TASKS}")
     try:

@@ -538,8 +538,9 @@ def make_probe(
     ``task_options`` go to the task's function: text: ``paths``, ``split``, ``text_field``;
     passkey: ``depth``, ``with_answer``, ``filler``, ``split``; kv: ``n_pairs``, ``depth``,
     ``with_answer``; random: ``vocab_size``; induction: ``vocab_size``; selective_copy:
-    ``vocab_size``, ``n_data``; mqar: ``vocab_size``, ``n_pairs``. Raises ``InputError`` for
-    an unknown task and ``TypeError`` for an option the task does not take.
+    ``vocab_size``, ``n_data``; mqar: ``vocab_size``, ``n_pairs``, ``n_queries``, ``replace``.
+    Raises ``InputError`` for an unknown task and ``TypeError`` for an option the task does
+    not take.
     """
     if task in MEMORY_TASKS:
         return memory_probe(
