@@ -56,7 +56,7 @@ def accuracy_and_pool(model, name: str, length: int, rows: int) -> dict:
         query = task.answer_positions[:, 0] - 1  # the position whose logits answer
         distances.extend((query - cue).tolist())
         if name == "memmamba":
-            with tracing_memmamba(model) as trace:
+            with tracing_memmamba(model, tuple(task.input_ids.shape)) as trace:
                 hits = answer_hits(model, task)[:, 0]
             for block in trace.logs:
                 write_rows, write_positions, _ = trace.writes(block)

@@ -198,7 +198,7 @@ def pool_trace(
     ]
     wanted = sorted({p for positions in answer_positions for p in positions})
     step = chunk_size or sequence.shape[1]
-    with tracing_memmamba(model, wanted) as trace:
+    with tracing_memmamba(model, tuple(sequence.shape), wanted) as trace:
         cache = model.init_cache(batch)
         for start in range(0, sequence.shape[1], step):
             model(sequence[:, start : start + step], cache=cache)

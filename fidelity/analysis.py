@@ -276,7 +276,7 @@ def _run_perplexity(context: MetricContext) -> list[pd.DataFrame]:
 def _observe_position_loss(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
     from fidelity.metrics.position_loss import observe_position_loss
 
-    return observe_position_loss(model, plan.length)
+    return observe_position_loss(model, plan.length, plan.batch)
 
 
 def _run_position_loss(context: MetricContext) -> list[pd.DataFrame]:
@@ -287,7 +287,7 @@ def _run_position_loss(context: MetricContext) -> list[pd.DataFrame]:
 def _observe_memmamba_memory(model: nn.Module, plan: AnalysisPlan) -> AbstractContextManager:
     from fidelity.metrics.memmamba_memory import observe_memmamba_memory
 
-    return observe_memmamba_memory(model, plan.length)
+    return observe_memmamba_memory(model, (plan.batch, plan.length))
 
 
 def _run_memmamba_memory(context: MetricContext) -> list[pd.DataFrame]:

@@ -55,9 +55,8 @@ def ids(batch=2, length=LENGTH, seed=1):
 
 def run_metric(model, input_ids, chunk_size=None, layers=None):
     """The metric's frames for ``model`` on ``input_ids``, observed over one capture."""
-    length = input_ids.shape[1]
     layers = list(range(model.config.n_layer + 1)) if layers is None else layers
-    with observe_memmamba_memory(model, length) as observation:
+    with observe_memmamba_memory(model, tuple(input_ids.shape)) as observation:
         capture(model, input_ids, layers=[0], chunk_size=chunk_size)
     per_layer, losses = memmamba_memory(
         model, input_ids, observation, ANCHORS, layers, chunk_size=chunk_size, n_boot=50
@@ -258,7 +257,9 @@ def test_pools_at_equals_a_rebuild_per_position_with_tied_importances(policy):
     positions = torch.randperm(300, generator=generator)[:120].sort().values
     importance = torch.randint(0, 4, (120,), generator=generator).float() / 4  # many ties
     rows = torch.randint(0, 2, (120,), generator=generator)
-    log = _BlockLog(write_rows=[rows], write_positions=[positions], write_importance=[importance])
+    log = _BlockLog.allocate(2, 300)
+    log.written[rows, positions] = True
+    log.importance[rows, positions] = importance
     trace = MemMambaTrace(pool_size=7, policy=policy, tau2=0.5, logs={0: log})
     queries = torch.arange(0, 302, 3)
     for row in range(2):
@@ -293,3 +294,16 @@ def test_block_means_equal_nanmeans_of_each_block():
         expected = torch.stack([values[:, b].nanmean(dim=1) for b in bounds]).flatten()
         got = torch.from_numpy(memory._block_means(values))
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@torch.no_grad()
+def test_trace_records_are_allocated_up_front_and_refuse_extra_tokens():
+    from fidelity.probes.memmamba_trace import tracing_memmamba
+
+    model = tiny_memmamba()
+    input_ids = ids(batch=1, length=64)
+    with tracing_memmamba(model, (1, 64)) as trace:
+        assert trace.logs[0].written.shape == (1, 64)  # before any forward pass
+        model(input_ids)
+        with pytest.raises(ValueError, match="set up for 64 tokens"):
+            model(input_ids[:, :1], cache=model.init_cache(1))

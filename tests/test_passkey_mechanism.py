@@ -146,7 +146,7 @@ def test_pool_flags_match_an_independent_count():
     window = model.config.note_window
     answer_positions = list(range(LENGTH, LENGTH + 5))  # the logits there give the 5 digits
     sequence = torch.cat([probe.input_ids, answers[:, :-1]], dim=1)
-    with torch.no_grad(), tracing_memmamba(model, answer_positions) as trace:
+    with torch.no_grad(), tracing_memmamba(model, tuple(sequence.shape), answer_positions) as trace:
         model(sequence)  # one pass (pool_trace ran chunks of 64)
     # the pool the first answer position (LENGTH) reads: the model's own, after the prompt
     cache = model.init_cache(3)
@@ -185,7 +185,7 @@ def test_pool_weights_sum_the_needle_notes_attention():
     flags = bench.pool_trace(model, probe.input_ids, answers, digits, keys, None)
     sequence = torch.cat([probe.input_ids, answers[:, :-1]], dim=1)
     positions = list(range(LENGTH, LENGTH + 5))
-    with torch.no_grad(), tracing_memmamba(model, positions) as trace:
+    with torch.no_grad(), tracing_memmamba(model, tuple(sequence.shape), positions) as trace:
         model(sequence)
     window = model.config.note_window
     for row in range(2):

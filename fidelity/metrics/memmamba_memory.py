@@ -105,7 +105,7 @@ class MemoryObservation:
     shares: dict[int, torch.Tensor]
 
 
-def _share_hook(shares: dict[int, torch.Tensor], block: int, length: int):
+def _share_hook(shares: dict[int, torch.Tensor], block: int):
     """A forward hook on a block's ``fusion`` writing ``||out - h|| / ||h||`` of each position
     of the call (fusion adds the memory contexts to ``h``; calls come in position order)."""
     consumed = [0]
@@ -113,8 +113,6 @@ def _share_hook(shares: dict[int, torch.Tensor], block: int, length: int):
     def hook(_module, args, out: torch.Tensor) -> None:
         h = args[0]  # (batch, n, d_model)
         share = (out - h).norm(dim=-1) / h.norm(dim=-1)  # (batch, n)
-        if block not in shares:
-            shares[block] = torch.full((h.shape[0], length), torch.nan)
         start = consumed[0]
         shares[block][:, start : start + h.shape[1]] = share.detach().float().cpu()
         consumed[0] += h.shape[1]
@@ -131,18 +129,26 @@ def zeroed_tokens(model: nn.Module | None, length: int) -> int:
 
 
 @contextlib.contextmanager
-def observe_memmamba_memory(model: nn.Module, length: int) -> Iterator[MemoryObservation | None]:
-    """Hooks around the analysis's forward pass over ``length`` tokens: yields a
-    :class:`MemoryObservation` for a MemMamba, None (nothing observed) for any other model."""
+def observe_memmamba_memory(
+    model: nn.Module, shape: tuple[int, int]
+) -> Iterator[MemoryObservation | None]:
+    """Hooks around the analysis's forward pass over a batch of ``shape`` `(batch, length)`:
+    yields a :class:`MemoryObservation` for a MemMamba, None (nothing observed) for any other
+    model. Every record is allocated here, before the forward pass (see
+    :class:`~fidelity.probes.memmamba_trace.MemMambaTrace`)."""
     if not isinstance(model, MemMambaLM):
         yield None
         return
-    shares: dict[int, torch.Tensor] = {}
+    batch, length = shape
+    shares = {index: torch.full((batch, length), torch.nan) for index in range(len(model.layers))}
     handles = []
     try:
         for index, block in enumerate(model.layers):
-            handles.append(block.fusion.register_forward_hook(_share_hook(shares, index, length)))
-        with tracing_memmamba(model) as trace, observe_position_loss(model, length) as losses:
+            handles.append(block.fusion.register_forward_hook(_share_hook(shares, index)))
+        with (
+            tracing_memmamba(model, shape) as trace,
+            observe_position_loss(model, length, batch) as losses,
+        ):
             yield MemoryObservation(trace, losses, shares)
     finally:
         for handle in handles:

@@ -55,9 +55,11 @@ class PositionLossCollector:
     ``p = 0``, which nothing predicts, and where the model returned no logits).
     """
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, batch: int | None = None) -> None:
         self.length = length
-        self.losses: torch.Tensor | None = None
+        self.losses: torch.Tensor | None = None  # allocated now when ``batch`` is given
+        if batch is not None:
+            self.losses = torch.full((batch, length), torch.nan, dtype=torch.float64)
         self.consumed = 0
         self._pending: torch.Tensor | None = None  # (batch, vocab): the last position's logits
 
@@ -148,10 +150,13 @@ def _call_ids(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def observe_position_loss(model: nn.Module, length: int) -> Iterator[PositionLossCollector]:
+def observe_position_loss(
+    model: nn.Module, length: int, batch: int | None = None
+) -> Iterator[PositionLossCollector]:
     """A forward hook on ``model`` that scores every position of the forward pass(es) run
-    inside the block, for one sequence batch of ``length`` tokens; yields the collector."""
-    collector = PositionLossCollector(length)
+    inside the block, for one sequence batch of ``length`` tokens (and ``batch`` rows: its
+    losses are then allocated before the forward pass); yields the collector."""
+    collector = PositionLossCollector(length, batch)
     handle = model.register_forward_hook(
         lambda module, args, kwargs, output: collector.record(
             module, _call_ids(args, kwargs), output

@@ -383,7 +383,7 @@ def capture(
         )
         if internals and isinstance(model, MemMambaLM):
             result.internals["memmamba"] = stack.enter_context(
-                tracing_memmamba(model, attention_positions)
+                tracing_memmamba(model, tuple(input_ids.shape), attention_positions)
             )
         if chunk_size is None:
             model(input_ids.to(device))

@@ -43,14 +43,26 @@ class AttentionRecord:
 
 @dataclass
 class _BlockLog:
-    write_rows: list[torch.Tensor] = field(default_factory=list)
-    write_positions: list[torch.Tensor] = field(default_factory=list)
-    write_importance: list[torch.Tensor] = field(default_factory=list)
-    fired_rows: list[torch.Tensor] = field(default_factory=list)
-    fired_positions: list[torch.Tensor] = field(default_factory=list)
+    """One block's records over the traced batch: ``written``, ``fired`` `(batch, length)`
+    bool and ``importance`` `(batch, length)` float32 (every position's token importance),
+    allocated before the forward pass and filled chunk by chunk, so that the hooks leave no
+    allocation behind between chunks (small records kept chunk after chunk pinned the C heap
+    under the next chunk's large temporaries: a 200k analysis grew by about 1 KB per token)."""
+
+    written: torch.Tensor
+    importance: torch.Tensor
+    fired: torch.Tensor
     note_offset: int = 0
     trigger_offset: int = 0
-    previous_score: torch.Tensor | None = None
+    previous_score: list[float] | None = None
+
+    @classmethod
+    def allocate(cls, batch: int, length: int) -> _BlockLog:
+        return cls(
+            torch.zeros(batch, length, dtype=torch.bool),
+            torch.zeros(batch, length, dtype=torch.float32),
+            torch.zeros(batch, length, dtype=torch.bool),
+        )
 
 
 @dataclass
@@ -66,18 +78,15 @@ class MemMambaTrace:
 
     def writes(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, positions, importance)``, each `(n_writes,)`, of the notes ``block`` wrote
-        (``rows``: the batch rows)."""
+        (``rows``: the batch rows), by row, then position."""
         log = self.logs[block]
-        return (
-            _concat(log.write_rows, torch.long),
-            _concat(log.write_positions, torch.long),
-            _concat(log.write_importance, torch.float32),
-        )
+        rows, positions = log.written.nonzero(as_tuple=True)
+        return rows, positions, log.importance[rows, positions]
 
     def fired(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, positions)`` `(n,)` where ``block``'s cross-token attention fired."""
-        log = self.logs[block]
-        return _concat(log.fired_rows, torch.long), _concat(log.fired_positions, torch.long)
+        rows, positions = self.logs[block].fired.nonzero(as_tuple=True)
+        return rows, positions
 
     def write_rate(self, block: int, length: int, batch: int = 1) -> float:
         """Fraction of positions that wrote a note in ``block``."""
@@ -110,26 +119,25 @@ class MemMambaTrace:
         return ranked, before & (before.cumsum(dim=1) <= self.pool_size)
 
 
-def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
-
-
 @contextlib.contextmanager
 def tracing_memmamba(
-    model: MemMambaLM, attention_positions: Sequence[int] | torch.Tensor = ()
+    model: MemMambaLM,
+    shape: tuple[int, int],
+    attention_positions: Sequence[int] | torch.Tensor = (),
 ) -> Iterator[MemMambaTrace]:
-    """Record MemMamba's memory while ``model`` runs forward over one sequence (in one pass or
-    consecutive chunks; ``step()`` is not observed). Attention weights are kept for
-    ``attention_positions`` only."""
+    """Record MemMamba's memory while ``model`` runs forward over one batch of sequences of
+    ``shape`` `(batch, length)` (in one pass or consecutive chunks; ``step()`` is not
+    observed). Attention weights are kept for ``attention_positions`` only."""
     if not isinstance(model, MemMambaLM):
         raise TypeError(f"tracing_memmamba needs a MemMambaLM, got {type(model).__name__}")
     config = model.config
     wanted = set(torch.as_tensor(attention_positions, dtype=torch.long).flatten().tolist())
+    batch, length = shape
     trace = MemMambaTrace(config.pool_size, config.pool_policy, config.tau2, {})
     handles = []
     try:
         for index, block in enumerate(model.layers):
-            log = trace.logs.setdefault(index, _BlockLog())
+            log = trace.logs.setdefault(index, _BlockLog.allocate(batch, length))
             handles.append(block.note_block.register_forward_hook(_note_hook(log)))
             if block.trigger is not None:
                 handles.append(block.trigger.register_forward_hook(_trigger_hook(log, config.tau2)))
@@ -152,12 +160,9 @@ def tracing_memmamba(
 
 def _note_hook(log: _BlockLog):
     def hook(_module, _args, notes: Notes) -> None:
-        length = notes.written.shape[1]
-        rows, index = notes.written.nonzero(as_tuple=True)
-        log.write_rows.append(rows.cpu())
-        log.write_positions.append(index.cpu() + log.note_offset)
-        log.write_importance.append(notes.importance[rows, index].detach().float().cpu())
-        log.note_offset += length
+        start, end = _advance(log, "note_offset", notes.written.shape[1])
+        log.written[:, start:end] = notes.written.detach().cpu()
+        log.importance[:, start:end] = notes.importance.detach().float().cpu()
 
     return hook
 
@@ -165,17 +170,26 @@ def _note_hook(log: _BlockLog):
 def _trigger_hook(log: _BlockLog, tau2: float):
     def hook(_module, _args, scores: torch.Tensor) -> None:
         scores = scores.detach().float().cpu()  # (batch, length): I_state of each position
-        previous = (
-            log.previous_score if log.previous_score is not None else torch.zeros(scores.shape[0])
-        )
+        previous = torch.tensor(log.previous_score or [0.0] * scores.shape[0])  # (batch,)
         shifted = torch.cat([previous[:, None], scores[:, :-1]], dim=1)
-        rows, index = (shifted > tau2).nonzero(as_tuple=True)
-        log.fired_rows.append(rows)
-        log.fired_positions.append(index + log.trigger_offset)
-        log.trigger_offset += scores.shape[1]
-        log.previous_score = scores[:, -1]
+        start, end = _advance(log, "trigger_offset", scores.shape[1])
+        log.fired[:, start:end] = shifted > tau2
+        log.previous_score = scores[:, -1].tolist()
 
     return hook
+
+
+def _advance(log: _BlockLog, offset: str, n: int) -> tuple[int, int]:
+    """The positions ``[start, end)`` of the next ``n`` tokens; ValueError past the traced
+    length."""
+    start = getattr(log, offset)
+    if start + n > log.written.shape[1]:
+        raise ValueError(
+            f"tracing_memmamba was set up for {log.written.shape[1]} tokens per sequence; the "
+            f"model ran over {start + n}"
+        )
+    setattr(log, offset, start + n)
+    return start, start + n
 
 
 def _attention_hook(trace: MemMambaTrace, block: int, kind: str, wanted: set[int]):
