@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fidelity.bench import source_at
 from fidelity.lengths import format_length, parse_length
 from fidelity.models import mamba
 from fidelity.models.loading import load_model
@@ -37,12 +37,7 @@ SOURCE = "fidelity/models/mamba.py"
 
 def module_at(rev: str):
     """``fidelity/models/mamba.py`` at ``rev``, imported as a module of its own."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    source = subprocess.run(
-        ["git", "show", f"{commit}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    commit, source = source_at(ROOT, rev, SOURCE)
     path = Path(tempfile.mkdtemp(prefix="bench-mixer-")) / f"mamba_{commit}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)

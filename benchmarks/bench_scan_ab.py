@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fidelity.bench import scan_inputs
+from fidelity.bench import scan_inputs, source_at
 from fidelity.kernels import cpu_fused, selective_scan
 from fidelity.lengths import format_length, parse_length
 
@@ -38,12 +37,7 @@ def build_revision(rev: str):
     """The kernel source at ``rev``, compiled into a scratch build directory."""
     from torch.utils.cpp_extension import load
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    source = subprocess.run(
-        ["git", "show", f"{commit}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    commit, source = source_at(ROOT, rev, SOURCE)
     directory = cpu_fused.build_directory().parent / f"ab-{commit}"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "selective_scan_cpu.cpp"

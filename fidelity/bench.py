@@ -6,13 +6,28 @@ live in ``benchmarks/``; this module holds what they and the command share.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from fidelity.kernels import available_backends, selective_scan
 from fidelity.models.base import CausalLM
+
+
+def source_at(root: Path, revision: str, path: str) -> tuple[str, str]:
+    """``(short commit, text)`` of the file ``path`` at git ``revision`` of the repository at
+    ``root`` (the A/B benchmarks set old code beside the working tree's)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+
+    commit = git("rev-parse", "--short", revision).strip()
+    return commit, git("show", f"{commit}:{path}")
 
 
 def scan_inputs(length: int, d_inner: int = 1536, d_state: int = 16, seed: int = 0) -> dict:
