@@ -59,8 +59,8 @@ from fidelity.models.base import CausalLM
 # fused, holding no score matrix: 2 floats per MLP unit put both at 1.14x their peaks).
 # Since the Mamba mixer stopped copying its transposed projections (session 26), Mamba and
 # MemMamba hold 12 floats per d_inner less (Mamba mini measured at 8k, 60k and 400k: 589, 706
-# and 753 MB against estimates of 725, 925 and 960 MB with the old factors; the new ones give
-# 1.07, 1.11 and 1.08); DeciMamba keeps its factor until it is measured again.
+# and 718 MiB against estimates of 725, 925 and 960 MiB with the old factors; the new ones give
+# 1.07, 1.11 and 1.14); DeciMamba keeps its factor until it is measured again.
 ACTIVATION_FLOATS_PER_TOKEN = {
     "memmamba": (21.25, 2540),
     "mamba": (12.5, 2540),
