@@ -114,7 +114,7 @@ class MambaMixer(nn.Module):
         xz = channel_major_product(self.in_proj.weight, hidden)  # (batch, 2 * d_inner, length)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        x, z = xz.chunk(2, dim=1)  # each (batch, d_inner, length), contiguous
+        x, z = xz.chunk(2, dim=1)  # each (batch, d_inner, length), rows contiguous
         u = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, conv_prefix))
         x_dbl = self.x_proj(u.transpose(1, 2))  # (batch, length, dt_rank + 2 * d_state)
         dt, B, C = torch.split(
