@@ -52,8 +52,8 @@ from fidelity.metrics.curves import (
     DEFAULT_LEVEL,
     CurveSummary,
     bootstrap_counts,
-    mean_with_interval,
-    normalized_with_interval,
+    normalized_rows_with_interval,
+    rows_with_interval,
     summarize_curve,
 )
 from fidelity.metrics.readout import rowwise_cosine
@@ -425,28 +425,27 @@ def etmf_frame(
         if valid == 0:
             continue
         counts = bootstrap_counts(valid, n_boot, [seed, distance]) if n_boot else None
-        for i, layer in enumerate(result.layers):
-            n = int(result.n_samples[i, j])
-            if n == 0:
-                continue
-            score = result.score[i, j, :valid].numpy()
-            chance = result.chance[i, j, :valid].numpy()
-            values = {
-                "etmf": mean_with_interval(score, counts, level),
-                "etmf_chance": mean_with_interval(chance, counts, level),
-                "etmf_norm": normalized_with_interval(score, chance, counts, level),
-            }
-            if result.accuracy is not None:
-                accuracy = result.accuracy[i, j, :valid].numpy()
-                values["etmf_acc"] = mean_with_interval(accuracy, counts, level)
+        scored = [i for i in range(len(result.layers)) if result.n_samples[i, j] > 0]
+        score = result.score[scored, j, :valid].numpy()  # (n_scored, valid)
+        chance = result.chance[scored, j, :valid].numpy()
+        values = {
+            "etmf": rows_with_interval(score, counts, level),
+            "etmf_chance": rows_with_interval(chance, counts, level),
+            "etmf_norm": normalized_rows_with_interval(score, chance, counts, level),
+        }  # (n_scored, 3) each
+        if result.accuracy is not None:
+            accuracy = result.accuracy[scored, j, :valid].numpy()
+            values["etmf_acc"] = rows_with_interval(accuracy, counts, level)
+        raw = rows_with_interval(result.raw[:, j, :valid].numpy(), counts, level)
+        for row, i in enumerate(scored):
+            layer, n = result.layers[i], int(result.n_samples[i, j])
             rows.extend(
-                (metric, layer, distance, value, low, high, n, layer)
-                for metric, (value, low, high) in values.items()
+                (metric, layer, distance, *map(float, cells[row]), n, layer)
+                for metric, cells in values.items()
             )
             n_raw = int(result.n_raw_samples[i, j])
             if n_raw:
-                raw = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
-                rows.append(("etmf_raw", layer, distance, *raw, n_raw, layer))
+                rows.append(("etmf_raw", layer, distance, *map(float, raw[i]), n_raw, layer))
     return tidy_frame(rows)
 
 
