@@ -107,7 +107,10 @@ def _child(argv: list[str], report: str) -> None:
     status = cli.main(argv)
     add("command", time.perf_counter() - wall, time.process_time() - cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(report).write_text(json.dumps({"status": status, "phases": phases, "peak": peak}))
+    source = str(Path(sys.modules["fidelity"].__file__).parent)
+    Path(report).write_text(
+        json.dumps({"status": status, "phases": phases, "peak": peak, "source": source})
+    )
 
 
 # ------------------------------------------------------------------ the parent
@@ -142,9 +145,9 @@ def _run(argv: list[str], pythonpath: Path | None, out: Path) -> dict:
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import bench_analysis; "
-        "bench_analysis._child(sys.argv[3:], sys.argv[2])"
+    code = (  # without the working directory on the path: the baseline must not be shadowed
+        "import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ('', '.')]; "
+        "import bench_analysis; bench_analysis._child(sys.argv[3:], sys.argv[2])"
     )
     started = time.perf_counter()
     done = subprocess.run(
@@ -229,7 +232,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     for side in sides:
         peak = max(r["peak"] for r in runs[side]) / 2**30
-        print(f"{side}: max RSS {peak:.2f} GiB")
+        print(f"{side}: max RSS {peak:.2f} GiB; fidelity from {runs[side][0]['source']}")
 
 
 if __name__ == "__main__":
