@@ -10,10 +10,14 @@ Ctrl-C: the work stops, half-written output is removed, status 130.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import datetime
@@ -1008,4 +1012,24 @@ def _internal_error(error: Exception) -> str:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    """The ``fidelity`` command: :func:`main`, then the process ends with its status.
+
+    The interpreter is not torn down: freeing every object left by an analysis (torch, pandas
+    and matplotlib objects) took 1-2.5 s after the work was done (measured after
+    ``fidelity analyze --length 60k``), and a process that ends here needs none of it. Output
+    is flushed and the exit handlers run first (every file the toolkit writes is closed by
+    then); while another thread is still running, the exit is the ordinary one."""
+    status = main()
+    if threading.active_count() > 1:
+        sys.exit(status)
+    _flush_output()
+    atexit._run_exitfuncs()
+    _flush_output()
+    os._exit(status)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        # a closed pipe or stream: nothing more can be said
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
