@@ -1,12 +1,12 @@
 """Where ``fidelity analyze`` spends its time: the whole command, phase by phase.
 
-Each run is a fresh process that runs the command exactly as the CLI does
-(``fidelity.cli.main``), with timers wrapped around its phases: importing the CLI, the
+Each run is a fresh process that runs the command exactly as the console script does
+(``fidelity.cli.entry_point``), with timers wrapped around its phases: importing the CLI, the
 modules ``analyze`` imports on first use, model loading, the probe, the plan, the captured
 forward pass (with the metrics' hooks), each metric, and the writing of tables, figures (built,
 PNG, SVG) and the report. Every phase gets wall and CPU seconds (CPU time of the process: with
 ``--threads 1`` it barely moves with the load of other jobs); ``total`` is the wall time of the
-process as its parent saw it, and ``max RSS`` its peak memory.
+process as its parent saw it (start and exit included), and ``max RSS`` its peak memory.
 
 ``--baseline REV`` runs the same command with the ``fidelity`` package of git revision ``REV``
 (exported to a temporary directory, first on ``PYTHONPATH``), alternating with the working
@@ -49,6 +49,7 @@ FIRST_USE = (
 
 def _child(argv: list[str], report: str) -> None:
     """Run ``fidelity`` with ``argv`` under phase timers; write the phases to ``report``."""
+    import atexit
     import importlib
     import resource
 
@@ -103,14 +104,16 @@ def _child(argv: list[str], report: str) -> None:
         return timed(f"save: {kind}", savefig)(self, target, *args, **kwargs)
 
     Figure.savefig = timed_savefig
-    wall, cpu = time.perf_counter(), time.process_time()
-    status = cli.main(argv)
-    add("command", time.perf_counter() - wall, time.process_time() - cpu)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    source = str(Path(sys.modules["fidelity"].__file__).parent)
-    Path(report).write_text(
-        json.dumps({"status": status, "phases": phases, "peak": peak, "source": source})
-    )
+    cli.main = timed("command", cli.main)
+
+    def report_phases() -> None:  # an exit handler: the entry point runs those, then exits
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        source = str(Path(sys.modules["fidelity"].__file__).parent)
+        Path(report).write_text(json.dumps({"phases": phases, "peak": peak, "source": source}))
+
+    atexit.register(report_phases)
+    sys.argv = ["fidelity", *argv]
+    cli.entry_point()  # as the console script: it ends the process
 
 
 # ------------------------------------------------------------------ the parent

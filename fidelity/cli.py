@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -177,6 +178,9 @@ def analyze(
     from fidelity.results import LEGACY_RESULT
     from fidelity.threads import parse_threads, set_threads
 
+    # the objects made by importing live as long as the process: the collector's full passes
+    # need not walk them again (they took ~0.5 s CPU of a 60k analysis, measured)
+    gc.freeze()
     threads = _as_input(parse_threads, threads)
     options = AnalysisOptions(
         length,
