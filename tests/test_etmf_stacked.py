@@ -83,6 +83,6 @@ def test_distances_in_threads_equal_one_by_one(centered):
 
 
 def test_workers_must_be_positive():
-    cap, embedding = _random_layers(1, 60, 4, 1, seed=0)
+    cap, _ = _random_layers(1, 60, 4, 1, seed=0)
     with pytest.raises(ValueError, match="workers"):
         etmf_per_anchor(cap, torch.arange(0, 60, 2), torch.tensor([0, 1]), workers=0)
