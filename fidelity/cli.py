@@ -176,11 +176,12 @@ def analyze(
     from fidelity.probes.tasks import make_probe
     from fidelity.probes.tokenizer import load_tokenizer
     from fidelity.results import LEGACY_RESULT
-    from fidelity.threads import parse_threads, set_threads
+    from fidelity.threads import cpu_sample, parse_threads, set_threads
 
     # the objects made by importing live as long as the process: the collector's full passes
     # need not walk them again (they took ~0.5 s CPU of a 60k analysis, measured)
     gc.freeze()
+    started = cpu_sample()  # the idle cores are sampled while the probe and model load
     threads = _as_input(parse_threads, threads)
     options = AnalysisOptions(
         length,
@@ -227,7 +228,7 @@ def analyze(
         if preset or random_init
         else load_model(model)
     )
-    threads_line = _threads_line(set_threads(threads))
+    threads_line = _threads_line(set_threads(threads, since=started))
     plan = plan_run(loaded, options)
     console.print(f"[bold]plan[/]: {plan.describe()}; {threads_line}")
     result = run_analysis(loaded, options, progress=progress)
