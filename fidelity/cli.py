@@ -944,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
     finally:
+        gc.unfreeze()  # what `analyze` froze is collectable again for callers that go on
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -44,3 +44,20 @@ def test_a_running_thread_is_waited_for(tmp_path):
     done = _entry(tmp_path, "thread", "models")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "mark").read_text() == "done"
+
+
+def test_main_leaves_nothing_frozen(tmp_path):
+    """``analyze`` freezes the imported objects for the collector; ``main`` unfreezes them, so
+    a caller that goes on (a notebook, a test session) keeps collecting its cycles."""
+    import gc
+
+    from fidelity.cli import main
+
+    status = main(["analyze", "--model", "memmamba", "--length", "abc"])  # bad input: exit 2
+    assert status == 2
+    assert gc.get_freeze_count() == 0
+    model = ["--model", "mamba", "--preset", "tiny", "--random-init"]
+    out = ["--out", str(tmp_path / "run"), "--no-progress", "--threads", "1"]
+    status = main(["analyze", *model, "--length", "64", *out])
+    assert status == 0 and (tmp_path / "run" / "report.html").exists()
+    assert gc.get_freeze_count() == 0
