@@ -16,6 +16,8 @@ not followed.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -37,10 +39,43 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def idle_cores(sample_seconds: float = SAMPLE_SECONDS) -> int:
-    """Cores other processes left idle over a ``sample_seconds`` sample: at least 1."""
-    total = os.cpu_count() or 1
-    idle = total * (1 - psutil.cpu_percent(interval=sample_seconds) / 100)
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds so far, at monotonic time ``wall``: ``busy`` and ``total`` of all cores,
+    ``own`` of this process (all its threads)."""
+
+    wall: float
+    busy: float
+    total: float
+    own: float
+
+
+def cpu_sample() -> CpuSample:
+    """The machine's and this process's CPU times now (for :func:`idle_cores`' ``since``)."""
+    times = psutil.cpu_times()
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # in user already
+    total = sum(times) - guest
+    busy = total - times.idle - getattr(times, "iowait", 0.0)
+    own = psutil.Process().cpu_times()
+    return CpuSample(time.monotonic(), busy, total, own.user + own.system)
+
+
+def idle_cores(sample_seconds: float = SAMPLE_SECONDS, since: CpuSample | None = None) -> int:
+    """Cores other processes left idle over a ``sample_seconds`` sample: at least 1.
+
+    ``since``: a :func:`cpu_sample` taken earlier. The sample then runs from it (waiting only
+    for what is left of ``sample_seconds``) and this process's own CPU time in it is not
+    counted as busy, so the CLI samples while it loads the model instead of waiting."""
+    cores = os.cpu_count() or 1
+    if since is None:
+        busy = psutil.cpu_percent(interval=sample_seconds) / 100
+    else:
+        time.sleep(max(0.0, sample_seconds - (time.monotonic() - since.wall)))
+        now = cpu_sample()
+        elapsed = now.total - since.total
+        others = (now.busy - since.busy) - (now.own - since.own)
+        busy = min(1.0, max(0.0, others / elapsed)) if elapsed > 0 else 0.0
+    idle = cores * (1 - busy)
     return max(1, min(usable_cores(), int(idle + (1 - IDLE_SHARE))))
 
 
@@ -57,11 +92,12 @@ def parse_threads(value: str | int) -> str | int:
     raise InputError(f"--threads must be 'auto' or a positive number, got {value!r}")
 
 
-def set_threads(value: str | int = AUTO) -> tuple[int, str]:
+def set_threads(value: str | int = AUTO, since: CpuSample | None = None) -> tuple[int, str]:
     """Set the threads of torch and of numpy's BLAS and say why: ``(threads, reason)``.
 
     ``value`` is ``"auto"`` (the idle cores, unless ``OMP_NUM_THREADS`` is set: then torch's
-    setting stays) or a positive count.
+    setting stays) or a positive count; ``since``: where the sample of idle cores starts (see
+    :func:`idle_cores`).
     """
     value = parse_threads(value)
     if value != AUTO:
@@ -69,7 +105,7 @@ def set_threads(value: str | int = AUTO) -> tuple[int, str]:
         return value, "as asked"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), "OMP_NUM_THREADS"
-    threads = idle_cores()
+    threads = idle_cores(since=since)
     _use(threads)
     return threads, f"auto: {threads} of {usable_cores()} cores idle"
 

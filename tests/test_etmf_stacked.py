@@ -54,3 +54,35 @@ def test_stacked_layers_equal_each_layer_alone(batch, d_model, centered, monkeyp
                 equal_nan=True,
             )
         assert torch.equal(together.n_samples[i], alone.n_samples[0])
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_distances_in_threads_equal_one_by_one(centered):
+    """Scoring distances side by side in threads gives the values of scoring them in turn
+    (fresh random layers, missing samples included; the read-outs run in float64, where two
+    orders of the same sums differ by rounding)."""
+    cap, embedding = _random_layers(2, 300, 24, 3, seed=11)
+    holes = torch.rand(2, 300, generator=torch.Generator().manual_seed(5)) > 0.15
+    cap.states[2][~holes] = torch.nan
+    anchors = sample_anchors(300, 120, torch.Generator().manual_seed(4))
+    distances = torch.tensor([0, 1, 2, 5, 9, 30, 64, 120, 250])
+    threads = torch.get_num_threads()
+    alone = etmf_per_anchor(
+        cap, anchors, distances, None, embedding, seed=3, centered=centered, workers=1
+    )
+    together = etmf_per_anchor(
+        cap, anchors, distances, None, embedding, seed=3, centered=centered, workers=3
+    )
+    assert torch.get_num_threads() == threads  # restored after the threads ran
+    for name in ("score", "chance", "raw", "accuracy"):
+        torch.testing.assert_close(
+            getattr(together, name), getattr(alone, name), rtol=1e-9, atol=1e-10, equal_nan=True
+        )
+    for name in ("n_valid", "n_samples", "n_raw_samples"):
+        assert torch.equal(getattr(together, name), getattr(alone, name))
+
+
+def test_workers_must_be_positive():
+    cap, _ = _random_layers(1, 60, 4, 1, seed=0)
+    with pytest.raises(ValueError, match="workers"):
+        etmf_per_anchor(cap, torch.arange(0, 60, 2), torch.tensor([0, 1]), workers=0)

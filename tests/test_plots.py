@@ -6,6 +6,8 @@ Inputs are the synthetic tables of ``tests/fixtures_results.py`` (plumbing only)
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import matplotlib.text
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,6 +114,43 @@ def test_decay_curves_are_log_log_without_distance_zero(frame):
         assert min(line.get_xdata()) >= 1
     _, y = _values(frame, "ssm_decay", 2)
     np.testing.assert_array_equal(lines[1].get_ydata(), y)
+
+
+def test_decay_tick_labels_are_plain_text_at_the_log_scale_ticks(frame):
+    """The log y axis keeps matplotlib's ticks and numbers, written without mathtext."""
+    figure = plots.decay_curves(frame)
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and not any("$" in text for text in labels)
+    reference = matplotlib.ticker.LogFormatterSciNotation()
+    reference.set_axis(ax.yaxis)
+    reference.set_locs(ax.yaxis.get_majorticklocs())
+    for location, label in zip(ax.yaxis.get_majorticklocs(), ax.get_yticklabels(), strict=True):
+        expected = reference(location)
+        exponent = expected.removeprefix("$\\mathdefault{10^{").removesuffix("}}$")
+        assert label.get_text() == ("10" + exponent.translate(SUPERSCRIPT) if expected else "")
+    assert not any("$" in text.get_text() for text in figure.findobj(matplotlib.text.Text))
+
+
+SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+
+
+@pytest.mark.parametrize(
+    ("value", "only_decades", "text"),
+    [
+        (1e-28, True, "10⁻²⁸"),
+        (1e-3, True, "10⁻³"),
+        (1.0, True, "10⁰"),
+        (100.0, True, "10²"),
+        (2e-3, True, ""),
+        (2e-3, False, "2×10⁻³"),
+        (5e4, False, "5×10⁴"),
+    ],
+)
+def test_plain_log_formatter(value, only_decades, text):
+    formatter = plots.PlainLogFormatter(labelOnlyBase=only_decades)
+    assert formatter(value) == text
 
 
 def test_influence_curves_show_distance_zero(frame):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -75,3 +77,55 @@ def test_the_cli_refuses_a_bad_threads_value_before_any_work(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "t"), "--threads", "0"]) == 2
     assert main(["compare", str(tmp_path), str(tmp_path), "--threads", "-2"]) == 2
     assert "--threads must be" in capsys.readouterr().err
+
+
+def _sample(wall, busy, total, own):
+    return threads_module.CpuSample(wall=wall, busy=busy, total=total, own=own)
+
+
+@pytest.mark.parametrize(
+    ("busy", "own", "expected"),
+    [
+        (0.0, 0.0, 4),  # nothing ran
+        (1.0, 1.0, 4),  # one core busy, with this process's own work only
+        (1.0, 0.0, 3),  # one core busy with another process
+        (3.0, 1.0, 2),  # two other processes and this one
+        (4.0, 0.0, 1),  # all busy with others: at least one thread
+    ],
+)
+def test_idle_cores_since_a_sample_leaves_out_this_process(
+    four_cores, monkeypatch, busy, own, expected
+):
+    """Over one second of 4 cores (4 CPU-seconds), ``busy`` of them busy, ``own`` of those
+    this process's: only the rest counts against the idle cores, and no more is waited."""
+    start = _sample(wall=10.0, busy=100.0, total=1000.0, own=5.0)
+    now = _sample(wall=11.0, busy=100.0 + busy, total=1004.0, own=5.0 + own)
+    monkeypatch.setattr(threads_module, "cpu_sample", lambda: now)
+    monkeypatch.setattr(threads_module.time, "monotonic", lambda: 11.0)
+    waited = []
+    monkeypatch.setattr(threads_module.time, "sleep", waited.append)
+    assert idle_cores(0.25, since=start) == expected
+    assert waited == [0.0]
+
+
+def test_idle_cores_since_a_recent_sample_waits_for_the_rest(four_cores, monkeypatch):
+    start = _sample(wall=10.0, busy=0.0, total=0.0, own=0.0)
+    monkeypatch.setattr(threads_module.time, "monotonic", lambda: 10.1)
+    waited = []
+    monkeypatch.setattr(threads_module.time, "sleep", waited.append)
+    monkeypatch.setattr(
+        threads_module, "cpu_sample", lambda: _sample(wall=10.25, busy=0.2, total=1.0, own=0.2)
+    )
+    assert idle_cores(0.25, since=start) == 4
+    assert waited == [pytest.approx(0.15)]
+
+
+def test_cpu_sample_counts_this_process():
+    before = threads_module.cpu_sample()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    after = threads_module.cpu_sample()
+    assert after.own - before.own >= 0.04
+    assert after.total > before.total and after.busy >= before.busy
+    assert 1 <= idle_cores(0.0, since=before) <= threads_module.usable_cores()

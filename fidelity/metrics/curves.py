@@ -168,6 +168,72 @@ def normalized_with_interval(
     return (value, *percentile_interval(replicates, level))
 
 
+def _row_intervals(replicates: np.ndarray, level: float) -> np.ndarray:
+    """:func:`percentile_interval` of every row of ``replicates`` `(r, n_boot)`: `(r, 2)`."""
+    tail = (1 - _check_level(level)) / 2 * 100
+    bounds = np.full((replicates.shape[0], 2), np.nan)
+    finite = np.isfinite(replicates)
+    rows = finite.any(axis=1)
+    if rows.any():
+        kept = np.where(finite[rows], replicates[rows], np.nan)  # NaN: left out, as there
+        bounds[rows] = np.nanpercentile(kept, [tail, 100 - tail], axis=1).T
+    return bounds
+
+
+def _row_means(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Mean of the ``present`` entries of each row of ``values`` `(r, n)`, NaN for none."""
+    return np.array(
+        [
+            row[kept].mean() if kept.any() else np.nan
+            for row, kept in zip(values, present, strict=True)
+        ]
+    )
+
+
+def _row_replicates(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`present_mean` of each row of ``values`` `(r, n)` on its own: `(r, n_boot)`.
+
+    Row by row, so that a row's replicates are the same numbers whichever rows it comes with
+    (one matrix product of all rows would round differently as their number changes)."""
+    replicates = np.empty((len(values), counts.shape[1]))
+    for row, row_values in enumerate(values):
+        replicates[row] = present_mean(row_values, counts)
+    return replicates
+
+
+def rows_with_interval(
+    values: np.ndarray, counts: np.ndarray | None, level: float = DEFAULT_LEVEL
+) -> np.ndarray:
+    """:func:`mean_with_interval` of every row of ``values`` `(r, n)` at once (the same
+    replicates ``counts`` `(n, n_boot)` for all): `(r, 3)` of ``(mean, low, high)``."""
+    values = np.asarray(values, dtype=np.float64)
+    present = ~np.isnan(values)
+    result = np.full((values.shape[0], 3), np.nan)
+    result[:, 0] = _row_means(values, present)
+    if counts is not None and counts.shape[1] > 0:
+        result[:, 1:] = _row_intervals(_row_replicates(values, counts), level)
+    result[~present.any(axis=1)] = np.nan
+    return result
+
+
+def normalized_rows_with_interval(
+    score: np.ndarray, chance: np.ndarray, counts: np.ndarray | None, level: float = DEFAULT_LEVEL
+) -> np.ndarray:
+    """:func:`normalized_with_interval` of every row of ``score`` and ``chance`` `(r, n)` at
+    once: `(r, 3)` of ``(value, low, high)``."""
+    score = np.asarray(score, dtype=np.float64)
+    chance = np.asarray(chance, dtype=np.float64)
+    present = ~(np.isnan(score) | np.isnan(chance))
+    score, chance = np.where(present, score, np.nan), np.where(present, chance, np.nan)
+    result = np.full((score.shape[0], 3), np.nan)
+    result[:, 0] = normalize(_row_means(score, present), _row_means(chance, present))
+    if counts is not None and counts.shape[1] > 0:
+        replicates = normalize(_row_replicates(score, counts), _row_replicates(chance, counts))
+        result[:, 1:] = _row_intervals(replicates, level)
+    result[~present.any(axis=1)] = np.nan
+    return result
+
+
 @dataclass(frozen=True)
 class ExponentialFit:
     """``value(d) = a * exp(-d / tau) + c``; ``half_life = tau * ln 2``.

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pandas as pd
 import torch
@@ -50,8 +52,8 @@ from fidelity.metrics.curves import (
     DEFAULT_LEVEL,
     CurveSummary,
     bootstrap_counts,
-    mean_with_interval,
-    normalized_with_interval,
+    normalized_rows_with_interval,
+    rows_with_interval,
     summarize_curve,
 )
 from fidelity.metrics.readout import rowwise_cosine
@@ -76,6 +78,9 @@ MIN_SCORED_DISTANCES = 3
 
 _ACCURACY_CHUNK = 4096  # predictions compared with the vocabulary at a time
 _STACK_ELEMENTS = 2**22  # state values (float64) of the layers whose read-outs run together
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _validate_distances(distances: object) -> torch.Tensor:
@@ -130,12 +135,12 @@ def _anchor_tokens(cap: Capture, anchors: torch.Tensor, embedding: object) -> to
 
 
 def _stacks(
-    cells: list[tuple[int, torch.Tensor]], elements_per_cell: int
+    cells: list[tuple[int, torch.Tensor]], elements_per_cell: int, stack_elements: int
 ) -> list[tuple[list[int], torch.Tensor]]:
     """Group cells ``(layer index, present (batch, n))`` with the same present samples into
-    stacks scored at once, each holding at most :data:`_STACK_ELEMENTS` state values
+    stacks scored at once, each holding at most ``stack_elements`` state values
     (``elements_per_cell`` per cell). Returns ``(layer indices, present)`` per stack."""
-    per_stack = max(1, _STACK_ELEMENTS // max(elements_per_cell, 1))
+    per_stack = max(1, stack_elements // max(elements_per_cell, 1))
     groups: list[tuple[list[int], torch.Tensor]] = []
     for i, present in cells:
         same = (g for g in groups if len(g[0]) < per_stack and torch.equal(g[1], present))
@@ -174,6 +179,126 @@ class EtmfPerAnchor:
     n_raw_samples: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _DistanceScores:
+    """What :func:`_score_distance` finds at one distance for the ``valid`` anchors: ``score``,
+    ``chance``, ``raw`` and ``accuracy`` (None without an embedding) `(n_layers, valid)`,
+    ``n_samples`` and ``n_raw_samples`` `(n_layers,)`, and the layers skipped for missing
+    samples."""
+
+    valid: int
+    score: torch.Tensor
+    chance: torch.Tensor
+    raw: torch.Tensor
+    accuracy: torch.Tensor | None
+    n_samples: torch.Tensor
+    n_raw_samples: torch.Tensor
+    missing: list[int]
+
+
+def _score_distance(
+    cap: Capture,
+    anchors: torch.Tensor,
+    distance: int,
+    layers: list[int],
+    targets: torch.Tensor,
+    at_anchors: list[torch.Tensor],
+    folds: torch.Tensor,
+    tokens: torch.Tensor | None,
+    embedding: torch.Tensor | None,
+    alpha: float | None,
+    seed: int,
+    centered: bool,
+    stack_elements: int,
+) -> _DistanceScores | None:
+    """Every layer's per-anchor ETMF at ``distance`` (None when fewer than
+    :data:`MIN_ANCHORS_PER_CELL` anchors have ``t + d`` inside the sequence).
+
+    ``targets`` `(batch, n_anchors, d_model)` are ``e[t]``, ``at_anchors[i]`` the states of
+    ``layers[i]`` at the anchors, ``folds`` `(n_anchors,)`, ``tokens`` `(batch, n_anchors)` (with
+    ``embedding``); stacks of layers hold at most ``stack_elements`` state values.
+    """
+    valid = int((anchors + distance < cap.length).sum())  # anchors are sorted: a prefix
+    if valid < MIN_ANCHORS_PER_CELL:
+        return None
+    shifted = anchors[:valid] + distance  # (valid,)
+    require_kept(cap, shifted)
+    states = [captured_states(cap, layer, shifted) for layer in layers]  # (batch, valid, d)
+    batch = targets.shape[0]
+    shape = (len(layers), valid)
+    score, chance, raw = (torch.full(shape, torch.nan, dtype=torch.float64) for _ in range(3))
+    accuracy = None if embedding is None else torch.full(shape, torch.nan, dtype=torch.float64)
+    n_samples = torch.zeros(len(layers), dtype=torch.long)
+    n_raw_samples = torch.zeros_like(n_samples)
+    cells, missing = [], []  # (i, present) of the cells to score; layers without enough
+    for i, layer in enumerate(layers):
+        present = present_samples(states[i], targets[:, :valid])  # (batch, valid)
+        if enough_anchors(present, folds[:valid]):
+            cells.append((i, present))
+        else:
+            missing.append(layer)
+    per_cell = batch * valid * targets.shape[-1]
+    for stack, present in _stacks(cells, per_cell, stack_elements):
+        scores = pooled_readout_scores(
+            torch.stack([states[i] for i in stack]),
+            targets[:, :valid],
+            present,
+            folds[:valid],
+            alpha,
+            [seeded_generator(seed, layers[i], distance) for i in stack],
+            centered,
+        )  # (k, m, ...) for the k layers of the stack
+        n_samples[stack] = int(present.sum())
+        score[stack] = per_anchor_mean(scores.score, present)
+        chance[stack] = per_anchor_mean(scores.chance, present)
+        if accuracy is not None:
+            hits = nearest_token_accuracy(
+                scores.prediction.flatten(0, 1),
+                tokens[:, :valid][present].repeat(len(stack)),
+                embedding,
+            )  # (k * m,)
+            hits = hits.double().reshape(len(stack), -1)
+            accuracy[stack] = per_anchor_mean(hits, present)
+    for i in range(len(layers)):
+        origin = at_anchors[i][:, :valid]  # (batch, valid, d_model): h[l][t]
+        raw_present = present_samples(origin, states[i])
+        if int(raw_present.any(dim=0).sum()) >= MIN_ANCHORS_PER_CELL:
+            cosines = rowwise_cosine(origin[raw_present], states[i][raw_present])  # (m_raw,)
+            raw[i] = per_anchor_mean(cosines, raw_present)
+            n_raw_samples[i] = int(raw_present.sum())
+    return _DistanceScores(valid, score, chance, raw, accuracy, n_samples, n_raw_samples, missing)
+
+
+def _check_workers(workers: object, n_cells: int) -> int:
+    """The threads to score ``n_cells`` distances with: ``workers`` (None: torch's thread
+    count), at most one per distance, at least one."""
+    if workers is None:
+        workers = torch.get_num_threads()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    return max(1, min(workers, n_cells))
+
+
+def _map_distances(function: Callable[[T], R], cells: Sequence[T], workers: int) -> list[R]:
+    """``[function(cell) for cell in cells]``, computed by ``workers`` threads.
+
+    A distance's read-outs are many small products and eigendecompositions that two torch
+    threads do not speed up (measured: the same time as one); distances side by side do, since
+    torch releases the GIL inside its operations. While the threads run, torch uses one thread
+    per operation (restored afterwards), so they do not oversubscribe the cores. Every cell is
+    computed exactly as it would be alone.
+    """
+    if workers <= 1:
+        return [function(cell) for cell in cells]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="etmf") as pool:
+            return list(pool.map(function, cells))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def etmf_per_anchor(
     cap: Capture,
     anchors: torch.Tensor,
@@ -183,6 +308,7 @@ def etmf_per_anchor(
     alpha: float | None = None,
     seed: int = 0,
     centered: bool = False,
+    workers: int | None = None,
 ) -> EtmfPerAnchor:
     """Per-anchor ETMF for ``layers`` (default: all captured) at ``distances`` `(n_dist,)`.
 
@@ -196,6 +322,9 @@ def etmf_per_anchor(
     ``seed``. ``centered=True`` takes the read-out cosines about the read-out's intercept (the
     mean embedding of the fitting anchors; see
     :func:`fidelity.metrics.readout.readout_scores`).
+
+    ``workers``: distances scored at once, in threads (default: torch's thread count; see
+    :func:`_map_distances`). The values do not depend on it.
     """
     anchors = validate_anchors(anchors, cap)
     distances = _validate_distances(distances)
@@ -213,51 +342,42 @@ def etmf_per_anchor(
     n_samples = torch.zeros(len(layers), distances.numel(), dtype=torch.long)
     n_raw_samples = torch.zeros_like(n_samples)
     skipped, missing = [], []
-    at_anchors = {layer: captured_states(cap, layer, anchors) for layer in layers}
-    for j, distance in enumerate(distances.tolist()):
-        valid = int((anchors + distance < cap.length).sum())  # anchors are sorted: a prefix
-        if valid < MIN_ANCHORS_PER_CELL:
+    at_anchors = [captured_states(cap, layer, anchors) for layer in layers]
+    cells = list(enumerate(distances.tolist()))
+    workers = _check_workers(workers, len(cells))
+    scored = _map_distances(
+        lambda cell: _score_distance(
+            cap,
+            anchors,
+            cell[1],
+            layers,
+            targets,
+            at_anchors,
+            folds,
+            tokens,
+            embedding,
+            alpha,
+            seed,
+            centered,
+            _STACK_ELEMENTS // workers,  # the threads together hold what one would
+        ),
+        cells,
+        workers,
+    )
+    for (j, distance), cell in zip(cells, scored, strict=True):
+        if cell is None:
             skipped.append(distance)
             continue
+        valid = cell.valid
         n_valid[j] = valid
-        shifted = anchors[:valid] + distance  # (valid,)
-        require_kept(cap, shifted)
-        states = [captured_states(cap, layer, shifted) for layer in layers]  # (batch, valid, d)
-        cells = []  # (i, present) of the cells to score
-        for i, layer in enumerate(layers):
-            present = present_samples(states[i], targets[:, :valid])  # (batch, valid)
-            if enough_anchors(present, folds[:valid]):
-                cells.append((i, present))
-            else:
-                missing.append((layer, distance))
-        for stack, present in _stacks(cells, batch * valid * targets.shape[-1]):
-            scores = pooled_readout_scores(
-                torch.stack([states[i] for i in stack]),
-                targets[:, :valid],
-                present,
-                folds[:valid],
-                alpha,
-                [seeded_generator(seed, layers[i], distance) for i in stack],
-                centered,
-            )  # (k, m, ...) for the k layers of the stack
-            n_samples[stack, j] = int(present.sum())
-            score[stack, j, :valid] = per_anchor_mean(scores.score, present)
-            chance[stack, j, :valid] = per_anchor_mean(scores.chance, present)
-            if accuracy is not None:
-                hits = nearest_token_accuracy(
-                    scores.prediction.flatten(0, 1),
-                    tokens[:, :valid][present].repeat(len(stack)),
-                    embedding,
-                )  # (k * m,)
-                hits = hits.double().reshape(len(stack), -1)
-                accuracy[stack, j, :valid] = per_anchor_mean(hits, present)
-        for i, layer in enumerate(layers):
-            origin = at_anchors[layer][:, :valid]  # (batch, valid, d_model): h[l][t]
-            raw_present = present_samples(origin, states[i])
-            if int(raw_present.any(dim=0).sum()) >= MIN_ANCHORS_PER_CELL:
-                cosines = rowwise_cosine(origin[raw_present], states[i][raw_present])  # (m_raw,)
-                raw[i, j, :valid] = per_anchor_mean(cosines, raw_present)
-                n_raw_samples[i, j] = int(raw_present.sum())
+        score[:, j, :valid] = cell.score
+        chance[:, j, :valid] = cell.chance
+        raw[:, j, :valid] = cell.raw
+        if accuracy is not None:
+            accuracy[:, j, :valid] = cell.accuracy
+        n_samples[:, j] = cell.n_samples
+        n_raw_samples[:, j] = cell.n_raw_samples
+        missing.extend((layer, distance) for layer in cell.missing)
     if skipped:
         warnings.warn(
             f"ETMF skipped distances {skipped}: fewer than {MIN_ANCHORS_PER_CELL} anchors have "
@@ -305,28 +425,27 @@ def etmf_frame(
         if valid == 0:
             continue
         counts = bootstrap_counts(valid, n_boot, [seed, distance]) if n_boot else None
-        for i, layer in enumerate(result.layers):
-            n = int(result.n_samples[i, j])
-            if n == 0:
-                continue
-            score = result.score[i, j, :valid].numpy()
-            chance = result.chance[i, j, :valid].numpy()
-            values = {
-                "etmf": mean_with_interval(score, counts, level),
-                "etmf_chance": mean_with_interval(chance, counts, level),
-                "etmf_norm": normalized_with_interval(score, chance, counts, level),
-            }
-            if result.accuracy is not None:
-                accuracy = result.accuracy[i, j, :valid].numpy()
-                values["etmf_acc"] = mean_with_interval(accuracy, counts, level)
+        scored = [i for i in range(len(result.layers)) if result.n_samples[i, j] > 0]
+        score = result.score[scored, j, :valid].numpy()  # (n_scored, valid)
+        chance = result.chance[scored, j, :valid].numpy()
+        values = {
+            "etmf": rows_with_interval(score, counts, level),
+            "etmf_chance": rows_with_interval(chance, counts, level),
+            "etmf_norm": normalized_rows_with_interval(score, chance, counts, level),
+        }  # (n_scored, 3) each
+        if result.accuracy is not None:
+            accuracy = result.accuracy[scored, j, :valid].numpy()
+            values["etmf_acc"] = rows_with_interval(accuracy, counts, level)
+        raw = rows_with_interval(result.raw[:, j, :valid].numpy(), counts, level)
+        for row, i in enumerate(scored):
+            layer, n = result.layers[i], int(result.n_samples[i, j])
             rows.extend(
-                (metric, layer, distance, value, low, high, n, layer)
-                for metric, (value, low, high) in values.items()
+                (metric, layer, distance, *map(float, cells[row]), n, layer)
+                for metric, cells in values.items()
             )
             n_raw = int(result.n_raw_samples[i, j])
             if n_raw:
-                raw = mean_with_interval(result.raw[i, j, :valid].numpy(), counts, level)
-                rows.append(("etmf_raw", layer, distance, *raw, n_raw, layer))
+                rows.append(("etmf_raw", layer, distance, *map(float, raw[i]), n_raw, layer))
     return tidy_frame(rows)
 
 

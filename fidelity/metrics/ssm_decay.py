@@ -38,6 +38,7 @@ within the budgets) every layer is exactly Mamba's and is measured.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,11 +91,16 @@ EXPONENT_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 """Exponents are clamped here before ``exp`` (in place): below it, ``exp`` leaves the normal
 range and takes a slow path (~30x on x86) while the terms are negligible anyway (an absolute
 error below ``exp(floor) * |C_t B_s|``: 2e-35 in float32, 1e-304 in float64)."""
+LOG2_E = 1 / math.log(2)
+"""``exp(x) = exp2(x * LOG2_E)``: the exponentials are taken as powers of 2, which torch
+computes about 3x faster than ``exp`` on this CPU (AVX-512, float32) at the same accuracy
+(both within 1e-5 relative of float64 for the float32 exponents of the kernel, measured)."""
 
 
 def _exp_floored(exponents: torch.Tensor) -> torch.Tensor:
-    """``exp(max(exponents, floor))``, computed in place on ``exponents``."""
-    return exponents.clamp_(min=EXPONENT_FLOOR[exponents.dtype]).exp_()
+    """``exp(max(exponents, floor))`` for ``exponents`` given in base 2 (``x * LOG2_E``),
+    computed in place."""
+    return exponents.clamp_(min=EXPONENT_FLOOR[exponents.dtype] * LOG2_E).exp2_()
 
 
 def _work_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -353,7 +359,7 @@ class LayerDecay:
         d_state = parts.B.shape[2]
         block = max(1, PAIR_BLOCK_ELEMENTS // (batch * n_channels * d_state))
         device, work = sums.device, parts.work_dtype
-        A_by_state = parts.A.to(work).T.contiguous()  # (n_a, n_channels)
+        A_by_state = (parts.A * LOG2_E).to(work).T.contiguous()  # (n_a, n_channels), base 2
         # position-major copies of the target positions only, so that each pair gathers
         # contiguous rows
         targets, slot = torch.unique(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 import warnings
@@ -85,17 +86,22 @@ def assign_split(relative_name: str) -> str:
     return "heldout" if position < HELDOUT_FRACTION else "train"
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
-    """(relative name, path) of the default corpus's files, sorted by name."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _stdlib_files(root: Path | None = None) -> list[tuple[str, Path]]:
+    """(relative name, path) of the default corpus's files under ``root`` (default: the
+    standard library), sorted by name.
+
+    Excluded folders are not entered (``site-packages`` alone can hold far more files than
+    the standard library); symlinked folders are not followed."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
     found = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if any(part in STDLIB_EXCLUDED_FOLDERS for part in relative.parts[:-1]):
-            continue
-        if path.name.startswith(STDLIB_EXCLUDED_PREFIX) or not path.is_file():
-            continue
-        found.append((relative.as_posix(), path))
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in STDLIB_EXCLUDED_FOLDERS]
+        for name in names:
+            if not name.endswith(".py") or name.startswith(STDLIB_EXCLUDED_PREFIX):
+                continue
+            path = Path(folder, name)
+            if path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
     return sorted(found)
 
 
