@@ -314,9 +314,8 @@ class PoolAttention(nn.Module):
         v = F.pad(self.v_proj(view.values), null).unflatten(-1, (heads, -1))
         member = view.member  # (batch, segments, queries, candidates)
         nonempty = member.view(torch.uint8).amax(dim=-1, keepdim=True)  # (any() is slower)
-        visible = torch.cat([member, nonempty == 0], dim=-1)
-        lowest = q.new_full((), torch.finfo(q.dtype).min)  # its softmax weight underflows to 0
-        bias = torch.where(visible, q.new_zeros(()), lowest)
+        visible = torch.cat([member, nonempty == 0], dim=-1).to(q.dtype)
+        bias = visible.sub_(1).mul_(torch.finfo(q.dtype).max)  # 0 or the lowest float
         context, weights = _BiasedSoftmaxAttention.apply(
             q, k.transpose(2, 3), v.transpose(2, 3), bias[:, :, None]
         )
