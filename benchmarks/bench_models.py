@@ -19,7 +19,8 @@ fare under contention (run it on a quiet machine, e.g. through a wrapper that pa
 jobs, to see the hogs' effect alone; the load column is a one-minute average and lags the
 hogs). Then a breakdown of MemMamba's one-pass forward into its
 components (mixer, note block, pool, attention, fusion, the rest), timed with the same clock
-around each part (best run). Untrained models (random init, seed 0); the shipped checkpoints
+around each part (best run; the attentions' output projections count under fusion, which
+runs them). Untrained models (random init, seed 0); the shipped checkpoints
 have the same shapes, and the pool's cost depends on how many positions write notes, which
 the untrained scorer's bias sets to about the trained rate (2% against 5%). The machine's load
 average is printed with every row: on a shared machine, compare ratios, not seconds.

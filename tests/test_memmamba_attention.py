@@ -1,5 +1,7 @@
 """MemMamba's pool attention (one added bias, a null note for empty pools, softmax in place
-without gradients) against the plain masked softmax it replaces, and the exact straight-through
+without gradients) against the plain masked softmax it replaces, the fusion (output projections
+folded into one matmul per context) against projecting and adding each context, the windowed
+max without gradients (running maxima) against max_pool1d, and the exact straight-through
 gate."""
 
 import math
@@ -8,16 +10,20 @@ import pytest
 import torch
 
 from fidelity.models.memmamba import (
+    FUSIONS,
+    Fusion,
     MemMambaConfig,
     PoolAttention,
     PoolView,
     straight_through,
+    window_pool,
 )
 
 
 def reference_attention(attention: PoolAttention, normed: torch.Tensor, view: PoolView):
     """The textbook form: scaled scores, -inf outside each query's pool, softmax, and all-zero
-    weights (hence a zero context) for a query whose pool is empty."""
+    weights (hence a zero context) for a query whose pool is empty. Returns the context before
+    ``o_proj`` (which the block's fusion applies) and the weights."""
     heads = attention.n_heads
     q = attention.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
     k = attention.k_proj(view.values).unflatten(-1, (heads, -1)).transpose(2, 3)
@@ -28,7 +34,7 @@ def reference_attention(attention: PoolAttention, normed: torch.Tensor, view: Po
     scores = scores.masked_fill(~member, float("-inf")).masked_fill(~nonempty, 0.0)
     weights = torch.softmax(scores, dim=-1) * nonempty
     context = (weights @ v).transpose(2, 3).flatten(-2)
-    return attention.o_proj(context), weights
+    return context, weights
 
 
 def random_view(batch, n_segments, n_queries, n_candidates, summary_dim, seed):
@@ -49,8 +55,6 @@ def test_pool_attention_matches_the_masked_softmax(n_candidates):
     config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
     torch.manual_seed(0)
     attention = PoolAttention(config).double()
-    with torch.no_grad():  # o_proj starts near zero: make every part count
-        attention.o_proj.weight.normal_()
     view = random_view(2, 3, 5, n_candidates, 16, seed=n_candidates)
     normed = torch.randn(2, 3, 5, 24, dtype=torch.float64)
     want_output, want_weights = reference_attention(attention, normed, view)
@@ -78,7 +82,7 @@ def test_pool_attention_gradients_match_the_masked_softmax():
     view = random_view(2, 2, 6, 9, 16, seed=5)
     view.values.requires_grad_(True)
     normed = torch.randn(2, 2, 6, 24, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 2, 6, 24, dtype=torch.float64)
+    grad = torch.randn(2, 2, 6, 16, dtype=torch.float64)
     grads = []
     for forward in (
         lambda: attention(normed, view).output,
@@ -119,3 +123,58 @@ def test_biased_softmax_attention_passes_gradcheck():
     assert torch.autograd.gradcheck(
         lambda q, k, v: _BiasedSoftmaxAttention.apply(q, k, v, bias)[0], (q, k, v)
     )
+
+
+def reference_fusion(fusion: Fusion, h, contexts, projections):
+    """The separate steps: ``c_i = o_proj_i(context_i)``, then weight (or gate) and add."""
+    out = h
+    for index, (context, projection) in enumerate(zip(contexts, projections, strict=True)):
+        projected = projection(context)
+        if fusion.mode == "weighted":
+            out = out + fusion.weights[index] * projected
+        elif fusion.mode == "gated":
+            gate = torch.sigmoid(fusion.gates[index](torch.cat([h, projected], dim=-1)))
+            out = out + gate * projected
+        else:
+            out = out + projected
+    return out
+
+
+@pytest.mark.parametrize("mode", FUSIONS)
+@pytest.mark.parametrize("n_contexts", [0, 1, 2])
+def test_fusion_matches_projecting_and_adding_each_context(mode, n_contexts):
+    torch.manual_seed(4)
+    fusion = Fusion(24, mode, n_contexts).double()
+    if mode == "weighted":
+        with torch.no_grad():  # learned weights, not their initial ones
+            fusion.weights.normal_()
+    projections = [torch.nn.Linear(16, 24, bias=False).double() for _ in range(n_contexts)]
+    h = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    contexts = [
+        torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True) for _ in range(n_contexts)
+    ]
+    grad = torch.randn(2, 7, 24, dtype=torch.float64)
+    inputs = [h, *contexts, *fusion.parameters(), *(p.weight for p in projections)]
+    results = []
+    for forward in (fusion, lambda *args: reference_fusion(fusion, *args)):
+        out = forward(h, contexts, projections)
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if n_contexts else []
+        results.append((out, grads))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 7, 16, 17])
+def test_window_max_without_gradients_equals_max_pool(window):
+    generator = torch.Generator().manual_seed(window)
+    features = torch.randn(2, 40, 5, generator=generator, dtype=torch.float64)
+    features[:, 10:14] = features[:, 9:10]  # ties
+    prefix = torch.randn(2, window - 1, 5, generator=generator, dtype=torch.float64)
+    for n_prefix_valid in {0, (window - 1) // 2, window - 1}:
+        with torch.no_grad():  # running maxima
+            fast = window_pool(features, prefix, n_prefix_valid, "max")
+        slow = window_pool(features.requires_grad_(), prefix, n_prefix_valid, "max")  # max_pool1d
+        features.requires_grad_(False)
+        assert torch.equal(fast, slow.detach())  # a max is exact: no rounding to differ by

@@ -25,6 +25,10 @@ written note is ``summary * g`` and the attention output is ``context * g`` with
 ``g = hard + (p - p.detach())`` (``p`` the sigmoid score), so ``g == hard`` in value and
 ``dg/dp == 1`` for the backward pass.
 
+The attentions' output projections run inside the fusion, one matmul per context added
+straight into the residual stream with the fusion weight folded in: the same arithmetic as
+projecting, weighting and adding (tested), in fewer operations.
+
 Choices the paper leaves open are configuration (:class:`MemMambaConfig`, each default with its
 reason). The parallel forward is O(length * d): pools are computed segment by segment of
 queries (:func:`~fidelity.models.state_pool.pool_segments`), never with a length x length mask. The
@@ -159,14 +163,30 @@ def window_pool(
     fill = float("-inf") if mode == "max" else 0.0
     prefix = prefix.to(features.dtype).clone()
     prefix[:, :missing] = fill
-    padded = torch.cat([prefix, features], dim=1).transpose(1, 2)  # (batch, dim, prefix + length)
+    padded = torch.cat([prefix, features], dim=1)  # (batch, prefix + length, dim)
     window = n_prefix + 1
-    if mode == "max":
+    if mode == "max" and not padded.requires_grad:
+        return _sliding_max(padded, window)
+    padded = padded.transpose(1, 2)  # (batch, dim, prefix + length)
+    if mode == "max":  # with gradients: max_pool1d's backward is the cheaper one
         return F.max_pool1d(padded, window, stride=1).transpose(1, 2)
     sums = F.avg_pool1d(padded, window, stride=1).transpose(1, 2) * window
     counts = torch.arange(1, length + 1, device=features.device) + n_prefix_valid
     counts = counts.clamp(max=window).to(features.dtype)
     return sums / counts[None, :, None]
+
+
+def _sliding_max(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Max over the last ``window`` positions: ``x`` `(batch, n, dim)` -> `(batch, n - window
+    + 1, dim)`, position ``t`` the max of ``x[:, t .. t + window - 1]``. The same values as
+    ``max_pool1d`` (a max is exact) from about log2(window) elementwise maxima over
+    contiguous rows, without the transposed copies ``max_pool1d`` needs here."""
+    span = 1  # x[:, t] is the max of `span` positions
+    while span < window:
+        step = min(span, window - span)
+        x = torch.maximum(x[:, step:], x[:, :-step])
+        span += step
+    return x
 
 
 @dataclass
@@ -252,9 +272,10 @@ class PoolView:
 
 @dataclass
 class PoolAttentionOutput:
-    """``output`` `(batch, n_segments, n_queries, d_model)`; ``weights`` `(batch, n_segments,
-    n_heads, n_queries, n_candidates)` (zero outside each query's pool; all zero for an empty
-    pool)."""
+    """``output`` `(batch, n_segments, n_queries, summary_dim)`: the attention-weighted values,
+    heads side by side, before the output projection ``o_proj`` (the block's fusion applies
+    it); ``weights`` `(batch, n_segments, n_heads, n_queries, n_candidates)` (zero outside each
+    query's pool; all zero for an empty pool)."""
 
     output: torch.Tensor
     weights: torch.Tensor
@@ -263,7 +284,9 @@ class PoolAttentionOutput:
 class PoolAttention(nn.Module):
     """Multi-head attention of positions over pool notes (no positional encoding: a pool is a
     set). Queries ``normed`` `(batch, n_segments, n_queries, d_model)`, candidates from a
-    ``PoolView``; all segments at once."""
+    ``PoolView``; all segments at once. Returns the context before the output projection
+    ``o_proj``, which belongs to this module but runs in the block's :class:`Fusion`, merged
+    with the fusion weight into one matmul."""
 
     def __init__(self, config: MemMambaConfig) -> None:
         super().__init__()
@@ -297,7 +320,7 @@ class PoolAttention(nn.Module):
             q, k.transpose(2, 3), v.transpose(2, 3), bias[:, :, None]
         )
         context = context.transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
-        return PoolAttentionOutput(self.o_proj(context), weights[..., :-1])
+        return PoolAttentionOutput(context, weights[..., :-1])
 
 
 class _BiasedSoftmaxAttention(torch.autograd.Function):
@@ -312,6 +335,7 @@ class _BiasedSoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias):
+        ctx.set_materialize_grads(False)  # no zero tensor for the weights' (absent) gradient
         scores = q @ k.transpose(-1, -2)
         scores += bias
         weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
@@ -321,6 +345,8 @@ class _BiasedSoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_context, _grad_weights):
+        if grad_context is None:
+            return None, None, None, None
         q, k, v, weights = ctx.saved_tensors
         grad_v = weights.transpose(-1, -2) @ grad_context
         grad = grad_context @ v.transpose(-1, -2)  # d loss / d weights, then / d scores
@@ -337,11 +363,15 @@ class CrossLayerAttention(PoolAttention):
 
 
 class Fusion(nn.Module):
-    """Adds memory contexts to the residual stream: ``h`` `(batch, length, d_model)` and a list
-    of contexts of the same shape -> `(batch, length, d_model)`.
+    """Adds memory contexts to the residual stream: ``h`` `(batch, length, d_model)`, a list
+    of contexts before their attention's output projection `(batch, length, summary_dim)` and
+    those projections (``o_proj`` layers) -> `(batch, length, d_model)`. With ``c_i =
+    o_proj_i(context_i)``:
 
     ``weighted``: ``h + sum_i w_i * c_i`` with learned per-channel ``w_i``; ``residual``:
-    ``h + sum_i c_i``; ``gated``: ``h + sum_i sigmoid(G_i [h; c_i]) * c_i``.
+    ``h + sum_i c_i``; ``gated``: ``h + sum_i sigmoid(G_i [h; c_i]) * c_i``. The first two run
+    as one matmul per context added into ``h`` (``w_i * (W_i x) = (w_i W_i) x``), so that
+    ``c_i`` is never formed.
     """
 
     def __init__(self, d_model: int, mode: str, n_contexts: int) -> None:
@@ -352,17 +382,25 @@ class Fusion(nn.Module):
         elif mode == "gated":
             self.gates = nn.ModuleList(nn.Linear(2 * d_model, d_model) for _ in range(n_contexts))
 
-    def forward(self, h: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tensor:
-        out = h
-        for index, context in enumerate(contexts):
+    def forward(
+        self, h: torch.Tensor, contexts: list[torch.Tensor], projections: list[nn.Linear]
+    ) -> torch.Tensor:
+        if self.mode == "gated":
+            out = h
+            for index, (context, projection) in enumerate(zip(contexts, projections, strict=True)):
+                projected = projection(context)
+                gate = torch.sigmoid(self.gates[index](torch.cat([h, projected], dim=-1)))
+                out = out + gate * projected
+            return out
+        out = h.reshape(-1, h.shape[-1])
+        for index, (context, projection) in enumerate(zip(contexts, projections, strict=True)):
+            weight = projection.weight  # (d_model, summary_dim)
             if self.mode == "weighted":
-                out = torch.addcmul(out, self.weights[index], context)
-            elif self.mode == "gated":
-                gate = torch.sigmoid(self.gates[index](torch.cat([h, context], dim=-1)))
-                out = out + gate * context
-            else:
-                out = out + context
-        return out
+                weight = weight * self.weights[index][:, None]
+            flat = context.reshape(-1, context.shape[-1])
+            # the first matmul makes a new tensor, the others add into it
+            out = torch.addmm(out, flat, weight.t()) if index == 0 else out.addmm_(flat, weight.t())
+        return out.view(h.shape)
 
 
 @dataclass
@@ -424,7 +462,7 @@ class MemMambaBlock(nn.Module):
             config.query_segment_size(),
             inclusive=self.pool_is_read_by_later_blocks,
         )
-        contexts = []
+        contexts, projections = [], []
         if self.cross_token is not None:
             state_importance = self.trigger(normed)  # (batch, length)
             previous = torch.cat(
@@ -437,9 +475,11 @@ class MemMambaBlock(nn.Module):
             gate = straight_through(previous > config.tau2, previous)
             attended = self._attend(self.cross_token, normed, [(self.block, segments)], False)
             contexts.append(gate[..., None] * attended)
+            projections.append(self.cross_token.o_proj)
         if self.cross_layer is not None and sources:
             contexts.append(self._attend(self.cross_layer, normed, sources, inclusive=True))
-        out = self.fusion(h, contexts)
+            projections.append(self.cross_layer.o_proj)
+        out = self.fusion(h, contexts, projections)
         if cache is not None:
             cache.pool = final_pool
             keep = cache.note_prefix.shape[1]
@@ -458,7 +498,8 @@ class MemMambaBlock(nn.Module):
         inclusive: bool,
     ) -> torch.Tensor:
         """Run ``attention``, all query segments at once, over the union of the ``sources``'
-        pools: ``normed`` `(batch, length, d_model)` -> `(batch, length, d_model)`."""
+        pools: ``normed`` `(batch, length, d_model)` -> the context before ``o_proj`` `(batch,
+        length, summary_dim)`."""
         batch, length, width = normed.shape
         n_segments, segment_size = sources[0][1].query_positions.shape
         view = PoolView(
@@ -493,7 +534,7 @@ class MemMambaBlock(nn.Module):
         normed = self.memory_norm(h)[:, None]  # (batch, 1, d_model)
         n_prefix_valid = min(config.note_window - 1, position)
         notes = self.note_block(normed, cache.note_prefix, n_prefix_valid)
-        contexts = []
+        contexts, projections = [], []
         if self.cross_token is not None:
             previous = cache.previous_state_importance.to(h.dtype)
             gate = (previous > config.tau2).to(h.dtype)
@@ -501,6 +542,7 @@ class MemMambaBlock(nn.Module):
                 normed[:, None], _explicit_view([(self.block, cache.pool)], position, False)
             )
             contexts.append(gate[:, None] * attended.output[:, 0, 0])
+            projections.append(self.cross_token.o_proj)
             cache.previous_state_importance = self.trigger(normed)[:, 0]
         cache.pool.write(
             notes.summaries[:, 0], notes.importance[:, 0], position, notes.written[:, 0]
@@ -512,7 +554,8 @@ class MemMambaBlock(nn.Module):
                 normed[:, None], _explicit_view(source_pools, position, inclusive=True)
             )
             contexts.append(attended.output[:, 0, 0])
-        return self.fusion(h, contexts)
+            projections.append(self.cross_layer.o_proj)
+        return self.fusion(h, contexts, projections)
 
     def init_cache(self, batch_size: int, device, dtype) -> MemMambaLayerCache:
         config = self.config

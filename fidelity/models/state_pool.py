@@ -15,12 +15,11 @@ is the top-``size`` of the notes written before ``t``. Queries are processed in 
 segment's candidates are the pool at the segment start plus the notes written inside the segment
 (compacted to the written ones, sorted best-first), and a boolean membership mask `(batch,
 n_segments, segment_size, n_candidates)` says which candidates each query sees: the first
-``size`` candidates written before it. A candidate is in the pools of an interval of queries:
-from just after its own position until the query at which ``size`` better candidates have
-been written (the ``size``-th smallest position among the better candidates), so the masks
-take two comparisons per query and candidate. Only the merge of the pool with each segment's
-new notes runs segment after segment; the rest is computed for all segments at once. Memory is
-O(length * (size + segment)), never O(length^2).
+``size`` candidates written before it, found with one comparison and a running count along the
+candidates per query and candidate (in 16-bit integers, positions counted from the segment
+start). Only the merge of the pool with each segment's new notes runs segment after segment;
+the rest is computed for all segments at once. Time and memory are O(length * (size +
+segment)), never O(length^2).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 POOL_POLICIES = ("fifo", "priority")
-_NEVER = torch.iinfo(torch.long).max  # a position no query reaches
 
 
 @dataclass
@@ -253,13 +251,11 @@ def pool_segments(
     cand_valid = table_valid.gather(1, flat).view(batch, n_segments, n_candidates)
     query_positions = chunk_positions.masked_fill(chunk_positions >= start_position + length, -1)
     query_positions = query_positions.view(n_segments, segment_size)  # padding queries: -1
-    written_at = cand_positions.masked_fill(~cand_valid, _NEVER)
-    evicted_at = _eviction_positions(written_at, size)
-    queries = query_positions[None, :, :, None]  # (1, n_segments, segment_size, 1)
-    member = (written_at[:, :, None] < queries) & (queries <= evicted_at[:, :, None])
-    member_inclusive = None
-    if inclusive:
-        member_inclusive = (written_at[:, :, None] <= queries) & (queries < evicted_at[:, :, None])
+    written_at, queries = _relative_positions(
+        cand_positions, cand_valid, query_positions, start_position, segment_size
+    )
+    member = _first_written(written_at < queries, size)
+    member_inclusive = _first_written(written_at <= queries, size) if inclusive else None
     segments = PoolSegments(
         cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
     )
@@ -274,20 +270,49 @@ def pool_segments(
     return segments, final
 
 
-def _eviction_positions(written_at: torch.Tensor, size: int) -> torch.Tensor:
-    """Where each candidate leaves the pools: the ``size``-th smallest position among the
-    candidates better than it (``_NEVER`` when fewer than ``size`` are better).
+def _relative_positions(
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    query_positions: torch.Tensor,
+    start_position: int,
+    segment_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate and query positions counted from their segment's start, in the smallest
+    integer type that holds them, ordered as the absolute ones where it matters.
 
-    ``written_at`` `(batch, n_segments, n_candidates)` (best-first; ``_NEVER`` for invalid
-    candidates) -> `(batch, n_segments, n_candidates)` long. A query at ``t`` sees the
-    candidates with ``written_at < t <= evicted_at`` (``written_at <= t < evicted_at`` once it
-    has written its own note): those written before it of which fewer than ``size`` better ones
-    were written before it, i.e. the first ``size`` candidates written before it.
+    ``positions``, ``valid`` `(batch, n_segments, n_candidates)`, ``query_positions``
+    `(n_segments, segment_size)` (-1 for padding) -> (``written_at`` `(batch, n_segments, 1,
+    n_candidates)`, ``queries`` `(1, n_segments, segment_size, 1)`): a note written before
+    its segment is at -1, an invalid candidate at ``segment_size`` (after every query), a
+    padding query at -2 (before every note, so that it sees none).
     """
-    n_candidates = written_at.shape[-1]
+    dtype = torch.int16 if segment_size < 2**15 - 2 else torch.int32
+    n_segments = query_positions.shape[0]
+    starts = start_position + segment_size * torch.arange(n_segments, device=positions.device)
+    written_at = (positions - starts[:, None]).clamp_(-1, segment_size)
+    written_at = written_at.masked_fill_(~valid, segment_size).to(dtype)
+    queries = torch.arange(segment_size, device=positions.device, dtype=dtype).expand(
+        n_segments, -1
+    )
+    queries = queries.masked_fill(query_positions < 0, -2)
+    return written_at[:, :, None], queries[None, :, :, None]
+
+
+def _first_written(before: torch.Tensor, size: int) -> torch.Tensor:
+    """Each query's pool: the first ``size`` (best-first) of the candidates written before it.
+
+    ``before`` `(batch, n_segments, segment_size, n_candidates)` bool (candidate written before
+    the query, or at it for the pool just after the query's own write) -> the same shape,
+    ``before`` where fewer than ``size`` earlier candidates are also ``before``. A note leaves
+    a query's pool exactly when ``size`` better notes have been written (see the module
+    docstring), so this is the pool a query sees.
+    """
+    n_candidates = before.shape[-1]
     if n_candidates <= size:
-        return torch.full_like(written_at, _NEVER)
-    # better[..., i, j]: the position of candidate j if it is better than i (j < i)
-    later = torch.ones(n_candidates, n_candidates, dtype=torch.bool, device=written_at.device)
-    better = written_at[..., None, :].masked_fill(later.triu(), _NEVER)
-    return better.kthvalue(size, dim=-1).values
+        return before
+    dtype = torch.int16 if n_candidates < 2**15 else torch.int32
+    # The first `size` candidates always qualify; the rest count from the number of those.
+    head = before[..., :size].sum(-1, keepdim=True, dtype=dtype)
+    tail = before[..., size:]
+    tail &= tail.cumsum(-1, dtype=dtype).add_(head) <= size
+    return before

@@ -1,10 +1,11 @@
 """Switch MemMamba's memory path off from outside: every pool context zeroed.
 
 :func:`zeroed_memory_contexts` puts forward hooks on each block's ``cross_token`` and
-``cross_layer`` attention that replace their output `(batch, n_segments, n_queries, d_model)`
-with zeros, so the contexts fused into the residual stream are zero and every block's output
-is its mixer's, ``x + mixer(norm(x))``, whatever the fusion (``weighted``, ``residual`` and
-``gated`` all add a multiple of the context). Notes are still written and pools still kept (the
+``cross_layer`` attention that replace their output `(batch, n_segments, n_queries,
+summary_dim)` (the context before the output projection, which has no bias) with zeros, so the
+contexts fused into the residual stream are zero and every block's output is its mixer's,
+``x + mixer(norm(x))``, whatever the fusion (``weighted``, ``residual`` and ``gated`` all add a
+multiple of the projected context). Notes are still written and pools still kept (the
 pools only feed the zeroed attentions). No weight is touched; the hooks are removed when the
 block exits, also on an error (as TransformerLens' hook contexts do). Works for one-pass,
 chunked and ``step()`` forwards alike.
