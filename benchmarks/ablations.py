@@ -1,163 +1,282 @@
-"""Which parts of MemMamba carry its memory? The paper's ablations, at small scale.
+"""Which parts of MemMamba carry its retrieval beyond the training length? The paper's
+ablations (no Note Block, no cross-token, no cross-layer attention) and ours (FIFO pool, tau1
+and tau2), at small scale, on the retrieval recipe, measured on passkey extrapolation.
 
-Each variant is a MemMamba (or, for reference, a Mamba) trained with one part switched off and
-otherwise the same budget: ``mini`` preset, 300 steps of 8 x 1024 tokens of the ``mix`` task,
-seed 1, one CPU thread (the commands are in ``VARIANTS``; about 10-15 min each). For each
-trained variant this script measures, at 4x the training length:
+Two kinds of ablation, reported in separate tables:
 
-1. held-out perplexity and passkey / key-value retrieval (``fidelity.analyze``'s opt-in
-   metrics, doubling context lengths up to the analysis length);
-2. the last layer's ETMF half-life and contiguous length, on held-out text and on random
-   tokens, and ECLMF from the embeddings to the last layer (random tokens).
+(a) **switched off at evaluation**: the shipped ``memmamba`` (the full model after stage B of
+    the retrieval curriculum, ``fidelity/data/TRAINING.md``) with one part disabled at
+    inference only, no retraining (:func:`fidelity.ablation.ablated`: parameters of a switched
+    off part are dropped, every other one is loaded exactly);
+(b) **stage B with the part switched off**: each variant fine-tuned by the recipe's stage B
+    (500 steps, mix with 25% text, 512 tokens) from the full model's A2 checkpoint, with
+    ``--set <switch>`` (``fidelity train --init`` moves the weights across the switch; commands
+    in :data:`STAGE_B` and ``fidelity/data/TRAINING.md``). A variant whose run has not reached
+    its last step reads "not trained (k/500 steps)", never guessed.
 
-Variants whose run directory is missing are listed as not trained, never guessed. Reproduce:
+The shipped ``memmamba`` and ``mamba`` are the references of both tables. For every model,
+passkey exact match with the standard filler and with held-out text as filler, 10 prompts at
+each of 5 needle depths, Wilson 95% intervals, at 1x, 4x, 16x and 64x the training length (512
+tokens). Cells are measured and cached by ``benchmarks/claim_small.py``'s machinery (one JSON
+file per model x task x length under ``--cache``/retrieval, keyed by the model's files and
+config), so a killed run loses at most one cell and a rerun measures only what is missing:
 
-    python benchmarks/ablations.py                 # writes benchmarks/results/ablations.md
+    python benchmarks/ablations.py                       # everything (hours on a shared CPU)
+    python benchmarks/ablations.py --max-multiple 4      # fill the table from the left
+    python benchmarks/ablations.py --cached-only         # re-render from the cache
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import time
-from datetime import date
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 import torch
-from claim_small import eclmf_to_last_layer, interval, pooled_accuracy
+from claim_small import (
+    TASK_TITLES,
+    Bounds,
+    Clock,
+    Entry,
+    Point,
+    depth_table,
+    extrapolation_table,
+    fill_cell,
+    load_entries,
+    model_identity,
+    parse_max_multiple,
+    plan_cells,
+    positive_numbers,
+)
 
-import fidelity
-from fidelity.lengths import format_length, parse_length
+from fidelity.ablation import ablated
+from fidelity.atomic import write_text_atomically
+from fidelity.errors import InputError
+from fidelity.metrics.retrieval import DEFAULT_DEPTHS
+from fidelity.train import checkpoint_dirs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAIN = (
-    "fidelity train --model {model} --preset mini --task mix --length 1k --steps 300 "
-    "--batch-size 8 --lr 2e-3 --save-every 300 --seed 1 --device cpu --out runs/{run}"
-)
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    # label: (run directory under runs/, model, config overrides)
-    "MemMamba (all parts)": ("abl-full", "memmamba", ""),
-    "no Note Block": ("abl-no-note", "memmamba", "--set use_note_block=false"),
-    "no cross-token attention": ("abl-no-cross-token", "memmamba", "--set use_cross_token=false"),
-    "no cross-layer attention": ("abl-no-cross-layer", "memmamba", "--set use_cross_layer=false"),
-    "FIFO pool": ("abl-fifo", "memmamba", "--set pool_policy=fifo"),
-    "tau2 = 0.7": ("abl-tau2-0.7", "memmamba", "--set tau2=0.7"),
-    "Mamba (reference)": ("abl-mamba", "mamba", ""),
+TASKS = ("passkey-standard", "passkey-text")
+MULTIPLES = "1,4,16,64"
+REFERENCES = {"MemMamba (full)": "memmamba", "Mamba": "mamba"}
+"""Label -> shipped name of the reference models."""
+VARIANTS: dict[str, tuple[str, str, object]] = {
+    # label: (stage B run name under runs/abl-b, config field, value)
+    "no Note Block": ("no-note-block", "use_note_block", False),
+    "no cross-token attention": ("no-cross-token", "use_cross_token", False),
+    "no cross-layer attention": ("no-cross-layer", "use_cross_layer", False),
+    "FIFO pool": ("fifo", "pool_policy", "fifo"),
+    "tau2 = 0.3": ("tau2-0.3", "tau2", 0.3),
+    "tau2 = 0.7": ("tau2-0.7", "tau2", 0.7),
+    "tau1 = 0.3": ("tau1-0.3", "tau1", 0.3),
+    "tau1 = 0.7": ("tau1-0.7", "tau1", 0.7),
 }
-STEPS = 300
+"""The ablations, in the order the paper names them, then ours (defaults: tau1 = tau2 = 0.5,
+priority pool)."""
+STAGE_B_STEPS = 500
+INIT = "runs/pk6/memmamba-passkey-a2/ckpt-1000"
+STAGE_B = (
+    "fidelity train --model memmamba --preset mini --init {init} --task mix "
+    "--task-option episodes=2 --task-option questions=4 --task-option filler=mixed "
+    "--task-option spacing=far --task-option 'shares=[0.25,0.75,0]' --length 512 --steps 500 "
+    "--batch-size 16 --lr 1e-3 --save-every 50 --seed 1 --device cpu --threads 1 "
+    "--set {setting} --out {out}"
+)
+EVALUATION_NOTE = (
+    "What switching off means at evaluation: *no Note Block*: every position writes its own "
+    "unpooled note (the summarizer's projection, no scorer, no window pooling) with equal "
+    "importance, so the 50-note pool holds the 50 most recent positions (the scorer's weights "
+    "stay but are unused); *no cross-token* / *no cross-layer attention*: that attention, its "
+    "trigger and its fusion weights are dropped, the other context keeps its own fusion "
+    "weights; *FIFO pool*: the oldest note is evicted instead of the least important; *tau1*: "
+    "the token-importance threshold for writing a note (the scorer was trained to write about "
+    "5% of positions at 0.5); *tau2*: the state-importance threshold for firing cross-token "
+    "attention."
+)
 
 
-def train_command(label: str) -> str:
-    run, model, overrides = VARIANTS[label]
-    return f"{TRAIN.format(model=model, run=run)} {overrides}".strip()
+def setting(label: str) -> str:
+    """``field=value`` as ``--set`` takes it."""
+    _, name, value = VARIANTS[label]
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"{name}={text}"
 
 
-def final_loss(run_dir: Path, last: int = 20) -> float:
-    """Mean training loss over the last ``last`` logged steps."""
-    log = pd.read_csv(run_dir / "train_log.csv")
-    return float(log["loss"].tail(last).mean())
+def stage_b_command(label: str, runs: Path) -> str:
+    run = VARIANTS[label][0]
+    return STAGE_B.format(init=INIT, setting=setting(label), out=runs / run)
 
 
-def measure(checkpoint: Path, length: int, cache: Path) -> dict[str, fidelity.FidelityResult]:
-    """Text (every metric) and random-token (ETMF, ECLMF) analyses, cached in ``cache``."""
-    results = {}
-    for probe, metrics in (("text", "etmf,eclmf,retrieval,perplexity"), ("random", "etmf,eclmf")):
-        path = cache / probe
-        if (path / "meta.json").is_file():
-            results[probe] = fidelity.FidelityResult.load(path)
-            continue
-        model = fidelity.load_model(checkpoint)
-        result = fidelity.analyze(
-            model, length, probe=probe, metrics=metrics, anchors=512, seed=3, progress=False
+def stage_b_status(run: Path) -> tuple[Path | None, int]:
+    """(the final checkpoint of a stage B run, or None when it has not reached its last step;
+    the newest complete step, 0 when none)."""
+    found = checkpoint_dirs(run) if run.is_dir() else []
+    step = int(found[-1].name.removeprefix("ckpt-")) if found else 0
+    return (found[-1] if step >= STAGE_B_STEPS else None), step
+
+
+def evaluation_entries(full: Entry) -> list[Entry]:
+    """The shipped full model with each part switched off at evaluation, one entry each."""
+    entries = []
+    for label, (_, name, value) in VARIANTS.items():
+        model, _ = ablated(full.model, **{name: value})
+        entries.append(
+            Entry(
+                f"{label} (at evaluation)",
+                f"{full.source} with {name}={value}",
+                model,
+                model_identity(model, label),
+                full.training_length,
+            )
         )
-        result.save(path, force=True)
-        results[probe] = result
-    return results
+    return entries
 
 
-def retrieval_cell(frame: pd.DataFrame, metric: str, length: int) -> str:
-    cells = frame[(frame["metric"] == metric) & (frame["length"] == length)]
-    return interval(*pooled_accuracy(cells))
+def stage_b_entries(runs: Path) -> tuple[list[Entry], dict[str, int]]:
+    """Entries of the finished stage B runs under ``runs``; {label: steps done} of the rest."""
+    finished, missing = {}, {}
+    for label, (run, _, _) in VARIANTS.items():
+        checkpoint, step = stage_b_status(runs / run)
+        if checkpoint is None:
+            missing[label] = step
+        else:
+            finished[f"{label} (stage B)"] = str(checkpoint)
+    return (load_entries(finished) if finished else []), missing
 
 
-def perplexity_cell(frame: pd.DataFrame, length: int) -> str:
-    cells = frame[(frame["metric"] == "perplexity") & (frame["length"] == length)]
-    if not len(cells):
-        return "-"
-    row = cells.iloc[0]
-    return interval(row["value"], row["ci_low"], row["ci_high"])
+def not_trained_rows(missing: dict[str, int], n_points: int) -> list[str]:
+    """Table rows for stage B variants without a finished run."""
+    return [
+        f"| {label} (stage B) | 512 | not trained ({step}/{STAGE_B_STEPS} steps) | "
+        + " | ".join(["-"] * (n_points - 1))
+        + " |"
+        for label, step in missing.items()
+    ]
 
 
-def last_layer(result: fidelity.FidelityResult) -> tuple[str, str, str]:
-    """Half-life and memory length of the last layer, and ECLMF_norm embeddings -> last."""
-    summary = result.summary
-    row = summary[summary["layer"] == summary["layer"].max()].iloc[0]
-    half_life = interval(row["half_life"], row["half_life_low"], row["half_life_high"], 1)
-    length = interval(
-        row["contiguous_length"], row["contiguous_length_low"], row["contiguous_length_high"], 0
-    )
-    return half_life, length, eclmf_to_last_layer(result.frame)
-
-
-def main() -> None:
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="training runs live here")
-    parser.add_argument("--length", default="4k", help="analysis length (4x the training length)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/abl-b"), help="stage B runs")
+    parser.add_argument("--multiples", default=MULTIPLES, help="multiples of the training length")
+    parser.add_argument("--trials", type=int, default=10, help="prompts per needle depth")
+    parser.add_argument(
+        "--max-multiple", action="append", default=[], metavar="[TASK=]N",
+        help="measure cells up to N x the training length (others: read from the cache only)",
+    )  # fmt: skip
+    parser.add_argument("--only", help="measure only these labels (comma-separated)")
+    parser.add_argument("--cached-only", action="store_true", help="measure nothing")
     parser.add_argument("--cache", type=Path, default=Path("runs/ablation_cache"))
     parser.add_argument("--out", type=Path, default=RESULTS / "ablations.md")
-    args = parser.parse_args()
-    length = parse_length(args.length)
-    started = time.perf_counter()
-    rows, missing = [], []
-    for label, (run, _, _) in VARIANTS.items():
-        checkpoint = args.runs / run / f"ckpt-{STEPS}"
-        if not (checkpoint / "config.json").is_file():
-            missing.append(label)
-            continue
-        print(f"[{time.perf_counter() - started:6.0f} s] {label}", flush=True)
-        results = measure(checkpoint, length, args.cache / run)
-        text, random = results["text"].frame, results["random"]
-        text_half_life, text_length, _ = last_layer(results["text"])
-        random_half_life, random_length, eclmf = last_layer(random)
-        rows.append(
-            f"| {label} | {final_loss(args.runs / run):.3f} | {perplexity_cell(text, 1024)} | "
-            f"{perplexity_cell(text, length)} | {retrieval_cell(text, 'passkey_acc', length)} | "
-            f"{retrieval_cell(text, 'kv_acc', length)} | {text_half_life} | {text_length} | "
-            f"{random_half_life} | {random_length} | {eclmf} |"
-        )
-    context = format_length(length)
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    if args.trials < 1:
+        raise InputError("--trials must be positive")
+    args.points = [Point(v, True) for v in positive_numbers(args.multiples, "--multiples")]
+    only = frozenset(x for x in (args.only or "").split(",") if x) if args.only else None
+    args.bounds = Bounds(only, parse_max_multiple(args.max_multiple), args.cached_only)
+    return args
+
+
+def report(args, references, evaluation, trained, missing, cells, load) -> str:
+    points = args.points
     lines = [
-        "# MemMamba ablations at small scale",
+        "# MemMamba ablations at small scale, on the retrieval recipe: passkey extrapolation",
         "",
-        f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, by "
-        "`python benchmarks/ablations.py`. Every variant: `mini` preset (d_model 128, 6 layers), "
-        f"{STEPS} steps of 8 x 1024 tokens of the `mix` task, seed 1; analyses at {context} "
-        "(4x the training length), 512 anchors, seed 3. Intervals: bootstrap over sequences "
-        "(perplexity) or anchors (ETMF, ECLMF), Wilson 95% (retrieval). Memory columns are the "
-        "last layer's.",
+        "Regenerate: `python benchmarks/ablations.py "
+        + shlex.join(["--multiples", args.multiples, "--trials", str(args.trials)])
+        + "` (cells already in the cache are read from it). "
+        + f"This run: `python benchmarks/ablations.py {shlex.join(args.argv)}`",
         "",
-        f"| variant | final train loss | perplexity 1k | perplexity {context} | "
-        f"passkey acc {context} | kv acc {context} | half-life, text | memory length, text | "
-        "half-life, random | memory length, random | ECLMF_norm emb->last, random |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}; 1-minute load {load[0]:.1f} at the start, {load[1]:.1f} at the "
+        f"end. Every model is trained at 512 tokens; {args.trials} prompts at each of "
+        f"{len(DEFAULT_DEPTHS)} needle depths per cell, exact match of the greedy answer, "
+        "Wilson 95% intervals; the length of each cell in brackets. Cells not measured read "
+        "why (e.g. beyond this run's `--max-multiple`).",
         "",
-        "Training commands:",
+        "References: **MemMamba (full)** is the shipped `memmamba` (all parts, the 3-stage "
+        "curriculum of `fidelity/data/TRAINING.md`); **Mamba** the shipped `mamba` (same "
+        "curriculum).",
         "",
-        *(f"- {label}: `{train_command(label)}`" for label in VARIANTS),
+        "(a) **switched off at evaluation**: the shipped MemMamba with one part disabled at "
+        "inference only, no retraining. " + EVALUATION_NOTE,
+        "",
+        "(b) **stage B with the part switched off**: the full model's stage A2 checkpoint "
+        f"(`{INIT}`) fine-tuned by stage B (500 steps of the mix with 25% text at 512 tokens) "
+        "with the part switched off, so the rest of the model can adapt to its absence "
+        "(commands below).",
+        "",
     ]
-    if missing:
+    for task in TASKS:
+        task_cells = [c for c in cells if c.task == task]
+        table_a = extrapolation_table(task_cells, references + evaluation, points)
+        table_b = extrapolation_table(task_cells, references + trained, points)
+        entries = references + evaluation + trained
         lines += [
+            f"## {TASK_TITLES[task]}",
             "",
-            "Not in the table, because their runs were not found in the runs directory (not "
-            "trained within the CPU budget): " + ", ".join(missing) + ".",
+            "(a) Switched off at evaluation:",
+            "",
+            table_a,
+            "",
+            "(b) Stage B with the part switched off:",
+            "",
+            "\n".join([table_b, *not_trained_rows(missing, len(points))]),
+            "",
+            "By needle depth (exact-match hits / trials; 0: needle first, 1: last):",
+            "",
+            depth_table(task_cells, entries),
+            "",
         ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += [
+        "## Stage B commands",
+        "",
+        "Run one at a time, from the worktree root, with `nice -n 10` and `OMP_NUM_THREADS=1`; "
+        "add `--resume` to continue a killed run (`runs/ablation_queue.sh` in "
+        "`fidelity/data/TRAINING.md` does all of them in turn):",
+        "",
+        *(f"- {label}: `{stage_b_command(label, args.runs)}`" for label in VARIANTS),
+        "",
+        "The earlier ablations (text-only recipe, 300 steps at 1k tokens, models that retrieve "
+        "nothing) are kept in `benchmarks/results/ablations_text_recipe.md`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(argv: Sequence[str]) -> str:
+    args = parse_arguments(argv)
+    clock = Clock()
+    load = os.getloadavg()[0]
+    references = load_entries(REFERENCES)
+    evaluation = evaluation_entries(references[0])
+    trained, missing = stage_b_entries(args.runs)
+    labels = {e.label for e in references + evaluation + trained}
+    if args.bounds.only is not None and args.bounds.only - labels:
+        raise InputError(f"--only names unknown labels; choose from {sorted(labels)}")
+    cells = plan_cells(references + evaluation + trained, list(TASKS), args.points)
+    for cell in cells:
+        fill_cell(cell, args.cache, args.trials, args.bounds, clock)
+    text = report(args, references, evaluation, trained, missing, cells, (load, os.getloadavg()[0]))
+    write_text_atomically(args.out, text)
+    clock.say(f"wrote {args.out}")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        print(run(sys.argv[1:] if argv is None else argv))
+    except (InputError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

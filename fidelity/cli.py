@@ -762,7 +762,14 @@ def train(
         bar.update(task_id, completed=info["step"], loss=info["loss"], speed=info["tokens_per_s"])
 
     try:
-        summary = run_train(config, out_dir, resume=resume, force=force, progress=report_step)
+        summary = run_train(
+            config,
+            out_dir,
+            resume=resume,
+            force=force,
+            progress=report_step,
+            notify=console.print,
+        )
     finally:
         if bar.live.is_started:
             bar.stop()

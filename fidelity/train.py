@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fidelity import state_passing
+from fidelity.ablation import Transfer, transfer_weights
 from fidelity.destinations import (
     MANIFEST,
     check_writable,
@@ -58,6 +59,8 @@ LEGACY_STATE = "trainer_state.pt"
 """Trainer state of older versions: a pickle, never loaded (unpickling can run code)."""
 STATE_FORMAT = 1
 RUN_KIND = "training"
+INIT_RECORD = "init.json"
+"""What ``--init`` across ablation switches dropped and left at initialization (such runs only)."""
 LOG_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
 
 
@@ -212,19 +215,23 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: Callable[[dict], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> TrainSummary:
     """Train ``config.model`` and write checkpoints under ``out`` (see the module docstring).
 
     ``progress`` receives a dict (step, steps, loss, tokens_per_s, lr) after every step. A
     non-empty ``out`` is refused unless ``resume`` (continue it) or ``force`` (start over).
+    When ``config.init`` differs from the wanted model in ablation switches, ``notify`` gets one
+    line saying which parameters were dropped or left at their initialization; the same record
+    is written to ``out/init.json`` and to every checkpoint's ``meta.training.init``.
     """
     config.validate()
     out = Path(out)
     device = resolve_device(config.device)
     check_run_directory(out, resume=resume, force=force)
-    fresh = None
+    fresh, transfer = None, None
     if not (resume and out.is_dir() and checkpoint_dirs(out)):
-        fresh = _initial_model(config)  # a bad --init fails here, before anything is written
+        fresh, transfer = _initial_model(config)  # a bad --init fails here, before any write
     existing = _prepare_out(out, resume=resume, force=force)
     torch.manual_seed(config.seed)
 
@@ -238,12 +245,19 @@ def train(
             )
         model = load_checkpoint(existing[-1]).to(device)
         state = load_trainer_state(existing[-1])
+        init_record = _read_json(out / INIT_RECORD) if (out / INIT_RECORD).is_file() else None
         start_step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
     else:
         model = fresh.to(device)
         state, start_step, tokens, elapsed = None, 0, 0, 0.0
-        record_files(out, RUN_KIND, ["train_config.json", "train_log.csv"])
+        record_files(out, RUN_KIND, ["train_config.json", "train_log.csv", INIT_RECORD])
         (out / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
+        init_record = None
+        if transfer is not None and transfer.switched:
+            init_record = {"checkpoint": config.init, **transfer.to_dict()}
+            (out / INIT_RECORD).write_text(json.dumps(init_record, indent=2))
+            if notify is not None:
+                notify(f"--init {config.init}: {transfer.describe()}")
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95)
     )
@@ -328,32 +342,27 @@ def train(
             )
         if done % config.save_every == 0 or done == config.steps:
             checkpoints.append(
-                _save(model, optimizer, config, out, done, tokens, elapsed, loss_value)
+                _save(model, optimizer, config, out, done, tokens, elapsed, loss_value, init_record)
             )
     model.eval()
     return TrainSummary(out, config.steps, tokens, loss_value, elapsed, checkpoints)
 
 
-def _initial_model(config: TrainConfig) -> CausalLM:
-    """A fresh model (seeded), or the weights of ``config.init`` when given; those must be the
-    model and shape the config asks for."""
+def _initial_model(config: TrainConfig) -> tuple[CausalLM, Transfer | None]:
+    """A fresh model (seeded), or the weights of ``config.init`` when given, with what moving
+    them took. Those must be the model and shape the config asks for; a MemMamba may differ in
+    its ablation switches (:data:`fidelity.ablation.ABLATION_SWITCHES`): every parameter both
+    have is loaded, the others dropped or left at their initialization (the Transfer says
+    which)."""
     model = build_model(config.model, config.preset, seed=config.seed, **config.model_overrides())
     if config.init is None:
-        return model
+        return model, None
     start = load_model(config.init)
-    wanted, found = dataclasses.asdict(model.config), dataclasses.asdict(start.config)
-    differing = sorted(
-        key for key in wanted.keys() | found.keys() if wanted.get(key) != found.get(key)
-    )
-    if differing:
-        raise InputError(
-            f"--init {config.init} is not a {config.model} of this shape: "
-            + ", ".join(
-                f"{key}={found.get(key)!r} (wanted {wanted.get(key)!r})" for key in differing
-            )
-        )
-    model.load_state_dict(start.state_dict())
-    return model
+    try:
+        transfer = transfer_weights(start, model)
+    except InputError as error:
+        raise InputError(f"--init {config.init} is {error}") from None
+    return model, transfer
 
 
 def _config_json(config: TrainConfig) -> dict:
@@ -367,7 +376,7 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _save(model, optimizer, config, out, step, tokens, elapsed, loss) -> Path:
+def _save(model, optimizer, config, out, step, tokens, elapsed, loss, init_record) -> Path:
     directory = out / f"ckpt-{step}"
     meta = {
         "training": {
@@ -379,6 +388,7 @@ def _save(model, optimizer, config, out, step, tokens, elapsed, loss) -> Path:
             "task_options": config.task_options,
             "length": config.length,
             "seed": config.seed,
+            **({"init": init_record} if init_record else {}),
         }
     }
     names = [*CHECKPOINT_FILES, STATE_TENSORS + ".tmp", STATE_JSON + ".tmp"]
