@@ -580,6 +580,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
     if bad:
         raise InputError(f"layers {bad} out of range: this model has layers 0..{n_blocks}")
     chunk_size = resolve_chunk_size(model, options.chunk_size, length)
+    readout_threads = torch.get_num_threads() if "etmf" in options.metrics else 1
     # Refuse before anything as long as the input is allocated (the anchor draw permutes every
     # position), with at most every anchor at every distance kept.
     n_distances = len(distances) if distances is not None else _most_default_distances(length)
@@ -591,6 +592,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
         n_layers_kept=len(chosen_layers),
         store_bytes=4,
         chunk_size=chunk_size,
+        readout_threads=readout_threads,
     )
     if early.kept_states > STORE_FLOAT16_ABOVE:
         early.kept_states //= 2
@@ -609,6 +611,7 @@ def plan_run(model: nn.Module, options: AnalysisOptions, *, time_it: bool = True
         n_layers_kept=len(chosen_layers),
         store_bytes=4,
         chunk_size=chunk_size,
+        readout_threads=readout_threads,
     )
     store_dtype = torch.float32
     if estimate.kept_states > STORE_FLOAT16_ABOVE:

@@ -127,6 +127,11 @@ UNTRACED_BYTES = {
     "mamba2": 64 << 20,
     "attention": 16 << 20,
 }
+# ETMF scores distances in threads, one per torch thread (fidelity.metrics.etmf): each thread
+# beyond the first holds its own read-out working set and allocator arena. Measured on main
+# ed0d581 with `--threads 2` against the same run with one ETMF thread: Mamba mini at 4k 596
+# against 488 MiB, MemMamba mini at 8k 732 against 606 MiB (841fbe7, before the threads).
+READOUT_THREAD_BYTES = 128 << 20
 # The same analysis in two fresh processes peaks apart (allocator arenas, threads, which
 # library pages are resident: seen for mamba at 4k, 611-631 MB in two runs at once), so the
 # estimate adds this fraction of the whole (baseline and counted parts) to stay at or above
@@ -293,9 +298,11 @@ def estimate_run(
     n_layers_kept: int,
     store_bytes: int = 4,
     chunk_size: int | None = None,
+    readout_threads: int = 1,
 ) -> RunEstimate:
     """Estimate the peak memory of running ``model`` over ``batch x length`` tokens while
-    keeping ``n_positions`` positions of ``n_layers_kept`` layers at ``store_bytes`` each.
+    keeping ``n_positions`` positions of ``n_layers_kept`` layers at ``store_bytes`` each, with
+    ``readout_threads`` ETMF threads (:data:`READOUT_THREAD_BYTES` for each beyond the first).
 
     Python integers throughout: an absurd ``length`` gives an absurd estimate, not an
     overflow."""
@@ -348,7 +355,7 @@ def estimate_run(
         attention,
         length_buffers,
         available_memory(device),
-        UNTRACED_BYTES[_block_kind(model)],
+        UNTRACED_BYTES[_block_kind(model)] + READOUT_THREAD_BYTES * max(0, readout_threads - 1),
     )
 
 

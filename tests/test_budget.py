@@ -213,3 +213,14 @@ def test_estimate_seconds_counts_the_keys_a_window_leaves_visible():
     cost = ForwardCost(fixed=0.0, per_key=1.0)
     # positions 0..99 see 1..100 keys (about 100**2 / 2 in all), the other 900 see 100 each
     assert estimate_seconds(model, 1000, 1, cost) == pytest.approx(100 * 100 / 2 + 900 * 100)
+
+
+def test_each_readout_thread_beyond_the_first_is_counted():
+    """ETMF scores distances in one thread per torch thread, each with its own working set."""
+    model = build_model("mamba", "tiny")
+    one, three = (
+        estimate_run(model, 4000, n_positions=16, n_layers_kept=1, readout_threads=n)
+        for n in (1, 3)
+    )
+    assert three.untraced - one.untraced == 2 * fidelity.budget.READOUT_THREAD_BYTES
+    assert three.total > one.total
