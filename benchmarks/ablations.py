@@ -52,6 +52,7 @@ from claim_small import (
     parse_max_multiple,
     plan_cells,
     positive_numbers,
+    run_main,
 )
 
 from fidelity.ablation import ablated
@@ -270,12 +271,7 @@ def run(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        print(run(sys.argv[1:] if argv is None else argv))
-    except (InputError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

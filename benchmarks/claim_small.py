@@ -968,13 +968,19 @@ def run(argv: Sequence[str]) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_main(run: Callable[[Sequence[str]], str], argv: Sequence[str] | None) -> int:
+    """Print what ``run`` returns for ``argv`` (the command line by default); bad input is one
+    line on stderr and status 2."""
     try:
         print(run(sys.argv[1:] if argv is None else argv))
     except (InputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
