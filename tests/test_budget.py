@@ -59,16 +59,21 @@ print(json.dumps({"code": code, "peak": peak, **planned}))
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 @pytest.mark.parametrize(
-    ("model", "length", "chunked"),
+    ("model", "length", "chunked", "threads"),
     [
-        ("mamba", "4k", False),  # one pass
-        ("mamba", "20k", True),  # chunks through the recurrent cache (its estimate was low)
-        ("decimamba", "6k", False),  # later layers see only the rows decimation keeps
+        ("mamba", "4k", False, 1),  # one pass
+        ("mamba", "20k", True, 1),  # chunks through the recurrent cache (its estimate was low)
+        ("decimamba", "6k", False, 1),  # later layers see only the rows decimation keeps
+        ("mamba", "4k", False, 2),  # two ETMF threads, each with its working set
     ],
 )
-def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunked):
+def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunked, threads):
+    """At one thread the peak does not depend on timing: the estimate is not below it and
+    not a blanket overestimate. With two, how much the ETMF threads' working sets overlap
+    depends on how the threads are scheduled (a busy machine overlaps them less): only
+    "not below" holds whatever the load."""
     argv = ["analyze", "--model", model, "--length", length, "--no-progress"]
-    argv += ["--out", str(tmp_path / "run"), "--max-memory", "64GB"]
+    argv += ["--out", str(tmp_path / "run"), "--max-memory", "64GB", "--threads", str(threads)]
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, *argv],
         capture_output=True,
@@ -80,7 +85,9 @@ def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunke
     assert result["code"] == 0, done.stderr
     assert (result["chunk_size"] is not None) == chunked, result
     ratio = result["estimate"] / result["peak"]
-    assert 1.0 <= ratio <= 1.3, result  # not below, and not a blanket overestimate
+    assert ratio >= 1.0, result
+    if threads == 1:
+        assert ratio <= 1.3, result
 
 
 def test_refused_before_the_length_sized_buffers(monkeypatch):
