@@ -11,8 +11,8 @@ import torch
 import fidelity.budget
 from fidelity.analysis import plan_analysis
 from fidelity.budget import (
+    ACTIVATION_FLOATS_PER_TOKEN,
     CHUNKED_ACTIVATION_FACTOR,
-    DECIMATED_FLOATS_PER_TOKEN,
     HEADROOM,
     KEY_VALUE_COPIES,
     MASK_BYTES,
@@ -22,6 +22,7 @@ from fidelity.budget import (
     MemoryBudgetError,
     RunEstimate,
     decimated_rows,
+    decimating_depth,
     estimate_run,
     estimate_seconds,
     forward_cost,
@@ -129,7 +130,9 @@ def test_decimamba_counts_the_rows_its_first_decimating_layer_keeps():
         for m in (kept, plain)
     }
     d_model, widest, _ = model_width(model)
-    per_row = widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model
+    assert decimating_depth(model) == 2 and decimating_depth(mamba) == len(mamba.layers)
+    per_unit = ACTIVATION_FLOATS_PER_TOKEN["decimamba"][0]
+    per_row = widest * decimating_depth(model) * per_unit + 2 * d_model
     assert grown[kept] == pytest.approx(1000 * per_row * 4, abs=2)
     assert grown[kept] < grown[plain]
 
@@ -138,7 +141,23 @@ def test_a_chunked_run_counts_more_than_one_pass_over_a_chunk():
     model = build_model("mamba", "tiny")
     one_pass = estimate_run(model, 1000, n_positions=16, n_layers_kept=1)
     chunked = estimate_run(model, 5000, n_positions=16, n_layers_kept=1, chunk_size=1000)
-    assert chunked.activations == int(one_pass.activations * CHUNKED_ACTIVATION_FACTOR)
+    assert chunked.activations == int(one_pass.activations * CHUNKED_ACTIVATION_FACTOR["mamba"])
+
+
+@pytest.mark.parametrize("name", ["mamba", "memmamba", "mamba2"])
+def test_an_ssm_counts_its_activations_per_layer(name):
+    """An analysis keeps every layer's scan inputs of the tokens in flight: doubling the layers
+    doubles the width part of the activations (the residual streams and logits stay)."""
+    shallow, deep = (build_model(name, "tiny", n_layer=n) for n in (2, 4))
+    d_model, widest, _ = model_width(shallow)
+    vocab = shallow.config.vocab_size
+    parts = [
+        estimate_run(m, 1000, n_positions=16, n_layers_kept=1).activations for m in (shallow, deep)
+    ]
+    per_unit, width_free = ACTIVATION_FLOATS_PER_TOKEN[name]
+    fixed = 1000 * (width_free + 2 * d_model + vocab) * 4
+    assert parts[0] == int(fixed + 1000 * widest * 2 * per_unit * 4)
+    assert parts[1] - fixed == pytest.approx(2 * (parts[0] - fixed), abs=2)
 
 
 @pytest.mark.parametrize(("name", "kind"), [("mamba", "mamba"), ("compressive", "attention")])
