@@ -9,7 +9,8 @@ the run adds on top of it, counted part by part (:class:`RunEstimate`):
   which run chunk by chunk through their recurrent cache, so this does not grow with the
   length; the whole input for a model read in one pass): per row, the blocks' temporaries
   (:data:`ACTIVATION_FLOATS_PER_TOKEN`, per kind of block and per layer), the residual streams
-  and the logits, times the kind's :data:`CHUNKED_ACTIVATION_FACTOR` when fed in chunks;
+  and the logits (when fed in chunks, :data:`CHUNKED_ACTIVATION_SHARE` of that plus the
+  allocator's retention, :data:`CHUNK_RETENTION_BYTES`);
   DeciMamba adds the rows its first decimating layer drops, each through the layers up to it
   (:func:`decimating_depth`);
 - ``attention``: the keys and values an attention cache keeps (every earlier position for full
@@ -28,7 +29,7 @@ The per-token factors and the fixed amounts are calibrated against the measured 
 memory of real `fidelity analyze` runs at 8k, 60k and 400k tokens
 (``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``);
 each constant says what it was fitted on. Much of what is fitted rather than counted is memory
-the C allocator keeps after a chunk frees it (see :data:`CHUNKED_ACTIVATION_FACTOR`).
+the C allocator keeps after a chunk frees it (see :data:`CHUNK_RETENTION_BYTES`).
 
 The time estimate is measured: a short forward pass, extrapolated linearly in the length
 (quadratically for full attention).
@@ -54,9 +55,10 @@ from fidelity.models.base import CausalLM
 # its hooks, so the one-pass growth follows n_layer x d_inner: MemMamba's mini (6 x 256) and
 # small (8 x 768) presets at 8k need 3.59 and 3.65 floats per unit (a factor per d_inner alone
 # would differ 2.2-fold between them). Calibrated on the peak resident memory of `fidelity
-# analyze` (benchmarks/memory_calibration.py, table in benchmarks/results/memory_calibration.md;
-# session 27, main 841fbe7): Mamba from its mini runs at 2k, 4k and 8k (peaks 452, 491 and
-# 589-611 MiB over a 320 MiB process), MemMamba from mini at 4k and 8k and small at 8k, Mamba-2
+# analyze` at one thread (benchmarks/memory_calibration.py, table in
+# benchmarks/results/memory_calibration.md; sessions 27 and 28): Mamba from its mini runs at 2k,
+# 4k and 8k (peaks 450, 486 and 586 MiB over a 317 MiB process), MemMamba from mini at 4k and 8k
+# (501 and 598 MiB) and small at 8k (1232 MiB over 348), Mamba-2
 # from its mini runs at 4k and 8k (its scan inputs are per head, not per channel: far fewer),
 # DeciMamba's kept rows as Mamba's; the attention models, which run attention fused on CPU with
 # no score matrix, from the mini Transformer and Compressive at 8k (6 layers: about 2 floats
@@ -68,24 +70,30 @@ ACTIVATION_FLOATS_PER_TOKEN = {
     "mamba2": (1.2, 0),
     "attention": (0.34, 0),
 }
-# A run fed in chunks through the recurrent cache peaks higher than one pass over a chunk's
-# tokens, by kind of model (fitted on the 60k and 400k runs: Mamba 1.25-1.36, the chunked 20k
-# run 1.31; MemMamba mini 1.45-1.51 and small 1.2, counted as 1.33; Mamba-2 1.5). Not a
-# tensor: what a chunk's forward frees, the C allocator (glibc malloc) keeps in the process and
-# the next chunk's differently placed tensors do not all reuse; traced for MemMamba mini at 200k
-# with the heap trimmed (`malloc_trim`) after every chunk: the memory left after a chunk stays
-# at 814 MB from the first chunk to the seventh, while the resident memory before trimming
-# varies between 933 MB and 1.13 GB from one chunk to the next.
-CHUNKED_ACTIVATION_FACTOR = {
-    "memmamba": 1.33,
-    "mamba": 1.31,
-    "decimamba": 1.31,
-    "mamba2": 1.5,
-    "attention": 1.5,
+# A run fed in chunks through the recurrent cache holds part of what one pass over a chunk's
+# tokens holds (:data:`CHUNKED_ACTIVATION_SHARE`) plus what the C allocator (glibc malloc)
+# keeps of the chunks it has freed, a fixed amount per kind of model
+# (:data:`CHUNK_RETENTION_BYTES`). Fitted on the 60k runs at one thread (session 28): MemMamba
+# mini and small, whose one-pass activations over a chunk differ 3.8-fold (191 and 733 MiB),
+# grew by 266 and 698 MiB; a factor of the one-pass amount (1.39 and 0.95) fits neither, a
+# share of it plus a fixed retention fits both. The retention is not a tensor: traced for
+# MemMamba mini at 200k with the heap trimmed (`malloc_trim`) after every chunk, the memory
+# left after a chunk stays at 814 MB from the first chunk to the seventh, while the resident
+# memory before trimming varies between 933 MB and 1.13 GB from one chunk to the next; MemMamba,
+# whose tensors change size from chunk to chunk (the notes each segment writes), keeps the most.
+CHUNKED_ACTIVATION_SHARE = 0.8
+CHUNK_RETENTION_BYTES = {
+    "memmamba": 114 << 20,
+    "mamba": 64 << 20,
+    "decimamba": 64 << 20,
+    "mamba2": 53 << 20,
+    "attention": 34 << 20,
 }
 # An attention cache holds its keys and values and, while a chunk's keys are concatenated
 # onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
-# twice its 6 KB of keys and values per token).
+# twice its 6 KB of keys and values per token). A full-attention model read in one pass
+# concatenates nothing: one copy (the mini Transformer at 8k, one pass: 1.18x its peak with
+# two, session 28).
 KEY_VALUE_COPIES = 2
 # Bytes per token of the buffers as long as the input, whatever the chunking: the anchor
 # draw's permutation of every position (int64, once) and, per sequence, the probe's token ids
@@ -93,9 +101,10 @@ KEY_VALUE_COPIES = 2
 PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
 # MemMamba's peak also grows with the number of chunks, where Mamba's stays flat: from 60k to
-# 400k tokens by 82 MiB for mini and 330 MiB for small (0.33 bytes per token per unit of
-# n_layer x d_model: 768 and 3072; session 27), counted as 0.25 (the chunk factor covers the
-# rest at 60k and 400k). No tensor grows with the length: with the heap trimmed after every
+# 400k tokens, beyond the kept states, by 54 MiB for mini and 357 MiB for small at one thread
+# (0.22 and 0.36 bytes per token per unit of n_layer x d_model: 768 and 3072; session 28),
+# counted as 0.36 (mini's estimate at 400k is then 1.10 of its peak). No tensor grows with the
+# length: with the heap trimmed after every
 # chunk, what a MemMamba mini run holds after each chunk stays at 814 MB, while the high-water
 # mark creeps up chunk after chunk (1013, 1118, 1118, 1135, 1153 MB over its first five
 # chunks, flat at the sixth and seventh; session 26, before its records were preallocated):
@@ -103,7 +112,7 @@ PROBE_BYTES_PER_TOKEN = 16
 # (the notes each segment writes set the size of its pool candidates and membership masks)
 # fragment more than Mamba's fixed ones. A linear fit of a growth that slows down: safe (too
 # high) beyond 400k.
-MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.25
+MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.36
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
 # Bytes per (query, key) pair of one block of our attention: the block's boolean mask and the
@@ -115,22 +124,26 @@ SCORE_BYTES = 8
 MASK_BYTES = 2
 # An analysis peaks a fixed amount above its counted parts, per kind of model: fitted with the
 # activation factors on Mamba mini's one-pass runs at 2k, 4k and 8k, whose growth over the
-# process (132, 171 and 269-291 MiB) is not proportional to the tokens (85 MiB for the SSMs),
-# and on the Transformer's and Compressive Transformer's 8k runs (20 MiB: the latter's peak
-# spread 431-436 MiB between runs). Not traced to a
-# tensor: for the SSMs, candidates are the ssm_decay metric's working set (one block of pairs of
-# PAIR_BLOCK_ELEMENTS), the scan kernel's scratch and the allocator's retention.
+# process (133, 169 and 269 MiB at one thread, session 28) is not proportional to the tokens
+# (85 MiB for the SSMs; DeciMamba's one-pass runs at 6k and 8k, 64 MiB), and on the
+# Transformer's and Compressive Transformer's 8k runs (20 MiB: the latter's peak spread
+# 431-436 MiB between runs). Not traced to a tensor: for the SSMs, candidates are the ssm_decay
+# metric's working set (one block of pairs of PAIR_BLOCK_ELEMENTS), the scan kernel's scratch
+# and the allocator's retention.
 UNTRACED_BYTES = {
     "memmamba": 85 << 20,
     "mamba": 85 << 20,
-    "decimamba": 85 << 20,
+    "decimamba": 64 << 20,
     "mamba2": 85 << 20,
     "attention": 20 << 20,
 }
 # ETMF scores distances in threads, one per torch thread (fidelity.metrics.etmf): each thread
 # beyond the first holds its own read-out working set and allocator arena. Measured on main
 # ed0d581 with `--threads 2` against the same run with one ETMF thread: Mamba mini at 4k 596
-# against 488 MiB, MemMamba mini at 8k 732 against 606 MiB (841fbe7, before the threads).
+# against 488 MiB, MemMamba mini at 8k 732 against 606 MiB (841fbe7, before the threads);
+# Mamba mini at 20k on a busy CI machine 787 MiB, against 666 at one thread. How much the
+# threads' working sets overlap depends on how they are scheduled, so this is an upper bound;
+# the other constants are fitted on runs at one thread, whose peak does not depend on timing.
 READOUT_THREAD_BYTES = 128 << 20
 # The same analysis in two fresh processes peaks apart (allocator arenas, threads, which
 # library pages are resident: seen for mamba at 4k, 611-631 MB in two runs at once), so the
@@ -334,15 +347,17 @@ def estimate_run(
     if rows_out < tokens_in_flight:  # the dropped rows went through the layers up to it
         depth = decimating_depth(model)
         floats += (tokens_in_flight - rows_out) * (widest * depth * per_widest + 2 * d_model)
-    chunked = 1.0
-    if chunk_size and length > chunk_size:
-        chunked = CHUNKED_ACTIVATION_FACTOR[_block_kind(model)]
-    activations = int(batch * floats * compute_bytes * chunked)
+    activations = int(batch * floats * compute_bytes)
+    chunked_input = bool(chunk_size) and length > chunk_size
+    if chunked_input:
+        activations = int(activations * CHUNKED_ACTIVATION_SHARE)
+        activations += CHUNK_RETENTION_BYTES[_block_kind(model)]
     span = attention_span(model, length)
     attention = 0
     if span:
         keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
-        attention = KEY_VALUE_COPIES * keys_values
+        one_pass = span == length and not chunked_input
+        attention = (1 if one_pass else KEY_VALUE_COPIES) * keys_values
         block = attention_block(model, tokens_in_flight)
         if not isinstance(model, CausalLM):  # eager attention builds the scores
             n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)

@@ -12,7 +12,8 @@ import fidelity.budget
 from fidelity.analysis import plan_analysis
 from fidelity.budget import (
     ACTIVATION_FLOATS_PER_TOKEN,
-    CHUNKED_ACTIVATION_FACTOR,
+    CHUNK_RETENTION_BYTES,
+    CHUNKED_ACTIVATION_SHARE,
     HEADROOM,
     KEY_VALUE_COPIES,
     MASK_BYTES,
@@ -137,11 +138,14 @@ def test_decimamba_counts_the_rows_its_first_decimating_layer_keeps():
     assert grown[kept] < grown[plain]
 
 
-def test_a_chunked_run_counts_more_than_one_pass_over_a_chunk():
-    model = build_model("mamba", "tiny")
+@pytest.mark.parametrize("name", ["mamba", "memmamba"])
+def test_a_chunked_run_counts_a_share_of_one_pass_and_the_retention(name):
+    model = build_model(name, "tiny")
     one_pass = estimate_run(model, 1000, n_positions=16, n_layers_kept=1)
     chunked = estimate_run(model, 5000, n_positions=16, n_layers_kept=1, chunk_size=1000)
-    assert chunked.activations == int(one_pass.activations * CHUNKED_ACTIVATION_FACTOR["mamba"])
+    share = int(one_pass.activations * CHUNKED_ACTIVATION_SHARE)
+    assert chunked.activations == share + CHUNK_RETENTION_BYTES[name]
+    assert chunked.activations > one_pass.activations  # a tiny model: retention dominates
 
 
 @pytest.mark.parametrize("name", ["mamba", "memmamba", "mamba2"])
@@ -178,7 +182,7 @@ def test_untraced_amount_is_per_kind_and_headroom_a_fraction_of_the_whole(name, 
 
 
 def test_memmamba_counts_its_growth_with_the_length():
-    """MemMamba's allocator retention grows with the number of chunks: 0.25 bytes per token per
+    """MemMamba's allocator retention grows with the number of chunks: 0.36 bytes per token per
     unit of n_layer x d_model on top of Mamba's length-sized buffers; the chunk's parts do not
     change with the length."""
     model = build_model("memmamba", "tiny")
@@ -206,6 +210,18 @@ def test_full_attention_counts_its_cache_and_one_block_mask():
     )
     per_key = KEY_VALUE_COPIES * n_layer * 2 * d_model * 4 + block * MASK_BYTES
     assert long.attention - short.attention == 20_000 * per_key
+
+
+def test_full_attention_read_in_one_pass_keeps_one_copy_of_its_keys():
+    """Nothing is concatenated onto a cache when the whole input is one chunk."""
+    model = build_model("transformer", "tiny")
+    d_model, _, n_layer = model_width(model)
+    one_pass, chunked = (
+        estimate_run(model, 8000, n_positions=16, n_layers_kept=1, chunk_size=size)
+        for size in (8192, 4096)
+    )
+    keys_values = n_layer * 2 * 8000 * d_model * 4
+    assert chunked.attention - one_pass.attention == (KEY_VALUE_COPIES - 1) * keys_values
 
 
 def test_forward_cost_splits_a_causal_forward_into_per_token_and_per_key_parts(monkeypatch):
