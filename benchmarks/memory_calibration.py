@@ -6,7 +6,8 @@
 Measuring: each (model, length) runs the README's first command, `fidelity analyze --model M
 --length L` (its defaults: text probe, 512 anchors, etmf, eclmf, ssm_decay; results, figures
 and report saved under `runs/memory-calibration/`), in a fresh subprocess through the CLI's
-entry point, which reports its peak resident memory from the OS (`ru_maxrss`); a row is run
+entry point at a fixed `--threads` (recorded: the ETMF threads each hold a working set),
+which reports its peak resident memory from the OS (`VmHWM`); a row is run
 only when the estimate does not refuse it and its forward alone is estimated within
 `--max-seconds`. The measurements, with what the measured process held when it made its plan
 (its baseline), are appended to `results/memory_calibration.csv` and reused by later calls
@@ -50,6 +51,7 @@ FIELDS = (
     "model",
     "weights",
     "length",
+    "threads",
     "status",
     "peak",
     "baseline",
@@ -66,7 +68,7 @@ FIELDS = (
 # the end (saving results, figures, report) and reports the process's peak resident memory
 # from the OS.
 WORKER = r"""
-import dataclasses, json, os, resource, sys
+import dataclasses, json, os, sys
 import fidelity.analysis
 from fidelity.cli import main
 mode, argv = sys.argv[1], sys.argv[2:]
@@ -85,23 +87,27 @@ def recording_plan(*args, **kwargs):
     return plan
 fidelity.analysis.plan_run = recording_plan
 code = main(argv)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KB
+# this process's own high-water mark (ru_maxrss would start from the forking process's
+# resident memory: Linux keeps it across exec)
+status = open("/proc/self/status").read()
+peak = int(status.split("VmHWM:")[1].split()[0]) * 1024  # KB
 status = "ran" if code == 0 else ("refused" if code == 2 else "failed")
 print(json.dumps({"status": status, "peak": peak, **planned}), flush=True)
 """
 
 
-def analyze_argv(name: str, weights: str, length: int, out: Path) -> list[str]:
+def analyze_argv(name: str, weights: str, length: int, threads: int, out: Path) -> list[str]:
     """The README's first command for one row (its defaults: text probe, 512 anchors, etmf,
-    eclmf, ssm_decay), saving to ``out``."""
+    eclmf, ssm_decay) at ``threads`` CPU threads, saving to ``out``."""
     argv = ["analyze", "--model", name, "--length", str(length), "--no-progress"]
+    argv += ["--threads", str(threads)]
     argv += ["--out", str(out), "--force"]
     return argv + ([] if weights == "shipped" else ["--preset", weights])
 
 
-def _worker(mode: str, name: str, weights: str, length: int) -> dict:
-    out = RUNS / f"{name}-{weights}-{format_length(length)}"
-    argv = analyze_argv(name, weights, length, out)
+def _worker(mode: str, name: str, weights: str, length: int, threads: int) -> dict:
+    out = RUNS / f"{name}-{weights}-{format_length(length)}-{threads}t"
+    argv = analyze_argv(name, weights, length, threads, out)
     if mode == "measure":  # the estimate must not stop what we measure it against
         argv += ["--max-memory", str(psutil.virtual_memory().total)]
     process = subprocess.run(
@@ -117,12 +123,17 @@ def _worker(mode: str, name: str, weights: str, length: int) -> dict:
     return result
 
 
-def _read_measured() -> dict[tuple[str, str, int], dict]:
+Key = tuple[str, str, int, int]  # model, weights, length, threads
+
+
+def _read_measured() -> dict[Key, dict]:
     if not MEASURED.exists():
         return {}
     with MEASURED.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return {(row["model"], row["weights"], int(row["length"])): row for row in rows}
+    return {
+        (row["model"], row["weights"], int(row["length"]), int(row["threads"])): row for row in rows
+    }
 
 
 def _append_measured(row: dict) -> None:
@@ -145,20 +156,21 @@ def _append_measured(row: dict) -> None:
         writer.writerow(row)
 
 
-def measure(name: str, weights: str, length: int, max_seconds: float) -> dict:
+def measure(name: str, weights: str, length: int, threads: int, max_seconds: float) -> dict:
     """Run one analysis in a fresh subprocess; its measured peak (or why it was not run: the
     estimate refused it, or its forward alone is estimated beyond ``max_seconds``)."""
     started = time.perf_counter()
-    result = _worker("estimate", name, weights, length)
+    result = _worker("estimate", name, weights, length, threads)
     if result["status"] == "ok" and result["seconds"] > max_seconds:
         minutes = result["seconds"] / 60
         result = {"status": "too long", "note": f"forward alone estimated at {minutes:.0f} min"}
     elif result["status"] == "ok":
-        result = _worker("measure", name, weights, length)
+        result = _worker("measure", name, weights, length, threads)
     return {
         "model": name,
         "weights": weights,
         "length": length,
+        "threads": threads,
         "status": result["status"],
         "peak": result.get("peak", ""),
         "baseline": result.get("parts", {}).get("baseline", ""),
@@ -181,7 +193,10 @@ def planned_total(estimate: dict, measured: dict) -> tuple[int, str]:
 
 
 def table_row(measured: dict, estimate: dict) -> str:
-    head = f"| {measured['model']} | {measured['weights']} | {format_length(measured['length'])} |"
+    head = (
+        f"| {measured['model']} | {measured['weights']} | {format_length(measured['length'])} "
+        f"| {measured['threads']} |"
+    )
     if estimate["status"] != "ok":
         return f"{head} {estimate['status']}: {estimate.get('note', '')} | - | - | - | - | - |"
     total, source = planned_total(estimate, measured)
@@ -202,11 +217,11 @@ def table_row(measured: dict, estimate: dict) -> str:
     )
 
 
-def _table_order(key: tuple[str, str, int]) -> tuple:
-    """Shipped weights first, the models in the README's order, then by length."""
-    name, weights, length = key
+def _table_order(key: Key) -> tuple:
+    """Shipped weights first, the models in the README's order, then by length, threads."""
+    name, weights, length, threads = key
     rank = SHIPPED.index(name) if name in SHIPPED else len(SHIPPED)
-    return (weights != "shipped", rank, name, weights, length)
+    return (weights != "shipped", rank, name, weights, length, threads)
 
 
 def main() -> None:
@@ -217,20 +232,24 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=1200.0)
     parser.add_argument("--remeasure", action="store_true")
     parser.add_argument("--no-measure", action="store_true", help="table from stored rows only")
+    parser.add_argument("--threads", default="1", help="CPU threads of the runs, e.g. 1,2")
     parser.add_argument("--workers", type=int, default=1, help="measurements run at once")
     parser.add_argument("--table", type=Path, default=TABLE, help="where the table goes")
     args = parser.parse_args()
     lengths = [parse_length(value) for value in args.lengths.split(",")]
+    thread_counts = [int(value) for value in args.threads.split(",")]
     jobs = [(name, "shipped") for name in args.models.split(",") if name]
     jobs += [(name, "small") for name in args.small.split(",") if name]
     RESULTS.mkdir(exist_ok=True)
     RUNS.mkdir(parents=True, exist_ok=True)
     measured = _read_measured()
     todo = [  # every model at the shortest length first
-        (name, weights, length)
+        (name, weights, length, threads)
         for length in lengths
+        for threads in thread_counts
         for name, weights in jobs
-        if ((name, weights, length) not in measured or args.remeasure) and not args.no_measure
+        if ((name, weights, length, threads) not in measured or args.remeasure)
+        and not args.no_measure
     ]
     with ThreadPoolExecutor(args.workers) as pool:  # each measurement is its own process
         running = {pool.submit(measure, *key, args.max_seconds): key for key in todo}
@@ -239,21 +258,27 @@ def main() -> None:
             _append_measured(measured[running[future]])
             print(json.dumps(measured[running[future]]), flush=True)
     lines = [
-        "| model | weights | length | estimate | measured peak | estimate / peak | 1.00-1.15 "
-        "| baseline from | measured in |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | weights | length | threads | estimate | measured peak | estimate / peak "
+        "| 1.00-1.15 | baseline from | measured in |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     measured = _read_measured()  # with any row another call stored meanwhile
     # every stored row stays in the table: a call for a few models must not drop the others
-    asked = {(name, weights, length) for name, weights in jobs for length in lengths}
+    asked = {
+        (name, weights, length, threads)
+        for name, weights in jobs
+        for length in lengths
+        for threads in thread_counts
+    }
     keys = sorted(asked | set(measured), key=_table_order)
     with ThreadPoolExecutor(args.workers) as pool:
         estimates = list(pool.map(lambda key: _worker("table", *key), keys))
-    for (name, weights, length), estimate in zip(keys, estimates, strict=True):
-        row = measured.get((name, weights, length))
+    for key, estimate in zip(keys, estimates, strict=True):
+        name, weights, length, threads = key
+        row = measured.get(key)
         if row is None:
             row = {"model": name, "weights": weights, "status": "not measured", "note": ""}
-        lines.append(table_row(dict(row, length=length), estimate))
+        lines.append(table_row(dict(row, length=length, threads=threads), estimate))
     command = " ".join(["python benchmarks/memory_calibration.py", *sys.argv[1:]])
     text = (
         "# Memory estimate vs measured peak resident memory\n\n"
@@ -266,7 +291,10 @@ def main() -> None:
         "measured process held when it made its plan ('baseline from: measured run'; "
         "'fresh process' for rows measured before that was recorded: the baseline of the "
         "process that made the estimate now, which differs between environments by tens of "
-        "MB in libraries' resident pages); the peak is the process's `ru_maxrss`. A run "
+        "MB in libraries' resident pages); the peak is the process's `VmHWM`, at the row's "
+        "`--threads` (at one thread the peak does "
+        "not depend on how threads are scheduled; each ETMF thread beyond the first adds its "
+        "own working set, an amount the estimate counts whole). A run "
         "the estimate refuses is not run; one whose forward "
         "alone is estimated beyond `--max-seconds` on this (shared) machine is not run "
         "either, and its row says so. 'small' is an untrained model of the `small` preset "

@@ -7,10 +7,12 @@ the run adds on top of it, counted part by part (:class:`RunEstimate`):
 - ``kept_states``: the hidden states the capture keeps (positions x kept layers x d_model);
 - ``activations``: one block stack's forward over the tokens in flight (a chunk for our models,
   which run chunk by chunk through their recurrent cache, so this does not grow with the
-  length; the whole input for a model read in one pass): per row, the block's temporaries
-  (:data:`ACTIVATION_FLOATS_PER_TOKEN`, per kind of block), the residual streams and the
-  logits, times :data:`CHUNKED_ACTIVATION_FACTOR` when fed in chunks; DeciMamba adds the rows
-  its first decimating layer drops (:data:`DECIMATED_FLOATS_PER_TOKEN`);
+  length; the whole input for a model read in one pass): per row, the blocks' temporaries
+  (:data:`ACTIVATION_FLOATS_PER_TOKEN`, per kind of block and per layer), the residual streams
+  and the logits (when fed in chunks, :data:`CHUNKED_ACTIVATION_SHARE` of that plus the
+  allocator's retention, :data:`CHUNK_RETENTION_BYTES`);
+  DeciMamba adds the rows its first decimating layer drops, each through the layers up to it
+  (:func:`decimating_depth`);
 - ``attention``: the keys and values an attention cache keeps (every earlier position for full
   attention, the memories for the Compressive Transformer; :data:`KEY_VALUE_COPIES`) and one
   block of queries' mask (ours, :data:`MASK_BYTES`) or eager scores (:data:`SCORE_BYTES`);
@@ -19,15 +21,15 @@ the run adds on top of it, counted part by part (:class:`RunEstimate`):
   :data:`PROBE_BYTES_PER_TOKEN`), and MemMamba's allocator retention that grows with the number
   of chunks (:data:`MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT`);
 - ``untraced``: a fixed amount an analysis adds beyond the counted tensors, per kind of model
-  (:data:`UNTRACED_BYTES`: measured, not traced to a tensor; 64 MiB for the state-space models,
-  16 MiB for attention models);
+  (:data:`UNTRACED_BYTES`: measured, not traced to a tensor; 85 MiB for the state-space models,
+  20 MiB for attention models);
 - ``headroom``: :data:`HEADROOM` of the total, for the spread of the peak between runs.
 
 The per-token factors and the fixed amounts are calibrated against the measured peak resident
 memory of real `fidelity analyze` runs at 8k, 60k and 400k tokens
 (``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``);
 each constant says what it was fitted on. Much of what is fitted rather than counted is memory
-the C allocator keeps after a chunk frees it (see :data:`CHUNKED_ACTIVATION_FACTOR`).
+the C allocator keeps after a chunk frees it (see :data:`CHUNK_RETENTION_BYTES`).
 
 The time estimate is measured: a short forward pass, extrapolated linearly in the length
 (quadratically for full attention).
@@ -47,45 +49,51 @@ from fidelity.errors import InputError
 from fidelity.models.base import CausalLM
 
 # Activation floats a one-pass forward holds per row that goes through every layer: (floats per
-# unit of a block's widest dimension, floats that do not grow with the width). The widest
-# dimension is d_inner for SSMs, the MLP's width for attention models; the floats are inputs,
-# projections, scan inputs and outputs, gates, their temporaries, and the ssm_decay metric's
-# recomputation. Calibrated on the peak resident memory of `fidelity analyze` runs (growth
-# over the process, kept states, residual streams and logits subtracted;
-# benchmarks/memory_calibration.py): MemMamba from its mini and small presets at 8k (11.1k
-# and 28.1k floats per token: 33.25 per d_inner plus 2.54k), Mamba (and DeciMamba's kept
-# rows) from mini at 8k with MemMamba's width-free part, Mamba-2 from its mini 8k run, the
-# attention models from the mini Transformer's and Compressive's 8k runs (attention on CPU runs
-# fused, holding no score matrix: 2 floats per MLP unit put both at 1.14x their peaks).
-# Since the Mamba mixer stopped copying its transposed projections (session 26), Mamba and
-# MemMamba hold fewer floats per d_inner; lowered by 4 for now, between what a one-pass 4k run
-# allows (12 less put Mamba's estimate 1.3% under its peak in a fresh environment) and what the
-# chunked runs ask (Mamba mini at 8k, 60k and 400k measured 589, 706 and 718 MiB against
-# estimates of 725, 925 and 960 MiB with the old factors): to be fitted again on every row.
+# unit of the widest dimension per layer, floats that grow with neither). The widest dimension
+# is d_inner for SSMs, the MLP's width for attention models; it counts once per layer because an
+# analysis keeps every layer's scan inputs of the tokens in flight for the ssm_decay metric and
+# its hooks, so the one-pass growth follows n_layer x d_inner: MemMamba's mini (6 x 256) and
+# small (8 x 768) presets at 8k need 3.59 and 3.65 floats per unit (a factor per d_inner alone
+# would differ 2.2-fold between them). Calibrated on the peak resident memory of `fidelity
+# analyze` at one thread (benchmarks/memory_calibration.py, table in
+# benchmarks/results/memory_calibration.md; sessions 27 and 28): Mamba from its mini runs at 2k,
+# 4k and 8k (peaks 450, 486 and 586 MiB over a 317 MiB process), MemMamba from mini at 4k and 8k
+# (501 and 598 MiB) and small at 8k (1232 MiB over 348), Mamba-2
+# from its mini runs at 4k and 8k (its scan inputs are per head, not per channel: far fewer),
+# DeciMamba's kept rows as Mamba's; the attention models, which run attention fused on CPU with
+# no score matrix, from the mini Transformer and Compressive at 8k (6 layers: about 2 floats
+# per MLP unit in all).
 ACTIVATION_FLOATS_PER_TOKEN = {
-    "memmamba": (29.25, 2540),
-    "mamba": (20.5, 2540),
-    "decimamba": (24.5, 2540),
-    "mamba2": (14.4, 2540),
-    "attention": (2, 0),
+    "memmamba": (3.65, 0),
+    "mamba": (3.6, 0),
+    "decimamba": (3.6, 0),
+    "mamba2": (1.2, 0),
+    "attention": (0.34, 0),
 }
-# DeciMamba reads its input in one pass and its first decimating layer keeps a fixed number of
-# rows; every row it drops still went through the layers before it: floats per row in units of
-# d_inner (fitted to its mini runs at 8k and 60k: 4.58k floats per input row plus 9.7k per
-# kept row, close to Mamba's per token).
-DECIMATED_FLOATS_PER_TOKEN = 16.9
-# A run fed in chunks through the recurrent cache peaks higher than one pass over a chunk's
-# tokens: measured 1.48x for MemMamba small at 60k (43.1k against 29.1k floats per token),
-# 1.5x for MemMamba mini and 1.5x for Mamba-2 mini. Not a tensor: what a chunk's forward
-# frees, the C allocator (glibc malloc) keeps in the process and the next chunk's
-# differently placed tensors do not all reuse; traced for MemMamba mini at 200k with the heap
-# trimmed (`malloc_trim`) after every chunk: the memory left after a chunk stays at 814 MB
-# from the first chunk to the seventh, while the resident memory before trimming varies
-# between 933 MB and 1.13 GB from one chunk to the next.
-CHUNKED_ACTIVATION_FACTOR = 1.5
+# A run fed in chunks through the recurrent cache holds part of what one pass over a chunk's
+# tokens holds (:data:`CHUNKED_ACTIVATION_SHARE`) plus what the C allocator (glibc malloc)
+# keeps of the chunks it has freed, a fixed amount per kind of model
+# (:data:`CHUNK_RETENTION_BYTES`). Fitted on the 60k runs at one thread (session 28): MemMamba
+# mini and small, whose one-pass activations over a chunk differ 3.8-fold (191 and 733 MiB),
+# grew by 266 and 698 MiB; a factor of the one-pass amount (1.39 and 0.95) fits neither, a
+# share of it plus a fixed retention fits both. The retention is not a tensor: traced for
+# MemMamba mini at 200k with the heap trimmed (`malloc_trim`) after every chunk, the memory
+# left after a chunk stays at 814 MB from the first chunk to the seventh, while the resident
+# memory before trimming varies between 933 MB and 1.13 GB from one chunk to the next; MemMamba,
+# whose tensors change size from chunk to chunk (the notes each segment writes), keeps the most.
+CHUNKED_ACTIVATION_SHARE = 0.8
+CHUNK_RETENTION_BYTES = {
+    "memmamba": 114 << 20,
+    "mamba": 64 << 20,
+    "decimamba": 64 << 20,
+    "mamba2": 53 << 20,
+    "attention": 34 << 20,
+}
 # An attention cache holds its keys and values and, while a chunk's keys are concatenated
 # onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
-# twice its 6 KB of keys and values per token).
+# twice its 6 KB of keys and values per token). A full-attention model read in one pass
+# concatenates nothing: one copy (the mini Transformer at 8k, one pass: 1.18x its peak with
+# two, session 28).
 KEY_VALUE_COPIES = 2
 # Bytes per token of the buffers as long as the input, whatever the chunking: the anchor
 # draw's permutation of every position (int64, once) and, per sequence, the probe's token ids
@@ -93,44 +101,49 @@ KEY_VALUE_COPIES = 2
 PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
 # MemMamba's peak also grows with the number of chunks, where Mamba's stays flat: from 60k to
-# 400k tokens by 54 MB for mini (0.21 bytes per token per unit of n_layer x d_model = 768) and
-# by 351 MB for small (0.34 per unit of 3072), counted as 0.25 (small's other terms cover the
-# rest). No tensor grows with the length: with the heap trimmed after every chunk, what a
-# MemMamba mini run holds after each chunk stays at 814 MB, while the high-water mark creeps up
-# chunk after chunk (1013, 1118, 1118, 1135, 1153 MB over its first five chunks, flat at the
-# sixth and seventh): the allocator's retained free memory, which MemMamba's chunk-to-chunk
-# varying tensor sizes (the notes each segment writes set the size of its pool candidates and
-# membership masks) fragment more than Mamba's fixed ones. A linear fit of a growth that slows
-# down: safe (too high) beyond 400k.
-MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.25
+# 400k tokens, beyond the kept states, by 54 MiB for mini and 357 MiB for small at one thread
+# (0.22 and 0.36 bytes per token per unit of n_layer x d_model: 768 and 3072; session 28),
+# counted as 0.36 (mini's estimate at 400k is then 1.10 of its peak). No tensor grows with the
+# length: with the heap trimmed after every
+# chunk, what a MemMamba mini run holds after each chunk stays at 814 MB, while the high-water
+# mark creeps up chunk after chunk (1013, 1118, 1118, 1135, 1153 MB over its first five
+# chunks, flat at the sixth and seventh; session 26, before its records were preallocated):
+# the allocator's retained free memory, which MemMamba's chunk-to-chunk varying tensor sizes
+# (the notes each segment writes set the size of its pool candidates and membership masks)
+# fragment more than Mamba's fixed ones. A linear fit of a growth that slows down: safe (too
+# high) beyond 400k.
+MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.36
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
 # Bytes per (query, key) pair of one block of our attention: the block's boolean mask and the
-# float copy `scaled_dot_product_attention` makes of it on CPU (measured: one call over 1024
-# queries and 60k keys, 4 heads, raised the peak by 252 MB over its 61 MB mask, 4 bytes per
-# pair; 39 MB at 8k keys). Our models feed queries in blocks, so this grows with the keys a
-# query sees, not with their square.
-MASK_BYTES = 5
-# An analysis peaks a fixed amount above its counted parts: at 8k (one pass), the peak's
-# growth over the process exceeds the counted parts by 65, 66, 66 and 71 MB for MemMamba,
-# Mamba, Mamba-2 and DeciMamba mini, whose counted parts range from 241 to 397 MB (so the
-# amount is per run, not per token; the SSMs' activation factors were fitted with it apart),
-# and by 16 and 19 MB for the Transformer and the Compressive Transformer (at 60k and 400k the
-# latter's by -1 and -11 MB; benchmarks/results/memory_calibration.md). Not traced to a
-# tensor: for the SSMs, candidates are the ssm_decay metric's working set (each chunk's scan
-# inputs recomputed in float64, one block of pairs of PAIR_BLOCK_ELEMENTS), the scan kernel's
-# scratch and the allocator's retention.
+# float copy `scaled_dot_product_attention` makes of it on CPU (one call over 1024 queries and
+# 60k keys, 4 heads, raised the peak by 252 MB over its 61 MB mask, 4 bytes per pair). Fitted
+# on whole analyses at 2 (the mini Transformer at 8k and 60k: the mask's copy and the keys'
+# concatenation copy, KEY_VALUE_COPIES, do not peak at once). Our models feed queries in
+# blocks, so this grows with the keys a query sees, not with their square.
+MASK_BYTES = 2
+# An analysis peaks a fixed amount above its counted parts, per kind of model: fitted with the
+# activation factors on Mamba mini's one-pass runs at 2k, 4k and 8k, whose growth over the
+# process (133, 169 and 269 MiB at one thread, session 28) is not proportional to the tokens
+# (85 MiB for the SSMs; DeciMamba's one-pass runs at 6k and 8k, 64 MiB), and on the
+# Transformer's and Compressive Transformer's 8k runs (20 MiB: the latter's peak spread
+# 431-436 MiB between runs). Not traced to a tensor: for the SSMs, candidates are the ssm_decay
+# metric's working set (one block of pairs of PAIR_BLOCK_ELEMENTS), the scan kernel's scratch
+# and the allocator's retention.
 UNTRACED_BYTES = {
-    "memmamba": 64 << 20,
-    "mamba": 64 << 20,
+    "memmamba": 85 << 20,
+    "mamba": 85 << 20,
     "decimamba": 64 << 20,
-    "mamba2": 64 << 20,
-    "attention": 16 << 20,
+    "mamba2": 85 << 20,
+    "attention": 20 << 20,
 }
 # ETMF scores distances in threads, one per torch thread (fidelity.metrics.etmf): each thread
 # beyond the first holds its own read-out working set and allocator arena. Measured on main
 # ed0d581 with `--threads 2` against the same run with one ETMF thread: Mamba mini at 4k 596
-# against 488 MiB, MemMamba mini at 8k 732 against 606 MiB (841fbe7, before the threads).
+# against 488 MiB, MemMamba mini at 8k 732 against 606 MiB (841fbe7, before the threads);
+# Mamba mini at 20k on a busy CI machine 787 MiB, against 666 at one thread. How much the
+# threads' working sets overlap depends on how they are scheduled, so this is an upper bound;
+# the other constants are fitted on runs at one thread, whose peak does not depend on timing.
 READOUT_THREAD_BYTES = 128 << 20
 # The same analysis in two fresh processes peaks apart (allocator arenas, threads, which
 # library pages are resident: seen for mamba at 4k, 611-631 MB in two runs at once), so the
@@ -263,6 +276,19 @@ def decimated_rows(model: nn.Module, rows: int) -> int:
     return rows
 
 
+def decimating_depth(model: nn.Module) -> int:
+    """How many layers every input row goes through: up to and including DeciMamba's first
+    decimating layer (all of them for other models). DeciMamba reads its input in one pass, so
+    the rows that layer drops count like a one-pass model's of that depth (the shipped
+    DeciMamba decimates at layer 3 of 6: 4 x 3.6 floats per d_inner per dropped row, which its
+    runs at 60k and 400k tokens, 1.3 GiB and 6.1 GiB, agree with)."""
+    layers = list(getattr(model, "layers", ()))
+    for index, block in enumerate(layers):
+        if getattr(block, "decimation", None) is not None:
+            return index + 1
+    return len(layers)
+
+
 def attention_span(model: nn.Module, length: int) -> int:
     """How many keys one query sees at most: the length for full attention, the window or
     memory size for bounded models, 0 for attention-free models."""
@@ -315,18 +341,23 @@ def estimate_run(
     vocab = getattr(config, "vocab_size", 0) or 0
     per_widest, width_free = ACTIVATION_FLOATS_PER_TOKEN[_block_kind(model)]
     # a row through every layer: the blocks' activations, the residual streams, the logits
-    per_row = widest * per_widest + width_free + 2 * d_model + vocab
+    per_row = widest * n_layer * per_widest + width_free + 2 * d_model + vocab
     rows_out = decimated_rows(model, tokens_in_flight)
     floats = rows_out * per_row
-    if rows_out < tokens_in_flight:  # every row goes through the layers up to the decimation
-        floats += tokens_in_flight * (widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model)
-    chunked = CHUNKED_ACTIVATION_FACTOR if chunk_size and length > chunk_size else 1
-    activations = int(batch * floats * compute_bytes * chunked)
+    if rows_out < tokens_in_flight:  # the dropped rows went through the layers up to it
+        depth = decimating_depth(model)
+        floats += (tokens_in_flight - rows_out) * (widest * depth * per_widest + 2 * d_model)
+    activations = int(batch * floats * compute_bytes)
+    chunked_input = bool(chunk_size) and length > chunk_size
+    if chunked_input:
+        activations = int(activations * CHUNKED_ACTIVATION_SHARE)
+        activations += CHUNK_RETENTION_BYTES[_block_kind(model)]
     span = attention_span(model, length)
     attention = 0
     if span:
         keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
-        attention = KEY_VALUE_COPIES * keys_values
+        one_pass = span == length and not chunked_input
+        attention = (1 if one_pass else KEY_VALUE_COPIES) * keys_values
         block = attention_block(model, tokens_in_flight)
         if not isinstance(model, CausalLM):  # eager attention builds the scores
             n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)

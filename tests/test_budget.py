@@ -11,8 +11,9 @@ import torch
 import fidelity.budget
 from fidelity.analysis import plan_analysis
 from fidelity.budget import (
-    CHUNKED_ACTIVATION_FACTOR,
-    DECIMATED_FLOATS_PER_TOKEN,
+    ACTIVATION_FLOATS_PER_TOKEN,
+    CHUNK_RETENTION_BYTES,
+    CHUNKED_ACTIVATION_SHARE,
     HEADROOM,
     KEY_VALUE_COPIES,
     MASK_BYTES,
@@ -22,6 +23,7 @@ from fidelity.budget import (
     MemoryBudgetError,
     RunEstimate,
     decimated_rows,
+    decimating_depth,
     estimate_run,
     estimate_seconds,
     forward_cost,
@@ -59,16 +61,21 @@ print(json.dumps({"code": code, "peak": peak, **planned}))
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 @pytest.mark.parametrize(
-    ("model", "length", "chunked"),
+    ("model", "length", "chunked", "threads"),
     [
-        ("mamba", "4k", False),  # one pass
-        ("mamba", "20k", True),  # chunks through the recurrent cache (its estimate was low)
-        ("decimamba", "6k", False),  # later layers see only the rows decimation keeps
+        ("mamba", "4k", False, 1),  # one pass
+        ("mamba", "20k", True, 1),  # chunks through the recurrent cache (its estimate was low)
+        ("decimamba", "6k", False, 1),  # later layers see only the rows decimation keeps
+        ("mamba", "4k", False, 2),  # two ETMF threads, each with its working set
     ],
 )
-def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunked):
+def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunked, threads):
+    """At one thread the peak does not depend on timing: the estimate is not below it and
+    not a blanket overestimate. With two, how much the ETMF threads' working sets overlap
+    depends on how the threads are scheduled (a busy machine overlaps them less): only
+    "not below" holds whatever the load."""
     argv = ["analyze", "--model", model, "--length", length, "--no-progress"]
-    argv += ["--out", str(tmp_path / "run"), "--max-memory", "64GB"]
+    argv += ["--out", str(tmp_path / "run"), "--max-memory", "64GB", "--threads", str(threads)]
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, *argv],
         capture_output=True,
@@ -80,7 +87,9 @@ def test_estimate_is_not_below_the_measured_peak(tmp_path, model, length, chunke
     assert result["code"] == 0, done.stderr
     assert (result["chunk_size"] is not None) == chunked, result
     ratio = result["estimate"] / result["peak"]
-    assert 1.0 <= ratio <= 1.3, result  # not below, and not a blanket overestimate
+    assert ratio >= 1.0, result
+    if threads == 1:
+        assert ratio <= 1.3, result
 
 
 def test_refused_before_the_length_sized_buffers(monkeypatch):
@@ -122,16 +131,37 @@ def test_decimamba_counts_the_rows_its_first_decimating_layer_keeps():
         for m in (kept, plain)
     }
     d_model, widest, _ = model_width(model)
-    per_row = widest * DECIMATED_FLOATS_PER_TOKEN + 2 * d_model
+    assert decimating_depth(model) == 2 and decimating_depth(mamba) == len(mamba.layers)
+    per_unit = ACTIVATION_FLOATS_PER_TOKEN["decimamba"][0]
+    per_row = widest * decimating_depth(model) * per_unit + 2 * d_model
     assert grown[kept] == pytest.approx(1000 * per_row * 4, abs=2)
     assert grown[kept] < grown[plain]
 
 
-def test_a_chunked_run_counts_more_than_one_pass_over_a_chunk():
-    model = build_model("mamba", "tiny")
+@pytest.mark.parametrize("name", ["mamba", "memmamba"])
+def test_a_chunked_run_counts_a_share_of_one_pass_and_the_retention(name):
+    model = build_model(name, "tiny")
     one_pass = estimate_run(model, 1000, n_positions=16, n_layers_kept=1)
     chunked = estimate_run(model, 5000, n_positions=16, n_layers_kept=1, chunk_size=1000)
-    assert chunked.activations == int(one_pass.activations * CHUNKED_ACTIVATION_FACTOR)
+    share = int(one_pass.activations * CHUNKED_ACTIVATION_SHARE)
+    assert chunked.activations == share + CHUNK_RETENTION_BYTES[name]
+    assert chunked.activations > one_pass.activations  # a tiny model: retention dominates
+
+
+@pytest.mark.parametrize("name", ["mamba", "memmamba", "mamba2"])
+def test_an_ssm_counts_its_activations_per_layer(name):
+    """An analysis keeps every layer's scan inputs of the tokens in flight: doubling the layers
+    doubles the width part of the activations (the residual streams and logits stay)."""
+    shallow, deep = (build_model(name, "tiny", n_layer=n) for n in (2, 4))
+    d_model, widest, _ = model_width(shallow)
+    vocab = shallow.config.vocab_size
+    parts = [
+        estimate_run(m, 1000, n_positions=16, n_layers_kept=1).activations for m in (shallow, deep)
+    ]
+    per_unit, width_free = ACTIVATION_FLOATS_PER_TOKEN[name]
+    fixed = 1000 * (width_free + 2 * d_model + vocab) * 4
+    assert parts[0] == int(fixed + 1000 * widest * 2 * per_unit * 4)
+    assert parts[1] - fixed == pytest.approx(2 * (parts[0] - fixed), abs=2)
 
 
 @pytest.mark.parametrize(("name", "kind"), [("mamba", "mamba"), ("compressive", "attention")])
@@ -152,7 +182,7 @@ def test_untraced_amount_is_per_kind_and_headroom_a_fraction_of_the_whole(name, 
 
 
 def test_memmamba_counts_its_growth_with_the_length():
-    """MemMamba's allocator retention grows with the number of chunks: 0.25 bytes per token per
+    """MemMamba's allocator retention grows with the number of chunks: 0.36 bytes per token per
     unit of n_layer x d_model on top of Mamba's length-sized buffers; the chunk's parts do not
     change with the length."""
     model = build_model("memmamba", "tiny")
@@ -180,6 +210,18 @@ def test_full_attention_counts_its_cache_and_one_block_mask():
     )
     per_key = KEY_VALUE_COPIES * n_layer * 2 * d_model * 4 + block * MASK_BYTES
     assert long.attention - short.attention == 20_000 * per_key
+
+
+def test_full_attention_read_in_one_pass_keeps_one_copy_of_its_keys():
+    """Nothing is concatenated onto a cache when the whole input is one chunk."""
+    model = build_model("transformer", "tiny")
+    d_model, _, n_layer = model_width(model)
+    one_pass, chunked = (
+        estimate_run(model, 8000, n_positions=16, n_layers_kept=1, chunk_size=size)
+        for size in (8192, 4096)
+    )
+    keys_values = n_layer * 2 * 8000 * d_model * 4
+    assert chunked.attention - one_pass.attention == (KEY_VALUE_COPIES - 1) * keys_values
 
 
 def test_forward_cost_splits_a_causal_forward_into_per_token_and_per_key_parts(monkeypatch):
