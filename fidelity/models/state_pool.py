@@ -256,8 +256,10 @@ def pool_segments(
     )
     member = _first_written(written_at < queries, size)
     member_inclusive = _first_written(written_at <= queries, size) if inclusive else None
-    segments = PoolSegments(
-        cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
+    segments = _drop_unseen(
+        PoolSegments(
+            cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
+        )
     )
     last = pool_index
     final = StatePool(
@@ -268,6 +270,37 @@ def pool_segments(
         initial.policy,
     )
     return segments, final
+
+
+def _drop_unseen(segments: PoolSegments) -> PoolSegments:
+    """``segments`` without the candidates no query of their segment sees (empty pool slots,
+    notes dropped or evicted before any query saw them: at high write rates most of the
+    notes written inside a segment), keeping at least one candidate per segment: each
+    segment's seen candidates first, in their best-first order, the segments padded with
+    unseen ones to the largest count. Every query's pool is unchanged, and attention over
+    candidates costs in their number."""
+    seen = segments.member.view(torch.uint8).amax(dim=2)  # (batch, n_segments, n_candidates)
+    if segments.member_inclusive is not None:
+        seen |= segments.member_inclusive.view(torch.uint8).amax(dim=2)
+    n_candidates = seen.shape[-1]
+    n_seen = max(1, int(seen.sum(-1, dtype=torch.int32).max())) if seen.numel() else 1
+    if n_seen >= n_candidates:
+        return segments
+    keep = torch.argsort(1 - seen, dim=-1, stable=True)[..., :n_seen]  # (batch, n_segments, n)
+
+    def queries_keep(member: torch.Tensor | None) -> torch.Tensor | None:
+        if member is None:
+            return None
+        return member.gather(3, keep[:, :, None].expand(-1, -1, member.shape[2], -1))
+
+    return PoolSegments(
+        segments.values.gather(2, keep[..., None].expand(-1, -1, -1, segments.values.shape[-1])),
+        segments.importance.gather(2, keep),
+        segments.positions.gather(2, keep),
+        queries_keep(segments.member),
+        queries_keep(segments.member_inclusive),
+        segments.query_positions,
+    )
 
 
 def _relative_positions(
