@@ -235,11 +235,11 @@ def pool_segments(
     for segment in range(n_segments):
         merged_index = torch.cat([new_index[:, segment], pool_index], dim=1)
         merged_key = torch.cat([new_key[:, segment], pool_key], dim=1)
-        order = torch.argsort(merged_key, dim=1, descending=True, stable=True)
+        merged_key, order = torch.sort(merged_key, dim=1, descending=True, stable=True)
         merged_index = merged_index.gather(1, order)
         candidates.append(merged_index)
         pool_index = merged_index[:, :size]
-        pool_key = merged_key.gather(1, order[:, :size])
+        pool_key = merged_key[:, :size]
     index = torch.stack(candidates, dim=1)  # (batch, n_segments, n_candidates), best-first
     n_candidates = index.shape[2]
     flat = index.flatten(1)
