@@ -17,9 +17,11 @@ segment's candidates are the pool at the segment start plus the notes written in
 n_segments, segment_size, n_candidates)` says which candidates each query sees: the first
 ``size`` candidates written before it, found with one comparison and a running count along the
 candidates per query and candidate (in 16-bit integers, positions counted from the segment
-start). Only the merge of the pool with each segment's new notes runs segment after segment;
-the rest is computed for all segments at once. Time and memory are O(length * (size +
-segment)), never O(length^2).
+start). Candidates no query of their segment sees (empty pool slots, notes dropped or evicted
+before any query saw them) are then dropped, so that attention over the candidates costs in
+the notes some query sees. Only the merge of the pool with each segment's new notes runs
+segment after segment; the rest is computed for all segments at once. Time and memory are
+O(length * (size + segment)), never O(length^2).
 """
 
 from __future__ import annotations
