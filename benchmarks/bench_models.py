@@ -20,10 +20,18 @@ jobs, to see the hogs' effect alone; the load column is a one-minute average and
 hogs). Then a breakdown of MemMamba's one-pass forward into its
 components (mixer, note block, pool, attention, fusion, the rest), timed with the same clock
 around each part (best run; the attentions' output projections count under fusion, which
-runs them). Untrained models (random init, seed 0); the shipped checkpoints
-have the same shapes, and the pool's cost depends on how many positions write notes, which
-the untrained scorer's bias sets to about the trained rate (2% against 5%). The machine's load
-average is printed with every row: on a shared machine, compare ratios, not seconds.
+runs them). The machine's load average is printed with every row: on a shared machine,
+compare ratios, not seconds.
+
+``--weights untrained`` (the default): random init, seed 0, at each preset; about 2% of the
+positions write notes (the scorer's init bias) and half of them fire cross-token attention
+(the state scorer starts at 0). ``--weights shipped``: the shipped default checkpoints
+(``mamba``, ``memmamba``; the ``mini`` preset only), whose rates depend on the input: on
+``--input random`` (uniform random bytes, the default) two of MemMamba's layers write notes at
+almost every position and cross-token attention fires at 0-6%; on ``--input text`` (this
+repository's README and Python sources, repeated) the write rates are 0-5% and the first
+layer's attention fires almost everywhere. MemMamba's pool and attention costs follow these
+rates, so say which you measured.
 
 With ``--baseline REF`` (a git revision of this repository), MemMamba's model code as it was at
 ``REF`` (``fidelity/models/memmamba.py`` and ``state_pool.py``, read with ``git show``) runs as
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -52,6 +61,7 @@ import torch
 from fidelity.lengths import parse_length
 from fidelity.models import memmamba as memmamba_module
 from fidelity.models.base import CausalLM
+from fidelity.models.loading import load_model
 from fidelity.models.registry import build_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -61,6 +71,15 @@ COMPONENTS = ("mixer", "note block", "pool", "attention", "fusion")
 def load() -> str:
     """The 1-minute load average, formatted."""
     return f"{os.getloadavg()[0]:.2f}"
+
+
+def text_tokens(length: int) -> torch.Tensor:
+    """`(1, length)` byte tokens: this repository's README and Python sources, in path order,
+    repeated as needed."""
+    paths = [REPOSITORY / "README.md", *sorted((REPOSITORY / "fidelity").rglob("*.py"))]
+    text = b"\n".join(path.read_bytes() for path in paths)
+    text = text * -(-length // len(text))
+    return torch.tensor(list(text[:length]), dtype=torch.long)[None]
 
 
 def forward_one_pass(model: CausalLM, ids: torch.Tensor) -> Callable[[], None]:
@@ -143,8 +162,9 @@ def baseline_module(ref: str, directory: Path):
 
 
 def baseline_model(module, current: CausalLM) -> CausalLM:
-    """The baseline code's MemMambaLM with ``current``'s config and weights."""
-    model = module.MemMambaLM(current.config)
+    """The baseline code's MemMambaLM with ``current``'s config (as the baseline's own config
+    class) and weights."""
+    model = module.MemMambaLM(module.MemMambaConfig(**dataclasses.asdict(current.config)))
     model.load_state_dict(current.state_dict())
     return model.eval()
 
@@ -243,6 +263,8 @@ def main() -> None:
     parser.add_argument(
         "--baseline", metavar="REF", help="also time MemMamba's model code at this git revision"
     )
+    parser.add_argument("--weights", default="untrained", choices=("untrained", "shipped"))
+    parser.add_argument("--input", default="random", choices=("random", "text"))
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = parser.parse_args()
     presets = args.presets.split(",")
@@ -254,6 +276,8 @@ def main() -> None:
         parser.error(f"unknown modes {sorted(unknown)}")
     if args.hogs < 0:
         parser.error("--hogs must be >= 0")
+    if args.weights == "shipped" and (presets != ["mini"] or args.note_block == "off"):
+        parser.error("--weights shipped: the shipped checkpoints are mini, with the note block")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -275,7 +299,8 @@ def main() -> None:
         "",
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
-        f"MemMamba note block {args.note_block}; best of {args.repeats}, alternating; "
+        f"MemMamba note block {args.note_block}; {args.weights} weights, {args.input} input; "
+        f"best of {args.repeats}, alternating; "
         f"{args.clock} time; "
         f"load average at the start {os.getloadavg()}.",
         "",
@@ -292,16 +317,22 @@ def main() -> None:
     ]
     generator = torch.Generator().manual_seed(0)
     for preset in presets:
-        models = {
-            "mamba": build_model("mamba", preset).eval(),
-            "memmamba": build_model("memmamba", preset, **overrides).eval(),
-        }
+        if args.weights == "shipped":
+            models = {"mamba": load_model("mamba"), "memmamba": load_model("memmamba")}
+        else:
+            models = {
+                "mamba": build_model("mamba", preset).eval(),
+                "memmamba": build_model("memmamba", preset, **overrides).eval(),
+            }
         if baseline is not None:
             models["baseline"] = baseline_model(baseline, models["memmamba"])
         for length in lengths:
-            ids = torch.randint(
-                0, models["mamba"].config.vocab_size, (1, length), generator=generator
-            )
+            if args.input == "text":
+                ids = text_tokens(length)
+            else:
+                ids = torch.randint(
+                    0, models["mamba"].config.vocab_size, (1, length), generator=generator
+                )
             if baseline is not None:
                 difference = largest_difference(models, ids)
                 print(

@@ -103,3 +103,28 @@ def test_parallel_pool_gradients_reach_the_written_values():
     (segments.values * segments.member.any(dim=2)[..., None]).sum().backward()
     seen = values.grad.abs().sum(-1) > 0
     assert (seen <= written).all() and seen.any()
+
+
+@pytest.mark.parametrize("policy", ["priority", "fifo"])
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_candidates_no_query_sees_are_dropped(policy, inclusive):
+    """At a high write rate many notes written inside a segment never enter a query's pool
+    (priority: too unimportant), and empty pool slots are never seen: the segments keep, per
+    segment, the candidates some query sees first (best-first), padded with unseen ones to
+    the largest count, and far fewer than the pool plus the segment's notes. Which notes each
+    query sees is checked against explicit writes above."""
+    batch, length, size, segment_size = 3, 200, 6, 40
+    values, importance, written = random_notes(batch, length, 4, 0.9, seed=11)
+    initial = StatePool.empty(batch, size, 4, policy, dtype=torch.float64)
+    segments, _ = pool_segments(
+        initial, values, importance, written, 0, segment_size, inclusive=inclusive
+    )
+    member = segments.member_inclusive if inclusive else segments.member
+    seen = member.any(dim=2) | segments.member.any(dim=2)  # (batch, n_segments, candidates)
+    n_seen = seen.sum(-1)
+    most_written = written.view(batch, -1, segment_size).sum(-1).max()
+    assert seen.shape[-1] == n_seen.max() <= size + most_written
+    if policy == "priority":  # fifo: every new note enters the pool (the newest is the best)
+        assert seen.shape[-1] < size + most_written
+    # seen candidates first: after a segment's first unseen one, none is seen
+    assert not (seen & (torch.cumsum(~seen, dim=-1) > 0)).any()

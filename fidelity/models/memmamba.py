@@ -31,13 +31,21 @@ projecting, weighting and adding (tested), in fewer operations.
 
 Choices the paper leaves open are configuration (:class:`MemMambaConfig`, each default with its
 reason). The parallel forward is O(length * d): pools are computed segment by segment of
-queries (:func:`~fidelity.models.state_pool.pool_segments`), never with a length x length mask. The
-recurrent :meth:`MemMambaLM.step` keeps explicit pools; both agree (tested).
+queries (:func:`~fidelity.models.state_pool.pool_segments`), never with a length x length mask;
+segments are shorter where many positions write notes, so that a query's candidates stay
+about three pools (:meth:`MemMambaConfig.query_segment_size`). The recurrent
+:meth:`MemMambaLM.step` keeps explicit pools; both agree (tested).
+
+Without gradients to the state scorer (evaluation), cross-token attention runs only at the
+positions where its gate fires, the rest of its context being exactly the zero the gate would
+make of it; observers that read its attention weights still get them for every position
+(:class:`PoolAttentionOutput`). Both shortcuts are tested against the paths they replace.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,16 +89,20 @@ class MemMambaConfig(MambaConfig):
     use_note_block: bool = True  # False: every position writes an unpooled note (ablation)
     use_cross_token: bool = True  # False: no cross-token attention (ablation)
     use_cross_layer: bool = True  # False: no cross-layer attention (ablation)
-    block_size: int = 512  # queries per segment of the parallel pool computation (speed only)
+    block_size: int = 512  # most queries per segment of the parallel pool computation (speed only)
 
-    def query_segment_size(self) -> int:
-        """Queries per segment of the parallel pool computation: ``block_size`` (the config
-        key saved checkpoints carry), or at most twice the pool size without the note block,
-        where every position writes a note and a segment's candidates (pool + segment) would
-        otherwise outgrow the pool many times."""
-        if self.use_note_block:
+    def query_segment_size(self, write_rate: float) -> int:
+        """Queries per segment of the parallel pool computation for a chunk where a fraction
+        ``write_rate`` of the positions write notes (1 without the note block): ``block_size``
+        (the config key saved checkpoints carry), or fewer, about ``2 * pool_size /
+        write_rate``, so that a segment's candidates (the pool and the notes written inside
+        the segment) stay about three pools at any write rate, instead of growing with the
+        segment (the results do not depend on it: speed only)."""
+        if not self.use_note_block:
+            write_rate = 1.0
+        if write_rate * self.block_size <= 2 * self.pool_size:
             return self.block_size
-        return min(self.block_size, 2 * self.pool_size)
+        return max(1, int(2 * self.pool_size / write_rate))
 
     def validate(self) -> None:
         super().validate()
@@ -275,10 +287,19 @@ class PoolAttentionOutput:
     """``output`` `(batch, n_segments, n_queries, summary_dim)`: the attention-weighted values,
     heads side by side, before the output projection ``o_proj`` (the block's fusion applies
     it); ``weights`` `(batch, n_segments, n_heads, n_queries, n_candidates)` (zero outside each
-    query's pool; all zero for an empty pool)."""
+    query's pool; all zero for an empty pool), of every query. When the attention ran for
+    selected queries only (``output`` zero at the others), the weights are computed, for all
+    queries, the first time they are read: observers that read them get them, the forward
+    pass does not pay for them. ``_weights`` holds the tensor or the function that makes it."""
 
     output: torch.Tensor
-    weights: torch.Tensor
+    _weights: torch.Tensor | Callable[[], torch.Tensor]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        if callable(self._weights):
+            self._weights = self._weights()
+        return self._weights
 
 
 class PoolAttention(nn.Module):
@@ -298,8 +319,46 @@ class PoolAttention(nn.Module):
         with torch.no_grad():
             self.o_proj.weight.normal_(std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def forward(self, normed: torch.Tensor, view: PoolView) -> PoolAttentionOutput:
-        """Masking is one added bias `(batch, segments, 1, queries, candidates + 1)` (0 for a
+    def forward(
+        self, normed: torch.Tensor, view: PoolView, selected: torch.Tensor | None = None
+    ) -> PoolAttentionOutput:
+        """With ``selected`` `(batch, n_segments, n_queries)` bool, only the selected queries
+        attend: the rest get a zero output, and the weights are computed on first access (see
+        :class:`PoolAttentionOutput`). Each selected query's output is what it gets without
+        ``selected`` (the same arithmetic on fewer rows; tested)."""
+        if selected is None:
+            context, weights = self._compute(normed, view.values, view.member)
+            return PoolAttentionOutput(context, weights)
+        batch, n_segments, n_queries, width = normed.shape
+        n_selected = int(selected.sum(-1).max()) if selected.numel() else 0
+        if 2 * n_selected > n_queries:  # most attend: all of them, cheaper than gathering
+            context, weights = self._compute(normed, view.values, view.member)
+            return PoolAttentionOutput(context * selected[..., None], weights)
+        output = normed.new_zeros(batch, n_segments, n_queries, self.o_proj.in_features)
+        if n_selected:
+            # each segment's selected queries first, in order; padding rows see no note
+            rows = torch.argsort(selected.logical_not().view(torch.uint8), dim=-1, stable=True)
+            rows = rows[..., :n_selected]  # (batch, n_segments, n_selected)
+            member = view.member.gather(
+                2, rows[..., None].expand(-1, -1, -1, view.member.shape[-1])
+            )
+            member &= selected.gather(2, rows)[..., None]
+            queries = normed.gather(2, rows[..., None].expand(-1, -1, -1, width))
+            context, _ = self._compute(queries, view.values, member)
+            output.scatter_(2, rows[..., None].expand_as(context), context)
+        return PoolAttentionOutput(
+            output, lambda: self._compute(normed, view.values, view.member)[1]
+        )
+
+    def _compute(
+        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``normed`` `(batch, segments, queries, d_model)` over candidate ``values``
+        `(batch, segments, candidates, summary_dim)` where ``member`` `(batch, segments,
+        queries, candidates)` -> (context `(batch, segments, queries, summary_dim)`, weights
+        `(batch, segments, heads, queries, candidates)`).
+
+        Masking is one added bias `(batch, segments, 1, queries, candidates + 1)` (0 for a
         member, the lowest float otherwise: its softmax weight underflows to exactly 0),
         broadcast over the heads. The extra candidate is a null note
         (zero key and value) that only queries with an empty pool see: their softmax puts all
@@ -310,9 +369,8 @@ class PoolAttention(nn.Module):
         q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
         scale = q.shape[-1] ** -0.5
         null = (0, 0, 0, 1)  # one zero row after the candidates
-        k = F.pad(self.k_proj(view.values) * scale, null).unflatten(-1, (heads, -1))
-        v = F.pad(self.v_proj(view.values), null).unflatten(-1, (heads, -1))
-        member = view.member  # (batch, segments, queries, candidates)
+        k = F.pad(self.k_proj(values) * scale, null).unflatten(-1, (heads, -1))
+        v = F.pad(self.v_proj(values), null).unflatten(-1, (heads, -1))
         nonempty = member.view(torch.uint8).amax(dim=-1, keepdim=True)  # (any() is slower)
         visible = torch.cat([member, nonempty == 0], dim=-1).to(q.dtype)
         bias = visible.sub_(1).mul_(torch.finfo(q.dtype).max)  # 0 or the lowest float
@@ -320,7 +378,7 @@ class PoolAttention(nn.Module):
             q, k.transpose(2, 3), v.transpose(2, 3), bias[:, :, None]
         )
         context = context.transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
-        return PoolAttentionOutput(context, weights[..., :-1])
+        return context, weights[..., :-1]
 
 
 class _BiasedSoftmaxAttention(torch.autograd.Function):
@@ -404,6 +462,38 @@ class Fusion(nn.Module):
 
 
 @dataclass
+class PoolChunk:
+    """A block's pool over a chunk: what :func:`pool_segments` was given (the ``initial`` pool,
+    the chunk's note ``summaries`` `(batch, length, summary_dim)`, ``importance`` and
+    ``written`` `(batch, length)`, ``start_position``), the ``segment_size`` asked for and the
+    ``segments`` it gave. Cross-layer attention reads the pools of several blocks with one
+    segmentation: :meth:`segments_at` computes them again at another segment size."""
+
+    initial: StatePool
+    summaries: torch.Tensor
+    importance: torch.Tensor
+    written: torch.Tensor
+    start_position: int
+    segment_size: int
+    segments: PoolSegments
+
+    def segments_at(self, segment_size: int) -> PoolSegments:
+        """The segments (with ``member_inclusive``) at ``segment_size``."""
+        if segment_size == self.segment_size and self.segments.member_inclusive is not None:
+            return self.segments
+        segments, _ = pool_segments(
+            self.initial,
+            self.summaries,
+            self.importance,
+            self.written,
+            self.start_position,
+            segment_size,
+            inclusive=True,
+        )
+        return segments
+
+
+@dataclass
 class MemMambaLayerCache(MambaLayerCache):
     """A block's recurrent state: the mixer's (``conv``, ``ssm``), its ``pool``, the unpooled
     features of the last ``note_window - 1`` positions ``note_prefix`` `(batch, note_window -
@@ -440,27 +530,39 @@ class MemMambaBlock(nn.Module):
         self,
         x: torch.Tensor,
         cache: MemMambaLayerCache | None,
-        sources: list[tuple[int, PoolSegments]],
+        sources: list[tuple[int, PoolChunk]],
         start_position: int,
-    ) -> tuple[torch.Tensor, PoolSegments, torch.Tensor]:
+    ) -> tuple[torch.Tensor, PoolChunk, torch.Tensor]:
         """``x`` `(batch, length, d_model)` starting at absolute ``start_position`` -> (block
-        output `(batch, length, d_model)`, this block's pool segments, token-importance logits
-        `(batch, length)`). ``sources`` are the pool segments of the blocks cross-layer
-        attention reads, as (block index, segments)."""
+        output `(batch, length, d_model)`, this block's pool over the chunk, token-importance
+        logits `(batch, length)`). ``sources`` are the pools of the blocks cross-layer
+        attention reads, as (block index, pool)."""
         config = self.config
         state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
         h = x + self.mixer(self.norm(x), cache)
         normed = self.memory_norm(h)
         n_prefix_valid = min(config.note_window - 1, start_position)
         notes = self.note_block(normed, state.note_prefix, n_prefix_valid)
+        length = x.shape[1]
+        write_rate = float(notes.written.sum(1).max()) / length if length else 0.0
+        segment_size = config.query_segment_size(write_rate)
         segments, final_pool = pool_segments(
             state.pool,
             notes.summaries,
             notes.importance,
             notes.written,
             start_position,
-            config.query_segment_size(),
+            segment_size,
             inclusive=self.pool_is_read_by_later_blocks,
+        )
+        chunk = PoolChunk(
+            state.pool,
+            notes.summaries,
+            notes.importance,
+            notes.written,
+            start_position,
+            segment_size,
+            segments,
         )
         contexts, projections = [], []
         if self.cross_token is not None:
@@ -472,12 +574,19 @@ class MemMambaBlock(nn.Module):
                 ],
                 dim=1,
             )
-            gate = straight_through(previous > config.tau2, previous)
-            attended = self._attend(self.cross_token, normed, [(self.block, segments)], False)
-            contexts.append(gate[..., None] * attended)
+            fired = previous > config.tau2
+            gate = straight_through(fired, previous)
+            token_sources = [(self.block, segments)]
+            if gate.requires_grad:  # the scorer's gradient needs the context everywhere
+                attended = self._attend(self.cross_token, normed, token_sources, False)
+                contexts.append(gate[..., None] * attended)
+            else:  # the context where the gate is open, zero elsewhere: gate * context
+                contexts.append(self._attend(self.cross_token, normed, token_sources, False, fired))
             projections.append(self.cross_token.o_proj)
         if self.cross_layer is not None and sources:
-            contexts.append(self._attend(self.cross_layer, normed, sources, inclusive=True))
+            size = min(pool.segment_size for _, pool in sources)  # the most notes decide
+            layer_sources = [(block, pool.segments_at(size)) for block, pool in sources]
+            contexts.append(self._attend(self.cross_layer, normed, layer_sources, inclusive=True))
             projections.append(self.cross_layer.o_proj)
         out = self.fusion(h, contexts, projections)
         if cache is not None:
@@ -488,7 +597,7 @@ class MemMambaBlock(nn.Module):
             cache.note_prefix = carried[:, carried.shape[1] - keep :]
             if self.trigger is not None:
                 cache.previous_state_importance = state_importance[:, -1].detach()
-        return out, segments, notes.rate_logits
+        return out, chunk, notes.rate_logits
 
     def _attend(
         self,
@@ -496,10 +605,12 @@ class MemMambaBlock(nn.Module):
         normed: torch.Tensor,
         sources: list[tuple[int, PoolSegments]],
         inclusive: bool,
+        selected: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``attention``, all query segments at once, over the union of the ``sources``'
         pools: ``normed`` `(batch, length, d_model)` -> the context before ``o_proj`` `(batch,
-        length, summary_dim)`."""
+        length, summary_dim)`; with ``selected`` `(batch, length)` bool, at the selected
+        positions only (zero elsewhere)."""
         batch, length, width = normed.shape
         n_segments, segment_size = sources[0][1].query_positions.shape
         view = PoolView(
@@ -517,7 +628,10 @@ class MemMambaBlock(nn.Module):
         pad = n_segments * segment_size - length
         queries = F.pad(normed, (0, 0, 0, pad)) if pad else normed
         queries = queries.view(batch, n_segments, segment_size, width)
-        output = attention(queries, view).output
+        if selected is not None:
+            selected = F.pad(selected, (0, pad)) if pad else selected
+            selected = selected.view(batch, n_segments, segment_size)
+        output = attention(queries, view, selected).output
         return output.view(batch, n_segments * segment_size, -1)[:, :length]
 
     def step(
@@ -604,7 +718,7 @@ class MemMambaLM(CausalLM):
 
     def _forward_blocks(self, x, cache, hidden):
         start = cache.position if cache is not None else 0
-        segments_by_block: dict[int, PoolSegments] = {}
+        pools_by_block: dict[int, PoolChunk] = {}
         write_logits = []
         last_reader = {}  # source block -> last block that reads its pool
         for reader in range(self.config.n_layer):
@@ -612,18 +726,18 @@ class MemMambaLM(CausalLM):
                 last_reader[source] = reader
         for index, block in enumerate(self.layers):
             sources = [
-                (source, segments_by_block[source])
+                (source, pools_by_block[source])
                 for source in self.config.cross_layer_sources(index)
             ]
-            x, segments, logits = block(
+            x, pool, logits = block(
                 x, cache.layers[index] if cache is not None else None, sources, start
             )
             write_logits.append(logits)
             if index in last_reader:
-                segments_by_block[index] = segments
+                pools_by_block[index] = pool
             for source, _ in sources:
                 if last_reader[source] == index:
-                    del segments_by_block[source]
+                    del pools_by_block[source]
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:

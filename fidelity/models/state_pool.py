@@ -17,9 +17,11 @@ segment's candidates are the pool at the segment start plus the notes written in
 n_segments, segment_size, n_candidates)` says which candidates each query sees: the first
 ``size`` candidates written before it, found with one comparison and a running count along the
 candidates per query and candidate (in 16-bit integers, positions counted from the segment
-start). Only the merge of the pool with each segment's new notes runs segment after segment;
-the rest is computed for all segments at once. Time and memory are O(length * (size +
-segment)), never O(length^2).
+start). Candidates no query of their segment sees (empty pool slots, notes dropped or evicted
+before any query saw them) are then dropped, so that attention over the candidates costs in
+the notes some query sees. Only the merge of the pool with each segment's new notes runs
+segment after segment; the rest is computed for all segments at once. Time and memory are
+O(length * (size + segment)), never O(length^2).
 """
 
 from __future__ import annotations
@@ -235,11 +237,11 @@ def pool_segments(
     for segment in range(n_segments):
         merged_index = torch.cat([new_index[:, segment], pool_index], dim=1)
         merged_key = torch.cat([new_key[:, segment], pool_key], dim=1)
-        order = torch.argsort(merged_key, dim=1, descending=True, stable=True)
+        merged_key, order = torch.sort(merged_key, dim=1, descending=True, stable=True)
         merged_index = merged_index.gather(1, order)
         candidates.append(merged_index)
         pool_index = merged_index[:, :size]
-        pool_key = merged_key.gather(1, order[:, :size])
+        pool_key = merged_key[:, :size]
     index = torch.stack(candidates, dim=1)  # (batch, n_segments, n_candidates), best-first
     n_candidates = index.shape[2]
     flat = index.flatten(1)
@@ -256,8 +258,10 @@ def pool_segments(
     )
     member = _first_written(written_at < queries, size)
     member_inclusive = _first_written(written_at <= queries, size) if inclusive else None
-    segments = PoolSegments(
-        cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
+    segments = _drop_unseen(
+        PoolSegments(
+            cand_values, cand_importance, cand_positions, member, member_inclusive, query_positions
+        )
     )
     last = pool_index
     final = StatePool(
@@ -268,6 +272,37 @@ def pool_segments(
         initial.policy,
     )
     return segments, final
+
+
+def _drop_unseen(segments: PoolSegments) -> PoolSegments:
+    """``segments`` without the candidates no query of their segment sees (empty pool slots,
+    notes dropped or evicted before any query saw them: at high write rates most of the
+    notes written inside a segment), keeping at least one candidate per segment: each
+    segment's seen candidates first, in their best-first order, the segments padded with
+    unseen ones to the largest count. Every query's pool is unchanged, and attention over
+    candidates costs in their number."""
+    seen = segments.member.view(torch.uint8).amax(dim=2)  # (batch, n_segments, n_candidates)
+    if segments.member_inclusive is not None:
+        seen |= segments.member_inclusive.view(torch.uint8).amax(dim=2)
+    n_candidates = seen.shape[-1]
+    n_seen = max(1, int(seen.sum(-1, dtype=torch.int32).max())) if seen.numel() else 1
+    if n_seen >= n_candidates:
+        return segments
+    keep = torch.argsort(1 - seen, dim=-1, stable=True)[..., :n_seen]  # (batch, n_segments, n)
+
+    def queries_keep(member: torch.Tensor | None) -> torch.Tensor | None:
+        if member is None:
+            return None
+        return member.gather(3, keep[:, :, None].expand(-1, -1, member.shape[2], -1))
+
+    return PoolSegments(
+        segments.values.gather(2, keep[..., None].expand(-1, -1, -1, segments.values.shape[-1])),
+        segments.importance.gather(2, keep),
+        segments.positions.gather(2, keep),
+        queries_keep(segments.member),
+        queries_keep(segments.member_inclusive),
+        segments.query_positions,
+    )
 
 
 def _relative_positions(
