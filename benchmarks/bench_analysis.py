@@ -10,7 +10,7 @@ the process: with ``--threads 1`` it barely moves with the load of other jobs); 
 worker`` is the CPU time of the command's child processes (the figure worker and its drawing
 forks, which run beside the command: their time adds to the CPU used, not to the wall time
 unless the command waits for them); ``total`` is the wall time of the process as its parent saw
-it (start and exit included), and ``max RSS`` its peak memory and its largest child's.
+it (start and exit included), and ``max RSS`` its peak memory (and its figure worker's).
 
 ``--baseline REV`` runs the same command with the ``fidelity`` package of git revision ``REV``
 (exported to a temporary directory, first on ``PYTHONPATH``), alternating with the working
@@ -55,6 +55,7 @@ def _child(argv: list[str], report: str) -> None:
     """Run ``fidelity`` with ``argv`` under phase timers; write the phases to ``report``."""
     import atexit
     import importlib
+    import importlib.util
     import resource
 
     phases: dict[str, list[float]] = {}
@@ -115,6 +116,18 @@ def _child(argv: list[str], report: str) -> None:
 
         Figure.savefig = timed_savefig
     cli.main = timed("command", cli.main)
+    worker_peak = [0]
+    if importlib.util.find_spec("fidelity.reports.worker") is not None:
+        from fidelity.reports.worker import FigureWorker
+
+        close = FigureWorker.close
+
+        def close_after_reading_its_peak(self) -> None:  # VmHWM of the worker, still alive
+            status = Path(f"/proc/{self._process.pid}/status").read_text()
+            worker_peak[0] = int(status.split("VmHWM:")[1].split()[0]) * 1024
+            close(self)
+
+        FigureWorker.close = close_after_reading_its_peak
 
     def report_phases() -> None:  # an exit handler: the entry point runs those, then exits
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -129,7 +142,7 @@ def _child(argv: list[str], report: str) -> None:
                 {
                     "phases": phases,
                     "peak": peak,
-                    "peak_children": children.ru_maxrss * 1024,
+                    "peak_worker": worker_peak[0],
                     "source": source,
                 }
             )
@@ -267,10 +280,10 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     for side in sides:
         peak = max(r["peak"] for r in runs[side]) / 2**30
-        worker = max(r["peak_children"] for r in runs[side]) / 2**20
+        worker = max(r["peak_worker"] for r in runs[side]) / 2**20
         print(
-            f"{side}: max RSS {peak:.2f} GiB (the command), {worker:.0f} MiB (the largest of its "
-            f"child processes: the figure worker); fidelity from {runs[side][0]['source']}"
+            f"{side}: max RSS {peak:.2f} GiB (the command), {worker:.0f} MiB (its figure worker, "
+            f"VmHWM; 0: none); fidelity from {runs[side][0]['source']}"
         )
 
 
