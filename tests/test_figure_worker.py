@@ -155,3 +155,35 @@ def test_the_command_line_imports_no_torch_and_analyze_no_matplotlib(tmp_path):
     assert {"forgetting.png", "heatmap.svg", "report.html"} <= {
         p.name for p in (tmp_path / "run").iterdir()
     }
+
+
+@pytest.fixture
+def _restore_threads():
+    """``--threads`` sets torch's and the BLAS threads of this process: put them back."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # restores every pool's threads on exit
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("_restore_threads")
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_analyze_draws_with_as_many_processes_as_threads(tmp_path, monkeypatch, threads):
+    from fidelity.cli import main
+
+    seen = []
+    real = FigureWorker.draw
+
+    def draw(self, directory):
+        seen.append(self.processes)
+        real(self, directory)
+
+    monkeypatch.setattr(FigureWorker, "draw", draw)
+    argv = ["analyze", "--model", "mamba", "--preset", "tiny", "--length", "300"]
+    argv += ["--anchors", "16", "--metrics", "etmf", "--no-progress", "--threads", threads]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert seen == [int(threads)]
+    assert (tmp_path / "run" / "report.html").is_file()

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fidelity.results import FidelityResult
@@ -39,8 +39,8 @@ STOP_SECONDS = 10.0
 """How long :meth:`FigureWorker.close` waits for an idle worker to end before killing it."""
 
 _SERVE = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from fidelity.reports.worker import serve; serve(sys.stdin, sys.stdout)"
+    "import sys; sys.argv[1] in sys.path or sys.path.insert(0, sys.argv[1]); "
+    "from fidelity.reports.worker import serve; serve()"
 )
 _GROUPS = hasattr(os, "killpg")
 """Process groups (POSIX): the worker gets its own, so that its forks are killed with it."""
@@ -129,12 +129,16 @@ class FigureWorker:
 # ----------------------------------------------------------------------------- worker side
 
 
-def serve(requests: IO[str], replies: IO[str]) -> None:
-    """The worker's loop: warm up, then answer each request line of ``requests``; the
-    process ends (without interpreter teardown) at the end of ``requests``."""
+def serve() -> None:
+    """The worker's loop: warm up, then answer each request line of standard input on
+    standard output (anything else printed goes to standard error); the process ends (without
+    interpreter teardown) at the end of its input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the command ends the worker
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     _warm_up()
-    for line in requests:
+    for line in sys.stdin:
         try:
             request = json.loads(line)
             draw(Path(request["directory"]), int(request["processes"]))
