@@ -129,7 +129,7 @@ def test_cpu_sample_counts_this_process():
     while time.process_time() < deadline:
         pass
     after = threads_module.cpu_sample()
-    assert after.own - before.own >= 0.04
+    assert after.own - before.own >= 0.04 - 1e-9  # 10 ms clock ticks, summed over processes
     assert after.total > before.total and after.busy >= before.busy
     assert 1 <= idle_cores(0.0, since=before) <= threads_module.usable_cores()
 
