@@ -3,10 +3,14 @@
 Each run is a fresh process that runs the command exactly as the console script does
 (``fidelity.cli.entry_point``), with timers wrapped around its phases: importing the CLI, the
 modules ``analyze`` imports on first use, model loading, the probe, the plan, the captured
-forward pass (with the metrics' hooks), each metric, and the writing of tables, figures (built,
-PNG, SVG) and the report. Every phase gets wall and CPU seconds (CPU time of the process: with
-``--threads 1`` it barely moves with the load of other jobs); ``total`` is the wall time of the
-process as its parent saw it (start and exit included), and ``max RSS`` its peak memory.
+forward pass (with the metrics' hooks), each metric, and the save (tables, figures, report;
+where the figures are drawn in the command's own process, as before the figure worker, also
+split into building, PNG, SVG and report). Every phase gets wall and CPU seconds (CPU time of
+the process: with ``--threads 1`` it barely moves with the load of other jobs); ``figure
+worker`` is the CPU time of the command's child processes (the figure worker and its drawing
+forks, which run beside the command: their time adds to the CPU used, not to the wall time
+unless the command waits for them); ``total`` is the wall time of the process as its parent saw
+it (start and exit included), and ``max RSS`` its peak memory (and its figure worker's).
 
 ``--baseline REV`` runs the same command with the ``fidelity`` package of git revision ``REV``
 (exported to a temporary directory, first on ``PYTHONPATH``), alternating with the working
@@ -15,7 +19,7 @@ warm-up run each). Both must have the same ``fidelity/kernels`` (the compiled ke
 Reproduce:
 
     python benchmarks/bench_analysis.py --model memmamba --length 60k --repeats 3 --threads 1
-    python benchmarks/bench_analysis.py --model memmamba --length 60k --baseline 841fbe7
+    python benchmarks/bench_analysis.py --model memmamba --length 60k --baseline 54be3b0
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def _child(argv: list[str], report: str) -> None:
     """Run ``fidelity`` with ``argv`` under phase timers; write the phases to ``report``."""
     import atexit
     import importlib
+    import importlib.util
     import resource
 
     phases: dict[str, list[float]] = {}
@@ -80,8 +85,6 @@ def _child(argv: list[str], report: str) -> None:
 
     import dataclasses
 
-    from matplotlib.figure import Figure
-
     analysis = sys.modules["fidelity.analysis"]
     results = sys.modules["fidelity.results"]
     loading = sys.modules["fidelity.models.loading"]
@@ -95,21 +98,55 @@ def _child(argv: list[str], report: str) -> None:
         analysis.METRIC_RUNNERS[name] = dataclasses.replace(
             runner, compute=timed(f"metric {name}", runner.compute)
         )
-    results.FidelityResult.figures = timed("save: build figures", results.FidelityResult.figures)
-    results.html.render_report = timed("save: report.html", results.html.render_report)
-    savefig = Figure.savefig
+    results.FidelityResult.save = timed("save (all)", results.FidelityResult.save)
+    if "matplotlib" in sys.modules:  # figures drawn in this process (before the figure worker)
+        from matplotlib.figure import Figure
 
-    def timed_savefig(self, target, *args, **kwargs):
-        kind = kwargs.get("format") or Path(str(target)).suffix.lstrip(".") or "png"
-        return timed(f"save: {kind}", savefig)(self, target, *args, **kwargs)
+        from fidelity.reports import html
 
-    Figure.savefig = timed_savefig
+        results.FidelityResult.figures = timed(
+            "save: build figures", results.FidelityResult.figures
+        )
+        html.render_report = timed("save: report.html", html.render_report)
+        savefig = Figure.savefig
+
+        def timed_savefig(self, target, *args, **kwargs):
+            kind = kwargs.get("format") or Path(str(target)).suffix.lstrip(".") or "png"
+            return timed(f"save: {kind}", savefig)(self, target, *args, **kwargs)
+
+        Figure.savefig = timed_savefig
     cli.main = timed("command", cli.main)
+    worker_peak = [0]
+    if importlib.util.find_spec("fidelity.reports.worker") is not None:
+        from fidelity.reports.worker import FigureWorker
+
+        close = FigureWorker.close
+
+        def close_after_reading_its_peak(self) -> None:  # VmHWM of the worker, still alive
+            status = Path(f"/proc/{self._process.pid}/status").read_text()
+            worker_peak[0] = int(status.split("VmHWM:")[1].split()[0]) * 1024
+            close(self)
+
+        FigureWorker.close = close_after_reading_its_peak
 
     def report_phases() -> None:  # an exit handler: the entry point runs those, then exits
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the figure worker, its forks
+        phases["figure worker (CPU of its processes)"] = [
+            float("nan"),
+            children.ru_utime + children.ru_stime,
+        ]
         source = str(Path(sys.modules["fidelity"].__file__).parent)
-        Path(report).write_text(json.dumps({"phases": phases, "peak": peak, "source": source}))
+        Path(report).write_text(
+            json.dumps(
+                {
+                    "phases": phases,
+                    "peak": peak,
+                    "peak_worker": worker_peak[0],
+                    "source": source,
+                }
+            )
+        )
 
     atexit.register(report_phases)
     sys.argv = ["fidelity", *argv]
@@ -168,6 +205,12 @@ def _run(argv: list[str], pythonpath: Path | None, out: Path) -> dict:
     return result
 
 
+def _inside_command(phase: str) -> bool:
+    """Whether ``phase`` is one of the command's top-level phases (not the command itself, an
+    import, a part of the save or the figure worker's own CPU)."""
+    return phase != "command" and not phase.startswith(("imp", "save:", "figure worker"))
+
+
 def _best(runs: list[dict]) -> dict[str, tuple[float, float]]:
     """Per phase, the lowest wall and the lowest CPU seconds over ``runs``; ``other`` is the
     command's time outside the named phases, ``total`` the process's wall time."""
@@ -180,7 +223,7 @@ def _best(runs: list[dict]) -> dict[str, tuple[float, float]]:
         )
     other = []
     for r in runs:
-        inside = [v for k, v in r["phases"].items() if k != "command" and not k.startswith("imp")]
+        inside = [v for k, v in r["phases"].items() if _inside_command(k)]
         command = r["phases"]["command"]
         other.append(
             (command[0] - sum(v[0] for v in inside), command[1] - sum(v[1] for v in inside))
@@ -224,18 +267,24 @@ def main() -> None:
     header += " | current / baseline (CPU) |" if args.baseline else " |"
     print(header)
     print("|---" * (1 + 2 * len(sides) + bool(args.baseline)) + "|")
-    for name in best["current"]:
+    names = list(dict.fromkeys(name for side in sides for name in best[side]))
+    for name in names:
         cells = []
         for side in sides:
             wall, cpu = best[side].get(name, (float("nan"), float("nan")))
             cells += [f"{wall:.2f}", f"{cpu:.2f}"]
         if args.baseline:
             base = best["baseline"].get(name, (float("nan"),) * 2)[1]
-            cells.append(f"{best['current'][name][1] / base:.2f}" if base > 0 else "")
+            mine = best["current"].get(name, (float("nan"),) * 2)[1]
+            cells.append(f"{mine / base:.2f}" if base > 0 else "")
         print(f"| {name} | " + " | ".join(cells) + " |")
     for side in sides:
         peak = max(r["peak"] for r in runs[side]) / 2**30
-        print(f"{side}: max RSS {peak:.2f} GiB; fidelity from {runs[side][0]['source']}")
+        worker = max(r["peak_worker"] for r in runs[side]) / 2**20
+        print(
+            f"{side}: max RSS {peak:.2f} GiB (the command), {worker:.0f} MiB (its figure worker, "
+            f"VmHWM; 0: none); fidelity from {runs[side][0]['source']}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fidelity.budget import MemoryBudgetError, parse_bytes
 from fidelity.errors import InputError
 from fidelity.lengths import format_length, parse_length
 
@@ -45,14 +44,22 @@ out = Console()
 
 USER_ERRORS = (
     InputError,
-    MemoryBudgetError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
 )
-"""Errors that mean bad input or a bad destination: exit 2, one line. Anything else is a bug."""
+"""Errors that mean bad input or a bad destination: exit 2, one line (and
+:class:`fidelity.budget.MemoryBudgetError`, see :func:`_user_errors`). Anything else is a bug."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """:data:`USER_ERRORS`, with ``MemoryBudgetError`` once :mod:`fidelity.budget` is loaded
+    (it imports torch, which the command line leaves to the commands that need it: ``analyze``
+    starts its figure worker first)."""
+    budget = sys.modules.get("fidelity.budget")
+    return USER_ERRORS if budget is None else (*USER_ERRORS, budget.MemoryBudgetError)
 
 
 def _click_class(name: str) -> type[Exception]:
@@ -170,71 +177,79 @@ def analyze(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Measure forgetting on one probe and print a per-layer summary."""
-    from fidelity.analysis import AnalysisOptions, plan_run, run_analysis
-    from fidelity.devices import resolve_device
-    from fidelity.models.loading import load_model
-    from fidelity.probes.tasks import make_probe
-    from fidelity.probes.tokenizer import load_tokenizer
-    from fidelity.results import LEGACY_RESULT
-    from fidelity.threads import cpu_sample, parse_threads, set_threads
+    from fidelity.reports.worker import FigureWorker
 
-    # the objects made by importing live as long as the process: the collector's full passes
-    # need not walk them again (they took ~0.5 s CPU of a 60k analysis, measured)
-    gc.freeze()
-    started = cpu_sample()  # the idle cores are sampled while the probe and model load
-    threads = _as_input(parse_threads, threads)
-    options = AnalysisOptions(
-        length,
-        probe,
-        metrics,
-        anchors,
-        layers=_split(layers, int),
-        seed=seed,
-        batch=batch,
-        device=device,
-        text=text,
-        text_field=text_field,
-        tokenizer=tokenizer,
-        chunk_size=_chunk_option(chunk_size),
-        max_memory=_as_input(parse_bytes, max_memory) if max_memory is not None else None,
-    )
-    tokens = options.length
-    if text is not None and not text.exists():
-        _fail(f"text path {text} does not exist")
-    if text is not None and probe != "text":
-        _fail(f"--text applies to --probe text only (got --probe {probe})")
-    if out_dir is None:
-        out_dir = _default_out(model, tokens)
-    inputs = [p for p in (Path(model), text, tokenizer) if p is not None and p.exists()]
-    check_destination(out_dir, kind="result", force=force, inputs=inputs, legacy=LEGACY_RESULT)
-    resolve_device(device)
-    if tokenizer is not None:
-        load_tokenizer(tokenizer)
-    if probe == "text" or tokens <= EARLY_PROBE_TOKENS:
-        # built now, before the model loads: a text probe is bounded by the text (empty or
-        # binary files fail here), others are small here; longer synthetic probes are built
-        # after the memory check
-        _as_input(
-            make_probe,
+    # started first: it imports pandas and matplotlib and warms up on the core that the
+    # imports below leave idle, then draws the figures and the report once the tables are saved
+    with FigureWorker() as worker:
+        from fidelity.analysis import AnalysisOptions, plan_run, run_analysis
+        from fidelity.budget import parse_bytes
+        from fidelity.devices import resolve_device
+        from fidelity.models.loading import load_model
+        from fidelity.probes.tasks import make_probe
+        from fidelity.probes.tokenizer import load_tokenizer
+        from fidelity.results import LEGACY_RESULT
+        from fidelity.threads import cpu_sample, parse_threads, set_threads
+
+        # the objects made by importing live as long as the process: the collector's full passes
+        # need not walk them again (they took ~0.5 s CPU of a 60k analysis, measured)
+        gc.freeze()
+        started = cpu_sample()  # the idle cores are sampled while the probe and model load
+        threads = _as_input(parse_threads, threads)
+        options = AnalysisOptions(
+            length,
             probe,
-            tokens,
-            batch=batch,
+            metrics,
+            anchors,
+            layers=_split(layers, int),
             seed=seed,
+            batch=batch,
+            device=device,
+            text=text,
+            text_field=text_field,
             tokenizer=tokenizer,
-            **options.probe_options(),
+            chunk_size=_chunk_option(chunk_size),
+            max_memory=_as_input(parse_bytes, max_memory) if max_memory is not None else None,
         )
-    loaded = (
-        load_model(model, preset, random_init=random_init)
-        if preset or random_init
-        else load_model(model)
-    )
-    threads_line = _threads_line(set_threads(threads, since=started))
-    plan = plan_run(loaded, options)
-    console.print(f"[bold]plan[/]: {plan.describe()}; {threads_line}")
-    result = run_analysis(loaded, options, progress=progress)
-    _print_summary(result)
-    path = result.save(out_dir, force=force)
-    console.print(f"saved results, figures and report.html to [bold]{path}[/]")
+        tokens = options.length
+        if text is not None and not text.exists():
+            _fail(f"text path {text} does not exist")
+        if text is not None and probe != "text":
+            _fail(f"--text applies to --probe text only (got --probe {probe})")
+        if out_dir is None:
+            out_dir = _default_out(model, tokens)
+        inputs = [p for p in (Path(model), text, tokenizer) if p is not None and p.exists()]
+        check_destination(out_dir, kind="result", force=force, inputs=inputs, legacy=LEGACY_RESULT)
+        resolve_device(device)
+        if tokenizer is not None:
+            load_tokenizer(tokenizer)
+        if probe == "text" or tokens <= EARLY_PROBE_TOKENS:
+            # built now, before the model loads: a text probe is bounded by the text (empty or
+            # binary files fail here), others are small here; longer synthetic probes are built
+            # after the memory check
+            _as_input(
+                make_probe,
+                probe,
+                tokens,
+                batch=batch,
+                seed=seed,
+                tokenizer=tokenizer,
+                **options.probe_options(),
+            )
+        loaded = (
+            load_model(model, preset, random_init=random_init)
+            if preset or random_init
+            else load_model(model)
+        )
+        chosen = set_threads(threads, since=started)
+        worker.processes = chosen[0]  # the figures are drawn on as many cores
+        threads_line = _threads_line(chosen)
+        plan = plan_run(loaded, options)
+        console.print(f"[bold]plan[/]: {plan.describe()}; {threads_line}")
+        result = run_analysis(loaded, options, progress=progress)
+        _print_summary(result)
+        path = result.save(out_dir, force=force, worker=worker)
+        console.print(f"saved results, figures and report.html to [bold]{path}[/]")
 
 
 def _default_out(model: str, tokens: int) -> Path:
@@ -975,7 +990,7 @@ def _run(argv: list[str]) -> int:
         if message:  # empty when the help was shown for a bare `fidelity`
             print(f"error: {message}", file=sys.stderr)
         return 2
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         if _debug:
             raise
         message = str(error).replace("\n", " ") or type(error).__name__

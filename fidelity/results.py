@@ -29,19 +29,20 @@ Saving is atomic and loading exact; the files and how they are written and read 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from matplotlib.figure import Figure
 
 from fidelity.destinations import Legacy
 from fidelity.errors import InputError
-from fidelity.reports import html, output_plots, plots
+from fidelity.reports.labels import format_token_count
 from fidelity.results_io import (
     RESULT_FILES,
     check_complete,
@@ -53,6 +54,11 @@ from fidelity.results_io import (
     write_table,
 )
 from fidelity.schema import FRAME_COLUMNS, SUMMARY_COLUMNS, SUMMARY_STATISTICS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from fidelity.reports.worker import FigureWorker
 
 __all__ = [
     "COMPARISON_PLOT_KINDS",
@@ -97,17 +103,26 @@ OUTPUT_PLOT_KINDS = ("effrem", "position_loss", "context_probe")
 
 COMPARISON_PLOT_KINDS = ("forgetting", "depth", "summary", *OUTPUT_PLOT_KINDS)
 
-_PLOTTERS: dict[str, Callable[..., Figure]] = {
-    "forgetting": plots.forgetting_curve,
-    "depth": plots.depth_curve,
-    "heatmap": plots.forgetting_heatmap,
-    "retrieval": plots.retrieval_grid,
-    "decay": plots.decay_curves,
-    "influence": plots.influence_curves,
-    "effrem": output_plots.effrem_curves,
-    "position_loss": output_plots.position_loss_curve,
-    "context_probe": output_plots.context_probe_curves,
+_PLOTTERS = {
+    "forgetting": ("plots", "forgetting_curve"),
+    "depth": ("plots", "depth_curve"),
+    "heatmap": ("plots", "forgetting_heatmap"),
+    "retrieval": ("plots", "retrieval_grid"),
+    "decay": ("plots", "decay_curves"),
+    "influence": ("plots", "influence_curves"),
+    "effrem": ("output_plots", "effrem_curves"),
+    "position_loss": ("output_plots", "position_loss_curve"),
+    "context_probe": ("output_plots", "context_probe_curves"),
 }
+"""The function drawing each plot kind: (module of :mod:`fidelity.reports`, name). The
+drawing modules (matplotlib) are imported on first use: ``fidelity analyze`` draws in a worker
+process (:mod:`fidelity.reports.worker`) and never imports them."""
+
+
+def _plotter(kind: str) -> Callable[..., Figure]:
+    module, name = _PLOTTERS[kind]
+    return getattr(importlib.import_module(f"fidelity.reports.{module}"), name)
+
 
 _PNG_DPI = 150
 
@@ -129,6 +144,8 @@ def _write_figures(figures: Mapping[str, Figure], directory: Path) -> dict[str, 
 
     The layout is computed once, for the PNG: the SVG reuses it (its engine is switched off
     after the first render), which saves a third of the writing time."""
+    from fidelity.reports import html
+
     images = {}
     for name, figure in figures.items():
         images[name] = html.figure_png(figure, dpi=_PNG_DPI)
@@ -188,7 +205,7 @@ class FidelityResult:
             name += " (random init)"
         length = self.meta.get("length")
         if isinstance(length, int | float) and not isinstance(length, bool):
-            name += f", {plots.format_token_count(length)}"
+            name += f", {format_token_count(length)}"
         return name
 
     @property
@@ -225,15 +242,22 @@ class FidelityResult:
         if options["title"] is None:
             options["title"] = f"{_KIND_TITLES[kind]} — {self.label}"
         if kind == "position_loss":
-            trained = output_plots.training_lengths({"": self.meta})[""]
-            options.setdefault("training_length", trained)
-        return _PLOTTERS[kind](self.frame, **options)
+            from fidelity.reports.output_plots import training_lengths
+
+            options.setdefault("training_length", training_lengths({"": self.meta})[""])
+        return _plotter(kind)(self.frame, **options)
 
     def figures(self) -> dict[str, Figure]:
         """Every figure this result has data for, by kind."""
         return {kind: self.plot(kind) for kind in self.plot_kinds()}
 
-    def save(self, directory: str | os.PathLike[str], force: bool = False) -> Path:
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        force: bool = False,
+        *,
+        worker: FigureWorker | None = None,
+    ) -> Path:
         """Write the result to ``directory`` atomically; returns its path.
 
         Files: ``results.csv``, ``summary.csv``, ``meta.json``, ``<kind>.png`` and
@@ -241,17 +265,28 @@ class FidelityResult:
         manifest listing them (:mod:`fidelity.destinations`). An existing directory raises
         FileExistsError unless ``force=True``; with force only the files fidelity wrote there
         are replaced, once the new ones are complete (and only in a result directory fidelity
-        wrote; other files in it are kept).
+        wrote; other files in it are kept). ``worker``: a started
+        :class:`~fidelity.reports.worker.FigureWorker` draws the figures and the report from
+        the written tables in its own processes (the same files; what ``fidelity analyze``
+        does); by default they are drawn here.
         """
         with result_directory(directory, force, "result", LEGACY_RESULT) as staging:
             write_table(self.frame, staging / "results.csv")
             write_table(self.summary, staging / "summary.csv")
             text = json.dumps(self.meta, indent=2, allow_nan=False)
             (staging / "meta.json").write_text(text + "\n", encoding="utf-8")
-            images = _write_figures(self.figures(), staging)
-            report = html.render_report(self, images)
-            (staging / "report.html").write_text(report, encoding="utf-8")
+            if worker is None:
+                self.write_report(staging, _write_figures(self.figures(), staging))
+            else:
+                worker.draw(staging)
         return Path(directory)
+
+    def write_report(self, directory: Path, images: Mapping[str, bytes]) -> None:
+        """``directory/report.html`` embedding ``images`` (PNG bytes by plot kind)."""
+        from fidelity.reports import html
+
+        report = html.render_report(self, images)
+        (directory / "report.html").write_text(report, encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> FidelityResult:
@@ -266,11 +301,20 @@ class FidelityResult:
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is a file; expected a result directory")
         check_complete(path)
-        frame = read_table(path / "results.csv", FRAME_COLUMNS, extra_numeric=False)
-        summary = _read_summary(path / "summary.csv")
-        return cls(frame=frame, summary=summary, meta=read_meta(path / "meta.json"))
+        return cls.read_tables(path)
+
+    @classmethod
+    def read_tables(cls, directory: Path) -> FidelityResult:
+        """The result whose ``results.csv``, ``summary.csv`` and ``meta.json`` are in
+        ``directory`` (:meth:`load` without its checks that the directory is a complete one:
+        what a :class:`~fidelity.reports.worker.FigureWorker` reads from a save in progress)."""
+        frame = read_table(directory / "results.csv", FRAME_COLUMNS, extra_numeric=False)
+        summary = _read_summary(directory / "summary.csv")
+        return cls(frame=frame, summary=summary, meta=read_meta(directory / "meta.json"))
 
     def _repr_html_(self) -> str:
+        from fidelity.reports import html
+
         return html.render_fragment(self)
 
 
@@ -463,6 +507,8 @@ class Comparison:
         if kind not in self.plot_kinds():
             held = ", ".join(sorted(set(self.frame["metric"]))) or "none"
             raise InputError(f"no rows for the {kind!r} comparison plot; runs hold metrics: {held}")
+        from fidelity.reports import output_plots, plots
+
         if kind == "forgetting":
             return plots.comparison_overlay(self.frame, **options)
         if kind == "depth":
@@ -471,7 +517,7 @@ class Comparison:
             metas = {label: r.meta for label, r in zip(self.labels, self.results, strict=True)}
             options.setdefault("training_length", output_plots.training_lengths(metas))
         if kind in OUTPUT_PLOT_KINDS:
-            return _PLOTTERS[kind](self.frame, **options)
+            return _plotter(kind)(self.frame, **options)
         return plots.comparison_summary(self.summary, **options)
 
     def figures(self) -> dict[str, Figure]:
@@ -490,9 +536,13 @@ class Comparison:
             write_table(self.frame, staging / "comparison.csv")
             write_table(self.summary, staging / "summary.csv")
             images = _write_figures(self.figures(), staging)
+            from fidelity.reports import html
+
             report = html.render_comparison(self, images)
             (staging / "report.html").write_text(report, encoding="utf-8")
         return Path(directory)
 
     def _repr_html_(self) -> str:
+        from fidelity.reports import html
+
         return html.render_comparison_fragment(self)

@@ -15,6 +15,7 @@ not followed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ def usable_cores() -> int:
 @dataclass(frozen=True)
 class CpuSample:
     """CPU seconds so far, at monotonic time ``wall``: ``busy`` and ``total`` of all cores,
-    ``own`` of this process (all its threads)."""
+    ``own`` of this process (all its threads) and of its child processes (``fidelity analyze``'s
+    figure worker imports while the idle cores are sampled: its work is the command's own)."""
 
     wall: float
     busy: float
@@ -56,16 +58,28 @@ def cpu_sample() -> CpuSample:
     guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # in user already
     total = sum(times) - guest
     busy = total - times.idle - getattr(times, "iowait", 0.0)
-    own = psutil.Process().cpu_times()
-    return CpuSample(time.monotonic(), busy, total, own.user + own.system)
+    return CpuSample(time.monotonic(), busy, total, _own_cpu())
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its descendants: for each, live or ended, counted
+    once (a live one's own time, an ended one's in its parent's ``children_*`` times)."""
+    process = psutil.Process()
+    seconds = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # ended since it was listed: its parent has it
+            times = member.cpu_times()
+            seconds += times.user + times.system + times.children_user + times.children_system
+    return seconds
 
 
 def idle_cores(sample_seconds: float = SAMPLE_SECONDS, since: CpuSample | None = None) -> int:
     """Cores other processes left idle over a ``sample_seconds`` sample: at least 1.
 
     ``since``: a :func:`cpu_sample` taken earlier. The sample then runs from it (waiting only
-    for what is left of ``sample_seconds``) and this process's own CPU time in it is not
-    counted as busy, so the CLI samples while it loads the model instead of waiting."""
+    for what is left of ``sample_seconds``) and the CPU time of this process and of its children
+    in it is not counted as busy, so the CLI samples while it loads the model (and its figure
+    worker imports) instead of waiting."""
     cores = os.cpu_count() or 1
     if since is None:
         busy = psutil.cpu_percent(interval=sample_seconds) / 100

@@ -275,14 +275,13 @@ def test_mamba_ssm_config_with_a_string_ssm_cfg(tmp_path, capsys):
 DRIVER = textwrap.dedent(
     """
     import os, sys, time
-    import fidelity.results as results
-    real = results._write_figures
-    def slow(figures, directory):
-        written = real(figures, directory)
+    from fidelity.reports.worker import FigureWorker
+    real = FigureWorker.draw
+    def slow(self, directory):
+        real(self, directory)
         open(os.environ["FIDELITY_TEST_FLAG"], "w").close()
         time.sleep(300)
-        return written
-    results._write_figures = slow
+    FigureWorker.draw = slow
     from fidelity.cli import main
     sys.exit(main(sys.argv[1:]))
     """

@@ -27,6 +27,8 @@ from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, NullLocator
 
+from fidelity.reports.labels import format_token_count
+
 OKABE_ITO = (
     "#0072B2",  # blue
     "#E69F00",  # orange
@@ -74,19 +76,6 @@ _RETRIEVAL_TITLES = {"passkey_acc": "passkey retrieval", "kv_acc": "key-value re
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def format_token_count(count: float) -> str:
-    """Short, exact label for a token count: 60000 -> "60k", 1500 -> "1.5k", 4096 -> "4096"."""
-    if not math.isfinite(count):
-        return "–"
-    if count != int(count):
-        return f"{count:g}"
-    number = int(count)
-    for unit, suffix in ((1_000_000, "M"), (1_000, "k")):
-        if abs(number) >= unit and number % (unit // 10) == 0:
-            return f"{number / unit:g}{suffix}"
-    return str(number)
 
 
 def _count_ticks(value: float, _position: object = None) -> str:
