@@ -75,6 +75,15 @@ def test_build_directory_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert directory.name.startswith(f"torch-{torch.__version__.replace('+', '-')}-py")
 
 
+def test_checkouts_in_other_places_build_apart(monkeypatch, tmp_path):
+    """cpp_extension rebuilds a directory whose build file names another source path: two
+    checkouts sharing a cache must not take turns rebuilding one directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = cpu_fused.build_directory()
+    monkeypatch.setattr(cpu_fused, "_SOURCE", tmp_path / "elsewhere" / cpu_fused._SOURCE.name)
+    assert cpu_fused.build_directory() != here
+
+
 def test_only_stale_build_locks_are_removed(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()

@@ -75,11 +75,14 @@ _build_lock = threading.Lock()
 
 
 def build_directory() -> Path:
-    """Where the extension is built: keyed by torch and Python version and by the CPU,
-    because ``-march=native`` code may not run on another processor."""
+    """Where the extension is built: keyed by torch and Python version, by the CPU, because
+    ``-march=native`` code may not run on another processor, and by where the source lies:
+    ``cpp_extension`` rebuilds when the build file names another source path, so two
+    checkouts sharing one directory rebuilt it (about 35 s) every time the other had run, and
+    waited on each other's build lock."""
     cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     cpu = hashlib.sha1(
-        f"{platform.machine()} {_cpu_description()} {_COMPILE_FLAGS}".encode()
+        f"{platform.machine()} {_cpu_description()} {_COMPILE_FLAGS} {_SOURCE}".encode()
     ).hexdigest()[:12]
     python = f"py{platform.python_version_tuple()[0]}{platform.python_version_tuple()[1]}"
     torch_version = torch.__version__.replace("+", "-")
