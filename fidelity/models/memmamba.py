@@ -464,15 +464,12 @@ class Fusion(nn.Module):
 @dataclass
 class PoolChunk:
     """A block's pool over a chunk: what :func:`pool_segments` was given (the ``initial`` pool,
-    the chunk's note ``summaries`` `(batch, length, summary_dim)`, ``importance`` and
-    ``written`` `(batch, length)`, ``start_position``), the ``segment_size`` asked for and the
+    the chunk's ``notes``, ``start_position``), the ``segment_size`` asked for and the
     ``segments`` it gave. Cross-layer attention reads the pools of several blocks with one
     segmentation: :meth:`segments_at` computes them again at another segment size."""
 
     initial: StatePool
-    summaries: torch.Tensor
-    importance: torch.Tensor
-    written: torch.Tensor
+    notes: Notes
     start_position: int
     segment_size: int
     segments: PoolSegments
@@ -481,16 +478,30 @@ class PoolChunk:
         """The segments (with ``member_inclusive``) at ``segment_size``."""
         if segment_size == self.segment_size and self.segments.member_inclusive is not None:
             return self.segments
-        segments, _ = pool_segments(
-            self.initial,
-            self.summaries,
-            self.importance,
-            self.written,
-            self.start_position,
+        chunk, _ = self.of(self.initial, self.notes, self.start_position, segment_size, True)
+        return chunk.segments
+
+    @classmethod
+    def of(
+        cls,
+        initial: StatePool,
+        notes: Notes,
+        start_position: int,
+        segment_size: int,
+        inclusive: bool,
+    ) -> tuple[PoolChunk, StatePool]:
+        """:func:`pool_segments` over the chunk's ``notes`` from the ``initial`` pool (its
+        ``inclusive`` as there) -> (the chunk, the pool after it)."""
+        segments, final_pool = pool_segments(
+            initial,
+            notes.summaries,
+            notes.importance,
+            notes.written,
+            start_position,
             segment_size,
-            inclusive=True,
+            inclusive=inclusive,
         )
-        return segments
+        return cls(initial, notes, start_position, segment_size, segments), final_pool
 
 
 @dataclass
@@ -546,24 +557,9 @@ class MemMambaBlock(nn.Module):
         length = x.shape[1]
         write_rate = float(notes.written.sum(1).max()) / length if length else 0.0
         segment_size = config.query_segment_size(write_rate)
-        segments, final_pool = pool_segments(
-            state.pool,
-            notes.summaries,
-            notes.importance,
-            notes.written,
-            start_position,
-            segment_size,
-            inclusive=self.pool_is_read_by_later_blocks,
-        )
-        chunk = PoolChunk(
-            state.pool,
-            notes.summaries,
-            notes.importance,
-            notes.written,
-            start_position,
-            segment_size,
-            segments,
-        )
+        inclusive = self.pool_is_read_by_later_blocks
+        chunk, final_pool = PoolChunk.of(state.pool, notes, start_position, segment_size, inclusive)
+        segments = chunk.segments
         contexts, projections = [], []
         if self.cross_token is not None:
             state_importance = self.trigger(normed)  # (batch, length)
