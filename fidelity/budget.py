@@ -13,20 +13,21 @@ the run adds on top of it, counted part by part (:class:`RunEstimate`):
   allocator's retention, :data:`CHUNK_RETENTION_BYTES`);
   DeciMamba adds the rows its first decimating layer drops, each through the layers up to it
   (:func:`decimating_depth`);
-- ``attention``: the keys and values an attention cache keeps (every earlier position for full
-  attention, the memories for the Compressive Transformer; :data:`KEY_VALUE_COPIES`) and one
-  block of queries' mask (ours, :data:`MASK_BYTES`) or eager scores (:data:`SCORE_BYTES`);
+- ``attention``: the keys and values (every layer's in a cache fed chunk by chunk: every earlier
+  position for full attention, with :data:`KEY_VALUE_RETENTION_BYTES`, the memories for the
+  Compressive Transformer; one layer's in a single call) and one block of queries' mask (ours,
+  :data:`MASK_BYTES`) or eager scores (:data:`SCORE_BYTES`);
 - ``length_buffers``: what is as long as the whole input whatever the chunking: the anchor
   draw's permutation and the probe's token ids (:data:`PERMUTATION_BYTES_PER_TOKEN`,
   :data:`PROBE_BYTES_PER_TOKEN`), and MemMamba's allocator retention that grows with the number
   of chunks (:data:`MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT`);
 - ``untraced``: a fixed amount an analysis adds beyond the counted tensors, per kind of model
   (:data:`UNTRACED_BYTES`: measured, not traced to a tensor; 85 MiB for the state-space models,
-  20 MiB for attention models);
+  27 MiB for attention models);
 - ``headroom``: :data:`HEADROOM` of the total, for the spread of the peak between runs.
 
 The per-token factors and the fixed amounts are calibrated against the measured peak resident
-memory of real `fidelity analyze` runs at 8k, 60k and 400k tokens
+memory of real `fidelity analyze` runs at 8k, 60k and 400k tokens (and 200k for the Transformer)
 (``benchmarks/memory_calibration.py``, table in ``benchmarks/results/memory_calibration.md``);
 each constant says what it was fitted on. Much of what is fitted rather than counted is memory
 the C allocator keeps after a chunk frees it (see :data:`CHUNK_RETENTION_BYTES`).
@@ -92,12 +93,16 @@ CHUNK_RETENTION_BYTES = {
     "mamba2": 53 << 20,
     "attention": 34 << 20,
 }
-# An attention cache holds its keys and values and, while a chunk's keys are concatenated
-# onto it, a second copy (measured: growth of 12-15 KB per token for the mini Transformer,
-# twice its 6 KB of keys and values per token). A full-attention model read in one pass
-# concatenates nothing: one copy (the mini Transformer at 8k, one pass: 1.18x its peak with
-# two, session 28).
-KEY_VALUE_COPIES = 2
+# A full-attention cache fed chunk by chunk keeps every layer's keys and values (one copy: each
+# chunk's are concatenated onto them and the old tensor is freed) and reallocates them at every
+# chunk; the allocator keeps part of what it frees. Fitted on the mini Transformer's analyses at
+# 60k, 200k and 400k (one thread, session 29), whose growth above their counted parts stayed
+# between 60k and 400k at 120-270 MiB (the analysis's other parts included) rather than growing
+# with the length: past ~65k tokens each layer's keys exceed glibc's largest mmap threshold
+# (32 MiB), are mapped and given back whole on free. 128 MiB puts those three rows at 1.07-1.09
+# of their peaks; a forward alone at 60k held 220 MiB beyond its keys and values after its last
+# chunk.
+KEY_VALUE_RETENTION_BYTES = 128 << 20
 # Bytes per token of the buffers as long as the input, whatever the chunking: the anchor
 # draw's permutation of every position (int64, once) and, per sequence, the probe's token ids
 # (int64) with the copy made while building them.
@@ -118,27 +123,27 @@ PROBE_BYTES_PER_TOKEN = 16
 MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.36
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
-# Bytes per (query, key) pair of one block of our attention: the block's boolean mask and the
-# float copy `scaled_dot_product_attention` makes of it on CPU (one call over 1024 queries and
-# 60k keys, 4 heads, raised the peak by 252 MB over its 61 MB mask, 4 bytes per pair). Fitted
-# on whole analyses at 2 (the mini Transformer at 8k and 60k: the mask's copy and the keys'
-# concatenation copy, KEY_VALUE_COPIES, do not peak at once). Our models feed queries in
-# blocks, so this grows with the keys a query sees, not with their square.
-MASK_BYTES = 2
+# Bytes per (query, key) pair of one block of our attention: the block's boolean mask (1 byte)
+# and the float copy `scaled_dot_product_attention` makes of it on CPU (4 bytes): measured as
+# 1.0 + 4.0 bytes per pair over 1024 queries and 60k or 200k keys (session 29). Our models feed
+# queries in blocks, so this grows with the keys a query sees, not with their square; at 400k
+# keys it is 2 GB, as much as the mini Transformer's keys and values.
+MASK_BYTES = 5
 # An analysis peaks a fixed amount above its counted parts, per kind of model: fitted with the
 # activation factors on Mamba mini's one-pass runs at 2k, 4k and 8k, whose growth over the
 # process (133, 169 and 269 MiB at one thread, session 28) is not proportional to the tokens
 # (85 MiB for the SSMs; DeciMamba's one-pass runs at 6k and 8k, 64 MiB), and on the
-# Transformer's and Compressive Transformer's 8k runs (20 MiB: the latter's peak spread
-# 431-436 MiB between runs). Not traced to a tensor: for the SSMs, candidates are the ssm_decay
-# metric's working set (one block of pairs of PAIR_BLOCK_ELEMENTS), the scan kernel's scratch
-# and the allocator's retention.
+# Transformer's and Compressive Transformer's 8k runs (27 MiB: the latter's peak spread
+# 431-436 MiB between runs; 20 MiB until session 29 counted the Compressive Transformer's
+# memories of every layer in a single call, where one layer's are alive at a time). Not traced
+# to a tensor: for the SSMs, candidates are the ssm_decay metric's working set (one block of
+# pairs of PAIR_BLOCK_ELEMENTS), the scan kernel's scratch and the allocator's retention.
 UNTRACED_BYTES = {
     "memmamba": 85 << 20,
     "mamba": 85 << 20,
     "decimamba": 64 << 20,
     "mamba2": 85 << 20,
-    "attention": 20 << 20,
+    "attention": 27 << 20,
 }
 # ETMF scores distances in threads, one per torch thread (fidelity.metrics.etmf): each thread
 # beyond the first holds its own read-out working set and allocator arena. Measured on main
@@ -358,9 +363,11 @@ def estimate_run(
     span = attention_span(model, length)
     attention = 0
     if span:
-        keys_values = batch * n_layer * 2 * span * d_model * compute_bytes
-        one_pass = span == length and not chunked_input
-        attention = (1 if one_pass else KEY_VALUE_COPIES) * keys_values
+        # through a cache every layer keeps its keys and values; one call holds one layer's
+        layer_keys_values = batch * 2 * span * d_model * compute_bytes
+        attention = (n_layer if chunked_input else 1) * layer_keys_values
+        if chunked_input and span == length:
+            attention += KEY_VALUE_RETENTION_BYTES
         block = attention_block(model, tokens_in_flight)
         if not isinstance(model, CausalLM):  # eager attention builds the scores
             n_heads = getattr(config, "n_heads", None) or getattr(config, "num_attention_heads", 1)

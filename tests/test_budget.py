@@ -15,7 +15,7 @@ from fidelity.budget import (
     CHUNK_RETENTION_BYTES,
     CHUNKED_ACTIVATION_SHARE,
     HEADROOM,
-    KEY_VALUE_COPIES,
+    KEY_VALUE_RETENTION_BYTES,
     MASK_BYTES,
     MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT,
     UNTRACED_BYTES,
@@ -198,9 +198,9 @@ def test_memmamba_counts_its_growth_with_the_length():
 
 
 def test_full_attention_counts_its_cache_and_one_block_mask():
-    """Our Transformer feeds queries in blocks over every earlier key: the keys and values
-    (with the copy made while a chunk's are concatenated) and one block's mask grow with the
-    length, linearly."""
+    """Our Transformer feeds queries in blocks over every earlier key: every layer's keys and
+    values in the cache and one block's mask with its float copy grow with the length,
+    linearly."""
     model = build_model("transformer", "tiny")
     d_model, _, n_layer = model_width(model)
     block = model.config.attention_block_size
@@ -208,20 +208,24 @@ def test_full_attention_counts_its_cache_and_one_block_mask():
         estimate_run(model, length, n_positions=16, n_layers_kept=1, chunk_size=4096)
         for length in (10_000, 30_000)
     )
-    per_key = KEY_VALUE_COPIES * n_layer * 2 * d_model * 4 + block * MASK_BYTES
+    per_key = n_layer * 2 * d_model * 4 + block * MASK_BYTES
     assert long.attention - short.attention == 20_000 * per_key
 
 
-def test_full_attention_read_in_one_pass_keeps_one_copy_of_its_keys():
-    """Nothing is concatenated onto a cache when the whole input is one chunk."""
+def test_full_attention_read_in_one_pass_holds_one_layers_keys():
+    """Without a cache each layer's keys and values are freed before the next layer's are
+    made; a cache fed chunk by chunk keeps every layer's and the allocator's retention of
+    their reallocations."""
     model = build_model("transformer", "tiny")
     d_model, _, n_layer = model_width(model)
     one_pass, chunked = (
         estimate_run(model, 8000, n_positions=16, n_layers_kept=1, chunk_size=size)
         for size in (8192, 4096)
     )
-    keys_values = n_layer * 2 * 8000 * d_model * 4
-    assert chunked.attention - one_pass.attention == (KEY_VALUE_COPIES - 1) * keys_values
+    layer_keys_values = 2 * 8000 * d_model * 4
+    assert chunked.attention - one_pass.attention == (
+        (n_layer - 1) * layer_keys_values + KEY_VALUE_RETENTION_BYTES
+    )
 
 
 def test_forward_cost_splits_a_causal_forward_into_per_token_and_per_key_parts(monkeypatch):
