@@ -1,5 +1,5 @@
-"""MemMamba's pool attention (one added bias, a null note for empty pools, softmax in place
-without gradients) against the plain masked softmax it replaces, the fusion (output projections
+"""MemMamba's pool attention (one added bias, a null note for empty pools, masked zero keys
+up to MIN_KEYS) against the plain masked softmax it replaces, the fusion (output projections
 folded into one matmul per context) against projecting and adding each context, the windowed
 max without gradients (running maxima) against max_pool1d, and the exact straight-through
 gate."""
@@ -58,9 +58,9 @@ def test_pool_attention_matches_the_masked_softmax(n_candidates):
     view = random_view(2, 3, 5, n_candidates, 16, seed=n_candidates)
     normed = torch.randn(2, 3, 5, 24, dtype=torch.float64)
     want_output, want_weights = reference_attention(attention, normed, view)
-    with torch.no_grad():  # the in-place softmax
+    with torch.no_grad():
         fast = attention(normed, view)
-    slow = attention(normed, view)  # with gradients: the out-of-place softmax
+    slow = attention(normed, view)  # with gradients
     for got in (fast, slow):
         # float64; the two forms differ only in where the scale is applied: rounding
         torch.testing.assert_close(got.output, want_output, rtol=1e-12, atol=1e-12)
@@ -109,20 +109,48 @@ def test_straight_through_is_exactly_hard_with_the_soft_gradient():
         assert torch.equal(straight_through(hard, soft), hard.float())
 
 
-def test_biased_softmax_attention_passes_gradcheck():
-    from fidelity.models.memmamba import _BiasedSoftmaxAttention
+@pytest.mark.parametrize("scores_block", [1, 200, 2**19])
+def test_blocked_attention_passes_gradcheck(monkeypatch, scores_block):
+    """Several segments per block, one per block (scores_block 1), all in one block."""
+    from fidelity.models import memmamba
+    from fidelity.models.memmamba import _BlockedAttention
 
+    monkeypatch.setattr(memmamba, "SCORES_BLOCK", scores_block)
     generator = torch.Generator().manual_seed(3)
 
     def tensor(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
 
-    q, k, v = tensor(2, 3, 4, 5), tensor(2, 3, 6, 5), tensor(2, 3, 6, 5)
-    bias = torch.zeros(2, 1, 4, 6, dtype=torch.float64)
-    bias[..., :2] = torch.finfo(torch.float64).min  # masked keys
+    # (batch, segments, heads, queries or keys, width); keys: 5 candidates and a null note
+    q, k, v = tensor(2, 5, 2, 4, 3), tensor(2, 5, 2, 6, 3), tensor(2, 5, 2, 6, 3)
+    member = torch.rand(2, 5, 4, 5, generator=generator) < 0.5
+    member[0, 0, 0] = False  # an empty pool: all its weight on the null note
     assert torch.autograd.gradcheck(
-        lambda q, k, v: _BiasedSoftmaxAttention.apply(q, k, v, bias)[0], (q, k, v)
+        lambda q, k, v: _BlockedAttention.apply(q, k, v, member), (q, k, v)
     )
+
+
+@pytest.mark.parametrize("scores_block", [1, 300])
+def test_attention_by_blocks_of_segments_equals_all_at_once(monkeypatch, scores_block):
+    """Output, weights and gradients do not depend on how many segments a block holds."""
+    from fidelity.models import memmamba
+
+    config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
+    torch.manual_seed(4)
+    attention = PoolAttention(config).double()
+    view = random_view(2, 7, 5, 9, 16, seed=6)
+    normed = torch.randn(2, 7, 5, 24, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 7, 5, 16, dtype=torch.float64)
+    results = []
+    for block in (2**30, scores_block):
+        monkeypatch.setattr(memmamba, "SCORES_BLOCK", block)
+        normed.grad = None
+        attention.zero_grad()
+        got = attention(normed, view)
+        got.output.backward(grad)
+        results.append([got.output, got.weights, normed.grad, attention.k_proj.weight.grad])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
 
 
 def reference_fusion(fusion: Fusion, h, contexts, projections):

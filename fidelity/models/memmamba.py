@@ -39,7 +39,8 @@ about three pools (:meth:`MemMambaConfig.query_segment_size`). The recurrent
 Without gradients to the state scorer (evaluation), cross-token attention runs only at the
 positions where its gate fires, the rest of its context being exactly the zero the gate would
 make of it; observers that read its attention weights still get them for every position
-(:class:`PoolAttentionOutput`). Both shortcuts are tested against the paths they replace.
+(:class:`PoolAttentionOutput`); the attentions compute their scores a few segments at a time
+and their weights only when read. These shortcuts are tested against the paths they replace.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ from fidelity.models.state_pool import POOL_POLICIES, PoolSegments, StatePool, p
 POOLINGS = ("max", "mean")
 FUSIONS = ("weighted", "residual", "gated")
 CROSS_LAYER_SCOPES = ("window", "all")
+MIN_KEYS = 16  # keys of a pool attention's softmax at least (masked zero rows fill up)
+SCORES_BLOCK = 2**19  # attention scores per block of segments without gradients (2 MB)
 
 
 @dataclass
@@ -287,17 +290,18 @@ class PoolAttentionOutput:
     """``output`` `(batch, n_segments, n_queries, summary_dim)`: the attention-weighted values,
     heads side by side, before the output projection ``o_proj`` (the block's fusion applies
     it); ``weights`` `(batch, n_segments, n_heads, n_queries, n_candidates)` (zero outside each
-    query's pool; all zero for an empty pool), of every query. When the attention ran for
-    selected queries only (``output`` zero at the others), the weights are computed, for all
-    queries, the first time they are read: observers that read them get them, the forward
-    pass does not pay for them. ``_weights`` holds the tensor or the function that makes it."""
+    query's pool; all zero for an empty pool), of every query. Without gradients (and when
+    the attention ran for selected queries only, ``output`` zero at the others) the weights
+    are computed, for all queries, the first time they are read: observers that read them get
+    them, the forward pass does not pay for them. ``_weights`` holds the tensor or the
+    function that makes it."""
 
     output: torch.Tensor
     _weights: torch.Tensor | Callable[[], torch.Tensor]
 
     @property
     def weights(self) -> torch.Tensor:
-        if callable(self._weights):
+        while callable(self._weights):
             self._weights = self._weights()
         return self._weights
 
@@ -352,64 +356,120 @@ class PoolAttention(nn.Module):
 
     def _compute(
         self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | Callable[[], torch.Tensor]]:
         """Queries ``normed`` `(batch, segments, queries, d_model)` over candidate ``values``
         `(batch, segments, candidates, summary_dim)` where ``member`` `(batch, segments,
         queries, candidates)` -> (context `(batch, segments, queries, summary_dim)`, weights
-        `(batch, segments, heads, queries, candidates)`).
+        `(batch, segments, heads, queries, candidates)`, as the function that computes them).
 
-        Masking is one added bias `(batch, segments, 1, queries, candidates + 1)` (0 for a
-        member, the lowest float otherwise: its softmax weight underflows to exactly 0),
-        broadcast over the heads. The extra candidate is a null note
-        (zero key and value) that only queries with an empty pool see: their softmax puts all
-        its weight there, so their context and their weights over the real candidates are
-        exactly zero, with no special case."""
+        Masking is one added bias `(batch, segments, 1, queries, keys)` (0 for a member, the
+        lowest float otherwise: its softmax weight underflows to exactly 0), broadcast over
+        the heads. The keys are the candidates, a null note (zero key and value) that only
+        queries with an empty pool see (their softmax puts all its weight there, so their
+        context and their weights over the real candidates are exactly zero, with no special
+        case), and masked zero rows up to ``MIN_KEYS`` keys (a softmax over fewer keys than a
+        vector register holds runs a scalar loop, ~10x slower per element).
+
+        The scores are computed a few segments at a time (about ``SCORES_BLOCK`` of them,
+        resident in cache, instead of one tensor of every segment's scores, which at long
+        chunks costs page faults on every call; the backward pass computes them again), the
+        same arithmetic per segment (:class:`_BlockedAttention`); the weights only if the
+        returned function is called."""
+        q, k, v = self._operands(normed, values)
+        context = _BlockedAttention.apply(q, k, v, member)
+
+        def all_weights() -> torch.Tensor:
+            with torch.no_grad():
+                return _softmax_weights(q, k, member)[..., : values.shape[2]]
+
+        return context, all_weights
+
+    def _operands(
+        self, normed: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) `(batch, segments, heads, queries or keys, head width)`, contiguous
+        (batched matmuls over strided heads are slower than the copy), the scale folded into
+        ``k``; the keys are the candidates, then zero rows (see :meth:`_compute`)."""
         heads = self.n_heads
-        # (batch, segments, heads, queries or candidates, head width)
-        q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3)
+        q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
         scale = q.shape[-1] ** -0.5
-        null = (0, 0, 0, 1)  # one zero row after the candidates
-        k = F.pad(self.k_proj(values) * scale, null).unflatten(-1, (heads, -1))
-        v = F.pad(self.v_proj(values), null).unflatten(-1, (heads, -1))
-        nonempty = member.view(torch.uint8).amax(dim=-1, keepdim=True)  # (any() is slower)
-        visible = torch.cat([member, nonempty == 0], dim=-1).to(q.dtype)
-        bias = visible.sub_(1).mul_(torch.finfo(q.dtype).max)  # 0 or the lowest float
-        context, weights = _BiasedSoftmaxAttention.apply(
-            q, k.transpose(2, 3), v.transpose(2, 3), bias[:, :, None]
-        )
-        context = context.transpose(2, 3).flatten(-2)  # (batch, segments, queries, width)
-        return context, weights[..., :-1]
+        pad = (0, 0, 0, max(1, MIN_KEYS - values.shape[2]))
+        k = F.pad(self.k_proj(values) * scale, pad).unflatten(-1, (heads, -1))
+        v = F.pad(self.v_proj(values), pad).unflatten(-1, (heads, -1))
+        return q, k.transpose(2, 3).contiguous(), v.transpose(2, 3).contiguous()
 
 
-class _BiasedSoftmaxAttention(torch.autograd.Function):
-    """``softmax(q k^T + bias) v`` for ``q`` `(..., queries, width)`, ``k``, ``v`` `(...,
-    keys, width)` and ``bias`` broadcastable to `(..., queries, keys)` (no gradient) ->
-    (context `(..., queries, width)`, weights `(..., queries, keys)`, no gradient).
+def _mask_bias(member: torch.Tensor, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """``member`` `(batch, segments, queries, candidates)` -> the attention bias `(batch,
+    segments, 1, queries, n_keys)`: 0 where a query sees a key, the lowest float elsewhere.
+    Key ``candidates`` (the null note) is seen by the queries that see no candidate; the keys
+    after it by none."""
+    n_candidates = member.shape[-1]
+    nonempty = member.view(torch.uint8).amax(dim=-1, keepdim=True)  # (any() is slower)
+    visible = member.new_zeros(*member.shape[:-1], n_keys)
+    visible[..., :n_candidates] = member
+    visible[..., n_candidates : n_candidates + 1] = nonempty == 0
+    return visible.to(dtype).sub_(1).mul_(torch.finfo(dtype).max)[:, :, None]
 
-    The same arithmetic as autograd through the plain operations (tested), with two tensors
-    as large as the scores per call instead of four: the softmax runs in place on the scores,
-    and its backward in place on the weights' gradient. On CPU every fresh tensor that large
-    costs page faults."""
+
+def _softmax_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T + bias)`` `(batch, segments, heads, queries, keys)` for ``q``
+    `(batch, segments, heads, queries, width)`, ``k`` `(..., keys, width)` and the bias of
+    ``member`` (:func:`_mask_bias`)."""
+    scores = q @ k.transpose(-1, -2)
+    scores += _mask_bias(member, k.shape[-2], q.dtype)
+    return torch.softmax(scores, -1)  # (the in-place `out=` form measured slower)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """``softmax(q k^T + bias) v`` for ``q`` `(batch, segments, heads, queries, width)`,
+    ``k``, ``v`` `(batch, segments, heads, keys, width)` and the bias of ``member``
+    `(batch, segments, queries, candidates)` (:func:`_mask_bias`) -> the context `(batch,
+    segments, queries, heads * width)`, heads side by side.
+
+    A few segments at a time (about ``SCORES_BLOCK`` scores per block): the scores, weights
+    and their gradients of one block stay in cache, and no tensor as large as every
+    segment's scores is made (on CPU each costs page faults); the backward pass computes
+    each block's weights again instead of keeping them. The same arithmetic per segment as
+    autograd through the plain operations (tested)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias):
-        ctx.set_materialize_grads(False)  # no zero tensor for the weights' (absent) gradient
-        scores = q @ k.transpose(-1, -2)
-        scores += bias
-        weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-        ctx.save_for_backward(q, k, v, weights)
-        ctx.mark_non_differentiable(weights)
-        return weights @ v, weights
+    def forward(ctx, q, k, v, member):
+        ctx.save_for_backward(q, k, v, member)
+        batch, n_segments, heads, n_queries, width = q.shape
+        context = q.new_empty(batch, n_segments, n_queries, heads * width)
+        for block in _segment_blocks(q, k):
+            weights = _softmax_weights(q[:, block], k[:, block], member[:, block])
+            context[:, block] = (weights @ v[:, block]).transpose(2, 3).flatten(-2)
+        return context
 
     @staticmethod
-    def backward(ctx, grad_context, _grad_weights):
-        if grad_context is None:
-            return None, None, None, None
-        q, k, v, weights = ctx.saved_tensors
-        grad_v = weights.transpose(-1, -2) @ grad_context
-        grad = grad_context @ v.transpose(-1, -2)  # d loss / d weights, then / d scores
-        torch.ops.aten._softmax_backward_data.out(grad, weights, -1, grad.dtype, grad_input=grad)
-        return grad @ k, grad.transpose(-1, -2) @ q, grad_v, None
+    def backward(ctx, grad_context):
+        q, k, v, member = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # (batch, segments, heads, queries, width), a strided view
+        grad_context = grad_context.unflatten(-1, (q.shape[2], -1)).transpose(2, 3)
+        for block in _segment_blocks(q, k):
+            q_block, k_block = q[:, block], k[:, block]
+            weights = _softmax_weights(q_block, k_block, member[:, block])
+            grad_block = grad_context[:, block].contiguous()
+            grad_v[:, block] = weights.transpose(-1, -2) @ grad_block
+            grad = grad_block @ v[:, block].transpose(-1, -2)  # d loss / d weights, d scores
+            torch.ops.aten._softmax_backward_data.out(
+                grad, weights, -1, grad.dtype, grad_input=grad
+            )
+            grad_q[:, block] = grad @ k_block
+            grad_k[:, block] = grad.transpose(-1, -2) @ q_block
+        return grad_q, grad_k, grad_v, None
+
+
+def _segment_blocks(q: torch.Tensor, k: torch.Tensor) -> list[slice]:
+    """Slices of the segment dimension of ``q`` `(batch, segments, heads, queries, width)`
+    and ``k`` `(..., keys, width)` with about ``SCORES_BLOCK`` scores each (at least one
+    segment)."""
+    batch, n_segments, heads, n_queries, _ = q.shape
+    step = max(1, SCORES_BLOCK // max(1, batch * heads * n_queries * k.shape[-2]))
+    return [slice(first, first + step) for first in range(0, n_segments, step)]
 
 
 class CrossTokenAttention(PoolAttention):
