@@ -1,14 +1,12 @@
 """ssm_decay against independent oracles: the scan's Jacobian and explicit per-step products,
 computed from the scan inputs the models really used (recorded by patching the scan call)."""
 
-import dataclasses
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-import fidelity.metrics.ssm_decay as ssm_decay
 import fidelity.models.mamba as mamba_module
 import fidelity.models.mamba2 as mamba2_module
 from fidelity.kernels.reference import selective_scan_ref
@@ -188,34 +186,6 @@ def test_mamba2_with_groups_matches_the_ssd_jacobian(monkeypatch):
         torch.testing.assert_close(
             collector.per_anchor()[block + 1], expected, rtol=RTOL, atol=0, equal_nan=True
         )
-
-
-@pytest.mark.parametrize("chunk_size", [None, 16])
-def test_float32_scan_parts_give_the_values_of_float64_parts(monkeypatch, chunk_size):
-    """Our mixer's step sizes, B and C stay float32 (float64 running sums only): the values
-    equal, bit for bit, those from the same parts converted to float64 first (as the collector
-    did before), in pair blocks of several sizes (a block's buffers reused, a last one partial)."""
-    model = build_model("memmamba", "tiny").eval()  # float32
-    config = model.layers[0].mixer.config
-    ids, anchors = _ids(batch=2, seed=13), _anchors(count=20, seed=14)
-    per_pair = 2 * config.d_inner * config.d_state
-    original = ssm_decay.OurMamba1Reader._parts
-
-    def float64_parts(self, *args):
-        parts = original(self, *args)
-        wide = {name: getattr(parts, name).double() for name in ("step", "B", "C")}
-        return dataclasses.replace(parts, **wide)
-
-    for pairs in (1, 7, 1000):
-        monkeypatch.setattr(ssm_decay, "PAIR_BLOCK_ELEMENTS", pairs * per_pair)
-        mixed = _measure(model, ids, anchors, chunk_size=chunk_size).per_anchor()
-        with monkeypatch.context() as patch:
-            patch.setattr(ssm_decay.OurMamba1Reader, "_parts", float64_parts)
-            wide = _measure(model, ids, anchors, chunk_size=chunk_size).per_anchor()
-        assert sorted(mixed) == sorted(wide) == [1, 2]
-        for layer in mixed:
-            assert torch.equal(mixed[layer].nan_to_num(-1.0), wide[layer].nan_to_num(-1.0))
-            assert bool(mixed[layer].isfinite().any())
 
 
 def test_hugging_face_mamba_equals_ours_with_the_same_weights():

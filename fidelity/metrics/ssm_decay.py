@@ -19,16 +19,12 @@ Nothing of size ``length x d_inner x d_state`` is built. Hooks see each chunk's 
 for our Mamba-1 mixer, the output of its ``x_proj`` as the forward pass computes it; for the
 other mixers, the normalized block input, from which the scan inputs are recomputed (keeping the
 convolution's last inputs across chunks, so chunked passes give the values of one pass). ``S``
-is summed in float64 (memory ``O(d_inner)`` per layer across chunks) and read at the anchors and
-targets only; ``S``, ``delta'`` and ``B`` are kept at the anchors only, and every (anchor,
-target) pair is evaluated as soon as its target arrives (the exponentials in the model's dtype,
-at least float32: about 1e-6 relative for float32 models; ``delta'``, ``B`` and ``C`` stay in
-the dtype the mixer computes them in, whose products are exact in float64 and so round to the
-same work-dtype values). Memory per layer: ``batch x n_anchors x (2 d_inner + d_state)``
-numbers (float64 sums; step sizes and ``B`` in the mixer's dtype) plus the results, and one set
-of pair-block buffers for all layers (:class:`PairScratch`); time per chunk: ``pairs x d_inner
-x d_state`` exponentials (and, for mixers other than ours, the mixer's input projections
-again).
+is carried in float64 (memory ``O(d_inner)`` per layer across chunks); ``S``, ``delta'`` and
+``B`` are kept at the anchors only, and every (anchor, target) pair is evaluated as soon as its
+target arrives (the exponentials in the model's dtype, at least float32: about 1e-6 relative
+for float32 models). Memory per layer: ``batch x n_anchors x (2 d_inner + d_state)`` float64
+plus the results; time per chunk: ``pairs x d_inner x d_state`` exponentials (and, for mixers
+other than ours, the mixer's input projections again).
 
 Supported mixers: our Mamba-1 ``MambaMixer`` (MambaLM, MemMambaLM, DeciMambaLM), Hugging Face
 ``MambaForCausalLM``'s ``MambaMixer`` (same parameters), and our ``Mamba2Mixer`` (one decay per
@@ -70,8 +66,8 @@ elements (4 MiB in float32: a block's exponentials stay in cache; measured 2x fa
 
 @dataclass
 class ScanParts:
-    """The scan inputs of one chunk that the kernel needs (``A`` in float64; ``step``, ``B``,
-    ``C`` in the dtype the mixer computes them in: float64 or the model's dtype).
+    """The scan inputs of one chunk that the kernel needs (``step``, ``A``, ``B``, ``C`` in
+    float64).
 
     ``step`` `(batch, n_channels, length)`: ``delta'`` after bias and softplus; ``A``
     `(n_channels, n_a)` with ``n_a = d_state`` (Mamba-1) or 1 (Mamba-2, one decay per head);
@@ -149,18 +145,17 @@ class OurMamba1Reader(MixerReader):
     def _parts(
         self, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor, conv_input: torch.Tensor | None
     ) -> ScanParts:
-        """``delta`` `(batch, d_inner, length)` before bias and softplus (a fresh tensor: the
-        bias is added in place), ``B``, ``C`` `(batch, d_state, length)`."""
+        """``delta`` `(batch, d_inner, length)` before bias and softplus, ``B``, ``C`` `(batch,
+        d_state, length)`."""
         bias = self.mixer.dt_proj.bias.to(delta.dtype)[:, None]
-        work = _work_dtype(delta)
         return ScanParts(
-            step=F.softplus(delta.add_(bias)),  # in the model's dtype, as its scan does
+            step=F.softplus(delta + bias).double(),  # in the model's dtype, as its scan does
             A=-torch.exp(self.mixer.A_log.double()),
-            B=B.to(work)[:, None],  # (batch, 1, d_state, length)
-            C=C.to(work)[:, None],
+            B=B.double()[:, None],  # (batch, 1, d_state, length)
+            C=C.double()[:, None],
             group=torch.zeros(self.conv_channels, dtype=torch.long, device=delta.device),
             conv_input=conv_input,
-            work_dtype=work,
+            work_dtype=_work_dtype(delta),
         )
 
 
@@ -270,10 +265,8 @@ class LayerDecay:
         anchors: torch.Tensor,
         distances: torch.Tensor,
         watch: _DecimationWatch,
-        scratch: PairScratch | None = None,
     ) -> None:
         self.reader = reader
-        self.scratch = scratch if scratch is not None else PairScratch()
         self.block = block
         self.anchors = anchors
         self.distances = distances
@@ -307,8 +300,8 @@ class LayerDecay:
         options = {"dtype": torch.float64, "device": parts.step.device}
         self.cumulative = torch.zeros(batch, n_channels, **options)
         self.anchor_sum = torch.zeros(batch, n_anchors, n_channels, **options)
-        self.anchor_step = parts.step.new_zeros(batch, n_anchors, n_channels)
-        self.anchor_B = parts.B.new_zeros(batch, n_anchors, n_groups, d_state)
+        self.anchor_step = torch.zeros(batch, n_anchors, n_channels, **options)
+        self.anchor_B = torch.zeros(batch, n_anchors, n_groups, d_state, **options)
         self.values = torch.full((batch, n_anchors, n_dist), torch.nan, **options)
 
     @torch.no_grad()
@@ -334,31 +327,24 @@ class LayerDecay:
         if self.values is None:
             self._allocate(parts)
         start, length = self.offset, parts.step.shape[-1]
-        # S within the chunk, from 0; S itself is `cumulative` plus it, added at the positions
-        # read (the same float64 sums as adding it everywhere)
-        within = parts.step.cumsum(-1, dtype=torch.float64)  # (batch, n_channels, length)
-        self._keep_anchors(parts, within, start, start + length)
-        self._score_targets(parts, within, start, start + length)
-        self.cumulative = self.cumulative + within[:, :, -1]
+        sums = self.cumulative[:, :, None] + parts.step.cumsum(-1)  # (batch, n_channels, length)
+        self.cumulative = sums[:, :, -1]
+        self._keep_anchors(parts, sums, start, start + length)
+        self._score_targets(parts, sums, start, start + length)
         if parts.conv_input is not None:
             self.prefix = conv_window(self.prefix, parts.conv_input)
         self.offset = start + length
 
-    def _sums_at(self, within: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """``S`` `(batch, n, n_channels)` float64 at the chunk's positions ``local`` `(n,)`, from
-        the chunk's own cumulative sums ``within`` `(batch, n_channels, length)`."""
-        return (self.cumulative[:, :, None] + within[:, :, local]).transpose(1, 2)
-
-    def _keep_anchors(self, parts: ScanParts, within: torch.Tensor, start: int, end: int) -> None:
+    def _keep_anchors(self, parts: ScanParts, sums: torch.Tensor, start: int, end: int) -> None:
         lo, hi = torch.searchsorted(self.anchors, torch.tensor([start, end])).tolist()
         if hi == lo:
             return
-        local = (self.anchors[lo:hi] - start).to(within.device)
-        self.anchor_sum[:, lo:hi] = self._sums_at(within, local)
+        local = (self.anchors[lo:hi] - start).to(sums.device)
+        self.anchor_sum[:, lo:hi] = sums[:, :, local].transpose(1, 2)
         self.anchor_step[:, lo:hi] = parts.step[:, :, local].transpose(1, 2)
         self.anchor_B[:, lo:hi] = parts.B[..., local].permute(0, 3, 1, 2)
 
-    def _score_targets(self, parts: ScanParts, within: torch.Tensor, start: int, end: int) -> None:
+    def _score_targets(self, parts: ScanParts, sums: torch.Tensor, start: int, end: int) -> None:
         """Evaluate every (anchor, distance) pair whose target lies in ``[start, end)``.
 
         The running sums stay float64 (their differences are the exact elapsed step sizes);
@@ -369,10 +355,10 @@ class LayerDecay:
         anchor_index, distance_index = inside.nonzero(as_tuple=True)  # (n_pairs,) each
         if anchor_index.numel() == 0:
             return
-        batch, n_channels, _ = within.shape
+        batch, n_channels, _ = sums.shape
         d_state = parts.B.shape[2]
         block = max(1, PAIR_BLOCK_ELEMENTS // (batch * n_channels * d_state))
-        device, work = within.device, parts.work_dtype
+        device, work = sums.device, parts.work_dtype
         A_by_state = (parts.A * LOG2_E).to(work).T.contiguous()  # (n_a, n_channels), base 2
         # position-major copies of the target positions only, so that each pair gathers
         # contiguous rows
@@ -380,54 +366,23 @@ class LayerDecay:
             self.targets[anchor_index, distance_index] - start, return_inverse=True
         )
         targets, slot = targets.to(device), slot.to(device)
-        sums_at = self._sums_at(within, targets).contiguous()  # (batch, n_targets, n_chan)
+        sums_at = sums[:, :, targets].transpose(1, 2).contiguous()  # (batch, n_targets, n_chan)
         C_at = parts.C[..., targets].permute(0, 3, 1, 2).contiguous()  # (b, n_targets, g, n)
-        scratch = self.scratch
         for first in range(0, anchor_index.numel(), block):
-            i = anchor_index[first : first + block].to(device)
+            i = anchor_index[first : first + block]
             j = distance_index[first : first + block]
             local = slot[first : first + block]
-            shape = (batch, len(i), n_channels)
-            elapsed = scratch.get("elapsed64", shape, torch.float64, device)
-            torch.index_select(sums_at, 1, local, out=elapsed)
-            origin = scratch.get("origin64", shape, torch.float64, device)
-            elapsed.sub_(torch.index_select(self.anchor_sum, 1, i, out=origin))  # S_t - S_s
-            elapsed = scratch.get("elapsed", shape, work, device).copy_(elapsed)  # (b, P, chan)
-            # products of two values of at most float32 precision are exact in float64: in
-            # the work dtype they round to what float64 products rounded to it give
+            i = i.to(device)
+            elapsed = (sums_at[:, local] - self.anchor_sum[:, i]).to(work)  # (b, P, chan)
             readout = (C_at[:, local] * self.anchor_B[:, i]).to(work)  # (b, P, g, n)
             if A_by_state.shape[0] == 1:  # Mamba-2: one decay per head, B and C per group
                 decay = _exp_floored(elapsed * A_by_state[0])  # (batch, P, n_channels)
                 kernel = decay * readout.sum(-1)[:, :, parts.group]
             else:  # Mamba-1: one group, a decay per channel and state, summed over the states
-                decay = scratch.get("decay", (batch, len(i), d_state, n_channels), work, device)
-                torch.mul(elapsed[:, :, None, :], A_by_state, out=decay)  # (b, P, n, chan)
-                _exp_floored(decay).mul_(readout[:, :, 0, :, None])
-                kernel = torch.sum(decay, 2, out=scratch.get("kernel", shape, work, device))
-            at_anchors = scratch.get("step", shape, self.anchor_step.dtype, device)
-            torch.index_select(self.anchor_step, 1, i, out=at_anchors)  # delta'_s
-            kernel = kernel.mul_(at_anchors.to(work)).abs_()
+                decay = _exp_floored(elapsed[:, :, None, :] * A_by_state)  # (b, P, n, chan)
+                kernel = decay.mul_(readout[:, :, 0, :, None]).sum(2)  # (b, P, n_channels)
+            kernel = kernel.mul_(self.anchor_step[:, i].to(work)).abs_()
             self.values[:, i, j.to(device)] = kernel.mean(-1, dtype=torch.float64)
-
-
-class PairScratch:
-    """Buffers that the pair blocks of :meth:`LayerDecay._score_targets` are computed in,
-    reused from block to block and layer to layer (fresh block-sized tensors made a 60k
-    MemMamba analysis's collector ~1.2x slower, measured)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        """A contiguous ``shape`` tensor of ``dtype`` (uninitialized), in buffer ``name``."""
-        count = math.prod(shape)
-        buffer = self._buffers.get(name)
-        fits = buffer is not None and buffer.numel() >= count
-        if not fits or (buffer.dtype, buffer.device) != (dtype, device):
-            buffer = self._buffers[name] = torch.empty(count, dtype=dtype, device=device)
-        return buffer[:count].view(shape)
 
 
 class SsmDecayCollector:
@@ -552,9 +507,9 @@ def collect_ssm_decay(
     unsupported = [layer for layer, reader in readers.items() if reader is None]
     if unsupported:
         raise TypeError(f"layers {unsupported} of {type(model).__name__} have no Mamba mixer")
-    watch, scratch = _DecimationWatch(), PairScratch()
+    watch = _DecimationWatch()
     states = {
-        layer: LayerDecay(reader, block_before(layer), anchors, distances, watch, scratch)
+        layer: LayerDecay(reader, block_before(layer), anchors, distances, watch)
         for layer, reader in readers.items()
     }
     collector = SsmDecayCollector(states, anchors, distances, int(length))
