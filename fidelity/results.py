@@ -145,9 +145,8 @@ def _write_figures(figures: Mapping[str, Figure], directory: Path) -> dict[str, 
     """``<name>.png`` and ``<name>.svg`` per figure; returns the PNG bytes (for the report).
 
     The layout is computed once, for the PNG: the SVG reuses it (the figure has no layout
-    engine after the first render, so the SVG is drawn once, without the layout pass that a
-    figure with an engine, even a placeholder, gets first), which saves a third of the writing
-    time and then half of the SVG's."""
+    engine after the first render, so savefig draws the SVG once; a figure with an engine, even
+    matplotlib's placeholder for ``"none"``, gets a layout pass first)."""
     import matplotlib
 
     from fidelity.reports import html
