@@ -125,6 +125,8 @@ def _plotter(kind: str) -> Callable[..., Figure]:
 
 
 _PNG_DPI = 150
+_NO_LAYOUT = {"figure.autolayout": False, "figure.constrained_layout.use": False}
+"""The settings under which ``Figure.set_layout_engine(None)`` removes the engine."""
 
 _FIGURE_FILES = frozenset(
     f"{kind}.{suffix}"
@@ -142,15 +144,21 @@ LEGACY_COMPARISON = Legacy(
 def _write_figures(figures: Mapping[str, Figure], directory: Path) -> dict[str, bytes]:
     """``<name>.png`` and ``<name>.svg`` per figure; returns the PNG bytes (for the report).
 
-    The layout is computed once, for the PNG: the SVG reuses it (its engine is switched off
-    after the first render), which saves a third of the writing time."""
+    The layout is computed once, for the PNG: the SVG reuses it (the figure has no layout
+    engine after the first render, so savefig draws the SVG once; a figure with an engine, even
+    matplotlib's placeholder for ``"none"``, gets a layout pass first)."""
+    import matplotlib
+
     from fidelity.reports import html
 
     images = {}
     for name, figure in figures.items():
         images[name] = html.figure_png(figure, dpi=_PNG_DPI)
         (directory / f"{name}.png").write_bytes(images[name])
-        figure.set_layout_engine("none")  # the axes keep the positions just computed
+        # no engine at all (`"none"` leaves a placeholder that savefig still lays out for):
+        # the axes keep the positions just computed
+        with matplotlib.rc_context(_NO_LAYOUT):
+            figure.set_layout_engine(None)
         figure.savefig(directory / f"{name}.svg", format="svg", metadata={"Date": None})
     return images
 

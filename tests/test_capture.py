@@ -6,6 +6,7 @@ import torch
 from fidelity.models.registry import build_model
 from fidelity.probes.capture import (
     NonFiniteHiddenStateError,
+    _first_non_finite,
     capture,
     capturing,
     find_blocks,
@@ -131,6 +132,31 @@ def test_non_finite_states_are_reported_with_layer_and_position():
     finally:
         handle.remove()
     assert (error.value.layer, error.value.position) == (1, 12)
+
+
+def _first_non_finite_by_mask(hidden):
+    """The check before its one-sum shortcut: every value looked at."""
+    bad = (~torch.isfinite(hidden).all(dim=-1)).nonzero()
+    return None if len(bad) == 0 else tuple(bad[0].tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_first_non_finite_equals_the_masked_check(dtype):
+    generator = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max / 2
+    for trial in range(40):
+        hidden = torch.randn(3, 33, 8, generator=generator).to(dtype)
+        if trial % 4 == 1:  # finite values whose sum overflows: no error
+            hidden[:] = big
+        for _ in range(trial % 3):
+            where = [int(torch.randint(0, n, (), generator=generator)) for n in hidden.shape]
+            value = (float("nan"), float("inf"), -float("inf"))[trial % 3]
+            hidden[tuple(where)] = value
+        expected = _first_non_finite_by_mask(hidden)
+        assert _first_non_finite(hidden) == expected
+    hidden = torch.full((1, 4, 2), big, dtype=dtype)
+    hidden[0, 2, 1], hidden[0, 3, 0] = float("inf"), -float("inf")  # sum: NaN
+    assert _first_non_finite(hidden) == (0, 2)
 
 
 def test_run_with_capture_returns_logits_and_states():

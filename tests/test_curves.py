@@ -8,6 +8,7 @@ import torch
 
 from fidelity.metrics.curves import (
     DECAY_MIN_R2,
+    _row_intervals,
     bootstrap_counts,
     contiguous_length,
     farthest_distance,
@@ -326,3 +327,19 @@ def test_replicates_that_draw_only_missing_anchors_are_ignored():
     replicates = present_mean(values, counts)
     np.testing.assert_array_equal(replicates, [np.nan, 2.0, 1.0])
     assert mean_with_interval(values, counts, level=0.5) == (2.0, 1.25, 1.75)
+
+
+def test_row_intervals_equal_the_interval_of_each_row():
+    """All-finite rows in one percentile call, the others row by row: the same numbers as
+    percentile_interval of each row (non-finite replicates left out)."""
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        replicates = rng.normal(size=(int(rng.integers(1, 30)), 200)) * 10 ** rng.uniform(-4, 4)
+        if trial % 3 == 1:
+            replicates[rng.random(replicates.shape) < 0.1] = np.nan
+        if trial % 4 == 2:
+            replicates[0, :3] = np.inf
+            replicates[-1] = np.nan  # no finite replicate: NaN bounds
+        bounds = _row_intervals(replicates, 0.9)
+        for row, expected in zip(bounds, replicates, strict=True):
+            assert np.array_equal(row, percentile_interval(expected, 0.9), equal_nan=True)

@@ -60,6 +60,20 @@ def test_the_svg_normalization_sees_a_different_drawing(full, drawn_here, tmp_pa
     )
 
 
+def test_svgs_drawn_once_equal_those_laid_out_again(full, drawn_here, tmp_path):
+    """The SVGs, drawn once on the layout the PNGs computed, are the SVGs of a figure whose
+    engine is a placeholder (savefig then lays it out again before drawing)."""
+    for kind in full.plot_kinds():
+        figure = full.plot(kind)
+        figure.savefig(tmp_path / f"{kind}.png", format="png", dpi=150)
+        figure.set_layout_engine("none")  # a placeholder engine: savefig lays out first
+        assert figure.get_layout_engine() is not None
+        figure.savefig(tmp_path / f"{kind}.svg", format="svg", metadata={"Date": None})
+        assert (
+            _svg_ids_in_order((tmp_path / f"{kind}.svg").read_bytes()) == drawn_here[f"{kind}.svg"]
+        ), kind
+
+
 def test_one_worker_serves_several_saves(full, drawn_here, tmp_path):
     with FigureWorker(2) as worker:
         for name in ("a", "b"):

@@ -26,6 +26,7 @@ from fidelity.metrics.memmamba_memory import (
     memmamba_memory,
     observe_memmamba_memory,
 )
+from fidelity.metrics.position_loss import observe_position_loss
 from fidelity.models.registry import build_model
 from fidelity.probes.capture import capture
 from fidelity.probes.memmamba_ablation import zeroed_memory_contexts
@@ -142,6 +143,25 @@ def test_zeroed_loss_equals_a_forward_without_memory_contexts():
     assert manual != pytest.approx(full, rel=1e-6)  # the memory path does move this model
     assert losses.loc[LOSS_FULL, "length"] == LENGTH
     assert losses.loc[LOSS_FULL, "n"] == input_ids.shape[0] * (LENGTH - 1)
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "residual", "gated"])
+@pytest.mark.parametrize("chunk_size", [None, 48])
+def test_zeroed_losses_equal_the_model_run_with_zeroed_contexts(fusion, chunk_size):
+    """The zeroed pass runs the mixers' path alone: the losses of the whole model run under
+    zeroed_memory_contexts, bit for bit (float32, several fusions, one pass and chunked)."""
+    model = tiny_memmamba(fusion=fusion).float()
+    input_ids = ids(seed=5)
+    step = chunk_size or LENGTH
+    cache = model.init_cache(input_ids.shape[0]) if chunk_size else None
+    with zeroed_memory_contexts(model) as n_zeroed, observe_position_loss(model, LENGTH) as seen:
+        for start in range(0, LENGTH, step):
+            model(input_ids[:, start : start + step], cache=cache)
+    assert n_zeroed > 0
+    zeroed = memory.zeroed_losses(model, input_ids, chunk_size)
+    assert zeroed.dtype == torch.float64 and zeroed.shape == input_ids.shape
+    assert torch.equal(zeroed.nan_to_num(-1.0), seen.losses.nan_to_num(-1.0))
+    assert bool(zeroed[:, 1:].isfinite().all()) and bool(zeroed[:, 0].isnan().all())
 
 
 @torch.no_grad()

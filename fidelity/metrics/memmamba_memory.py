@@ -56,8 +56,8 @@ from fidelity.metrics.curves import DEFAULT_LEVEL
 from fidelity.metrics.cut_context import interval_row, model_device
 from fidelity.metrics.position_loss import PositionLossCollector, observe_position_loss
 from fidelity.metrics.toolkit import tidy_frame
+from fidelity.models.base import LMOutput, ModelCache
 from fidelity.models.memmamba import MemMambaLM
-from fidelity.probes.memmamba_ablation import zeroed_memory_contexts
 from fidelity.probes.memmamba_trace import MemMambaTrace, tracing_memmamba
 from fidelity.schema import TIDY_COLUMNS
 
@@ -164,17 +164,35 @@ def zeroed_losses(
 ) -> torch.Tensor:
     """Next-token losses `(batch, n)` float64 (NaN at position 0) of ``input_ids`` `(batch, n)`
     with every pool context zeroed, fed in chunks of ``chunk_size`` through the recurrent cache
-    (None: one pass), as the analysis feeds its input."""
+    (None: one pass), as the analysis feeds its input.
+
+    With every context zeroed each block's output is its mixer's path, ``x + mixer(norm(x))``
+    (:func:`~fidelity.probes.memmamba_ablation.zeroed_memory_contexts`: the fusion adds exactly
+    zero), so only the embedding, the mixers, the final norm and the head run: the losses of
+    the model run under ``zeroed_memory_contexts`` (tested), without the notes, pools and
+    attentions that feed nothing (about a third of the pass)."""
     n = input_ids.shape[1]
     step = chunk_size or n
     cache = model.init_cache(input_ids.shape[0]) if step < n else None
     device = model_device(model)
-    with zeroed_memory_contexts(model), observe_position_loss(model, n) as collector:
-        for start in range(0, n, step):
-            model(input_ids[:, start : start + step].to(device), cache=cache)
-            if progress is not None:
-                progress(min(start + step, n), n)
+    collector = PositionLossCollector(n)
+    for start in range(0, n, step):
+        ids = input_ids[:, start : start + step].to(device)
+        collector.record(model, ids, LMOutput(logits=_mixer_path_logits(model, ids, cache)))
+        if progress is not None:
+            progress(min(start + step, n), n)
     return collector.losses
+
+
+def _mixer_path_logits(
+    model: MemMambaLM, ids: torch.Tensor, cache: ModelCache | None
+) -> torch.Tensor:
+    """Logits `(batch, n, vocab)` of ``ids`` `(batch, n)` through every block's mixer path only
+    (advancing the mixers' states in ``cache``, when given)."""
+    x = model.embedding(ids.long())
+    for index, block in enumerate(model.layers):
+        x = x + block.mixer(block.norm(x), cache.layers[index] if cache is not None else None)
+    return model.lm_head(model.norm_f(x))[..., : model.config.vocab_size]
 
 
 def _block_means(values: torch.Tensor) -> np.ndarray:

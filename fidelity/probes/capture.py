@@ -210,6 +210,10 @@ class _Recorder:
 def _first_non_finite(hidden: torch.Tensor) -> tuple[int, int] | None:
     """``(batch row, row index)`` of the first NaN/Inf in ``hidden`` `(batch, rows, d_model)`,
     or None when every value is finite."""
+    # a NaN or an Inf anywhere makes the sum NaN or Inf: a finite sum (one pass, no mask)
+    # clears them all; finite values whose sum overflows are looked at one by one below
+    if bool(torch.isfinite(hidden.sum())):
+        return None
     finite = torch.isfinite(hidden).all(dim=-1)  # (batch, rows)
     if bool(finite.all()):
         return None
