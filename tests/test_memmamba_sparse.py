@@ -48,6 +48,31 @@ def test_selected_queries_get_the_dense_output_and_the_rest_zero(rate):
     assert torch.equal(sparse.weights, dense.weights)
 
 
+def test_reading_the_weights_of_a_sparse_forward_runs_no_attention_again(monkeypatch):
+    """The weights observers read are computed alone, by blocks of segments: the attention's
+    context is not computed a second time for them."""
+    from fidelity.models import memmamba
+
+    config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    attention = PoolAttention(config).double()
+    view = random_view(2, 3, 11, 9, 16, generator)
+    normed = torch.randn(2, 3, 11, 24, generator=generator, dtype=torch.float64)
+    selected = torch.rand(2, 3, 11, generator=generator) < 0.2
+    with torch.no_grad():
+        dense = attention(normed, view).weights
+        sparse = attention(normed, view, selected)
+    calls = []
+    apply = memmamba._BlockedAttention.apply
+    monkeypatch.setattr(
+        memmamba._BlockedAttention, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
+    monkeypatch.setattr(memmamba, "SCORES_BLOCK", 1)  # one segment per block
+    assert torch.equal(sparse.weights, dense)
+    assert calls == []
+
+
 def test_selected_queries_give_the_dense_gradients():
     """With gradients to everything but the gate, the selected path's gradients are those of
     the dense output times the gate."""

@@ -301,7 +301,7 @@ class PoolAttentionOutput:
 
     @property
     def weights(self) -> torch.Tensor:
-        while callable(self._weights):
+        if callable(self._weights):
             self._weights = self._weights()
         return self._weights
 
@@ -350,9 +350,7 @@ class PoolAttention(nn.Module):
             queries = normed.gather(2, rows[..., None].expand(-1, -1, -1, width))
             context, _ = self._compute(queries, view.values, member)
             output.scatter_(2, rows[..., None].expand_as(context), context)
-        return PoolAttentionOutput(
-            output, lambda: self._compute(normed, view.values, view.member)[1]
-        )
+        return PoolAttentionOutput(output, lambda: self._weights(normed, view.values, view.member))
 
     def _compute(
         self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
@@ -377,12 +375,14 @@ class PoolAttention(nn.Module):
         returned function is called."""
         q, k, v = self._operands(normed, values)
         context = _BlockedAttention.apply(q, k, v, member)
+        return context, lambda: _blocked_weights(q, k, member)
 
-        def all_weights() -> torch.Tensor:
-            with torch.no_grad():
-                return _softmax_weights(q, k, member)[..., : values.shape[2]]
-
-        return context, all_weights
+    def _weights(
+        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
+    ) -> torch.Tensor:
+        """The weights of :meth:`_compute` alone (its context is not computed)."""
+        q, k, _ = self._operands(normed, values)
+        return _blocked_weights(q, k, member)
 
     def _operands(
         self, normed: torch.Tensor, values: torch.Tensor
@@ -419,6 +419,20 @@ def _softmax_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> 
     scores = q @ k.transpose(-1, -2)
     scores += _mask_bias(member, k.shape[-2], q.dtype)
     return torch.softmax(scores, -1)  # (the in-place `out=` form measured slower)
+
+
+@torch.no_grad()
+def _blocked_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """:func:`_softmax_weights` over the candidates only, `(batch, segments, heads, queries,
+    candidates)` for ``member`` `(batch, segments, queries, candidates)`, a few segments at a
+    time (:func:`_segment_blocks`) into the one tensor returned: reading the weights of a long
+    chunk costs that tensor, not three as large."""
+    n_candidates = member.shape[-1]
+    weights = q.new_empty(*q.shape[:-1], n_candidates)
+    for block in _segment_blocks(q, k):
+        block_weights = _softmax_weights(q[:, block], k[:, block], member[:, block])
+        weights[:, block] = block_weights[..., :n_candidates]
+    return weights
 
 
 class _BlockedAttention(torch.autograd.Function):
