@@ -20,7 +20,8 @@ the run adds on top of it, counted part by part (:class:`RunEstimate`):
 - ``length_buffers``: what is as long as the whole input whatever the chunking: the anchor
   draw's permutation and the probe's token ids (:data:`PERMUTATION_BYTES_PER_TOKEN`,
   :data:`PROBE_BYTES_PER_TOKEN`), and MemMamba's allocator retention that grows with the number
-  of chunks (:data:`MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT`);
+  of chunks up to a point (:data:`MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT`,
+  :data:`MEMMAMBA_CREEP_TOKENS`);
 - ``untraced``: a fixed amount an analysis adds beyond the counted tensors, per kind of model
   (:data:`UNTRACED_BYTES`: measured, not traced to a tensor; 85 MiB for the state-space models,
   27 MiB for attention models);
@@ -108,19 +109,21 @@ KEY_VALUE_RETENTION_BYTES = 128 << 20
 # (int64) with the copy made while building them.
 PERMUTATION_BYTES_PER_TOKEN = 8
 PROBE_BYTES_PER_TOKEN = 16
-# MemMamba's peak also grows with the number of chunks, where Mamba's stays flat: from 60k to
-# 400k tokens, beyond the kept states, by 54 MiB for mini and 357 MiB for small at one thread
-# (0.22 and 0.36 bytes per token per unit of n_layer x d_model: 768 and 3072; session 28),
-# counted as 0.36 (mini's estimate at 400k is then 1.10 of its peak). No tensor grows with the
-# length: with the heap trimmed after every
-# chunk, what a MemMamba mini run holds after each chunk stays at 814 MB, while the high-water
-# mark creeps up chunk after chunk (1013, 1118, 1118, 1135, 1153 MB over its first five
-# chunks, flat at the sixth and seventh; session 26, before its records were preallocated):
-# the allocator's retained free memory, which MemMamba's chunk-to-chunk varying tensor sizes
-# (the notes each segment writes set the size of its pool candidates and membership masks)
-# fragment more than Mamba's fixed ones. A linear fit of a growth that slows down: safe (too
-# high) beyond 400k.
-MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 0.36
+# MemMamba's peak also grows with the number of chunks, where Mamba's stays flat, and then
+# stops growing. No tensor grows with the length: with the heap trimmed after every chunk, what
+# a MemMamba mini run holds after each chunk stays at 814 MB, while the high-water mark creeps
+# up chunk after chunk (1013, 1118, 1118, 1135, 1153 MB over its first five chunks, flat at the
+# sixth and seventh; session 26): the allocator's retained free memory, which MemMamba's
+# chunk-to-chunk varying tensor sizes (the notes each segment writes set the size of its pool
+# candidates and membership masks) fragment more than Mamba's fixed ones. Counted per token up
+# to MEMMAMBA_CREEP_TOKENS, per unit of n_layer x d_model (mini 768, small 3072). Session 29's
+# runs (the attentions by blocks of segments, whose many small tensors move the creep): small
+# grew 1388 MiB above its process at 60k and about as much at 400k (its kept states aside), mini
+# 432 and 503 MiB; 1.75 bytes up to 64k tokens puts small's 60k at 1.02 of its peak and every
+# MemMamba row at 1.01-1.12 (session 28's code, before the blocks: 0.36 bytes per token without
+# a cap, small growing 357 MiB from 60k to 400k).
+MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT = 1.75
+MEMMAMBA_CREEP_TOKENS = 1 << 16
 # Bytes per attention score of a model that is not ours (eager attention: scores, softmax).
 SCORE_BYTES = 8
 # Bytes per (query, key) pair of one block of our attention: the block's boolean mask (1 byte)
@@ -377,7 +380,7 @@ def estimate_run(
     length_buffers = length * PERMUTATION_BYTES_PER_TOKEN + batch * length * PROBE_BYTES_PER_TOKEN
     if _block_kind(model) == "memmamba":
         per_token = MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model
-        length_buffers += int(batch * length * per_token)
+        length_buffers += int(batch * min(length, MEMMAMBA_CREEP_TOKENS) * per_token)
     kept = batch * n_positions * n_layers_kept * d_model * store_bytes
     device = next(model.parameters()).device
     if device.type == "cpu" and isinstance(model, CausalLM) and _block_kind(model) != "attention":

@@ -18,6 +18,7 @@ from fidelity.budget import (
     KEY_VALUE_RETENTION_BYTES,
     MASK_BYTES,
     MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT,
+    MEMMAMBA_CREEP_TOKENS,
     UNTRACED_BYTES,
     ForwardCost,
     MemoryBudgetError,
@@ -181,20 +182,24 @@ def test_untraced_amount_is_per_kind_and_headroom_a_fraction_of_the_whole(name, 
     assert small.total - small.baseline == (10 << 20) + int(HEADROOM * (110 << 20))
 
 
-def test_memmamba_counts_its_growth_with_the_length():
-    """MemMamba's allocator retention grows with the number of chunks: 0.36 bytes per token per
-    unit of n_layer x d_model on top of Mamba's length-sized buffers; the chunk's parts do not
-    change with the length."""
+def test_memmamba_counts_its_growth_with_the_length_up_to_a_point():
+    """MemMamba's allocator retention grows with the number of chunks, per token per unit of
+    n_layer x d_model on top of Mamba's length-sized buffers, up to MEMMAMBA_CREEP_TOKENS
+    tokens; the chunk's parts do not change with the length."""
     model = build_model("memmamba", "tiny")
     d_model, _, n_layer = model_width(model)
-    short, long = (
+    cap = MEMMAMBA_CREEP_TOKENS
+    short, long, longer = (
         estimate_run(model, length, n_positions=16, n_layers_kept=1, chunk_size=1000)
-        for length in (10_000, 30_000)
+        for length in (10_000, 30_000, cap + 20_000)
     )
-    assert short.activations == long.activations
+    assert short.activations == long.activations == longer.activations
     plain = 20_000 * (8 + 16)  # the permutation and the probe's ids
+    per_unit = MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model
     grown = long.length_buffers - short.length_buffers
-    assert grown == plain + int(20_000 * MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT * n_layer * d_model)
+    assert grown == pytest.approx(plain + 20_000 * per_unit, abs=1)
+    beyond = longer.length_buffers - long.length_buffers
+    assert beyond == pytest.approx((cap - 10_000) * (8 + 16) + (cap - 30_000) * per_unit, abs=1)
 
 
 def test_full_attention_counts_its_cache_and_one_block_mask():
