@@ -366,9 +366,12 @@ def estimate_run(
     span = attention_span(model, length)
     attention = 0
     if span:
-        # through a cache every layer keeps its keys and values; one call holds one layer's
+        # through a cache every layer keeps its keys and values, and a model that is not ours
+        # returns them all from one call (Hugging Face's cache); one call of ours holds one
+        # layer's at a time
         layer_keys_values = batch * 2 * span * d_model * compute_bytes
-        attention = (n_layer if chunked_input else 1) * layer_keys_values
+        every_layer = chunked_input or not isinstance(model, CausalLM)
+        attention = (n_layer if every_layer else 1) * layer_keys_values
         if chunked_input and span == length:
             attention += KEY_VALUE_RETENTION_BYTES
         block = attention_block(model, tokens_in_flight)

@@ -19,6 +19,7 @@ from fidelity.budget import (
     MASK_BYTES,
     MEMMAMBA_BYTES_PER_TOKEN_PER_UNIT,
     MEMMAMBA_CREEP_TOKENS,
+    SCORE_BYTES,
     UNTRACED_BYTES,
     ForwardCost,
     MemoryBudgetError,
@@ -231,6 +232,24 @@ def test_full_attention_read_in_one_pass_holds_one_layers_keys():
     assert chunked.attention - one_pass.attention == (
         (n_layer - 1) * layer_keys_values + KEY_VALUE_RETENTION_BYTES
     )
+
+
+def test_a_hugging_face_transformer_read_in_one_pass_counts_every_layers_keys():
+    """Hugging Face's forward returns its cache of every layer's keys and values (use_cache),
+    so one call holds them all, besides its eager scores."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(
+        vocab_size=256,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    model = transformers.GPTNeoXForCausalLM(config)
+    estimate = estimate_run(model, 1000, n_positions=16, n_layers_kept=1)
+    keys_values = 3 * 2 * 1000 * 32 * 4
+    scores = 4 * 1000 * 1000 * SCORE_BYTES
+    assert estimate.attention == keys_values + scores
 
 
 def test_forward_cost_splits_a_causal_forward_into_per_token_and_per_key_parts(monkeypatch):
