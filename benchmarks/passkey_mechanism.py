@@ -453,6 +453,16 @@ def groups(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]
     return grouped
 
 
+def cells_by_outcome(rows: Sequence[dict]) -> Iterator[tuple[str, int, float, str, list[dict]]]:
+    """(model, length, depth, outcome, rows) for each cell's right rows, then its wrong rows
+    (outcomes without rows left out), in first-seen order."""
+    for (label, length, depth), cell in groups(rows, ["model", "length", "depth"]).items():
+        for outcome in ("right", "wrong"):
+            part = [r for r in cell if r["right"] == (outcome == "right")]
+            if part:
+                yield label, length, depth, outcome, part
+
+
 def blocks_of(rows: Sequence[dict]) -> list[str]:
     return sorted({b for r in rows if r["pool"] for b in r["pool"]}, key=int)
 
@@ -652,27 +662,21 @@ def write_table(out: Path, records: dict) -> None:
         "| control effect | ETMF by layer @d |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (label, length, depth), cell in groups(rows, ["model", "length", "depth"]).items():
-        for outcome in ("right", "wrong"):
-            part = [r for r in cell if r["right"] == (outcome == "right")]
-            if not part:
-                continue
-            etmf = "-"
-            if part[0]["etmf"]:
-                layers = sorted(part[0]["etmf"], key=int)
-                etmf = (
-                    " ".join(
-                        f"{np.mean([r['etmf'][layer][1] for r in part]):.2f}" for layer in layers
-                    )
-                    + f" (@{part[0]['etmf'][layers[-1]][0]})"
-                )
-            lines.append(
-                f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {len(part)} | "
-                f"{np.median([r['distance'] for r in part]):.0f} | "
-                f"{fmt_mean(mean_interval([r['log_prob'] for r in part]))} | "
-                f"{fmt_mean(mean_interval([r['needle_effect'] for r in part]))} | "
-                f"{fmt_mean(mean_interval([r['control_effect'] for r in part]))} | {etmf} |"
+    for label, length, depth, outcome, part in cells_by_outcome(rows):
+        etmf = "-"
+        if part[0]["etmf"]:
+            layers = sorted(part[0]["etmf"], key=int)
+            etmf = (
+                " ".join(f"{np.mean([r['etmf'][layer][1] for r in part]):.2f}" for layer in layers)
+                + f" (@{part[0]['etmf'][layers[-1]][0]})"
             )
+        lines.append(
+            f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {len(part)} | "
+            f"{np.median([r['distance'] for r in part]):.0f} | "
+            f"{fmt_mean(mean_interval([r['log_prob'] for r in part]))} | "
+            f"{fmt_mean(mean_interval([r['needle_effect'] for r in part]))} | "
+            f"{fmt_mean(mean_interval([r['control_effect'] for r in part]))} | {etmf} |"
+        )
     pooled = [r for r in rows if r["pool"]]
     if pooled:
         lines += [
@@ -688,18 +692,16 @@ def write_table(out: Path, records: dict) -> None:
             "| layer weight |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for (label, length, depth), cell in groups(pooled, ["model", "length", "depth"]).items():
-            for outcome in ("right", "wrong"):
-                part = [r for r in cell if r["right"] == (outcome == "right")]
-                for block in blocks_of(part):
-                    lines.append(
-                        f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {block} | "
-                        f"{rate([r['pool'][block]['written'] for r in part])} | "
-                        f"{rate([r['pool'][block]['kept'] for r in part])} | "
-                        f"{_share(part, block, 'fired')} | "
-                        f"{_share(part, block, 'token_weight')} | "
-                        f"{_share(part, block, 'layer_weight')} |"
-                    )
+        for label, length, depth, outcome, part in cells_by_outcome(pooled):
+            for block in blocks_of(part):
+                lines.append(
+                    f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {block} | "
+                    f"{rate([r['pool'][block]['written'] for r in part])} | "
+                    f"{rate([r['pool'][block]['kept'] for r in part])} | "
+                    f"{_share(part, block, 'fired')} | "
+                    f"{_share(part, block, 'token_weight')} | "
+                    f"{_share(part, block, 'layer_weight')} |"
+                )
     decimated = [r for r in rows if r.get("decimation")]
     if decimated:
         lines += [
@@ -716,21 +718,19 @@ def write_table(out: Path, records: dict) -> None:
             "| question kept | question whole |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for (label, length, depth), cell in groups(decimated, ["model", "length", "depth"]).items():
-            for outcome in ("right", "wrong"):
-                part = [r for r in cell if r["right"] == (outcome == "right")]
-                for layer in layers_of(part):
-                    flags = [r["decimation"][layer] for r in part]
-                    shares = {
-                        name: fmt_mean(mean_interval([f[name] for f in flags], (0.0, 1.0)), ".3f")
-                        for name in ("kept", "needle", "question")
-                    }
-                    lines.append(
-                        f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {layer} "
-                        f"| {shares['kept']} | {shares['needle']} | "
-                        f"{rate([f['needle'] == 1.0 for f in flags])} | {shares['question']} | "
-                        f"{rate([f['question'] == 1.0 for f in flags])} |"
-                    )
+        for label, length, depth, outcome, part in cells_by_outcome(decimated):
+            for layer in layers_of(part):
+                flags = [r["decimation"][layer] for r in part]
+                shares = {
+                    name: fmt_mean(mean_interval([f[name] for f in flags], (0.0, 1.0)), ".3f")
+                    for name in ("kept", "needle", "question")
+                }
+                lines.append(
+                    f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {layer} "
+                    f"| {shares['kept']} | {shares['needle']} | "
+                    f"{rate([f['needle'] == 1.0 for f in flags])} | {shares['question']} | "
+                    f"{rate([f['question'] == 1.0 for f in flags])} |"
+                )
     write_text_atomically(out, "\n".join(lines) + "\n")
 
 

@@ -52,6 +52,28 @@ def _options(trials=3, **kwargs):
     return bench.CellOptions(trials=trials, **kwargs)
 
 
+def _record(rows, trials, depths, label=""):
+    """What a run saves to its raw file, around ``rows``."""
+    return {
+        "command": "python benchmarks/passkey_mechanism.py --model x",
+        "label": label,
+        "date": "2026-12-01",
+        "seconds": 60.0,
+        "load": "1.0 at the end",
+        "filler": "standard",
+        "trials": trials,
+        "depths": depths,
+        "rows": [bench.asdict(r) for r in rows],
+    }
+
+
+def _table(tmp_path, rows, trials, depths, label=""):
+    """The markdown the writer makes of ``rows`` (through JSON, as from a raw file)."""
+    out = tmp_path / "table.md"
+    bench.write_table(out, json.loads(json.dumps(_record(rows, trials, depths, label))))
+    return out.read_text()
+
+
 def test_occlusion_changes_the_key_digits_and_a_filler_span_of_the_same_size():
     tokenizer = as_tokenizer(None)
     probe = passkey_probe(LENGTH, batch=3, seed=1, depth=0.5)
@@ -216,20 +238,7 @@ def test_the_markdown_writer_writes_verdicts_and_tables(tmp_path):
     rows = bench.measure_cell(memmamba, "memmamba", LENGTH, 0, _options(trials=2), frame)
     rows += bench.measure_cell(CachedNeedleCopyingOracle(), "oracle", LENGTH, 0, _options(2))
     assert set(rows[0].etmf) == {1, 2}
-    record = {
-        "command": "python benchmarks/passkey_mechanism.py --model x",
-        "label": "test models",
-        "date": "2026-12-01",
-        "seconds": 60.0,
-        "load": "1.0 at the end",
-        "filler": "standard",
-        "trials": 2,
-        "depths": [0.0],
-        "rows": [bench.asdict(r) for r in rows],
-    }
-    out = tmp_path / "table.md"
-    bench.write_table(out, json.loads(json.dumps(record)))
-    text = out.read_text()
+    text = _table(tmp_path, rows, trials=2, depths=[0.0], label="test models")
     assert "**test models**" in text and "python benchmarks/passkey_mechanism.py" in text
     assert f"- **memmamba at {LENGTH}**: 0/2 right: lost (pool:" in text
     assert f"- **oracle at {LENGTH}**: 2/2 right: carried by the sequence mixer" in text
@@ -305,19 +314,7 @@ def test_decimation_flags_match_the_positions_the_model_reports(tmp_path):
         assert row.decimation[2]["kept"] < row.decimation[1]["kept"] < 1.0  # 301, then 151 rows
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed
     assert bench.measure_cell(_memmamba(), "m", LENGTH, 0, _options(1))[0].decimation is None
-    record = {
-        "command": "python benchmarks/passkey_mechanism.py --model deci",
-        "date": "2026-12-02",
-        "seconds": 1.0,
-        "load": "1.0 at the end",
-        "filler": "standard",
-        "trials": 3,
-        "depths": [0.5],
-        "rows": [bench.asdict(r) for r in rows],
-    }
-    out = tmp_path / "table.md"
-    bench.write_table(out, json.loads(json.dumps(record)))
-    text = out.read_text()
+    text = _table(tmp_path, rows, trials=3, depths=[0.5])
     share = 100 * np.mean([r.decimation[1]["kept"] for r in rows])
     assert f"; decimation: layer 1 kept {share:.1f}% of the prompt, " in text
     assert "## DeciMamba's decimation, per decimating layer" in text
@@ -330,18 +327,8 @@ def test_decimation_flags_match_the_positions_the_model_reports(tmp_path):
 
 def test_from_raw_rewrites_the_table_without_models(tmp_path, capsys):
     rows = bench.measure_cell(LastTokenModel(), "last", LENGTH, 0, _options(trials=1))
-    record = {
-        "command": "c",
-        "date": "d",
-        "seconds": 1.0,
-        "load": "1",
-        "filler": "standard",
-        "trials": 1,
-        "depths": [0.0],
-        "rows": [bench.asdict(r) for r in rows],
-    }
     raw, out = tmp_path / "raw.json", tmp_path / "table.md"
-    raw.write_text(json.dumps(record))
+    raw.write_text(json.dumps(_record(rows, trials=1, depths=[0.0])))
     bench.main(["--from-raw", "--raw", str(raw), "--out", str(out)])
     assert f"- **last at {LENGTH}**: 0/1 right" in out.read_text()
     with pytest.raises(SystemExit):
