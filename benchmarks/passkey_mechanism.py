@@ -23,6 +23,10 @@ row each:
   ``token weight`` / ``layer weight``: the attention weight (mean over heads and answer
   positions) on the needle's notes, cross-token and cross-layer (the latter over the notes of
   the blocks it reads);
+- DeciMamba, per decimating layer (0-based): ``needle``: the share of the needle's key
+  positions the layer kept; ``question``: the share of the question's positions (its line at
+  the end of the prompt) it kept; ``kept``: the share of the prompt's positions it kept (the
+  prefill of the right answer's teacher-forced pass, chunked as scored);
 - ETMF at the needle distance: per layer, ``etmf_norm`` from ``fidelity.analyze(model, length,
   probe="text", metrics="etmf")`` at the probed distance nearest the row's distance from the
   needle's last key digit to the first answer position.
@@ -44,9 +48,11 @@ import datetime
 import json
 import math
 import os
+import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +88,7 @@ from fidelity.train import checkpoint_dirs
 ROOT = Path(__file__).resolve().parent.parent
 LEVEL = 0.95
 READ_SHARE = 0.5  # "attended": the needle's notes got at least this share of the weight
+DEFAULT_OUT = ROOT / "benchmarks/results/passkey_mechanism.md"
 
 
 @dataclass
@@ -240,6 +247,50 @@ def block_flags(
     return flags
 
 
+@contextmanager
+def recording_decimation(model: torch.nn.Module) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """While open, the positions `(batch, n_kept)` each decimating layer of ``model`` keeps in
+    each forward call (a chunk), by layer index: ``{layer: [positions, ...]}``; empty for a
+    model without decimating layers. Hooks removed on exit."""
+    kept: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for index, block in enumerate(getattr(model, "layers", [])):
+        decimation = getattr(block, "decimation", None)
+        if decimation is None:
+            continue
+
+        def record(module, inputs, output, index=index) -> None:
+            kept.setdefault(index, []).append(output.positions.detach().cpu())
+
+        handles.append(decimation.register_forward_hook(record))
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def decimation_flags(
+    kept: dict[int, list[torch.Tensor]],
+    row: int,
+    key: torch.Tensor,
+    question: torch.Tensor,
+    length: int,
+) -> dict[int, dict]:
+    """Per decimating layer, what one row's prefill kept of the needle's ``key`` positions,
+    of the ``question`` positions and of the ``length`` prompt positions (shares in [0, 1])."""
+    flags = {}
+    for layer, calls in sorted(kept.items()):
+        positions = torch.cat([call[row] for call in calls])
+        positions = positions[positions < length]
+        flags[layer] = {
+            "needle": float(torch.isin(key, positions).float().mean()) if len(key) else None,
+            "question": float(torch.isin(question, positions).float().mean()),
+            "kept": len(positions) / length,
+        }
+    return flags
+
+
 def etmf_at(frame, distance: int) -> dict[int, float]:
     """Per layer (1..), ``etmf_norm`` at the probed distance nearest ``distance``."""
     values = {}
@@ -278,6 +329,7 @@ class Row:
     control_effect: float | None
     etmf: dict = field(default_factory=dict)
     pool: dict | None = None
+    decimation: dict | None = None
 
 
 def measure_cell(
@@ -309,7 +361,8 @@ def measure_cell(
     for row, item in enumerate(occlusions):
         occluded[row, item.key] = item.key_ids
         controlled[row, item.control] = item.control_ids
-    base, predicted = answer_log_probs(model, prompt, answers, digits, chunk)
+    with recording_decimation(model) as kept:
+        base, predicted = answer_log_probs(model, prompt, answers, digits, chunk)
     right = (predicted == answers).all(dim=1)
     without_needle, _ = answer_log_probs(model, occluded, answers, digits, chunk)
     without_filler, _ = answer_log_probs(model, controlled, answers, digits, chunk)
@@ -317,6 +370,15 @@ def measure_cell(
     if isinstance(model, MemMambaLM):
         keys = [item.key for item in occlusions]
         pools = pool_trace(model, prompt, answers, digits, keys, chunk)
+    decimation = None
+    if kept:
+        question = torch.arange(
+            length - len(tokenizer.encode("\n" + PASSKEY_QUESTION)), length, dtype=torch.long
+        )
+        decimation = [
+            decimation_flags(kept, row, item.key, question, length)
+            for row, item in enumerate(occlusions)
+        ]
     first_answer = length - 1 + int(digits[0].nonzero()[0, 0])
     rows = []
     for row, item in enumerate(occlusions):
@@ -335,6 +397,7 @@ def measure_cell(
                 else None,
                 etmf=etmf_at(etmf_frame, distance) if etmf_frame is not None else {},
                 pool=pools[row] if pools is not None else None,
+                decimation=decimation[row] if decimation is not None else None,
             )
         )
     return rows
@@ -390,6 +453,16 @@ def groups(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]
     return grouped
 
 
+def cells_by_outcome(rows: Sequence[dict]) -> Iterator[tuple[str, int, float, str, list[dict]]]:
+    """(model, length, depth, outcome, rows) for each cell's right rows, then its wrong rows
+    (outcomes without rows left out), in first-seen order."""
+    for (label, length, depth), cell in groups(rows, ["model", "length", "depth"]).items():
+        for outcome in ("right", "wrong"):
+            part = [r for r in cell if r["right"] == (outcome == "right")]
+            if part:
+                yield label, length, depth, outcome, part
+
+
 def blocks_of(rows: Sequence[dict]) -> list[str]:
     return sorted({b for r in rows if r["pool"] for b in r["pool"]}, key=int)
 
@@ -405,7 +478,12 @@ def _share(rows: Sequence[dict], block: str, key: str) -> str:
 
 def verdict(rows: Sequence[dict]) -> str:
     """Which mechanism carried the key in ``rows`` (one model and length), or where it was
-    lost, in plain words, from the rules stated in the table's notes."""
+    lost, in plain words, from the rules stated in the table's notes; for DeciMamba, what its
+    decimating layers kept."""
+    return _mechanism(rows) + _decimation_summary(rows)
+
+
+def _mechanism(rows: Sequence[dict]) -> str:
     right = [r for r in rows if r["right"]]
     paired = [
         r["needle_effect"] - r["control_effect"] for r in rows if r["control_effect"] is not None
@@ -505,6 +583,30 @@ def _pool_reading(rows: Sequence[dict]) -> str:
     return f"read in {reading_rows}/{len(rows)} rows: {named}"
 
 
+def layers_of(rows: Sequence[dict]) -> list:
+    """The decimating layers of ``rows`` (keys as stored: int, or str after JSON)."""
+    return sorted({k for r in rows if r.get("decimation") for k in r["decimation"]}, key=int)
+
+
+def _decimation_summary(rows: Sequence[dict]) -> str:
+    """``; decimation: layer L kept ...`` for rows with a decimation record, else empty."""
+    if not rows[0].get("decimation"):
+        return ""
+    n = len(rows)
+    parts = []
+    for layer in layers_of(rows):
+        flags = [r["decimation"][layer] for r in rows]
+        needle = [f["needle"] for f in flags if f["needle"] is not None]
+        parts.append(
+            f"layer {layer} kept {100 * np.mean([f['kept'] for f in flags]):.1f}% of the "
+            f"prompt, {np.mean(needle):.2f} of the needle's key positions (all of them in "
+            f"{sum(v == 1.0 for v in needle)}/{n} rows) and "
+            f"{np.mean([f['question'] for f in flags]):.2f} of the question's (all in "
+            f"{sum(f['question'] == 1.0 for f in flags)}/{n})"
+        )
+    return "; decimation: " + "; ".join(parts)
+
+
 def _etmf_summary(rows: Sequence[dict]) -> str:
     if not rows[0]["etmf"]:
         return ""
@@ -560,27 +662,21 @@ def write_table(out: Path, records: dict) -> None:
         "| control effect | ETMF by layer @d |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (label, length, depth), cell in groups(rows, ["model", "length", "depth"]).items():
-        for outcome in ("right", "wrong"):
-            part = [r for r in cell if r["right"] == (outcome == "right")]
-            if not part:
-                continue
-            etmf = "-"
-            if part[0]["etmf"]:
-                layers = sorted(part[0]["etmf"], key=int)
-                etmf = (
-                    " ".join(
-                        f"{np.mean([r['etmf'][layer][1] for r in part]):.2f}" for layer in layers
-                    )
-                    + f" (@{part[0]['etmf'][layers[-1]][0]})"
-                )
-            lines.append(
-                f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {len(part)} | "
-                f"{np.median([r['distance'] for r in part]):.0f} | "
-                f"{fmt_mean(mean_interval([r['log_prob'] for r in part]))} | "
-                f"{fmt_mean(mean_interval([r['needle_effect'] for r in part]))} | "
-                f"{fmt_mean(mean_interval([r['control_effect'] for r in part]))} | {etmf} |"
+    for label, length, depth, outcome, part in cells_by_outcome(rows):
+        etmf = "-"
+        if part[0]["etmf"]:
+            layers = sorted(part[0]["etmf"], key=int)
+            etmf = (
+                " ".join(f"{np.mean([r['etmf'][layer][1] for r in part]):.2f}" for layer in layers)
+                + f" (@{part[0]['etmf'][layers[-1]][0]})"
             )
+        lines.append(
+            f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {len(part)} | "
+            f"{np.median([r['distance'] for r in part]):.0f} | "
+            f"{fmt_mean(mean_interval([r['log_prob'] for r in part]))} | "
+            f"{fmt_mean(mean_interval([r['needle_effect'] for r in part]))} | "
+            f"{fmt_mean(mean_interval([r['control_effect'] for r in part]))} | {etmf} |"
+        )
     pooled = [r for r in rows if r["pool"]]
     if pooled:
         lines += [
@@ -596,23 +692,56 @@ def write_table(out: Path, records: dict) -> None:
             "| layer weight |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for (label, length, depth), cell in groups(pooled, ["model", "length", "depth"]).items():
-            for outcome in ("right", "wrong"):
-                part = [r for r in cell if r["right"] == (outcome == "right")]
-                for block in blocks_of(part):
-                    lines.append(
-                        f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {block} | "
-                        f"{rate([r['pool'][block]['written'] for r in part])} | "
-                        f"{rate([r['pool'][block]['kept'] for r in part])} | "
-                        f"{_share(part, block, 'fired')} | "
-                        f"{_share(part, block, 'token_weight')} | "
-                        f"{_share(part, block, 'layer_weight')} |"
-                    )
+        for label, length, depth, outcome, part in cells_by_outcome(pooled):
+            for block in blocks_of(part):
+                lines.append(
+                    f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {block} | "
+                    f"{rate([r['pool'][block]['written'] for r in part])} | "
+                    f"{rate([r['pool'][block]['kept'] for r in part])} | "
+                    f"{_share(part, block, 'fired')} | "
+                    f"{_share(part, block, 'token_weight')} | "
+                    f"{_share(part, block, 'layer_weight')} |"
+                )
+    decimated = [r for r in rows if r.get("decimation")]
+    if decimated:
+        lines += [
+            "",
+            "## DeciMamba's decimation, per decimating layer",
+            "",
+            "In the prefill of the right answer's teacher-forced pass: `prompt kept`, "
+            "`needle kept`, `question kept`: the mean share of the prompt's positions, of the "
+            "needle's key positions and of the question line's positions the layer kept (t 95% "
+            "interval); `needle whole` / `question whole`: rows where it kept all of them "
+            "(Wilson 95% interval).",
+            "",
+            "| model | length | depth | outcome | layer | prompt kept | needle kept | needle whole "
+            "| question kept | question whole |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, length, depth, outcome, part in cells_by_outcome(decimated):
+            for layer in layers_of(part):
+                flags = [r["decimation"][layer] for r in part]
+                shares = {
+                    name: fmt_mean(mean_interval([f[name] for f in flags], (0.0, 1.0)), ".3f")
+                    for name in ("kept", "needle", "question")
+                }
+                lines.append(
+                    f"| {label} | {format_length(length)} | {depth:g} | {outcome} | {layer} "
+                    f"| {shares['kept']} | {shares['needle']} | "
+                    f"{rate([f['needle'] == 1.0 for f in flags])} | {shares['question']} | "
+                    f"{rate([f['question'] == 1.0 for f in flags])} |"
+                )
     write_text_atomically(out, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
 # the run
+
+
+def _shown(path: Path) -> str:
+    """``path`` as a command line shows it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def parse_models(values: Sequence[str]) -> dict[str, str]:
@@ -674,18 +803,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--model",
         action="append",
-        required=True,
         help="label=path (checkpoint or training run directory) or a shipped name; repeat",
     )
-    parser.add_argument("--lengths", required=True, help="comma-separated, e.g. 512,2k,8k")
+    parser.add_argument("--lengths", help="comma-separated, e.g. 512,2k,8k")
     parser.add_argument("--trials", type=int, default=10, help="prompts per depth")
     parser.add_argument("--filler", default="standard", choices=FILLERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anchors", type=int, default=128, help="ETMF anchors (0: no ETMF)")
     parser.add_argument("--label", default="", help="a line under the title (e.g. which models)")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/passkey_mechanism.md"
-    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--raw", type=Path, default=ROOT / "runs/passkey-mechanism/raw.json")
     parser.add_argument("--from-raw", action="store_true", help="rewrite --out from --raw")
     args = parser.parse_args(argv)
@@ -693,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_table(args.out, json.loads(args.raw.read_text()))
         print(f"wrote {args.out}")
         return
+    if not args.model or not args.lengths:
+        parser.error("--model and --lengths are required (except with --from-raw)")
     if args.trials < 1:
         raise InputError(f"--trials must be >= 1, got {args.trials}")
     lengths = [parse_length(value) for value in args.lengths.split(",")]
@@ -706,6 +834,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         [f"--model {label}={source}" for label, source in sources.items()]
         + [f"--lengths {args.lengths}", f"--trials {args.trials}", f"--filler {args.filler}"]
         + [f"--seed {args.seed}", f"--anchors {args.anchors}"]
+        + ([f"--label {shlex.quote(args.label)}"] if args.label else [])
+        + ([f"--out {_shown(args.out)}"] if args.out != DEFAULT_OUT else [])
     )
     started = time.perf_counter()
     rows: list[dict] = []

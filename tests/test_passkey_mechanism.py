@@ -52,6 +52,28 @@ def _options(trials=3, **kwargs):
     return bench.CellOptions(trials=trials, **kwargs)
 
 
+def _record(rows, trials, depths, label=""):
+    """What a run saves to its raw file, around ``rows``."""
+    return {
+        "command": "python benchmarks/passkey_mechanism.py --model x",
+        "label": label,
+        "date": "2026-12-01",
+        "seconds": 60.0,
+        "load": "1.0 at the end",
+        "filler": "standard",
+        "trials": trials,
+        "depths": depths,
+        "rows": [bench.asdict(r) for r in rows],
+    }
+
+
+def _table(tmp_path, rows, trials, depths, label=""):
+    """The markdown the writer makes of ``rows`` (through JSON, as from a raw file)."""
+    out = tmp_path / "table.md"
+    bench.write_table(out, json.loads(json.dumps(_record(rows, trials, depths, label))))
+    return out.read_text()
+
+
 def test_occlusion_changes_the_key_digits_and_a_filler_span_of_the_same_size():
     tokenizer = as_tokenizer(None)
     probe = passkey_probe(LENGTH, batch=3, seed=1, depth=0.5)
@@ -216,20 +238,7 @@ def test_the_markdown_writer_writes_verdicts_and_tables(tmp_path):
     rows = bench.measure_cell(memmamba, "memmamba", LENGTH, 0, _options(trials=2), frame)
     rows += bench.measure_cell(CachedNeedleCopyingOracle(), "oracle", LENGTH, 0, _options(2))
     assert set(rows[0].etmf) == {1, 2}
-    record = {
-        "command": "python benchmarks/passkey_mechanism.py --model x",
-        "label": "test models",
-        "date": "2026-12-01",
-        "seconds": 60.0,
-        "load": "1.0 at the end",
-        "filler": "standard",
-        "trials": 2,
-        "depths": [0.0],
-        "rows": [bench.asdict(r) for r in rows],
-    }
-    out = tmp_path / "table.md"
-    bench.write_table(out, json.loads(json.dumps(record)))
-    text = out.read_text()
+    text = _table(tmp_path, rows, trials=2, depths=[0.0], label="test models")
     assert "**test models**" in text and "python benchmarks/passkey_mechanism.py" in text
     assert f"- **memmamba at {LENGTH}**: 0/2 right: lost (pool:" in text
     assert f"- **oracle at {LENGTH}**: 2/2 right: carried by the sequence mixer" in text
@@ -268,4 +277,60 @@ def test_a_run_plans_measures_and_writes_the_table_and_raw_rows(tmp_path, capsys
     saved = json.loads(raw.read_text())
     assert len(saved["rows"]) == 5 and saved["trials"] == 1
     assert f"--model tiny={directory}" in saved["command"]
+    assert saved["command"].endswith(f" --anchors 0 --out {out}")  # outside the repository
     assert f"- **tiny at {LENGTH}**: 0/5 right" in out.read_text()
+
+
+def test_decimation_flags_match_the_positions_the_model_reports(tmp_path):
+    """What a tiny DeciMamba's decimating layers keep, read by hooks during the scored pass,
+    equals what its own forward reports (``layer_positions``); the verdict and table say it."""
+    model = build_model(
+        "decimamba",
+        "tiny",
+        seed=0,
+        n_layer=4,
+        decimating_layers=[1, 2],
+        decimation_base_length=300,
+        decimation_beta=0.5,
+    ).eval()
+    rows = bench.measure_cell(model, "deci", LENGTH, 2, _options(trials=3, chunk_size=None))
+    tokenizer = as_tokenizer(None)
+    probe = passkey_probe(LENGTH, batch=3, seed=2, depth=0.5, tokenizer=tokenizer)
+    question = range(LENGTH - len(tokenizer.encode("\n" + PASSKEY_QUESTION)), LENGTH)
+    with torch.no_grad():
+        reported = model(probe.input_ids, output_hidden_states=True).layer_positions
+    rng = np.random.default_rng(0)
+    for index, row in enumerate(rows):
+        key = bench.occlusion(probe, index, tokenizer, rng).key.tolist()
+        assert set(row.decimation) == {1, 2}
+        for layer in (1, 2):
+            kept = set(reported[layer + 1][index].tolist())  # the rows leaving block `layer`
+            flags = row.decimation[layer]
+            assert flags["kept"] == pytest.approx(len(kept) / LENGTH)
+            assert flags["needle"] == pytest.approx(sum(p in kept for p in key) / len(key))
+            assert flags["question"] == pytest.approx(
+                sum(p in kept for p in question) / len(question)
+            )
+        assert row.decimation[2]["kept"] < row.decimation[1]["kept"] < 1.0  # 301, then 151 rows
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+    assert bench.measure_cell(_memmamba(), "m", LENGTH, 0, _options(1))[0].decimation is None
+    text = _table(tmp_path, rows, trials=3, depths=[0.5])
+    share = 100 * np.mean([r.decimation[1]["kept"] for r in rows])
+    assert f"; decimation: layer 1 kept {share:.1f}% of the prompt, " in text
+    assert "## DeciMamba's decimation, per decimating layer" in text
+    section = text.split("## DeciMamba's decimation, per decimating layer")[1]
+    layer_rows = [
+        line for line in section.splitlines() if line.startswith(f"| deci | {LENGTH} | 0.5 | ")
+    ]
+    assert {line.split(" | ")[4] for line in layer_rows} == {"1", "2"}
+
+
+def test_from_raw_rewrites_the_table_without_models(tmp_path, capsys):
+    rows = bench.measure_cell(LastTokenModel(), "last", LENGTH, 0, _options(trials=1))
+    raw, out = tmp_path / "raw.json", tmp_path / "table.md"
+    raw.write_text(json.dumps(_record(rows, trials=1, depths=[0.0])))
+    bench.main(["--from-raw", "--raw", str(raw), "--out", str(out)])
+    assert f"- **last at {LENGTH}**: 0/1 right" in out.read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--lengths", "1k"])
+    assert "--model and --lengths are required" in capsys.readouterr().err
