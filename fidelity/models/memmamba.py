@@ -308,8 +308,8 @@ class PoolAttentionOutput:
 
 class PoolAttention(nn.Module):
     """Multi-head attention of positions over pool notes (no positional encoding: a pool is a
-    set). Queries ``normed`` `(batch, n_segments, n_queries, d_model)`, candidates from a
-    ``PoolView``; all segments at once. Returns the context before the output projection
+    set). Queries ``normed`` `(batch, length, d_model)` in the segments of a ``PoolView``,
+    over its candidates; all segments at once. Returns the context before the output projection
     ``o_proj``, which belongs to this module but runs in the block's :class:`Fusion`, merged
     with the fusion weight into one matmul."""
 
@@ -326,17 +326,28 @@ class PoolAttention(nn.Module):
     def forward(
         self, normed: torch.Tensor, view: PoolView, selected: torch.Tensor | None = None
     ) -> PoolAttentionOutput:
-        """With ``selected`` `(batch, n_segments, n_queries)` bool, only the selected queries
-        attend: the rest get a zero output, and the weights are computed on first access (see
+        """Queries ``normed`` `(batch, length, d_model)`, cut into ``view``'s segments
+        (``view.query_positions`` `(n_segments, n_queries)`; the positions past ``length``
+        are padding, which sees no note). The queries are projected before they are cut and
+        padded: padding ``normed`` would copy it, twice as wide, and its gradient again (the
+        projection has no bias, so a padding query is zero either way; tested). With
+        ``selected`` `(batch, length)` bool, only the selected queries attend: the rest get a
+        zero output, and the weights are computed on first access (see
         :class:`PoolAttentionOutput`). Each selected query's output is what it gets without
         ``selected`` (the same arithmetic on fewer rows; tested)."""
+        n_segments, n_queries = view.query_positions.shape
         if selected is None:
-            context, weights = self._compute(normed, view.values, view.member)
+            q = self._queries(normed, n_segments, n_queries)
+            context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context, weights)
-        batch, n_segments, n_queries, width = normed.shape
+        batch, length, width = normed.shape
+        pad = n_segments * n_queries - length
+        selected = F.pad(selected, (0, pad)) if pad else selected
+        selected = selected.view(batch, n_segments, n_queries)
         n_selected = int(selected.sum(-1).max()) if selected.numel() else 0
         if 2 * n_selected > n_queries:  # most attend: all of them, cheaper than gathering
-            context, weights = self._compute(normed, view.values, view.member)
+            q = self._queries(normed, n_segments, n_queries)
+            context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context * selected[..., None], weights)
         output = normed.new_zeros(batch, n_segments, n_queries, self.o_proj.in_features)
         if n_selected:
@@ -347,18 +358,34 @@ class PoolAttention(nn.Module):
                 2, rows[..., None].expand(-1, -1, -1, view.member.shape[-1])
             )
             member &= selected.gather(2, rows)[..., None]
-            queries = normed.gather(2, rows[..., None].expand(-1, -1, -1, width))
-            context, _ = self._compute(queries, view.values, member)
+            # rows past the chunk's end are padding, not selected: any real row will do
+            positions = rows + n_queries * torch.arange(n_segments, device=rows.device)[:, None]
+            positions = positions.clamp_(max=length - 1).flatten(1)
+            queries = normed.gather(1, positions[..., None].expand(-1, -1, width))
+            q = _split_heads(self.q_proj(queries).view(*rows.shape, -1), self.n_heads)
+            context, _ = self._compute(q, view.values, member)
             output.scatter_(2, rows[..., None].expand_as(context), context)
-        return PoolAttentionOutput(output, lambda: self._weights(normed, view.values, view.member))
+        return PoolAttentionOutput(
+            output, lambda: self._weights(normed, view.values, view.member, n_queries)
+        )
+
+    def _queries(self, normed: torch.Tensor, n_segments: int, n_queries: int) -> torch.Tensor:
+        """``normed`` `(batch, length, d_model)` -> q `(batch, n_segments, heads, n_queries,
+        head width)`, zero past ``length`` (``n_segments * n_queries >= length``)."""
+        batch, length, _ = normed.shape
+        q = self.q_proj(normed)  # (batch, length, summary_dim)
+        pad = n_segments * n_queries - length
+        q = F.pad(q, (0, 0, 0, pad)) if pad else q
+        return _split_heads(q.view(batch, n_segments, n_queries, -1), self.n_heads)
 
     def _compute(
-        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
+        self, q: torch.Tensor, values: torch.Tensor, member: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | Callable[[], torch.Tensor]]:
-        """Queries ``normed`` `(batch, segments, queries, d_model)` over candidate ``values``
-        `(batch, segments, candidates, summary_dim)` where ``member`` `(batch, segments,
-        queries, candidates)` -> (context `(batch, segments, queries, summary_dim)`, weights
-        `(batch, segments, heads, queries, candidates)`, as the function that computes them).
+        """Queries ``q`` `(batch, segments, heads, queries, head width)` (:meth:`_queries`)
+        over candidate ``values`` `(batch, segments, candidates, summary_dim)` where ``member``
+        `(batch, segments, queries, candidates)` -> (context `(batch, segments, queries,
+        summary_dim)`, weights `(batch, segments, heads, queries, candidates)`, as the
+        function that computes them).
 
         Masking is one added bias `(batch, segments, 1, queries, keys)` (0 for a member, the
         lowest float otherwise: its softmax weight underflows to exactly 0), broadcast over
@@ -373,30 +400,34 @@ class PoolAttention(nn.Module):
         chunks costs page faults on every call; the backward pass computes them again), the
         same arithmetic per segment (:class:`_BlockedAttention`); the weights only if the
         returned function is called."""
-        q, k, v = self._operands(normed, values)
+        k, v = self._keys_values(values)
         context = _BlockedAttention.apply(q, k, v, member)
         return context, lambda: _blocked_weights(q, k, member)
 
     def _weights(
-        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
+        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor, n_queries: int
     ) -> torch.Tensor:
-        """The weights of :meth:`_compute` alone (its context is not computed)."""
-        q, k, _ = self._operands(normed, values)
+        """The weights of :meth:`_compute` alone (its context is not computed), for queries
+        ``normed`` `(batch, length, d_model)` in segments of ``n_queries``."""
+        q = self._queries(normed, member.shape[1], n_queries)
+        k, _ = self._keys_values(values)
         return _blocked_weights(q, k, member)
 
-    def _operands(
-        self, normed: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) `(batch, segments, heads, queries or keys, head width)`, contiguous
-        (batched matmuls over strided heads are slower than the copy), the scale folded into
-        ``k``; the keys are the candidates, then zero rows (see :meth:`_compute`)."""
+    def _keys_values(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) `(batch, segments, heads, keys, head width)`, contiguous, the scale folded
+        into ``k``; the keys are the candidates, then zero rows (see :meth:`_compute`)."""
         heads = self.n_heads
-        q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
-        scale = q.shape[-1] ** -0.5
+        scale = (self.k_proj.out_features // heads) ** -0.5
         pad = (0, 0, 0, max(1, MIN_KEYS - values.shape[2]))
-        k = F.pad(self.k_proj(values) * scale, pad).unflatten(-1, (heads, -1))
-        v = F.pad(self.v_proj(values), pad).unflatten(-1, (heads, -1))
-        return q, k.transpose(2, 3).contiguous(), v.transpose(2, 3).contiguous()
+        k = F.pad(self.k_proj(values) * scale, pad)
+        v = F.pad(self.v_proj(values), pad)
+        return _split_heads(k, heads), _split_heads(v, heads)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`(batch, segments, rows, heads * width)` -> `(batch, segments, heads, rows, width)`,
+    contiguous (batched matmuls over strided heads are slower than the copy)."""
+    return x.unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
 
 
 def _mask_bias(member: torch.Tensor, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
@@ -681,7 +712,7 @@ class MemMambaBlock(nn.Module):
         pools: ``normed`` `(batch, length, d_model)` -> the context before ``o_proj`` `(batch,
         length, summary_dim)`; with ``selected`` `(batch, length)` bool, at the selected
         positions only (zero elsewhere)."""
-        batch, length, width = normed.shape
+        batch, length, _ = normed.shape
         n_segments, segment_size = sources[0][1].query_positions.shape
         view = PoolView(
             values=torch.cat([segments.values for _, segments in sources], dim=2),
@@ -695,13 +726,7 @@ class MemMambaBlock(nn.Module):
             ),
             query_positions=sources[0][1].query_positions,
         )
-        pad = n_segments * segment_size - length
-        queries = F.pad(normed, (0, 0, 0, pad)) if pad else normed
-        queries = queries.view(batch, n_segments, segment_size, width)
-        if selected is not None:
-            selected = F.pad(selected, (0, pad)) if pad else selected
-            selected = selected.view(batch, n_segments, segment_size)
-        output = attention(queries, view, selected).output
+        output = attention(normed, view, selected).output
         return output.view(batch, n_segments * segment_size, -1)[:, :length]
 
     def step(
@@ -723,7 +748,7 @@ class MemMambaBlock(nn.Module):
             previous = cache.previous_state_importance.to(h.dtype)
             gate = (previous > config.tau2).to(h.dtype)
             attended = self.cross_token(
-                normed[:, None], _explicit_view([(self.block, cache.pool)], position, False)
+                normed, _explicit_view([(self.block, cache.pool)], position, False)
             )
             contexts.append(gate[:, None] * attended.output[:, 0, 0])
             projections.append(self.cross_token.o_proj)
@@ -735,7 +760,7 @@ class MemMambaBlock(nn.Module):
         cache.note_prefix = carried[:, 1:]
         if self.cross_layer is not None and source_pools:
             attended = self.cross_layer(
-                normed[:, None], _explicit_view(source_pools, position, inclusive=True)
+                normed, _explicit_view(source_pools, position, inclusive=True)
             )
             contexts.append(attended.output[:, 0, 0])
             projections.append(self.cross_layer.o_proj)
