@@ -67,6 +67,7 @@ FUSIONS = ("weighted", "residual", "gated")
 CROSS_LAYER_SCOPES = ("window", "all")
 MIN_KEYS = 16  # keys of a pool attention's softmax at least (masked zero rows fill up)
 SCORES_BLOCK = 2**19  # attention scores per block of segments without gradients (2 MB)
+NORM_ROWS = 512  # rows per block of the memory norm and its projections (256 KB at d 128)
 
 
 @dataclass
@@ -240,12 +241,25 @@ class NoteBlock(nn.Module):
         self.scorer.weight.normal_(std=self.scorer.in_features**-0.5)
         self.scorer.bias.fill_(self.write_init_bias)
 
-    def forward(self, normed: torch.Tensor, prefix: torch.Tensor, n_prefix_valid: int) -> Notes:
-        features = self.summarizer(normed)
+    def forward(
+        self,
+        normed: torch.Tensor,
+        prefix: torch.Tensor,
+        n_prefix_valid: int,
+        projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> Notes:
+        """``projected``: the summarizer's and the scorer's outputs (`(batch, length,
+        summary_dim)`, `(batch, length)` or None without the note block) when the caller
+        computed them (:class:`_NormProjections`); else they are computed here."""
+        if projected is None:
+            features = self.summarizer(normed)
+        else:
+            features, logits = projected
         if not self.selective:  # ablation: every position writes its own unpooled note
             ones = torch.ones(normed.shape[:2], device=normed.device, dtype=normed.dtype)
             return Notes(ones * math.inf, ones * math.inf, ones, ones.bool(), features, features)
-        logits = self.scorer(normed)[..., 0]
+        if projected is None:
+            logits = self.scorer(normed)[..., 0]
         rate_logits = self.scorer(normed.detach())[..., 0] if torch.is_grad_enabled() else logits
         importance = torch.sigmoid(logits)
         written = importance > self.tau1
@@ -263,8 +277,9 @@ class StateTrigger(nn.Module):
         super().__init__()
         self.scorer = nn.Linear(d_model, 1)
 
-    def forward(self, normed: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.scorer(normed)[..., 0])
+    def forward(self, normed: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` `(batch, length)`: the scorer's output when the caller computed it."""
+        return torch.sigmoid(self.scorer(normed)[..., 0] if logits is None else logits)
 
 
 @dataclass
@@ -324,7 +339,11 @@ class PoolAttention(nn.Module):
             self.o_proj.weight.normal_(std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(
-        self, normed: torch.Tensor, view: PoolView, selected: torch.Tensor | None = None
+        self,
+        normed: torch.Tensor,
+        view: PoolView,
+        selected: torch.Tensor | None = None,
+        projected: torch.Tensor | None = None,
     ) -> PoolAttentionOutput:
         """Queries ``normed`` `(batch, length, d_model)`, cut into ``view``'s segments
         (``view.query_positions`` `(n_segments, n_queries)`; the positions past ``length``
@@ -334,10 +353,11 @@ class PoolAttention(nn.Module):
         ``selected`` `(batch, length)` bool, only the selected queries attend: the rest get a
         zero output, and the weights are computed on first access (see
         :class:`PoolAttentionOutput`). Each selected query's output is what it gets without
-        ``selected`` (the same arithmetic on fewer rows; tested)."""
+        ``selected`` (the same arithmetic on fewer rows; tested). ``projected`` `(batch,
+        length, summary_dim)`: ``q_proj(normed)`` when the caller computed it."""
         n_segments, n_queries = view.query_positions.shape
         if selected is None:
-            q = self._queries(normed, n_segments, n_queries)
+            q = self._queries(normed, n_segments, n_queries, projected)
             context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context, weights)
         batch, length, width = normed.shape
@@ -346,7 +366,7 @@ class PoolAttention(nn.Module):
         selected = selected.view(batch, n_segments, n_queries)
         n_selected = int(selected.sum(-1).max()) if selected.numel() else 0
         if 2 * n_selected > n_queries:  # most attend: all of them, cheaper than gathering
-            q = self._queries(normed, n_segments, n_queries)
+            q = self._queries(normed, n_segments, n_queries, projected)
             context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context * selected[..., None], weights)
         output = normed.new_zeros(batch, n_segments, n_queries, self.o_proj.in_features)
@@ -361,19 +381,31 @@ class PoolAttention(nn.Module):
             # rows past the chunk's end are padding, not selected: any real row will do
             positions = rows + n_queries * torch.arange(n_segments, device=rows.device)[:, None]
             positions = positions.clamp_(max=length - 1).flatten(1)
-            queries = normed.gather(1, positions[..., None].expand(-1, -1, width))
-            q = _split_heads(self.q_proj(queries).view(*rows.shape, -1), self.n_heads)
+            if projected is None:
+                queries = normed.gather(1, positions[..., None].expand(-1, -1, width))
+                projected_rows = self.q_proj(queries)
+            else:
+                index = positions[..., None].expand(-1, -1, projected.shape[-1])
+                projected_rows = projected.gather(1, index)
+            q = _split_heads(projected_rows.view(*rows.shape, -1), self.n_heads)
             context, _ = self._compute(q, view.values, member)
             output.scatter_(2, rows[..., None].expand_as(context), context)
         return PoolAttentionOutput(
             output, lambda: self._weights(normed, view.values, view.member, n_queries)
         )
 
-    def _queries(self, normed: torch.Tensor, n_segments: int, n_queries: int) -> torch.Tensor:
+    def _queries(
+        self,
+        normed: torch.Tensor,
+        n_segments: int,
+        n_queries: int,
+        projected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``normed`` `(batch, length, d_model)` -> q `(batch, n_segments, heads, n_queries,
-        head width)`, zero past ``length`` (``n_segments * n_queries >= length``)."""
+        head width)`, zero past ``length`` (``n_segments * n_queries >= length``), from
+        ``projected`` (``q_proj(normed)``) when given."""
         batch, length, _ = normed.shape
-        q = self.q_proj(normed)  # (batch, length, summary_dim)
+        q = self.q_proj(normed) if projected is None else projected  # (batch, length, width)
         pad = n_segments * n_queries - length
         q = F.pad(q, (0, 0, 0, pad)) if pad else q
         return _split_heads(q.view(batch, n_segments, n_queries, -1), self.n_heads)
@@ -506,6 +538,60 @@ class _BlockedAttention(torch.autograd.Function):
             grad_q[:, block] = grad @ k_block
             grad_k[:, block] = grad.transpose(-1, -2) @ q_block
         return grad_q, grad_k, grad_v, None
+
+
+class _NormProjection(torch.autograd.Function):
+    """``h`` `(rows, d)` -> (``normed @ weight.T + bias`` `(rows, k)`, ``normed`` `(rows, d)`)
+    with ``normed`` the :class:`~fidelity.models.base.RMSNorm` of ``h`` (weight
+    ``norm_weight`` `(d,)`, ``eps``), ``weight`` `(k, d)` and ``bias`` `(k,)` several linear
+    maps side by side: the same arithmetic as the norm followed by each map (tested).
+
+    By blocks of ``NORM_ROWS`` rows, so that the norm's temporaries stay in cache instead of
+    each costing a full-size tensor (fresh pages at long chunks); the backward pass computes
+    each block's norm again from ``h`` and the saved reciprocal RMS `(rows, 1)`, and gives
+    ``h`` one gradient (one matmul for all maps). ``normed`` is returned for reading only:
+    no gradient flows back through it (its uses with gradients go through the maps)."""
+
+    @staticmethod
+    def forward(ctx, h, norm_weight, weight, bias, eps):
+        projection = h.new_empty(h.shape[0], weight.shape[0])
+        normed = torch.empty_like(h)
+        rstd = h.new_empty(h.shape[0], 1)
+        for rows in _row_blocks(h.shape[0]):
+            x = h[rows]
+            torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps, out=rstd[rows])
+            block = torch.mul(x, rstd[rows], out=normed[rows]).mul_(norm_weight)
+            torch.addmm(bias, block, weight.t(), out=projection[rows])
+        ctx.save_for_backward(h, rstd, norm_weight, weight)
+        ctx.mark_non_differentiable(normed)
+        ctx.set_materialize_grads(False)  # no zero tensor for the gradient of ``normed``
+        return projection, normed
+
+    @staticmethod
+    def backward(ctx, grad_projection, _grad_normed):
+        if grad_projection is None:
+            return None, None, None, None, None
+        h, rstd, norm_weight, weight = ctx.saved_tensors
+        grad_projection = grad_projection.contiguous()
+        grad_h = torch.empty_like(h)
+        grad_norm_weight = torch.zeros_like(norm_weight)
+        grad_weight = torch.zeros_like(weight)
+        for rows in _row_blocks(h.shape[0]):
+            grad = grad_projection[rows]  # (block, k)
+            unit = h[rows] * rstd[rows]  # the norm before its weight
+            grad_weight.addmm_(grad.t(), unit * norm_weight)
+            grad_normed = grad @ weight  # (block, d)
+            grad_norm_weight += (grad_normed * unit).sum(0)
+            grad_unit = grad_normed.mul_(norm_weight)
+            # d unit / d h = rstd * (I - unit unit^T / d)
+            dot = (grad_unit * unit).mean(-1, keepdim=True)
+            torch.mul(grad_unit.sub_(unit.mul_(dot)), rstd[rows], out=grad_h[rows])
+        return grad_h, grad_norm_weight, grad_weight, grad_projection.sum(0), None
+
+
+def _row_blocks(n_rows: int) -> list[slice]:
+    """Slices of ``NORM_ROWS`` rows covering ``n_rows``."""
+    return [slice(first, first + NORM_ROWS) for first in range(0, n_rows, NORM_ROWS)]
 
 
 def _segment_blocks(q: torch.Tensor, k: torch.Tensor) -> list[slice]:
@@ -656,9 +742,16 @@ class MemMambaBlock(nn.Module):
         config = self.config
         state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
         h = x + self.mixer(self.norm(x), cache)
-        normed = self.memory_norm(h)
+        normed, projected = self._memory_inputs(h)
         n_prefix_valid = min(config.note_window - 1, start_position)
-        notes = self.note_block(normed, state.note_prefix, n_prefix_valid)
+        note_projections = None
+        if projected is not None and self.note_block.summarizer in projected:
+            scorer = projected.get(self.note_block.scorer)
+            note_projections = (
+                projected[self.note_block.summarizer],
+                None if scorer is None else scorer[..., 0],
+            )
+        notes = self.note_block(normed, state.note_prefix, n_prefix_valid, note_projections)
         length = x.shape[1]
         write_rate = float(notes.written.sum(1).max()) / length if length else 0.0
         segment_size = config.query_segment_size(write_rate)
@@ -667,7 +760,8 @@ class MemMambaBlock(nn.Module):
         segments = chunk.segments
         contexts, projections = [], []
         if self.cross_token is not None:
-            state_importance = self.trigger(normed)  # (batch, length)
+            trigger_logits = None if projected is None else projected[self.trigger.scorer][..., 0]
+            state_importance = self.trigger(normed, trigger_logits)  # (batch, length)
             previous = torch.cat(
                 [
                     state.previous_state_importance[:, None].to(h.dtype),
@@ -678,16 +772,22 @@ class MemMambaBlock(nn.Module):
             fired = previous > config.tau2
             gate = straight_through(fired, previous)
             token_sources = [(self.block, segments)]
+            queries = None if projected is None else projected[self.cross_token.q_proj]
             if gate.requires_grad:  # the scorer's gradient needs the context everywhere
-                attended = self._attend(self.cross_token, normed, token_sources, False)
+                attended = self._attend(self.cross_token, normed, queries, token_sources, False)
                 contexts.append(gate[..., None] * attended)
             else:  # the context where the gate is open, zero elsewhere: gate * context
-                contexts.append(self._attend(self.cross_token, normed, token_sources, False, fired))
+                contexts.append(
+                    self._attend(self.cross_token, normed, queries, token_sources, False, fired)
+                )
             projections.append(self.cross_token.o_proj)
         if self.cross_layer is not None and sources:
             size = min(pool.segment_size for _, pool in sources)  # the most notes decide
             layer_sources = [(block, pool.segments_at(size)) for block, pool in sources]
-            contexts.append(self._attend(self.cross_layer, normed, layer_sources, inclusive=True))
+            queries = None if projected is None else projected[self.cross_layer.q_proj]
+            contexts.append(
+                self._attend(self.cross_layer, normed, queries, layer_sources, inclusive=True)
+            )
             projections.append(self.cross_layer.o_proj)
         out = self.fusion(h, contexts, projections)
         if cache is not None:
@@ -700,18 +800,62 @@ class MemMambaBlock(nn.Module):
                 cache.previous_state_importance = state_importance[:, -1].detach()
         return out, chunk, notes.rate_logits
 
+    def _memory_inputs(
+        self, h: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[nn.Linear, torch.Tensor] | None]:
+        """``memory_norm(h)`` `(batch, length, d_model)` and, with gradients, the outputs
+        `(batch, length, out_features)` of the linear maps the block applies to it
+        (:meth:`_projections`), keyed by map, from one :class:`_NormProjection`: one matmul
+        and one gradient of the norm's input instead of one per map, summed, and the norm's
+        temporaries by blocks of rows (at long chunks each full-size temporary costs fresh
+        pages). Without gradients (or in half precision) None: each module projects for
+        itself (cross-token attention only at the positions where its gate fires)."""
+        maps = self._projections()
+        if not maps or not torch.is_grad_enabled() or h.dtype not in (torch.float32, torch.float64):
+            return self.memory_norm(h), None
+        biases = [
+            m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in maps
+        ]
+        projection, normed = _NormProjection.apply(
+            h.reshape(-1, h.shape[-1]),
+            self.memory_norm.weight,
+            torch.cat([m.weight for m in maps]),
+            torch.cat(biases),
+            self.memory_norm.eps,
+        )
+        outputs = projection.view(*h.shape[:-1], -1).split([m.out_features for m in maps], -1)
+        return normed.view(h.shape), dict(zip(maps, outputs, strict=True))
+
+    def _projections(self) -> list[nn.Linear]:
+        """The linear maps whose outputs carry gradients from the memory norm's output: the
+        note block's where some attention reads this block's notes (else its outputs
+        reach no loss: it projects the read-only norm itself, and its maps get no gradient,
+        as without this path), the state scorer's and the attentions' queries."""
+        maps = []
+        if self.cross_token is not None or self.pool_is_read_by_later_blocks:
+            maps.append(self.note_block.summarizer)
+            if self.note_block.selective:
+                maps.append(self.note_block.scorer)
+        if self.cross_token is not None:
+            maps += [self.trigger.scorer, self.cross_token.q_proj]
+        if self.cross_layer is not None:
+            maps.append(self.cross_layer.q_proj)
+        return maps
+
     def _attend(
         self,
         attention: PoolAttention,
         normed: torch.Tensor,
+        queries: torch.Tensor | None,
         sources: list[tuple[int, PoolSegments]],
         inclusive: bool,
         selected: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``attention``, all query segments at once, over the union of the ``sources``'
-        pools: ``normed`` `(batch, length, d_model)` -> the context before ``o_proj`` `(batch,
-        length, summary_dim)`; with ``selected`` `(batch, length)` bool, at the selected
-        positions only (zero elsewhere)."""
+        pools: ``normed`` `(batch, length, d_model)` (with ``queries``, its ``q_proj``, when
+        already computed) -> the context before ``o_proj`` `(batch, length, summary_dim)`;
+        with ``selected`` `(batch, length)` bool, at the selected positions only (zero
+        elsewhere)."""
         batch, length, _ = normed.shape
         n_segments, segment_size = sources[0][1].query_positions.shape
         view = PoolView(
@@ -726,7 +870,7 @@ class MemMambaBlock(nn.Module):
             ),
             query_positions=sources[0][1].query_positions,
         )
-        output = attention(normed, view, selected).output
+        output = attention(normed, view, selected, queries).output
         return output.view(batch, n_segments * segment_size, -1)[:, :length]
 
     def step(
