@@ -96,12 +96,17 @@ def test_pool_attention_gradients_match_the_masked_softmax():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scores_block", [1, 2**19])
 @pytest.mark.parametrize("pad", [1, 4])
-def test_queries_projected_then_padded_equal_padded_then_projected(pad):
-    """A chunk shorter than its segments: the queries are projected, then padded with zeros
-    (what the attention does), against the form it replaces, ``normed`` padded with zeros and
-    projected (the textbook attention over the padded, segmented queries); outputs and
-    gradients, float64. Padding queries see no note (query position -1): zero output."""
+def test_queries_projected_then_padded_equal_padded_then_projected(monkeypatch, pad, scores_block):
+    """A chunk shorter than its segments: the queries are projected, then cut and padded with
+    zeros by blocks of segments (one segment per block, or all in one), against the form it
+    replaces, ``normed`` padded with zeros and projected (the textbook attention over the
+    padded, segmented queries); outputs and gradients, float64. Padding queries see no note
+    (query position -1): zero output."""
+    from fidelity.models import memmamba
+
+    monkeypatch.setattr(memmamba, "SCORES_BLOCK", scores_block)
     config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
     torch.manual_seed(8)
     attention = PoolAttention(config).double()
@@ -156,8 +161,9 @@ def test_blocked_attention_passes_gradcheck(monkeypatch, scores_block):
     def tensor(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
 
-    # (batch, segments, heads, queries or keys, width); keys: 5 candidates and a null note
-    q, k, v = tensor(2, 5, 2, 4, 3), tensor(2, 5, 2, 6, 3), tensor(2, 5, 2, 6, 3)
+    # q (batch, positions, heads * width): 5 segments of 4 queries, the last one with 2
+    # padding rows; k, v (batch, segments, heads, keys, width): 5 candidates and a null note
+    q, k, v = tensor(2, 18, 2 * 3), tensor(2, 5, 2, 6, 3), tensor(2, 5, 2, 6, 3)
     member = torch.rand(2, 5, 4, 5, generator=generator) < 0.5
     member[0, 0, 0] = False  # an empty pool: all its weight on the null note
     assert torch.autograd.gradcheck(

@@ -347,9 +347,10 @@ class PoolAttention(nn.Module):
     ) -> PoolAttentionOutput:
         """Queries ``normed`` `(batch, length, d_model)`, cut into ``view``'s segments
         (``view.query_positions`` `(n_segments, n_queries)`; the positions past ``length``
-        are padding, which sees no note). The queries are projected before they are cut and
-        padded: padding ``normed`` would copy it, twice as wide, and its gradient again (the
-        projection has no bias, so a padding query is zero either way; tested). With
+        are padding, which sees no note). The queries are projected, then cut and padded a
+        few segments at a time (:class:`_BlockedAttention`): padding ``normed`` would copy
+        it, twice as wide, and its gradient again (the projection has no bias, so a padding
+        query is zero either way; tested). With
         ``selected`` `(batch, length)` bool, only the selected queries attend: the rest get a
         zero output, and the weights are computed on first access (see
         :class:`PoolAttentionOutput`). Each selected query's output is what it gets without
@@ -357,7 +358,7 @@ class PoolAttention(nn.Module):
         length, summary_dim)`: ``q_proj(normed)`` when the caller computed it."""
         n_segments, n_queries = view.query_positions.shape
         if selected is None:
-            q = self._queries(normed, n_segments, n_queries, projected)
+            q = self.q_proj(normed) if projected is None else projected
             context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context, weights)
         batch, length, width = normed.shape
@@ -366,7 +367,7 @@ class PoolAttention(nn.Module):
         selected = selected.view(batch, n_segments, n_queries)
         n_selected = int(selected.sum(-1).max()) if selected.numel() else 0
         if 2 * n_selected > n_queries:  # most attend: all of them, cheaper than gathering
-            q = self._queries(normed, n_segments, n_queries, projected)
+            q = self.q_proj(normed) if projected is None else projected
             context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context * selected[..., None], weights)
         output = normed.new_zeros(batch, n_segments, n_queries, self.o_proj.in_features)
@@ -381,40 +382,20 @@ class PoolAttention(nn.Module):
             # rows past the chunk's end are padding, not selected: any real row will do
             positions = rows + n_queries * torch.arange(n_segments, device=rows.device)[:, None]
             positions = positions.clamp_(max=length - 1).flatten(1)
-            if projected is None:
-                queries = normed.gather(1, positions[..., None].expand(-1, -1, width))
-                projected_rows = self.q_proj(queries)
+            if projected is None:  # (batch, n_segments * n_selected, summary_dim)
+                q = self.q_proj(normed.gather(1, positions[..., None].expand(-1, -1, width)))
             else:
-                index = positions[..., None].expand(-1, -1, projected.shape[-1])
-                projected_rows = projected.gather(1, index)
-            q = _split_heads(projected_rows.view(*rows.shape, -1), self.n_heads)
+                q = projected.gather(1, positions[..., None].expand(-1, -1, projected.shape[-1]))
             context, _ = self._compute(q, view.values, member)
             output.scatter_(2, rows[..., None].expand_as(context), context)
-        return PoolAttentionOutput(
-            output, lambda: self._weights(normed, view.values, view.member, n_queries)
-        )
-
-    def _queries(
-        self,
-        normed: torch.Tensor,
-        n_segments: int,
-        n_queries: int,
-        projected: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``normed`` `(batch, length, d_model)` -> q `(batch, n_segments, heads, n_queries,
-        head width)`, zero past ``length`` (``n_segments * n_queries >= length``), from
-        ``projected`` (``q_proj(normed)``) when given."""
-        batch, length, _ = normed.shape
-        q = self.q_proj(normed) if projected is None else projected  # (batch, length, width)
-        pad = n_segments * n_queries - length
-        q = F.pad(q, (0, 0, 0, pad)) if pad else q
-        return _split_heads(q.view(batch, n_segments, n_queries, -1), self.n_heads)
+        return PoolAttentionOutput(output, lambda: self._weights(normed, view.values, view.member))
 
     def _compute(
         self, q: torch.Tensor, values: torch.Tensor, member: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | Callable[[], torch.Tensor]]:
-        """Queries ``q`` `(batch, segments, heads, queries, head width)` (:meth:`_queries`)
-        over candidate ``values`` `(batch, segments, candidates, summary_dim)` where ``member``
+        """Queries ``q`` `(batch, length, summary_dim)` (``q_proj`` of the queries, in segments
+        of ``member.shape[2]`` positions, the last one padded: see :func:`_query_block`) over
+        candidate ``values`` `(batch, segments, candidates, summary_dim)` where ``member``
         `(batch, segments, queries, candidates)` -> (context `(batch, segments, queries,
         summary_dim)`, weights `(batch, segments, heads, queries, candidates)`, as the
         function that computes them).
@@ -437,12 +418,12 @@ class PoolAttention(nn.Module):
         return context, lambda: _blocked_weights(q, k, member)
 
     def _weights(
-        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor, n_queries: int
+        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
     ) -> torch.Tensor:
         """The weights of :meth:`_compute` alone (its context is not computed), for queries
-        ``normed`` `(batch, length, d_model)` in segments of ``n_queries``."""
-        q = self._queries(normed, member.shape[1], n_queries)
+        ``normed`` `(batch, length, d_model)`."""
         k, _ = self._keys_values(values)
+        q = self.q_proj(normed)
         return _blocked_weights(q, k, member)
 
     def _keys_values(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,36 +468,43 @@ def _softmax_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> 
 @torch.no_grad()
 def _blocked_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """:func:`_softmax_weights` over the candidates only, `(batch, segments, heads, queries,
-    candidates)` for ``member`` `(batch, segments, queries, candidates)`, a few segments at a
+    candidates)` for ``q`` `(batch, length, heads * width)` (:func:`_query_block`), ``k``
+    `(batch, segments, heads, keys, width)` and ``member`` `(batch, segments, queries,
+    candidates)`, a few segments at a
     time (:func:`_segment_blocks`) into the one tensor returned: reading the weights of a long
     chunk costs that tensor, not three as large."""
     n_candidates = member.shape[-1]
-    weights = q.new_empty(*q.shape[:-1], n_candidates)
-    for block in _segment_blocks(q, k):
-        block_weights = _softmax_weights(q[:, block], k[:, block], member[:, block])
+    weights = q.new_empty(*k.shape[:3], member.shape[2], n_candidates)
+    for block in _segment_blocks(member, k):
+        q_block = _query_block(q, block, member.shape[2], k.shape[2])
+        block_weights = _softmax_weights(q_block, k[:, block], member[:, block])
         weights[:, block] = block_weights[..., :n_candidates]
     return weights
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """``softmax(q k^T + bias) v`` for ``q`` `(batch, segments, heads, queries, width)`,
+    """``softmax(q k^T + bias) v`` for ``q`` `(batch, length, heads * width)` (queries in
+    segments of ``member.shape[2]`` positions, the last one padded: :func:`_query_block`),
     ``k``, ``v`` `(batch, segments, heads, keys, width)` and the bias of ``member``
     `(batch, segments, queries, candidates)` (:func:`_mask_bias`) -> the context `(batch,
     segments, queries, heads * width)`, heads side by side.
 
-    A few segments at a time (about ``SCORES_BLOCK`` scores per block): the scores, weights
-    and their gradients of one block stay in cache, and no tensor as large as every
-    segment's scores is made (on CPU each costs page faults); the backward pass computes
-    each block's weights again instead of keeping them. The same arithmetic per segment as
-    autograd through the plain operations (tested)."""
+    A few segments at a time (about ``SCORES_BLOCK`` scores per block): the block's queries
+    are cut, padded and split into heads there, and the scores, weights and their gradients
+    of one block stay in cache; no tensor as large as every segment's scores is made, nor a
+    padded copy of the queries or of their gradient (on CPU each costs page faults). The
+    backward pass computes each block's weights again instead of keeping them. The same
+    arithmetic per segment as autograd through the plain operations (tested)."""
 
     @staticmethod
     def forward(ctx, q, k, v, member):
         ctx.save_for_backward(q, k, v, member)
-        batch, n_segments, heads, n_queries, width = q.shape
+        batch, n_segments, heads, _, width = k.shape
+        n_queries = member.shape[2]
         context = q.new_empty(batch, n_segments, n_queries, heads * width)
-        for block in _segment_blocks(q, k):
-            weights = _softmax_weights(q[:, block], k[:, block], member[:, block])
+        for block in _segment_blocks(member, k):
+            q_block = _query_block(q, block, n_queries, heads)
+            weights = _softmax_weights(q_block, k[:, block], member[:, block])
             context[:, block] = (weights @ v[:, block]).transpose(2, 3).flatten(-2)
         return context
 
@@ -524,10 +512,11 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, grad_context):
         q, k, v, member = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        heads, n_queries = k.shape[2], member.shape[2]
         # (batch, segments, heads, queries, width), a strided view
-        grad_context = grad_context.unflatten(-1, (q.shape[2], -1)).transpose(2, 3)
-        for block in _segment_blocks(q, k):
-            q_block, k_block = q[:, block], k[:, block]
+        grad_context = grad_context.unflatten(-1, (heads, -1)).transpose(2, 3)
+        for block in _segment_blocks(member, k):
+            q_block, k_block = _query_block(q, block, n_queries, heads), k[:, block]
             weights = _softmax_weights(q_block, k_block, member[:, block])
             grad_block = grad_context[:, block].contiguous()
             grad_v[:, block] = weights.transpose(-1, -2) @ grad_block
@@ -535,8 +524,11 @@ class _BlockedAttention(torch.autograd.Function):
             torch.ops.aten._softmax_backward_data.out(
                 grad, weights, -1, grad.dtype, grad_input=grad
             )
-            grad_q[:, block] = grad @ k_block
             grad_k[:, block] = grad.transpose(-1, -2) @ q_block
+            # back to (batch, positions, heads * width), without the padding rows
+            rows = slice(block.start * n_queries, min(block.stop * n_queries, q.shape[1]))
+            grad_rows = (grad @ k_block).transpose(2, 3).flatten(-2).flatten(1, 2)
+            grad_q[:, rows] = grad_rows[:, : rows.stop - rows.start]
         return grad_q, grad_k, grad_v, None
 
 
@@ -594,13 +586,26 @@ def _row_blocks(n_rows: int) -> list[slice]:
     return [slice(first, first + NORM_ROWS) for first in range(0, n_rows, NORM_ROWS)]
 
 
-def _segment_blocks(q: torch.Tensor, k: torch.Tensor) -> list[slice]:
-    """Slices of the segment dimension of ``q`` `(batch, segments, heads, queries, width)`
-    and ``k`` `(..., keys, width)` with about ``SCORES_BLOCK`` scores each (at least one
-    segment)."""
-    batch, n_segments, heads, n_queries, _ = q.shape
-    step = max(1, SCORES_BLOCK // max(1, batch * heads * n_queries * k.shape[-2]))
-    return [slice(first, first + step) for first in range(0, n_segments, step)]
+def _segment_blocks(member: torch.Tensor, k: torch.Tensor) -> list[slice]:
+    """Slices of the segment dimension of ``member`` `(batch, segments, queries,
+    candidates)` and ``k`` `(batch, segments, heads, keys, width)` with about
+    ``SCORES_BLOCK`` scores each (at least one segment), none past the last segment."""
+    batch, n_segments, heads, n_keys, _ = k.shape
+    step = max(1, SCORES_BLOCK // max(1, batch * heads * member.shape[2] * n_keys))
+    return [slice(first, min(first + step, n_segments)) for first in range(0, n_segments, step)]
+
+
+def _query_block(q: torch.Tensor, block: slice, n_queries: int, heads: int) -> torch.Tensor:
+    """The queries of the segments ``block`` (:func:`_segment_blocks`): ``q`` `(batch,
+    length, heads * width)`, cut into segments of ``n_queries`` positions, the last one padded
+    with zero rows -> `(batch, block's segments, heads, n_queries, width)`, contiguous
+    (batched matmuls over strided heads are slower than the copy)."""
+    rows = q[:, block.start * n_queries : block.stop * n_queries]
+    pad = (block.stop - block.start) * n_queries - rows.shape[1]
+    rows = F.pad(rows, (0, 0, 0, pad)) if pad else rows
+    return (
+        rows.unflatten(1, (-1, n_queries)).unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
+    )
 
 
 class CrossTokenAttention(PoolAttention):
