@@ -40,7 +40,10 @@ Without gradients to the state scorer (evaluation), cross-token attention runs o
 positions where its gate fires, the rest of its context being exactly the zero the gate would
 make of it; observers that read its attention weights still get them for every position
 (:class:`PoolAttentionOutput`); the attentions compute their scores a few segments at a time
-and their weights only when read. These shortcuts are tested against the paths they replace.
+and their weights only when read. With gradients, the memory norm and the linear maps that
+read it run as one function by blocks of rows (:class:`_NormProjection`: one matmul, one
+gradient of the norm's input, no full-length temporaries). These shortcuts are tested against
+the paths they replace.
 """
 
 from __future__ import annotations
@@ -470,9 +473,8 @@ def _blocked_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> 
     """:func:`_softmax_weights` over the candidates only, `(batch, segments, heads, queries,
     candidates)` for ``q`` `(batch, length, heads * width)` (:func:`_query_block`), ``k``
     `(batch, segments, heads, keys, width)` and ``member`` `(batch, segments, queries,
-    candidates)`, a few segments at a
-    time (:func:`_segment_blocks`) into the one tensor returned: reading the weights of a long
-    chunk costs that tensor, not three as large."""
+    candidates)`, a few segments at a time (:func:`_segment_blocks`) into the one tensor
+    returned: reading the weights of a long chunk costs that tensor, not three as large."""
     n_candidates = member.shape[-1]
     weights = q.new_empty(*k.shape[:3], member.shape[2], n_candidates)
     for block in _segment_blocks(member, k):
