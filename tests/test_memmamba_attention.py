@@ -59,8 +59,8 @@ def test_pool_attention_matches_the_masked_softmax(n_candidates):
     normed = torch.randn(2, 3, 5, 24, dtype=torch.float64)
     want_output, want_weights = reference_attention(attention, normed, view)
     with torch.no_grad():
-        fast = attention(normed, view)
-    slow = attention(normed, view)  # with gradients
+        fast = attention(normed.flatten(1, 2), view)
+    slow = attention(normed.flatten(1, 2), view)  # with gradients
     for got in (fast, slow):
         # float64; the two forms differ only in where the scale is applied: rounding
         torch.testing.assert_close(got.output, want_output, rtol=1e-12, atol=1e-12)
@@ -85,7 +85,7 @@ def test_pool_attention_gradients_match_the_masked_softmax():
     grad = torch.randn(2, 2, 6, 16, dtype=torch.float64)
     grads = []
     for forward in (
-        lambda: attention(normed, view).output,
+        lambda: attention(normed.flatten(1, 2), view).output,
         lambda: reference_attention(attention, normed, view)[0],
     ):
         attention.zero_grad()
@@ -94,6 +94,46 @@ def test_pool_attention_gradients_match_the_masked_softmax():
         grads.append([normed.grad, view.values.grad, attention.q_proj.weight.grad])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scores_block", [1, 2**19])
+@pytest.mark.parametrize("pad", [1, 4])
+def test_queries_projected_then_padded_equal_padded_then_projected(monkeypatch, pad, scores_block):
+    """A chunk shorter than its segments: the queries are projected, then cut and padded with
+    zeros by blocks of segments (one segment per block, or all in one), against the form it
+    replaces, ``normed`` padded with zeros and projected (the textbook attention over the
+    padded, segmented queries); outputs and gradients, float64. Padding queries see no note
+    (query position -1): zero output."""
+    from fidelity.models import memmamba
+
+    monkeypatch.setattr(memmamba, "SCORES_BLOCK", scores_block)
+    config = MemMambaConfig(d_model=24, n_layer=2, summary_dim=16, n_heads=4)
+    torch.manual_seed(8)
+    attention = PoolAttention(config).double()
+    view = random_view(2, 3, 5, 9, 16, seed=8)
+    length = 3 * 5 - pad
+    view.query_positions = view.query_positions.masked_fill(view.query_positions >= length, -1)
+    view.member[:, -1, 5 - pad :] = False  # padding queries see no note
+    view.values.requires_grad_(True)
+    normed = torch.randn(2, length, 24, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    results = []
+    for forward in (
+        lambda: attention(normed, view).output,
+        lambda: reference_attention(
+            attention, torch.nn.functional.pad(normed, (0, 0, 0, pad)).view(2, 3, 5, 24), view
+        )[0],
+    ):
+        attention.zero_grad()
+        normed.grad = view.values.grad = None
+        output = forward()
+        output.backward(grad)
+        grads = [normed.grad, view.values.grad, attention.q_proj.weight.grad]
+        results.append([output, *grads, attention.k_proj.weight.grad])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    padding = results[0][0][:, -1, 5 - pad :]
+    assert torch.equal(padding, torch.zeros_like(padding))
 
 
 def test_straight_through_is_exactly_hard_with_the_soft_gradient():
@@ -121,8 +161,9 @@ def test_blocked_attention_passes_gradcheck(monkeypatch, scores_block):
     def tensor(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
 
-    # (batch, segments, heads, queries or keys, width); keys: 5 candidates and a null note
-    q, k, v = tensor(2, 5, 2, 4, 3), tensor(2, 5, 2, 6, 3), tensor(2, 5, 2, 6, 3)
+    # q (batch, positions, heads * width): 5 segments of 4 queries, the last one with 2
+    # padding rows; k, v (batch, segments, heads, keys, width): 5 candidates and a null note
+    q, k, v = tensor(2, 18, 2 * 3), tensor(2, 5, 2, 6, 3), tensor(2, 5, 2, 6, 3)
     member = torch.rand(2, 5, 4, 5, generator=generator) < 0.5
     member[0, 0, 0] = False  # an empty pool: all its weight on the null note
     assert torch.autograd.gradcheck(
@@ -146,7 +187,7 @@ def test_attention_by_blocks_of_segments_equals_all_at_once(monkeypatch, scores_
         monkeypatch.setattr(memmamba, "SCORES_BLOCK", block)
         normed.grad = None
         attention.zero_grad()
-        got = attention(normed, view)
+        got = attention(normed.flatten(1, 2), view)
         got.output.backward(grad)
         results.append([got.output, got.weights, normed.grad, attention.k_proj.weight.grad])
     for got, want in zip(results[1], results[0], strict=True):

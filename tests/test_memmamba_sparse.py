@@ -40,8 +40,8 @@ def test_selected_queries_get_the_dense_output_and_the_rest_zero(rate):
     normed = torch.randn(2, 3, 11, 24, generator=generator, dtype=torch.float64)
     selected = torch.rand(2, 3, 11, generator=generator) < rate
     with torch.no_grad():
-        dense = attention(normed, view)
-        sparse = attention(normed, view, selected)
+        dense = attention(normed.flatten(1, 2), view)
+        sparse = attention(normed.flatten(1, 2), view, selected.flatten(1, 2))
     torch.testing.assert_close(sparse.output, dense.output * selected[..., None], **EXACT)
     assert torch.equal(sparse.output[~selected], torch.zeros_like(sparse.output[~selected]))
     # the weights of every query, selected or not, as the dense attention gives them
@@ -61,8 +61,8 @@ def test_reading_the_weights_of_a_sparse_forward_runs_no_attention_again(monkeyp
     normed = torch.randn(2, 3, 11, 24, generator=generator, dtype=torch.float64)
     selected = torch.rand(2, 3, 11, generator=generator) < 0.2
     with torch.no_grad():
-        dense = attention(normed, view).weights
-        sparse = attention(normed, view, selected)
+        dense = attention(normed.flatten(1, 2), view).weights
+        sparse = attention(normed.flatten(1, 2), view, selected.flatten(1, 2))
     calls = []
     apply = memmamba._BlockedAttention.apply
     monkeypatch.setattr(
@@ -88,8 +88,8 @@ def test_selected_queries_give_the_dense_gradients():
     grad = torch.randn(2, 2, 13, 16, generator=generator, dtype=torch.float64)
     grads = []
     for forward in (
-        lambda: attention(normed, view, selected).output,
-        lambda: attention(normed, view).output * selected[..., None],
+        lambda: attention(normed.flatten(1, 2), view, selected.flatten(1, 2)).output,
+        lambda: attention(normed.flatten(1, 2), view).output * selected[..., None],
     ):
         attention.zero_grad()
         normed.grad = view.values.grad = None

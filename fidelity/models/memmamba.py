@@ -40,7 +40,10 @@ Without gradients to the state scorer (evaluation), cross-token attention runs o
 positions where its gate fires, the rest of its context being exactly the zero the gate would
 make of it; observers that read its attention weights still get them for every position
 (:class:`PoolAttentionOutput`); the attentions compute their scores a few segments at a time
-and their weights only when read. These shortcuts are tested against the paths they replace.
+and their weights only when read. With gradients, the memory norm and the linear maps that
+read it run as one function by blocks of rows (:class:`_NormProjection`: one matmul, one
+gradient of the norm's input, no full-length temporaries). These shortcuts are tested against
+the paths they replace.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ FUSIONS = ("weighted", "residual", "gated")
 CROSS_LAYER_SCOPES = ("window", "all")
 MIN_KEYS = 16  # keys of a pool attention's softmax at least (masked zero rows fill up)
 SCORES_BLOCK = 2**19  # attention scores per block of segments without gradients (2 MB)
+NORM_ROWS = 512  # rows per block of the memory norm and its projections (256 KB at d 128)
 
 
 @dataclass
@@ -240,12 +244,25 @@ class NoteBlock(nn.Module):
         self.scorer.weight.normal_(std=self.scorer.in_features**-0.5)
         self.scorer.bias.fill_(self.write_init_bias)
 
-    def forward(self, normed: torch.Tensor, prefix: torch.Tensor, n_prefix_valid: int) -> Notes:
-        features = self.summarizer(normed)
+    def forward(
+        self,
+        normed: torch.Tensor,
+        prefix: torch.Tensor,
+        n_prefix_valid: int,
+        projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> Notes:
+        """``projected``: the summarizer's and the scorer's outputs (`(batch, length,
+        summary_dim)`, `(batch, length)` or None without the note block) when the caller
+        computed them (:class:`_NormProjections`); else they are computed here."""
+        if projected is None:
+            features = self.summarizer(normed)
+        else:
+            features, logits = projected
         if not self.selective:  # ablation: every position writes its own unpooled note
             ones = torch.ones(normed.shape[:2], device=normed.device, dtype=normed.dtype)
             return Notes(ones * math.inf, ones * math.inf, ones, ones.bool(), features, features)
-        logits = self.scorer(normed)[..., 0]
+        if projected is None:
+            logits = self.scorer(normed)[..., 0]
         rate_logits = self.scorer(normed.detach())[..., 0] if torch.is_grad_enabled() else logits
         importance = torch.sigmoid(logits)
         written = importance > self.tau1
@@ -263,8 +280,9 @@ class StateTrigger(nn.Module):
         super().__init__()
         self.scorer = nn.Linear(d_model, 1)
 
-    def forward(self, normed: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.scorer(normed)[..., 0])
+    def forward(self, normed: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` `(batch, length)`: the scorer's output when the caller computed it."""
+        return torch.sigmoid(self.scorer(normed)[..., 0] if logits is None else logits)
 
 
 @dataclass
@@ -308,8 +326,8 @@ class PoolAttentionOutput:
 
 class PoolAttention(nn.Module):
     """Multi-head attention of positions over pool notes (no positional encoding: a pool is a
-    set). Queries ``normed`` `(batch, n_segments, n_queries, d_model)`, candidates from a
-    ``PoolView``; all segments at once. Returns the context before the output projection
+    set). Queries ``normed`` `(batch, length, d_model)` in the segments of a ``PoolView``,
+    over its candidates; all segments at once. Returns the context before the output projection
     ``o_proj``, which belongs to this module but runs in the block's :class:`Fusion`, merged
     with the fusion weight into one matmul."""
 
@@ -324,19 +342,36 @@ class PoolAttention(nn.Module):
             self.o_proj.weight.normal_(std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(
-        self, normed: torch.Tensor, view: PoolView, selected: torch.Tensor | None = None
+        self,
+        normed: torch.Tensor,
+        view: PoolView,
+        selected: torch.Tensor | None = None,
+        projected: torch.Tensor | None = None,
     ) -> PoolAttentionOutput:
-        """With ``selected`` `(batch, n_segments, n_queries)` bool, only the selected queries
-        attend: the rest get a zero output, and the weights are computed on first access (see
+        """Queries ``normed`` `(batch, length, d_model)`, cut into ``view``'s segments
+        (``view.query_positions`` `(n_segments, n_queries)`; the positions past ``length``
+        are padding, which sees no note). The queries are projected, then cut and padded a
+        few segments at a time (:class:`_BlockedAttention`): padding ``normed`` would copy
+        it, twice as wide, and its gradient again (the projection has no bias, so a padding
+        query is zero either way; tested). With
+        ``selected`` `(batch, length)` bool, only the selected queries attend: the rest get a
+        zero output, and the weights are computed on first access (see
         :class:`PoolAttentionOutput`). Each selected query's output is what it gets without
-        ``selected`` (the same arithmetic on fewer rows; tested)."""
+        ``selected`` (the same arithmetic on fewer rows; tested). ``projected`` `(batch,
+        length, summary_dim)`: ``q_proj(normed)`` when the caller computed it."""
+        n_segments, n_queries = view.query_positions.shape
         if selected is None:
-            context, weights = self._compute(normed, view.values, view.member)
+            q = self.q_proj(normed) if projected is None else projected
+            context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context, weights)
-        batch, n_segments, n_queries, width = normed.shape
+        batch, length, width = normed.shape
+        pad = n_segments * n_queries - length
+        selected = F.pad(selected, (0, pad)) if pad else selected
+        selected = selected.view(batch, n_segments, n_queries)
         n_selected = int(selected.sum(-1).max()) if selected.numel() else 0
         if 2 * n_selected > n_queries:  # most attend: all of them, cheaper than gathering
-            context, weights = self._compute(normed, view.values, view.member)
+            q = self.q_proj(normed) if projected is None else projected
+            context, weights = self._compute(q, view.values, view.member)
             return PoolAttentionOutput(context * selected[..., None], weights)
         output = normed.new_zeros(batch, n_segments, n_queries, self.o_proj.in_features)
         if n_selected:
@@ -347,18 +382,26 @@ class PoolAttention(nn.Module):
                 2, rows[..., None].expand(-1, -1, -1, view.member.shape[-1])
             )
             member &= selected.gather(2, rows)[..., None]
-            queries = normed.gather(2, rows[..., None].expand(-1, -1, -1, width))
-            context, _ = self._compute(queries, view.values, member)
+            # rows past the chunk's end are padding, not selected: any real row will do
+            positions = rows + n_queries * torch.arange(n_segments, device=rows.device)[:, None]
+            positions = positions.clamp_(max=length - 1).flatten(1)
+            if projected is None:  # (batch, n_segments * n_selected, summary_dim)
+                q = self.q_proj(normed.gather(1, positions[..., None].expand(-1, -1, width)))
+            else:
+                q = projected.gather(1, positions[..., None].expand(-1, -1, projected.shape[-1]))
+            context, _ = self._compute(q, view.values, member)
             output.scatter_(2, rows[..., None].expand_as(context), context)
         return PoolAttentionOutput(output, lambda: self._weights(normed, view.values, view.member))
 
     def _compute(
-        self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
+        self, q: torch.Tensor, values: torch.Tensor, member: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | Callable[[], torch.Tensor]]:
-        """Queries ``normed`` `(batch, segments, queries, d_model)` over candidate ``values``
-        `(batch, segments, candidates, summary_dim)` where ``member`` `(batch, segments,
-        queries, candidates)` -> (context `(batch, segments, queries, summary_dim)`, weights
-        `(batch, segments, heads, queries, candidates)`, as the function that computes them).
+        """Queries ``q`` `(batch, length, summary_dim)` (``q_proj`` of the queries, in segments
+        of ``member.shape[2]`` positions, the last one padded: see :func:`_query_block`) over
+        candidate ``values`` `(batch, segments, candidates, summary_dim)` where ``member``
+        `(batch, segments, queries, candidates)` -> (context `(batch, segments, queries,
+        summary_dim)`, weights `(batch, segments, heads, queries, candidates)`, as the
+        function that computes them).
 
         Masking is one added bias `(batch, segments, 1, queries, keys)` (0 for a member, the
         lowest float otherwise: its softmax weight underflows to exactly 0), broadcast over
@@ -373,30 +416,34 @@ class PoolAttention(nn.Module):
         chunks costs page faults on every call; the backward pass computes them again), the
         same arithmetic per segment (:class:`_BlockedAttention`); the weights only if the
         returned function is called."""
-        q, k, v = self._operands(normed, values)
+        k, v = self._keys_values(values)
         context = _BlockedAttention.apply(q, k, v, member)
         return context, lambda: _blocked_weights(q, k, member)
 
     def _weights(
         self, normed: torch.Tensor, values: torch.Tensor, member: torch.Tensor
     ) -> torch.Tensor:
-        """The weights of :meth:`_compute` alone (its context is not computed)."""
-        q, k, _ = self._operands(normed, values)
+        """The weights of :meth:`_compute` alone (its context is not computed), for queries
+        ``normed`` `(batch, length, d_model)`."""
+        k, _ = self._keys_values(values)
+        q = self.q_proj(normed)
         return _blocked_weights(q, k, member)
 
-    def _operands(
-        self, normed: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) `(batch, segments, heads, queries or keys, head width)`, contiguous
-        (batched matmuls over strided heads are slower than the copy), the scale folded into
-        ``k``; the keys are the candidates, then zero rows (see :meth:`_compute`)."""
+    def _keys_values(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) `(batch, segments, heads, keys, head width)`, contiguous, the scale folded
+        into ``k``; the keys are the candidates, then zero rows (see :meth:`_compute`)."""
         heads = self.n_heads
-        q = self.q_proj(normed).unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
-        scale = q.shape[-1] ** -0.5
+        scale = (self.k_proj.out_features // heads) ** -0.5
         pad = (0, 0, 0, max(1, MIN_KEYS - values.shape[2]))
-        k = F.pad(self.k_proj(values) * scale, pad).unflatten(-1, (heads, -1))
-        v = F.pad(self.v_proj(values), pad).unflatten(-1, (heads, -1))
-        return q, k.transpose(2, 3).contiguous(), v.transpose(2, 3).contiguous()
+        k = F.pad(self.k_proj(values) * scale, pad)
+        v = F.pad(self.v_proj(values), pad)
+        return _split_heads(k, heads), _split_heads(v, heads)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`(batch, segments, rows, heads * width)` -> `(batch, segments, heads, rows, width)`,
+    contiguous (batched matmuls over strided heads are slower than the copy)."""
+    return x.unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
 
 
 def _mask_bias(member: torch.Tensor, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
@@ -424,36 +471,42 @@ def _softmax_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> 
 @torch.no_grad()
 def _blocked_weights(q: torch.Tensor, k: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """:func:`_softmax_weights` over the candidates only, `(batch, segments, heads, queries,
-    candidates)` for ``member`` `(batch, segments, queries, candidates)`, a few segments at a
-    time (:func:`_segment_blocks`) into the one tensor returned: reading the weights of a long
-    chunk costs that tensor, not three as large."""
+    candidates)` for ``q`` `(batch, length, heads * width)` (:func:`_query_block`), ``k``
+    `(batch, segments, heads, keys, width)` and ``member`` `(batch, segments, queries,
+    candidates)`, a few segments at a time (:func:`_segment_blocks`) into the one tensor
+    returned: reading the weights of a long chunk costs that tensor, not three as large."""
     n_candidates = member.shape[-1]
-    weights = q.new_empty(*q.shape[:-1], n_candidates)
-    for block in _segment_blocks(q, k):
-        block_weights = _softmax_weights(q[:, block], k[:, block], member[:, block])
+    weights = q.new_empty(*k.shape[:3], member.shape[2], n_candidates)
+    for block in _segment_blocks(member, k):
+        q_block = _query_block(q, block, member.shape[2], k.shape[2])
+        block_weights = _softmax_weights(q_block, k[:, block], member[:, block])
         weights[:, block] = block_weights[..., :n_candidates]
     return weights
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """``softmax(q k^T + bias) v`` for ``q`` `(batch, segments, heads, queries, width)`,
+    """``softmax(q k^T + bias) v`` for ``q`` `(batch, length, heads * width)` (queries in
+    segments of ``member.shape[2]`` positions, the last one padded: :func:`_query_block`),
     ``k``, ``v`` `(batch, segments, heads, keys, width)` and the bias of ``member``
     `(batch, segments, queries, candidates)` (:func:`_mask_bias`) -> the context `(batch,
     segments, queries, heads * width)`, heads side by side.
 
-    A few segments at a time (about ``SCORES_BLOCK`` scores per block): the scores, weights
-    and their gradients of one block stay in cache, and no tensor as large as every
-    segment's scores is made (on CPU each costs page faults); the backward pass computes
-    each block's weights again instead of keeping them. The same arithmetic per segment as
-    autograd through the plain operations (tested)."""
+    A few segments at a time (about ``SCORES_BLOCK`` scores per block): the block's queries
+    are cut, padded and split into heads there, and the scores, weights and their gradients
+    of one block stay in cache; no tensor as large as every segment's scores is made, nor a
+    padded copy of the queries or of their gradient (on CPU each costs page faults). The
+    backward pass computes each block's weights again instead of keeping them. The same
+    arithmetic per segment as autograd through the plain operations (tested)."""
 
     @staticmethod
     def forward(ctx, q, k, v, member):
         ctx.save_for_backward(q, k, v, member)
-        batch, n_segments, heads, n_queries, width = q.shape
+        batch, n_segments, heads, _, width = k.shape
+        n_queries = member.shape[2]
         context = q.new_empty(batch, n_segments, n_queries, heads * width)
-        for block in _segment_blocks(q, k):
-            weights = _softmax_weights(q[:, block], k[:, block], member[:, block])
+        for block in _segment_blocks(member, k):
+            q_block = _query_block(q, block, n_queries, heads)
+            weights = _softmax_weights(q_block, k[:, block], member[:, block])
             context[:, block] = (weights @ v[:, block]).transpose(2, 3).flatten(-2)
         return context
 
@@ -461,10 +514,11 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, grad_context):
         q, k, v, member = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        heads, n_queries = k.shape[2], member.shape[2]
         # (batch, segments, heads, queries, width), a strided view
-        grad_context = grad_context.unflatten(-1, (q.shape[2], -1)).transpose(2, 3)
-        for block in _segment_blocks(q, k):
-            q_block, k_block = q[:, block], k[:, block]
+        grad_context = grad_context.unflatten(-1, (heads, -1)).transpose(2, 3)
+        for block in _segment_blocks(member, k):
+            q_block, k_block = _query_block(q, block, n_queries, heads), k[:, block]
             weights = _softmax_weights(q_block, k_block, member[:, block])
             grad_block = grad_context[:, block].contiguous()
             grad_v[:, block] = weights.transpose(-1, -2) @ grad_block
@@ -472,18 +526,88 @@ class _BlockedAttention(torch.autograd.Function):
             torch.ops.aten._softmax_backward_data.out(
                 grad, weights, -1, grad.dtype, grad_input=grad
             )
-            grad_q[:, block] = grad @ k_block
             grad_k[:, block] = grad.transpose(-1, -2) @ q_block
+            # back to (batch, positions, heads * width), without the padding rows
+            rows = slice(block.start * n_queries, min(block.stop * n_queries, q.shape[1]))
+            grad_rows = (grad @ k_block).transpose(2, 3).flatten(-2).flatten(1, 2)
+            grad_q[:, rows] = grad_rows[:, : rows.stop - rows.start]
         return grad_q, grad_k, grad_v, None
 
 
-def _segment_blocks(q: torch.Tensor, k: torch.Tensor) -> list[slice]:
-    """Slices of the segment dimension of ``q`` `(batch, segments, heads, queries, width)`
-    and ``k`` `(..., keys, width)` with about ``SCORES_BLOCK`` scores each (at least one
-    segment)."""
-    batch, n_segments, heads, n_queries, _ = q.shape
-    step = max(1, SCORES_BLOCK // max(1, batch * heads * n_queries * k.shape[-2]))
-    return [slice(first, first + step) for first in range(0, n_segments, step)]
+class _NormProjection(torch.autograd.Function):
+    """``h`` `(rows, d)` -> (``normed @ weight.T + bias`` `(rows, k)`, ``normed`` `(rows, d)`)
+    with ``normed`` the :class:`~fidelity.models.base.RMSNorm` of ``h`` (weight
+    ``norm_weight`` `(d,)`, ``eps``), ``weight`` `(k, d)` and ``bias`` `(k,)` several linear
+    maps side by side: the same arithmetic as the norm followed by each map (tested).
+
+    By blocks of ``NORM_ROWS`` rows, so that the norm's temporaries stay in cache instead of
+    each costing a full-size tensor (fresh pages at long chunks); the backward pass computes
+    each block's norm again from ``h`` and the saved reciprocal RMS `(rows, 1)`, and gives
+    ``h`` one gradient (one matmul for all maps). ``normed`` is returned for reading only:
+    no gradient flows back through it (its uses with gradients go through the maps)."""
+
+    @staticmethod
+    def forward(ctx, h, norm_weight, weight, bias, eps):
+        projection = h.new_empty(h.shape[0], weight.shape[0])
+        normed = torch.empty_like(h)
+        rstd = h.new_empty(h.shape[0], 1)
+        for rows in _row_blocks(h.shape[0]):
+            x = h[rows]
+            torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps, out=rstd[rows])
+            block = torch.mul(x, rstd[rows], out=normed[rows]).mul_(norm_weight)
+            torch.addmm(bias, block, weight.t(), out=projection[rows])
+        ctx.save_for_backward(h, rstd, norm_weight, weight)
+        ctx.mark_non_differentiable(normed)
+        ctx.set_materialize_grads(False)  # no zero tensor for the gradient of ``normed``
+        return projection, normed
+
+    @staticmethod
+    def backward(ctx, grad_projection, _grad_normed):
+        if grad_projection is None:
+            return None, None, None, None, None
+        h, rstd, norm_weight, weight = ctx.saved_tensors
+        grad_projection = grad_projection.contiguous()
+        grad_h = torch.empty_like(h)
+        grad_norm_weight = torch.zeros_like(norm_weight)
+        grad_weight = torch.zeros_like(weight)
+        for rows in _row_blocks(h.shape[0]):
+            grad = grad_projection[rows]  # (block, k)
+            unit = h[rows] * rstd[rows]  # the norm before its weight
+            grad_weight.addmm_(grad.t(), unit * norm_weight)
+            grad_normed = grad @ weight  # (block, d)
+            grad_norm_weight += (grad_normed * unit).sum(0)
+            grad_unit = grad_normed.mul_(norm_weight)
+            # d unit / d h = rstd * (I - unit unit^T / d)
+            dot = (grad_unit * unit).mean(-1, keepdim=True)
+            torch.mul(grad_unit.sub_(unit.mul_(dot)), rstd[rows], out=grad_h[rows])
+        return grad_h, grad_norm_weight, grad_weight, grad_projection.sum(0), None
+
+
+def _row_blocks(n_rows: int) -> list[slice]:
+    """Slices of ``NORM_ROWS`` rows covering ``n_rows``."""
+    return [slice(first, first + NORM_ROWS) for first in range(0, n_rows, NORM_ROWS)]
+
+
+def _segment_blocks(member: torch.Tensor, k: torch.Tensor) -> list[slice]:
+    """Slices of the segment dimension of ``member`` `(batch, segments, queries,
+    candidates)` and ``k`` `(batch, segments, heads, keys, width)` with about
+    ``SCORES_BLOCK`` scores each (at least one segment), none past the last segment."""
+    batch, n_segments, heads, n_keys, _ = k.shape
+    step = max(1, SCORES_BLOCK // max(1, batch * heads * member.shape[2] * n_keys))
+    return [slice(first, min(first + step, n_segments)) for first in range(0, n_segments, step)]
+
+
+def _query_block(q: torch.Tensor, block: slice, n_queries: int, heads: int) -> torch.Tensor:
+    """The queries of the segments ``block`` (:func:`_segment_blocks`): ``q`` `(batch,
+    length, heads * width)`, cut into segments of ``n_queries`` positions, the last one padded
+    with zero rows -> `(batch, block's segments, heads, n_queries, width)`, contiguous
+    (batched matmuls over strided heads are slower than the copy)."""
+    rows = q[:, block.start * n_queries : block.stop * n_queries]
+    pad = (block.stop - block.start) * n_queries - rows.shape[1]
+    rows = F.pad(rows, (0, 0, 0, pad)) if pad else rows
+    return (
+        rows.unflatten(1, (-1, n_queries)).unflatten(-1, (heads, -1)).transpose(2, 3).contiguous()
+    )
 
 
 class CrossTokenAttention(PoolAttention):
@@ -625,9 +749,16 @@ class MemMambaBlock(nn.Module):
         config = self.config
         state = cache if cache is not None else self.init_cache(x.shape[0], x.device, x.dtype)
         h = x + self.mixer(self.norm(x), cache)
-        normed = self.memory_norm(h)
+        normed, projected = self._memory_inputs(h)
         n_prefix_valid = min(config.note_window - 1, start_position)
-        notes = self.note_block(normed, state.note_prefix, n_prefix_valid)
+        note_projections = None
+        if projected is not None and self.note_block.summarizer in projected:
+            scorer = projected.get(self.note_block.scorer)
+            note_projections = (
+                projected[self.note_block.summarizer],
+                None if scorer is None else scorer[..., 0],
+            )
+        notes = self.note_block(normed, state.note_prefix, n_prefix_valid, note_projections)
         length = x.shape[1]
         write_rate = float(notes.written.sum(1).max()) / length if length else 0.0
         segment_size = config.query_segment_size(write_rate)
@@ -636,7 +767,8 @@ class MemMambaBlock(nn.Module):
         segments = chunk.segments
         contexts, projections = [], []
         if self.cross_token is not None:
-            state_importance = self.trigger(normed)  # (batch, length)
+            trigger_logits = None if projected is None else projected[self.trigger.scorer][..., 0]
+            state_importance = self.trigger(normed, trigger_logits)  # (batch, length)
             previous = torch.cat(
                 [
                     state.previous_state_importance[:, None].to(h.dtype),
@@ -647,16 +779,22 @@ class MemMambaBlock(nn.Module):
             fired = previous > config.tau2
             gate = straight_through(fired, previous)
             token_sources = [(self.block, segments)]
+            queries = None if projected is None else projected[self.cross_token.q_proj]
             if gate.requires_grad:  # the scorer's gradient needs the context everywhere
-                attended = self._attend(self.cross_token, normed, token_sources, False)
+                attended = self._attend(self.cross_token, normed, queries, token_sources, False)
                 contexts.append(gate[..., None] * attended)
             else:  # the context where the gate is open, zero elsewhere: gate * context
-                contexts.append(self._attend(self.cross_token, normed, token_sources, False, fired))
+                contexts.append(
+                    self._attend(self.cross_token, normed, queries, token_sources, False, fired)
+                )
             projections.append(self.cross_token.o_proj)
         if self.cross_layer is not None and sources:
             size = min(pool.segment_size for _, pool in sources)  # the most notes decide
             layer_sources = [(block, pool.segments_at(size)) for block, pool in sources]
-            contexts.append(self._attend(self.cross_layer, normed, layer_sources, inclusive=True))
+            queries = None if projected is None else projected[self.cross_layer.q_proj]
+            contexts.append(
+                self._attend(self.cross_layer, normed, queries, layer_sources, inclusive=True)
+            )
             projections.append(self.cross_layer.o_proj)
         out = self.fusion(h, contexts, projections)
         if cache is not None:
@@ -669,19 +807,63 @@ class MemMambaBlock(nn.Module):
                 cache.previous_state_importance = state_importance[:, -1].detach()
         return out, chunk, notes.rate_logits
 
+    def _memory_inputs(
+        self, h: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[nn.Linear, torch.Tensor] | None]:
+        """``memory_norm(h)`` `(batch, length, d_model)` and, with gradients, the outputs
+        `(batch, length, out_features)` of the linear maps the block applies to it
+        (:meth:`_projections`), keyed by map, from one :class:`_NormProjection`: one matmul
+        and one gradient of the norm's input instead of one per map, summed, and the norm's
+        temporaries by blocks of rows (at long chunks each full-size temporary costs fresh
+        pages). Without gradients (or in half precision) None: each module projects for
+        itself (cross-token attention only at the positions where its gate fires)."""
+        maps = self._projections()
+        if not maps or not torch.is_grad_enabled() or h.dtype not in (torch.float32, torch.float64):
+            return self.memory_norm(h), None
+        biases = [
+            m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in maps
+        ]
+        projection, normed = _NormProjection.apply(
+            h.reshape(-1, h.shape[-1]),
+            self.memory_norm.weight,
+            torch.cat([m.weight for m in maps]),
+            torch.cat(biases),
+            self.memory_norm.eps,
+        )
+        outputs = projection.view(*h.shape[:-1], -1).split([m.out_features for m in maps], -1)
+        return normed.view(h.shape), dict(zip(maps, outputs, strict=True))
+
+    def _projections(self) -> list[nn.Linear]:
+        """The linear maps whose outputs carry gradients from the memory norm's output: the
+        note block's where some attention reads this block's notes (else its outputs
+        reach no loss: it projects the read-only norm itself, and its maps get no gradient,
+        as without this path), the state scorer's and the attentions' queries."""
+        maps = []
+        if self.cross_token is not None or self.pool_is_read_by_later_blocks:
+            maps.append(self.note_block.summarizer)
+            if self.note_block.selective:
+                maps.append(self.note_block.scorer)
+        if self.cross_token is not None:
+            maps += [self.trigger.scorer, self.cross_token.q_proj]
+        if self.cross_layer is not None:
+            maps.append(self.cross_layer.q_proj)
+        return maps
+
     def _attend(
         self,
         attention: PoolAttention,
         normed: torch.Tensor,
+        queries: torch.Tensor | None,
         sources: list[tuple[int, PoolSegments]],
         inclusive: bool,
         selected: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``attention``, all query segments at once, over the union of the ``sources``'
-        pools: ``normed`` `(batch, length, d_model)` -> the context before ``o_proj`` `(batch,
-        length, summary_dim)`; with ``selected`` `(batch, length)` bool, at the selected
-        positions only (zero elsewhere)."""
-        batch, length, width = normed.shape
+        pools: ``normed`` `(batch, length, d_model)` (with ``queries``, its ``q_proj``, when
+        already computed) -> the context before ``o_proj`` `(batch, length, summary_dim)`;
+        with ``selected`` `(batch, length)` bool, at the selected positions only (zero
+        elsewhere)."""
+        batch, length, _ = normed.shape
         n_segments, segment_size = sources[0][1].query_positions.shape
         view = PoolView(
             values=torch.cat([segments.values for _, segments in sources], dim=2),
@@ -695,13 +877,7 @@ class MemMambaBlock(nn.Module):
             ),
             query_positions=sources[0][1].query_positions,
         )
-        pad = n_segments * segment_size - length
-        queries = F.pad(normed, (0, 0, 0, pad)) if pad else normed
-        queries = queries.view(batch, n_segments, segment_size, width)
-        if selected is not None:
-            selected = F.pad(selected, (0, pad)) if pad else selected
-            selected = selected.view(batch, n_segments, segment_size)
-        output = attention(queries, view, selected).output
+        output = attention(normed, view, selected, queries).output
         return output.view(batch, n_segments * segment_size, -1)[:, :length]
 
     def step(
@@ -723,7 +899,7 @@ class MemMambaBlock(nn.Module):
             previous = cache.previous_state_importance.to(h.dtype)
             gate = (previous > config.tau2).to(h.dtype)
             attended = self.cross_token(
-                normed[:, None], _explicit_view([(self.block, cache.pool)], position, False)
+                normed, _explicit_view([(self.block, cache.pool)], position, False)
             )
             contexts.append(gate[:, None] * attended.output[:, 0, 0])
             projections.append(self.cross_token.o_proj)
@@ -735,7 +911,7 @@ class MemMambaBlock(nn.Module):
         cache.note_prefix = carried[:, 1:]
         if self.cross_layer is not None and source_pools:
             attended = self.cross_layer(
-                normed[:, None], _explicit_view(source_pools, position, inclusive=True)
+                normed, _explicit_view(source_pools, position, inclusive=True)
             )
             contexts.append(attended.output[:, 0, 0])
             projections.append(self.cross_layer.o_proj)
