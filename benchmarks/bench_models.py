@@ -1,10 +1,12 @@
 """MemMamba against Mamba of the same width and depth: forward and training time, one run.
 
     python benchmarks/bench_models.py [--presets mini,small] [--lengths 8k,60k] [--repeats 3]
-        [--hogs N] [--baseline REF] [--out benchmarks/results/models_cpu.md]
+        [--warmup 4] [--hogs N] [--baseline REF] [--out benchmarks/results/models_cpu.md]
 
 For every preset and length, in one process, alternating the two models (so that background
-load hits both alike), best of ``--repeats``:
+load hits both alike), best of ``--repeats`` after ``--warmup`` untimed runs of each (a
+training step at 60k gets faster over its first 3-5 runs, as the allocator's heap grows and
+the fresh pages it faults in stop; MemMamba's take longer to stop):
 
 - ``forward, one pass``: ``model(ids)`` over the whole sequence, no gradients;
 - ``forward, chunked``: the same tokens in chunks of ``--chunk`` through the recurrent cache
@@ -128,10 +130,12 @@ def timed(run: Callable[[], None]) -> float:
     return clock() - start
 
 
-def alternate(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Best wall time of each run, after one warm-up each, alternating between them."""
-    for run in runs.values():
-        run()
+def alternate(runs: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Best time of each run (of the clock chosen), after ``warmup`` untimed runs each,
+    alternating between them throughout."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
     best = {name: float("inf") for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -250,6 +254,14 @@ def main() -> None:
     parser.add_argument("--lengths", default="8k,60k")
     parser.add_argument("--chunk", default="8k", help="chunk length of the cached forward")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="untimed runs of each model before the timed ones (at 60k a training step keeps "
+        "getting faster for 3-5 steps, while the allocator's heap grows and its page faults "
+        "stop: one warm-up times a cold allocator, MemMamba's more than Mamba's)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument(
         "--clock",
@@ -277,6 +289,8 @@ def main() -> None:
     unknown = set(modes) - {"one pass", "chunked", "training"}
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     if args.hogs < 0:
         parser.error("--hogs must be >= 0")
     if args.weights == "shipped" and args.note_block == "off":
@@ -303,7 +317,7 @@ def main() -> None:
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; batch 1, float32; "
         f"MemMamba note block {args.note_block}; {args.weights} weights, {args.input} input; "
-        f"best of {args.repeats}, alternating; "
+        f"best of {args.repeats} after {args.warmup} warm-up runs each, alternating; "
         f"{args.clock} time; "
         f"load average at the start {os.getloadavg()}.",
         "",
@@ -356,7 +370,7 @@ def main() -> None:
                     runs = {name: training_step(m, ids) for name, m in models.items()}
                 for hogs in hog_counts:
                     with cpu_hogs(hogs):
-                        times = alternate(runs, args.repeats)
+                        times = alternate(runs, args.repeats, args.warmup)
                         row = (
                             f"| {preset} | {weights} | {length} | {mode} | {hogs} | "
                             f"{times['mamba']:.3f} | {times['memmamba']:.3f} | "
