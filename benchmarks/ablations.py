@@ -14,7 +14,9 @@ Two kinds of ablation, reported in separate tables:
     in :data:`STAGE_B` and ``fidelity/data/TRAINING.md``). A variant whose run has not reached
     its last step reads "not trained (k/500 steps)", never guessed.
 
-The shipped ``memmamba`` and ``mamba`` are the references of both tables. For every model,
+The shipped ``memmamba`` and ``mamba`` are the references of both tables (``--reference``
+replaces the first: a full model trained from the same A2 checkpoint as the variants, e.g. when
+that checkpoint was retrained; ``--init`` names the A2 checkpoint in the commands). For every model,
 passkey exact match with the standard filler and with held-out text as filler, 10 prompts at
 each of 5 needle depths, Wilson 95% intervals, at 1x, 4x, 16x and 64x the training length (512
 tokens). Cells are measured and cached by ``benchmarks/claim_small.py``'s machinery (one JSON
@@ -24,6 +26,8 @@ config), so a killed run loses at most one cell and a rerun measures only what i
     python benchmarks/ablations.py                       # everything (hours on a shared CPU)
     python benchmarks/ablations.py --max-multiple 4      # fill the table from the left
     python benchmarks/ablations.py --cached-only         # re-render from the cache
+    python benchmarks/ablations.py --runs runs/abl-b2 --reference runs/pk8/memmamba \
+        --init runs/pk8/memmamba-passkey-a2/ckpt-1000 --out benchmarks/results/NEW.md
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ VARIANTS: dict[str, tuple[str, str, object]] = {
 priority pool)."""
 STAGE_B_STEPS = 500
 INIT = "runs/pk6/memmamba-passkey-a2/ckpt-1000"
+RUNS = Path("runs/abl-b")  # the stage B runs from INIT
 STAGE_B = (
     "fidelity train --model memmamba --preset mini --init {init} --task mix "
     "--task-option episodes=2 --task-option questions=4 --task-option filler=mixed "
@@ -108,9 +113,9 @@ def setting(label: str) -> str:
     return f"{name}={text}"
 
 
-def stage_b_command(label: str, runs: Path) -> str:
+def stage_b_command(label: str, runs: Path, init: str = INIT) -> str:
     run = VARIANTS[label][0]
-    return STAGE_B.format(init=INIT, setting=setting(label), out=runs / run)
+    return STAGE_B.format(init=init, setting=setting(label), out=runs / run)
 
 
 def stage_b_status(run: Path) -> tuple[Path | None, int]:
@@ -122,7 +127,7 @@ def stage_b_status(run: Path) -> tuple[Path | None, int]:
 
 
 def evaluation_entries(full: Entry) -> list[Entry]:
-    """The shipped full model with each part switched off at evaluation, one entry each."""
+    """The full model with each part switched off at evaluation, one entry each."""
     entries = []
     for label, (_, name, value) in VARIANTS.items():
         model, _ = ablated(full.model, **{name: value})
@@ -162,7 +167,7 @@ def not_trained_rows(missing: dict[str, int], n_points: int) -> list[str]:
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs/abl-b"), help="stage B runs")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="stage B runs")
     parser.add_argument("--multiples", default=MULTIPLES, help="multiples of the training length")
     parser.add_argument("--trials", type=int, default=10, help="prompts per needle depth")
     parser.add_argument(
@@ -173,6 +178,13 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cached-only", action="store_true", help="measure nothing")
     parser.add_argument("--cache", type=Path, default=Path("runs/ablation_cache"))
     parser.add_argument("--out", type=Path, default=RESULTS / "ablations.md")
+    parser.add_argument(
+        "--reference",
+        default=REFERENCES["MemMamba (full)"],
+        help="the full model (a shipped name, checkpoint or run directory): the reference of "
+        "both tables and what (a) switches off",
+    )
+    parser.add_argument("--init", default=INIT, help="the A2 checkpoint stage B starts from")
     args = parser.parse_args(argv)
     args.argv = list(argv)
     if args.trials < 1:
@@ -189,7 +201,7 @@ def report(args, references, evaluation, trained, missing, cells, load) -> str:
         "# MemMamba ablations at small scale, on the retrieval recipe: passkey extrapolation",
         "",
         "Regenerate: `python benchmarks/ablations.py "
-        + shlex.join(["--multiples", args.multiples, "--trials", str(args.trials)])
+        + shlex.join(["--multiples", args.multiples, "--trials", str(args.trials), *sources(args)])
         + "` (cells already in the cache are read from it). "
         + f"This run: `python benchmarks/ablations.py {shlex.join(args.argv)}`",
         "",
@@ -201,15 +213,15 @@ def report(args, references, evaluation, trained, missing, cells, load) -> str:
         "Wilson 95% intervals; the length of each cell in brackets. Cells not measured read "
         "why (e.g. beyond this run's `--max-multiple`).",
         "",
-        "References: **MemMamba (full)** is the shipped `memmamba` (all parts, the 3-stage "
+        f"References: **MemMamba (full)** is {reference_text(args)} (all parts, the 3-stage "
         "curriculum of `fidelity/data/TRAINING.md`); **Mamba** the shipped `mamba` (same "
         "curriculum).",
         "",
-        "(a) **switched off at evaluation**: the shipped MemMamba with one part disabled at "
+        "(a) **switched off at evaluation**: the full MemMamba with one part disabled at "
         "inference only, no retraining. " + EVALUATION_NOTE,
         "",
         "(b) **stage B with the part switched off**: the full model's stage A2 checkpoint "
-        f"(`{INIT}`) fine-tuned by stage B (500 steps of the mix with 25% text at 512 tokens) "
+        f"(`{args.init}`) fine-tuned by stage B (500 steps of the mix with 25% text at 512 tokens) "
         "with the part switched off, so the rest of the model can adapt to its absence "
         "(commands below).",
         "",
@@ -242,7 +254,7 @@ def report(args, references, evaluation, trained, missing, cells, load) -> str:
         "add `--resume` to continue a killed run (`runs/ablation_queue.sh` in "
         "`fidelity/data/TRAINING.md` does all of them in turn):",
         "",
-        *(f"- {label}: `{stage_b_command(label, args.runs)}`" for label in VARIANTS),
+        *(f"- {label}: `{stage_b_command(label, args.runs, args.init)}`" for label in VARIANTS),
         "",
         "The earlier ablations (text-only recipe, 300 steps at 1k tokens, models that retrieve "
         "nothing) are kept in `benchmarks/results/ablations_text_recipe.md`.",
@@ -251,11 +263,32 @@ def report(args, references, evaluation, trained, missing, cells, load) -> str:
     return "\n".join(lines)
 
 
+def sources(args: argparse.Namespace) -> list[str]:
+    """The options naming the runs, the full model and the A2 checkpoint, where not the
+    defaults (so that the report's regenerate line measures the same models)."""
+    chosen = {"--runs": str(args.runs), "--reference": args.reference, "--init": args.init}
+    defaults = {
+        "--runs": str(RUNS),
+        "--reference": REFERENCES["MemMamba (full)"],
+        "--init": INIT,
+    }
+    return [
+        x for option, value in chosen.items() if value != defaults[option] for x in (option, value)
+    ]
+
+
+def reference_text(args: argparse.Namespace) -> str:
+    """How the report names the full model."""
+    if args.reference == REFERENCES["MemMamba (full)"]:
+        return "the shipped `memmamba`"
+    return f"`{args.reference}` (stage B from the variants' A2 checkpoint)"
+
+
 def run(argv: Sequence[str]) -> str:
     args = parse_arguments(argv)
     clock = Clock()
     load = os.getloadavg()[0]
-    references = load_entries(REFERENCES)
+    references = load_entries({**REFERENCES, "MemMamba (full)": args.reference})
     evaluation = evaluation_entries(references[0])
     trained, missing = stage_b_entries(args.runs)
     labels = {e.label for e in references + evaluation + trained}

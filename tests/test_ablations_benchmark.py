@@ -66,3 +66,22 @@ def test_arguments_are_checked() -> None:
         bench.parse_arguments(["--multiples", "0,4"])
     with pytest.raises(InputError):
         bench.parse_arguments(["--trials", "0"])
+
+
+def test_reference_and_init_replace_the_shipped_full_model_and_its_a2(tmp_path) -> None:
+    """A retrained A2 checkpoint and its own full-model stage B: both reach the report's text
+    and the commands; the default is the shipped memmamba and the recorded A2 checkpoint."""
+    default = bench.parse_arguments([])
+    assert default.reference == "memmamba" and default.init == bench.INIT
+    assert bench.reference_text(default) == "the shipped `memmamba`"
+    args = bench.parse_arguments(
+        ["--reference", "runs/pk8/memmamba", "--init", "runs/pk8/memmamba-passkey-a2/ckpt-1000"]
+    )
+    assert "`runs/pk8/memmamba`" in bench.reference_text(args)
+    command = bench.stage_b_command("tau1 = 0.3", bench.Path("runs/abl-b2"), args.init)
+    assert "--init runs/pk8/memmamba-passkey-a2/ckpt-1000 " in command
+    assert command.endswith("--set tau1=0.3 --out runs/abl-b2/tau1-0.3")
+    assert bench.sources(default) == []
+    assert bench.sources(args) == [
+        "--reference", "runs/pk8/memmamba", "--init", "runs/pk8/memmamba-passkey-a2/ckpt-1000"
+    ]  # fmt: skip
