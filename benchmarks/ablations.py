@@ -85,7 +85,6 @@ VARIANTS: dict[str, tuple[str, str, object]] = {
 priority pool)."""
 STAGE_B_STEPS = 500
 INIT = "runs/pk6/memmamba-passkey-a2/ckpt-1000"
-RUNS = Path("runs/abl-b")  # the stage B runs from INIT
 STAGE_B = (
     "fidelity train --model memmamba --preset mini --init {init} --task mix "
     "--task-option episodes=2 --task-option questions=4 --task-option filler=mixed "
@@ -167,7 +166,7 @@ def not_trained_rows(missing: dict[str, int], n_points: int) -> list[str]:
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=RUNS, help="stage B runs")
+    parser.add_argument("--runs", type=Path, default=Path("runs/abl-b"), help="stage B runs")
     parser.add_argument("--multiples", default=MULTIPLES, help="multiples of the training length")
     parser.add_argument("--trials", type=int, default=10, help="prompts per needle depth")
     parser.add_argument(
@@ -266,15 +265,10 @@ def report(args, references, evaluation, trained, missing, cells, load) -> str:
 def sources(args: argparse.Namespace) -> list[str]:
     """The options naming the runs, the full model and the A2 checkpoint, where not the
     defaults (so that the report's regenerate line measures the same models)."""
-    chosen = {"--runs": str(args.runs), "--reference": args.reference, "--init": args.init}
-    defaults = {
-        "--runs": str(RUNS),
-        "--reference": REFERENCES["MemMamba (full)"],
-        "--init": INIT,
-    }
-    return [
-        x for option, value in chosen.items() if value != defaults[option] for x in (option, value)
-    ]
+    defaults = parse_arguments([])
+    chosen = [(f"--{name}", str(getattr(args, name))) for name in ("runs", "reference", "init")]
+    return [x for option, value in chosen if value != str(getattr(defaults, option[2:]))
+            for x in (option, value)]  # fmt: skip
 
 
 def reference_text(args: argparse.Namespace) -> str:
